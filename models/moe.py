@@ -1,0 +1,332 @@
+"""Mixture-of-Experts FFN: router -> dispatch -> experts -> combine, a drop-in for the SwiGLU FFN.
+
+Shape legend used in names below:
+    B batch, S sequence, T = B*S tokens, D model width, E routed experts, K experts per token,
+    F expert hidden width, N = T*K token-expert assignments, C capacity (slots) per expert.
+
+Router math runs in float32 even under bf16 autocast: ST-MoE (Zoph et al. 2022, sec. 3.3)
+found bf16 round-off in the router's exponentials destabilises training.
+
+Every forward leaves a :class:`RoutingStats` of detached device tensors on the layer
+(``layer.stats``): reading them never forces a host sync, the caller decides when to.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import Dispatch, MoEConfig, Routing
+
+
+@dataclass
+class RouterOutput:
+    experts_TK: Tensor  # chosen expert ids, int64
+    gates_TK: Tensor  # gate weights of the chosen experts, float32
+    probs_TE: Tensor  # distribution over all E used for balance losses and entropy, float32
+    logits_TE: Tensor  # raw router logits (pre-softmax / pre-sigmoid), float32
+    smooth_load_TE: Tensor | None  # Shazeer's P(x, i), noisy-topk in training only
+
+
+@dataclass
+class RoutingStats:
+    """Per-layer routing health of one forward pass: device tensors, detached but for aux_loss."""
+
+    tokens_per_expert: Tensor  # (E,) assignments routed to each expert, before any dropping
+    dropped_fraction: Tensor  # () share of the T*K assignments dropped by capacity
+    router_entropy: Tensor  # () mean over tokens of the entropy (nats) of probs_TE
+    load_balance_loss: Tensor  # () Switch E * sum f_i P_i, unweighted (1.0 when uniform)
+    z_loss: Tensor  # () mean_t logsumexp(logits_t)^2, unweighted
+    importance_loss: Tensor  # () CV(importance)^2, unweighted
+    load_loss: Tensor  # () CV(smooth load)^2, unweighted (0 unless noisy-topk in training)
+    seq_balance_loss: Tensor  # () sequence-wise Switch loss, unweighted
+    aux_loss: Tensor  # () the coefficient-weighted sum this layer adds; keeps its graph
+
+
+def switch_balance_loss(probs_XE: Tensor, counts_XE: Tensor) -> Tensor:
+    """E * sum_i f_i * P_i (Switch Transformer, Fedus et al. 2021, eq. 4; GShard).
+
+    f_i is the fraction of the T*K assignments that chose expert i (so sum_i f_i = 1; we do
+    not divide by K again), P_i the mean router probability of expert i. It is 1 for perfectly
+    uniform routing, so the weighted loss equals its coefficient there. Leading dims are
+    averaged: pass (E,) counts for a batch-level loss, (B, E) for DeepSeek-V3's sequence-wise one.
+    """
+    E = probs_XE.shape[-1]
+    f_XE = counts_XE / counts_XE.sum(-1, keepdim=True).clamp_min(1)
+    return (E * (f_XE * probs_XE).sum(-1)).mean()
+
+
+def cv_squared(v_E: Tensor, eps: float = 1e-10) -> Tensor:
+    """Squared coefficient of variation, population variance (Shazeer et al. 2017, appendix A)."""
+    if v_E.numel() <= 1:
+        return v_E.new_zeros(())
+    return v_E.var(unbiased=False) / (v_E.mean() ** 2 + eps)
+
+
+class Router(nn.Module):
+    """Scores tokens against experts and picks K of them, per the configured routing variant."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig, init_std: float):
+        super().__init__()
+        self.cfg = cfg
+        E = cfg.experts
+        self.weight = nn.Parameter(torch.empty(E, d_model))
+        noisy = cfg.routing is Routing.NOISY_TOPK
+        self.noise_weight = nn.Parameter(torch.empty(E, d_model)) if noisy else None
+        if cfg.routing is Routing.SIGMOID_BIAS:
+            # Selection bias of DeepSeek-V3's auxiliary-loss-free balancing: not a gradient
+            # parameter, updated by update_bias() after each optimizer step.
+            self.register_buffer("bias", torch.zeros(E))
+            self.register_buffer("load_accum", torch.zeros(E), persistent=False)
+        else:
+            self.bias = None
+        self.init_std = init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.cfg.routing is Routing.NOISY_TOPK:
+            # Shazeer et al. 2017 sec. 2.1: W_g and W_noise start at zero (uniform, noisy routing).
+            nn.init.zeros_(self.weight)
+            nn.init.zeros_(self.noise_weight)
+        else:
+            nn.init.normal_(self.weight, std=self.init_std)
+
+    def forward(self, x_TD: Tensor) -> RouterOutput:
+        cfg, K, E = self.cfg, self.cfg.top_k, self.cfg.experts
+        with torch.autocast(x_TD.device.type, enabled=False):
+            x_TD = x_TD.float()
+            logits_TE = F.linear(x_TD, self.weight.float())
+            smooth_load_TE = None
+            if cfg.routing is Routing.SOFTMAX_TOPK:
+                probs_TE = logits_TE.softmax(-1)
+                select_TE = probs_TE
+            elif cfg.routing is Routing.TOPK_SOFTMAX:
+                probs_TE = logits_TE.softmax(-1)
+                select_TE = logits_TE
+            elif cfg.routing is Routing.NOISY_TOPK:
+                # H(x) = x W_g + N(0, 1) * softplus(x W_noise), noise in training only (eq. 4).
+                select_TE = logits_TE
+                if self.training:
+                    noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight.float())) + 1e-9
+                    select_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+                    if cfg.load_coef > 0 and K < E:
+                        smooth_load_TE = _smooth_load(logits_TE, select_TE, noise_std_TE, K)
+                probs_TE = select_TE.softmax(-1)
+            else:  # SIGMOID_BIAS
+                scores_TE = logits_TE.sigmoid()
+                # DeepSeek-V3 eq. 20: normalised affinities for the balance losses.
+                probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+                select_TE = scores_TE + self.bias
+
+            if cfg.force_balanced:
+                T = x_TD.shape[0]
+                slots_TK = torch.arange(T, device=x_TD.device)[:, None] * K + torch.arange(K, device=x_TD.device)
+                experts_TK = slots_TK % E
+            else:
+                experts_TK = select_TE.topk(K, dim=-1).indices
+
+            if cfg.routing is Routing.SOFTMAX_TOPK:
+                gates_TK = probs_TE.gather(-1, experts_TK)
+            elif cfg.routing is Routing.SIGMOID_BIAS:
+                gates_TK = scores_TE.gather(-1, experts_TK)  # the bias never enters the gate
+            else:  # topk-softmax and noisy-topk: softmax over the K chosen scores
+                gates_TK = select_TE.gather(-1, experts_TK).softmax(-1)
+            if cfg.renormalize and cfg.routing in (Routing.SOFTMAX_TOPK, Routing.SIGMOID_BIAS):
+                gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+            if cfg.route_scale != 1.0:
+                gates_TK = gates_TK * cfg.route_scale
+        return RouterOutput(experts_TK, gates_TK, probs_TE, logits_TE, smooth_load_TE)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """DeepSeek-V3 aux-loss-free update: b_i -= gamma if expert i took more than the mean
+        load since the last update, += gamma if less (sign rule). Call after optimizer.step()."""
+        if self.bias is None:
+            return
+        load_E = self.load_accum
+        self.bias.add_(self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E))
+        load_E.zero_()
+
+
+def _smooth_load(clean_TE: Tensor, noisy_TE: Tensor, noise_std_TE: Tensor, K: int) -> Tensor:
+    """Shazeer et al. 2017 appendix A, eq. 8-9: P(x, i) = Phi((clean_i - kth_excluding(H, k, i))
+    / noise_std_i), the probability that expert i stays in the top k under fresh noise on i.
+    Excluding i, the k-th largest of H is the (k+1)-th of H when i is in the top k, else the k-th.
+    """
+    top_TK1 = noisy_TE.topk(K + 1, dim=-1).values
+    threshold_if_in_T1 = top_TK1[:, K:]
+    threshold_if_out_T1 = top_TK1[:, K - 1 : K]
+    is_in_TE = noisy_TE > threshold_if_in_T1
+    p_in_TE = torch.special.ndtr((clean_TE - threshold_if_in_T1) / noise_std_TE)
+    p_out_TE = torch.special.ndtr((clean_TE - threshold_if_out_T1) / noise_std_TE)
+    return torch.where(is_in_TE, p_in_TE, p_out_TE)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as 3-D weights (out x in per expert, like nn.Linear)."""
+
+    def __init__(self, n_experts: int, d_model: int, d_hidden: int, init_std: float, out_std: float):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))  # gate
+        self.w3 = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))  # up
+        self.w2 = nn.Parameter(torch.empty(n_experts, d_model, d_hidden))  # down
+        self.init_std, self.out_std = init_std, out_std
+        self.use_grouped_mm: bool | None = None  # None: grouped on CUDA in bf16, a loop otherwise
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w1, std=self.init_std)
+        nn.init.normal_(self.w3, std=self.init_std)
+        nn.init.normal_(self.w2, std=self.out_std)
+
+    def forward_sorted(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        """Rows of x_ND are grouped by expert, tokens_per_expert_E rows each (dropless)."""
+        dtype = x_ND.dtype
+        if x_ND.is_cuda and torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")  # autocast does not cover _grouped_mm
+        grouped = self.use_grouped_mm
+        if grouped is None:
+            grouped = x_ND.is_cuda and dtype == torch.bfloat16
+        if grouped:
+            # One kernel for all experts, offsets stay on the device: no host sync.
+            offs_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
+            x_ND = x_ND.to(dtype)
+            w1, w2, w3 = (w.to(dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
+            h_NF = F.silu(torch._grouped_mm(x_ND, w1, offs=offs_E)) * torch._grouped_mm(x_ND, w3, offs=offs_E)
+            return torch._grouped_mm(h_NF, w2, offs=offs_E)
+        # A loop over experts; split sizes come to the host (free on CPU).
+        outs = []
+        for e, x_nD in enumerate(x_ND.split(tokens_per_expert_E.tolist())):
+            h_nF = F.silu(F.linear(x_nD, self.w1[e])) * F.linear(x_nD, self.w3[e])
+            outs.append(F.linear(h_nF, self.w2[e]))
+        return torch.cat(outs)
+
+    def forward_padded(self, x_ECD: Tensor) -> Tensor:
+        """Fixed-capacity slots, C per expert (capacity dispatch): batched matmuls."""
+        w1, w2, w3 = (w.to(x_ECD.dtype) for w in (self.w1, self.w2, self.w3))
+        h_ECF = F.silu(torch.bmm(x_ECD, w1.transpose(1, 2))) * torch.bmm(x_ECD, w3.transpose(1, 2))
+        return torch.bmm(h_ECF, w2.transpose(1, 2))
+
+
+class MoE(nn.Module):
+    """Router + routed experts (+ shared experts); input and output (B, S, D)."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig, init_std: float, out_std: float):
+        super().__init__()
+        from models.transformer import SwiGLU
+
+        self.cfg = cfg
+        self.router = Router(d_model, cfg, init_std)
+        self.experts = Experts(cfg.experts, d_model, cfg.d_expert, init_std, out_std)
+        n_shared = cfg.shared_experts
+        self.shared = SwiGLU(d_model, n_shared * cfg.d_expert, init_std, out_std) if n_shared else None
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_gate else None
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=init_std)
+        self.stats: RoutingStats | None = None
+
+    def forward(self, x_BSD: Tensor) -> Tensor:
+        cfg = self.cfg
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        r = self.router(x_TD)
+        E, K = cfg.experts, cfg.top_k
+        tokens_per_expert_E = _count(r.experts_TK.reshape(-1), E)
+
+        if cfg.dispatch is Dispatch.DROPLESS:
+            y_TD = self._dropless(x_TD, r, tokens_per_expert_E)
+            dropped = x_TD.new_zeros((), dtype=torch.float32)
+        else:
+            cf = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+            capacity = math.ceil(cf * B * S * K / E)
+            y_TD, dropped = self._with_capacity(x_TD, r, tokens_per_expert_E, capacity)
+
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
+            y_TD = y_TD + shared_TD
+
+        if self.training and self.router.bias is not None:
+            self.router.load_accum.add_(tokens_per_expert_E.float())
+        self.stats = self._losses(r, tokens_per_expert_E, dropped, B, S)
+        return y_TD.view(B, S, D)
+
+    def _dropless(self, x_TD: Tensor, r: RouterOutput, tokens_per_expert_E: Tensor) -> Tensor:
+        K = self.cfg.top_k
+        experts_N = r.experts_TK.reshape(-1)  # token-major: n = t * K + j
+        order_N = torch.argsort(experts_N, stable=True)  # group assignments by expert
+        token_N = order_N // K
+        y_ND = self.experts.forward_sorted(x_TD.index_select(0, token_N), tokens_per_expert_E)
+        gates_N1 = r.gates_TK.reshape(-1)[order_N].unsqueeze(-1).to(y_ND.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND * gates_N1)
+
+    def _with_capacity(
+        self, x_TD: Tensor, r: RouterOutput, tokens_per_expert_E: Tensor, capacity: int
+    ) -> tuple[Tensor, Tensor]:
+        """GShard-style dispatch: slots are filled in priority order (all first choices by token
+        position, then all second choices, ...); assignments past an expert's capacity are
+        dropped and contribute nothing, so the token passes on through the residual only."""
+        E, T, D, C = self.cfg.experts, x_TD.shape[0], x_TD.shape[1], capacity
+        experts_P = r.experts_TK.t().reshape(-1)  # priority order: p = j * T + t
+        order_P = torch.argsort(experts_P, stable=True)
+        expert_sorted_P = experts_P[order_P]
+        start_E = tokens_per_expert_E.cumsum(0) - tokens_per_expert_E
+        position_P = torch.arange(order_P.numel(), device=x_TD.device) - start_E[expert_sorted_P]
+        keep_P = position_P < C
+        trash = E * C  # one extra row takes every dropped assignment and is discarded
+        slot_P = torch.where(keep_P, expert_sorted_P * C + position_P, trash)
+        token_P = order_P % T
+        slots_XD = x_TD.new_zeros(E * C + 1, D).index_copy(0, slot_P, x_TD.index_select(0, token_P))
+        y_ECD = self.experts.forward_padded(slots_XD[:trash].view(E, C, D))
+        y_XD = torch.cat([y_ECD.reshape(E * C, D), y_ECD.new_zeros(1, D)])
+        gate_P1 = r.gates_TK.t().reshape(-1)[order_P].unsqueeze(-1).to(y_XD.dtype)
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_P, y_XD.index_select(0, slot_P) * gate_P1)
+        dropped = 1.0 - keep_P.float().mean()
+        return y_TD, dropped
+
+    def _losses(self, r: RouterOutput, tokens_per_expert_E: Tensor, dropped: Tensor, B: int, S: int) -> RoutingStats:
+        cfg = self.cfg
+        probs_TE = r.probs_TE
+        zero = probs_TE.new_zeros(())
+        lb = switch_balance_loss(probs_TE.mean(0), tokens_per_expert_E.float())
+        z = torch.logsumexp(r.logits_TE, dim=-1).square().mean()  # ST-MoE eq. 5
+        # Shazeer et al. 2017 eq. 6: Importance(X) = sum_x G(x), G the (sparse) gate values.
+        importance_E = torch.zeros_like(probs_TE).scatter(-1, r.experts_TK, r.gates_TK).sum(0)
+        importance = cv_squared(importance_E)
+        load = cv_squared(r.smooth_load_TE.sum(0)) if r.smooth_load_TE is not None else zero
+        # DeepSeek-V3 eq. 17-20: the same form computed within each sequence, then averaged.
+        E = cfg.experts
+        counts_BE = probs_TE.new_zeros(B, E).scatter_add_(
+            1, r.experts_TK.view(B, S * cfg.top_k), probs_TE.new_ones(B, S * cfg.top_k)
+        )
+        seq = switch_balance_loss(probs_TE.view(B, S, E).mean(1), counts_BE)
+        aux = (
+            cfg.load_balance_coef * lb
+            + cfg.z_loss_coef * z
+            + cfg.importance_coef * importance
+            + cfg.load_coef * load
+            + cfg.seq_balance_coef * seq
+        )
+        entropy = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
+        d = Tensor.detach
+        return RoutingStats(
+            tokens_per_expert=d(tokens_per_expert_E),
+            dropped_fraction=d(dropped),
+            router_entropy=d(entropy),
+            load_balance_loss=d(lb),
+            z_loss=d(z),
+            importance_loss=d(importance),
+            load_loss=d(load),
+            seq_balance_loss=d(seq),
+            aux_loss=aux,
+        )
+
+
+def _count(ids_N: Tensor, n: int) -> Tensor:
+    """Histogram of ids in [0, n) without the host sync that torch.bincount needs on CUDA."""
+    return torch.zeros(n, dtype=torch.long, device=ids_N.device).index_add_(0, ids_N, torch.ones_like(ids_N))

@@ -1,0 +1,175 @@
+"""The decoder-only transformer both arms share: RMSNorm -> attention -> FFN -> block -> model.
+
+Pre-norm blocks with RoPE, grouped-query causal attention through
+``scaled_dot_product_attention``, optional QK-norm, and a SwiGLU FFN that the MoE layer
+(``models/moe.py``) replaces in some or all blocks. Dense and MoE models differ only there.
+
+    model = load_config("models/configs/dense-s.yaml").build()
+    out = model(idx_BS, targets_BS)   # out.loss, out.aux_loss, out.logits
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import ModelConfig, QKNorm
+from models.moe import MoE, RoutingStats
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin, (S, head_dim), for the rotate-half RoPE layout (Su et al. 2021; as in Llama)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, S, hd); cos, sin (S, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, out_std: float):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
+        self.wq = nn.Linear(d, cfg.n_heads * hd, bias=False)
+        self.wk = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm is QKNorm.PER_HEAD:
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
+        elif cfg.qk_norm is QKNorm.FULL:
+            self.q_norm = RMSNorm(cfg.n_heads * hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.n_kv_heads * hd, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.normal_(lin.weight, std=cfg.init_std)
+        nn.init.normal_(self.wo.weight, std=out_std)
+
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, S, _ = x_BSD.shape
+        q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
+        if self.qk_norm is QKNorm.FULL:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
+        if self.qk_norm is QKNorm.PER_HEAD:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_kv_heads != self.n_heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, S, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x) (Shazeer 2020, "GLU Variants Improve Transformer")."""
+
+    def __init__(self, d_model: int, d_hidden: int, init_std: float, out_std: float):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_hidden, bias=False)  # gate
+        self.w3 = nn.Linear(d_model, d_hidden, bias=False)  # up
+        self.w2 = nn.Linear(d_hidden, d_model, bias=False)  # down
+        nn.init.normal_(self.w1.weight, std=init_std)
+        nn.init.normal_(self.w3.weight, std=init_std)
+        nn.init.normal_(self.w2.weight, std=out_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        # GPT-2 / nanoGPT: residual output projections scaled by 1/sqrt(2L).
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, out_std)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if cfg.is_moe_layer(layer):
+            self.ffn: nn.Module = MoE(cfg.d_model, cfg.moe, cfg.init_std, out_std)
+        else:
+            self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, cfg.init_std, out_std)
+
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, S, V)
+    loss: Tensor | None  # mean next-token cross-entropy, nats; None without targets
+    aux_loss: Tensor  # () mean over MoE layers of each layer's weighted aux loss; 0 for dense
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.tok_emb.weight, std=cfg.init_std)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    def forward(self, idx_BS: Tensor, targets_BS: Tensor | None = None) -> ModelOutput:
+        S = idx_BS.shape[1]
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        x_BSD = self.tok_emb(idx_BS)
+        for block in self.blocks:
+            x_BSD = block(x_BSD, cos, sin)
+        logits_BSV = self.lm_head(self.norm(x_BSD))
+        loss = None
+        if targets_BS is not None:
+            loss = F.cross_entropy(logits_BSV.flatten(0, 1).float(), targets_BS.flatten())
+        moe = self.moe_layers
+        if moe:
+            aux = torch.stack([m.stats.aux_loss for m in moe]).mean()
+        else:
+            aux = logits_BSV.new_zeros((), dtype=torch.float32)
+        return ModelOutput(logits_BSV, loss, aux)
+
+    def routing_stats(self) -> list[RoutingStats]:
+        """Per-MoE-layer statistics of the last forward (device tensors, no host sync)."""
+        return [m.stats for m in self.moe_layers]
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        """Aux-loss-free balancing step for sigmoid-bias routers; call after optimizer.step()."""
+        for m in self.moe_layers:
+            m.router.update_bias()
