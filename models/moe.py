@@ -263,7 +263,7 @@ class MoE(nn.Module):
         token_N = order_N // K
         y_ND = self.experts.forward_sorted(x_TD.index_select(0, token_N), tokens_per_expert_E)
         gates_N1 = r.gates_TK.reshape(-1)[order_N].unsqueeze(-1).to(y_ND.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, token_N, y_ND * gates_N1)
+        return y_ND.new_zeros(x_TD.shape).index_add_(0, token_N, y_ND * gates_N1)
 
     def _with_capacity(
         self, x_TD: Tensor, r: RouterOutput, tokens_per_expert_E: Tensor, capacity: int
@@ -285,7 +285,7 @@ class MoE(nn.Module):
         y_ECD = self.experts.forward_padded(slots_XD[:trash].view(E, C, D))
         y_XD = torch.cat([y_ECD.reshape(E * C, D), y_ECD.new_zeros(1, D)])
         gate_P1 = r.gates_TK.t().reshape(-1)[order_P].unsqueeze(-1).to(y_XD.dtype)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_P, y_XD.index_select(0, slot_P) * gate_P1)
+        y_TD = y_XD.new_zeros(x_TD.shape).index_add_(0, token_P, y_XD.index_select(0, slot_P) * gate_P1)
         dropped = 1.0 - keep_P.float().mean()
         return y_TD, dropped
 

@@ -1,0 +1,42 @@
+"""Shared fixtures: small configs that build in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.config import ModelConfig, MoEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "models" / "configs"
+
+
+def tiny_config(moe: dict | None = None, **overrides) -> ModelConfig:
+    """A 2-layer model; ``moe`` holds MoEConfig fields (experts 4, top_k 2, d_expert 24 default)."""
+    base = dict(
+        name="tiny",
+        vocab_size=97,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=48,
+        max_seq_len=16,
+    )
+    base.update(overrides)
+    if moe is not None:
+        base["moe"] = MoEConfig(**{"experts": 4, "top_k": 2, "d_expert": 24, **moe})
+    return ModelConfig(**base)
+
+
+def with_moe(cfg: ModelConfig, **changes) -> ModelConfig:
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **changes))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
