@@ -198,11 +198,14 @@ class Experts(nn.Module):
             w1, w2, w3 = (w.to(dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
             h_NF = F.silu(torch._grouped_mm(x_ND, w1, offs=offs_E)) * torch._grouped_mm(x_ND, w3, offs=offs_E)
             return torch._grouped_mm(h_NF, w2, offs=offs_E)
-        # A loop over experts; split sizes come to the host (free on CPU).
+        # A loop over experts; split sizes come to the host (free on CPU). unbind() rather than
+        # w[e]: its backward stacks the E gradients once instead of zero-filling a full (E, ., .)
+        # gradient per expert.
+        w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
         outs = []
         for e, x_nD in enumerate(x_ND.split(tokens_per_expert_E.tolist())):
-            h_nF = F.silu(F.linear(x_nD, self.w1[e])) * F.linear(x_nD, self.w3[e])
-            outs.append(F.linear(h_nF, self.w2[e]))
+            h_nF = F.silu(F.linear(x_nD, w1[e])) * F.linear(x_nD, w3[e])
+            outs.append(F.linear(h_nF, w2[e]))
         return torch.cat(outs)
 
     def forward_padded(self, x_ECD: Tensor) -> Tensor:

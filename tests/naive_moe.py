@@ -20,7 +20,9 @@ def _expert(layer: MoE, e: int, x_D: torch.Tensor) -> torch.Tensor:
     return w.w2[e] @ (F.silu(w.w1[e] @ x_D) * (w.w3[e] @ x_D))
 
 
-def naive_choices(layer: MoE, x_TD: torch.Tensor, noise_TE: torch.Tensor | None) -> list[list[tuple[int, torch.Tensor]]]:
+def naive_choices(
+    layer: MoE, x_TD: torch.Tensor, noise_TE: torch.Tensor | None
+) -> list[list[tuple[int, torch.Tensor]]]:
     """For each token, its K (expert, gate) pairs, best first."""
     cfg, router = layer.cfg, layer.router
     E, K = cfg.experts, cfg.top_k

@@ -158,7 +158,9 @@ def test_z_loss_and_coefficients_enter_aux():
     layer = make_layer(load_balance_coef=0.0, z_loss_coef=1e-3, importance_coef=0.1)
     layer(torch.randn(2, 8, D))
     s = layer.stats
-    assert float(s.aux_loss.detach()) == pytest.approx(1e-3 * float(s.z_loss) + 0.1 * float(s.importance_loss), rel=1e-6)
+    assert float(s.aux_loss.detach()) == pytest.approx(
+        1e-3 * float(s.z_loss) + 0.1 * float(s.importance_loss), rel=1e-6
+    )
     assert float(s.z_loss) > 0.1 and float(s.importance_loss) > 0  # neither term is trivially zero
 
 
@@ -299,4 +301,26 @@ def test_moe_model_with_one_expert_equals_dense_model():
     idx = torch.randint(0, 97, (2, 16))
     a, b = dense(idx, idx), moe(idx, idx)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
-    assert float(b.aux_loss) == 0.0
+    assert float(b.aux_loss.detach()) == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dispatch", list(Dispatch))
+def test_cuda_bf16_forward_backward_without_host_syncs(dispatch):
+    layer = MoE(256, MoEConfig(experts=8, top_k=2, d_expert=512, dispatch=dispatch), 0.02, 0.02).cuda()
+    x = torch.randn(2, 512, 256, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x)
+        (y.float().sum() + layer.stats.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(x.grad).all()
+    # The bf16 grouped path computes the fp32 loop path's function.
+    layer.experts.use_grouped_mm = False
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_loop = layer(x)
+    torch.testing.assert_close(y.float(), y_loop.float(), rtol=3e-2, atol=3e-2)

@@ -1,0 +1,136 @@
+"""The shared transformer: causality, GQA, RoPE, tying, determinism and a training sanity check."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from models.config import Dispatch, QKNorm, Routing
+from models.transformer import apply_rope, rope_tables
+
+
+@pytest.mark.parametrize("moe", [None, {}], ids=["dense", "moe"])
+def test_causal(moe):
+    model = tiny_config(moe=moe).build().eval()
+    idx = torch.randint(0, 97, (1, 16))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 97
+    a, b = model(idx).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_grouped_query_attention_equals_mha_with_repeated_kv():
+    gqa_cfg = tiny_config(n_heads=4, n_kv_heads=2, qk_norm=QKNorm.PER_HEAD)
+    mha_cfg = tiny_config(n_heads=4, n_kv_heads=4, qk_norm=QKNorm.PER_HEAD)
+    gqa, mha = gqa_cfg.build(), mha_cfg.build()
+    state = gqa.state_dict()
+    hd = gqa_cfg.head_dim
+    for i in range(gqa_cfg.n_layers):
+        for w in ("wk", "wv"):
+            key = f"blocks.{i}.attn.{w}.weight"
+            heads = state[key].view(2, hd, -1)
+            state[key] = heads.repeat_interleave(2, dim=0).reshape(4 * hd, -1)
+    mha.load_state_dict(state)
+    idx = torch.randint(0, 97, (2, 16))
+    torch.testing.assert_close(gqa(idx).logits, mha(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    cos, sin = rope_tables(8, 64, 10000.0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(m: int, n: int) -> float:
+        qm = apply_rope(q, cos[m : m + 1], sin[m : m + 1])
+        kn = apply_rope(k, cos[n : n + 1], sin[n : n + 1])
+        return float((qm * kn).sum())
+
+    assert score(5, 2) == pytest.approx(score(40, 37), abs=1e-5)
+    assert score(0, 0) == pytest.approx(float((q * k).sum()), abs=1e-6)  # position 0: identity
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+
+
+def test_rope_matches_complex_rotation():
+    """Rotate-half layout: pair (i, i + hd/2) rotated by angle pos * theta^(-2i/hd)."""
+    hd, pos = 8, 7
+    cos, sin = rope_tables(hd, 16, 10000.0)
+    x = torch.randn(hd)
+    got = apply_rope(x.view(1, 1, 1, hd), cos[pos : pos + 1], sin[pos : pos + 1]).view(hd)
+    freqs = 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    z = torch.complex(x[: hd // 2].double(), x[hd // 2 :].double()) * torch.exp(1j * pos * freqs)
+    torch.testing.assert_close(got, torch.cat([z.real, z.imag]).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_tied_embeddings_share_storage():
+    tied = tiny_config(tie_embeddings=True).build()
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    untied = tiny_config(tie_embeddings=False).build()
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+
+
+def test_initial_loss_is_near_uniform():
+    cfg = tiny_config(vocab_size=512, tie_embeddings=False)
+    model = cfg.build()
+    idx = torch.randint(0, 512, (4, 16))
+    targets = torch.randint(0, 512, (4, 16))
+    with torch.no_grad():
+        loss = float(model(idx, targets).loss)
+    assert loss == pytest.approx(math.log(512), rel=0.05)
+
+
+def test_rejects_sequences_longer_than_context():
+    model = tiny_config().build()
+    with pytest.raises(ValueError, match="exceeds max_seq_len 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "moe",
+    [
+        None,
+        dict(routing=Routing.NOISY_TOPK, load_coef=0.01),
+        dict(dispatch=Dispatch.CAPACITY, capacity_factor=1.0, z_loss_coef=1e-3),
+    ],
+    ids=["dense", "noisy", "capacity"],
+)
+def test_reruns_are_bitwise_identical(moe):
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(123)
+        model = tiny_config(moe=moe).build().train()
+        idx = torch.randint(0, 97, (2, 16))
+        out = model(idx, idx.roll(-1, 1))
+        (out.loss + out.aux_loss).backward()
+        return out.loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    (loss_a, grads_a), (loss_b, grads_b) = run(), run()
+    assert torch.equal(loss_a, loss_b)
+    assert len(grads_a) == len(grads_b) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+@pytest.mark.parametrize("moe", [None, {}, dict(routing=Routing.SIGMOID_BIAS)], ids=["dense", "moe", "aux-free"])
+def test_a_few_steps_learn_a_repeating_sequence(moe):
+    model = tiny_config(moe=moe).build().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx = torch.arange(17).remainder(7).view(1, 17).repeat(4, 1)
+    first = None
+    for _ in range(60):
+        out = model(idx[:, :-1], idx[:, 1:])
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        model.update_router_biases()
+        first = out.loss.item() if first is None else first
+    assert out.loss.item() < 0.2 * first
+
+
+def test_routing_stats_per_moe_layer():
+    model = tiny_config(moe=dict(every=2), n_layers=4).build()
+    model(torch.randint(0, 97, (2, 16)))
+    stats = model.routing_stats()
+    assert len(stats) == 2
+    assert all(int(s.tokens_per_expert.sum()) == 2 * 16 * 2 for s in stats)
+    assert tiny_config().build().routing_stats() == []
