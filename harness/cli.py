@@ -33,10 +33,11 @@ def cmd_count(args: argparse.Namespace) -> int:
     table = []
     for s in rows:
         p, f = s["params"], s["training_flops_per_token"]
+        routed = "-" if s["experts"] is None else f"E{s['experts']} k{s['top_k']}"
         table.append(
             [
                 s["name"],
-                s["arm"],
+                routed,
                 _human(p["total"]),
                 _human(p["active"]),
                 _human(p["total_non_embedding"]),
@@ -49,7 +50,7 @@ def cmd_count(args: argparse.Namespace) -> int:
         )
     headers = [
         "model",
-        "arm",
+        "experts",
         "total",
         "active",
         "total non-emb",

@@ -144,6 +144,8 @@ def summary(cfg: ModelConfig, seq_len: int | None = None) -> dict:
     return {
         "name": cfg.name,
         "arm": "dense" if cfg.moe is None else "moe",
+        "experts": None if cfg.moe is None else cfg.moe.experts,
+        "top_k": None if cfg.moe is None else cfg.moe.top_k,
         "n_ctx": cfg.max_seq_len if seq_len is None else seq_len,
         "params": asdict(p),
         "active_fraction": p.active / p.total,

@@ -85,6 +85,7 @@ class Router(nn.Module):
         else:
             self.bias = None
         self.init_std = init_std
+        self.force_balanced = cfg.force_balanced  # switchable at run time for benchmarks
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -122,7 +123,7 @@ class Router(nn.Module):
                 probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
                 select_TE = scores_TE + self.bias
 
-            if cfg.force_balanced:
+            if self.force_balanced:
                 T = x_TD.shape[0]
                 slots_TK = torch.arange(T, device=x_TD.device)[:, None] * K + torch.arange(K, device=x_TD.device)
                 experts_TK = slots_TK % E

@@ -168,6 +168,11 @@ class Transformer(nn.Module):
         """Per-MoE-layer statistics of the last forward (device tensors, no host sync)."""
         return [m.stats for m in self.moe_layers]
 
+    def set_force_balanced(self, enabled: bool) -> None:
+        """Switch every router to forced-balanced selection (benchmarks) or back to learned."""
+        for m in self.moe_layers:
+            m.router.force_balanced = enabled
+
     @torch.no_grad()
     def update_router_biases(self) -> None:
         """Aux-loss-free balancing step for sigmoid-bias routers; call after optimizer.step()."""

@@ -42,7 +42,7 @@ def naive_choices(
         else:
             scores = torch.sigmoid(logits)
             select = scores + router.bias
-        if cfg.force_balanced:
+        if router.force_balanced:
             chosen = [(t * K + j) % E for j in range(K)]
         else:
             chosen = sorted(range(E), key=lambda e: -float(select[e].detach()))[:K]

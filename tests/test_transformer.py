@@ -134,3 +134,19 @@ def test_routing_stats_per_moe_layer():
     assert len(stats) == 2
     assert all(int(s.tokens_per_expert.sum()) == 2 * 16 * 2 for s in stats)
     assert tiny_config().build().routing_stats() == []
+
+
+def test_force_balanced_switches_at_run_time():
+    model = tiny_config(moe=dict(experts=4, top_k=2)).build()
+    with torch.no_grad():
+        for m in model.moe_layers:
+            m.router.weight.zero_()
+            m.router.weight[0] += 1.0  # skewed learned routing
+    idx = torch.randint(0, 97, (2, 16))
+    model(idx)
+    assert max(model.routing_stats()[0].tokens_per_expert.tolist()) > 16
+    model.set_force_balanced(True)
+    learned_free = model(idx)
+    assert all(s.tokens_per_expert.tolist() == [16] * 4 for s in model.routing_stats())
+    model.set_force_balanced(False)
+    assert not torch.equal(model(idx).logits, learned_free.logits)
