@@ -233,9 +233,6 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
-    def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
-
 
 def _positive(name: str, value: float) -> None:
     if not value > 0:
