@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from harness.study import budget_label, find_run, load_study, plan, plan_rows
 from models.accounting import summary
 from models.config import ConfigError, dump_config, load_config
 from models.matching import match_moe
@@ -97,6 +98,111 @@ def cmd_match(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results(args: argparse.Namespace, study) -> Path:
+    return Path(args.results) / study.name
+
+
+def _matmul_flops_per_s() -> float:
+    """A quick fp32 matmul rate on this host, for the plan's time estimate."""
+    import time
+
+    import torch
+
+    a = torch.randn(1024, 1024)
+    a @ a
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.3:
+        a @ a
+        n += 1
+    return 2 * 1024**3 * n / (time.perf_counter() - start)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    study = load_study(args.study)
+    data_json = _results(args, study) / "data" / "data.json"
+    train_tokens = json.loads(data_json.read_text())["splits"]["train"]["tokens"] if data_json.exists() else None
+    runs = plan(study, train_tokens=train_tokens)
+    rate = None if args.json else _matmul_flops_per_s() * args.efficiency
+    rows = plan_rows(runs, train_tokens, rate)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [
+        [
+            r["run_id"],
+            r["arm"],
+            _human(r["total_params"]),
+            _human(r["active_params"]),
+            _human(r["flops_per_token"]),
+            budget_label(r["budget"]),
+            _human(r["tokens"]),
+            r["steps"],
+            "-" if r["epochs"] is None else f"{r['epochs']:.2f}",
+            f"{r['est_seconds'] / 60:.1f}",
+        ]
+        for r in rows
+    ]
+    headers = ["run", "arm", "total", "active", "FLOPs/token", "budget", "tokens", "steps", "epochs", "est. min"]
+    print(f"study {study.name} ({study.path}): {len(runs)} runs, FLOP convention {study.recipe.flop_convention}")
+    print(tabulate(table, headers=headers, disable_numparse=True))
+    if train_tokens is None:
+        print("epochs: run `harness data` first to know the train split's size")
+    print(f"est. min: FLOPs / ({args.efficiency:.0%} of this host's measured fp32 matmul rate)")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from harness.data import prepare
+
+    study = load_study(args.study)
+    meta = prepare(study, _results(args, study) / "data")
+    for split, info in meta["splits"].items():
+        print(f"{split}: {info['documents']} documents, {info['bytes']:,} bytes, {info['tokens']:,} tokens")
+    print(f"fingerprint {meta['fingerprint']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from harness.train import NonFiniteLoss, Stopped, train
+
+    study = load_study(args.study)
+    run = find_run(study, args.run)
+    results = _results(args, study)
+    try:
+        record = train(
+            run,
+            study,
+            results / "data",
+            results / "runs" / run.run_id,
+            threads=args.threads,
+            stop_after=args.stop_after,
+            progress=not args.quiet,
+        )
+    except Stopped as e:
+        print(f"harness train: {e}", file=sys.stderr)
+        return 3
+    except (NonFiniteLoss, ValueError) as e:
+        print(f"harness train: error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"{record['run_id']}: val loss {record['final_val_loss']:.4f}, {record['tokens']:,} tokens, "
+        f"{record['train_seconds']:.1f} s, FLOPs spent / budget {record['flops_spent_over_budget']:.4f}"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report import write_report
+
+    study = load_study(args.study)
+    path = write_report(study, _results(args, study))
+    if args.print:
+        print(path.read_text())
+    else:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -118,6 +224,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="model id (default <dense>-e<E>k<k>)")
     p.add_argument("--out", default=None, help="write the YAML here instead of stdout")
     p.set_defaults(func=cmd_match)
+
+    def study_parser(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("study", help="a study name in workflows/studies/ or a path to a study YAML")
+        p.add_argument("--results", default="results", help="results root (default: results)")
+        return p
+
+    p = study_parser("plan", "the run matrix of a study")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--efficiency", type=float, default=0.3, help="assumed fraction of the matmul rate")
+    p.set_defaults(func=cmd_plan)
+
+    p = study_parser("data", "read the corpus, train the tokenizer, write token shards")
+    p.set_defaults(func=cmd_data)
+
+    p = study_parser("train", "train one run of a study (resumes from its checkpoint)")
+    p.add_argument("--run", required=True, help="run id, as `harness plan` lists them")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this step, leaving a checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = study_parser("report", "write the study report from the run records")
+    p.add_argument("--print", action="store_true", help="print the report instead of its path")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -262,6 +263,15 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         if value is None:
             return None
         return _coerce(args[0], value, name)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(name, f"must be a list, got {value!r}")
+        return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"must be a mapping, got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(name, f"must be a mapping, got {type(value).__name__}")
@@ -313,17 +323,41 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(dotted(e.field), e.message) from None
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """Read and validate one model YAML; errors name the file."""
-    path = Path(path)
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 1e15 and 2.5e-3 as floats, as YAML 1.2 does (YAML 1.1 wants 1.0e+15)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(path: Path, what: str) -> dict[str, Any]:
+    """One YAML mapping from ``path``; errors name the file."""
     if not path.is_file():
-        raise ConfigError("(file)", "no such model config file", str(path))
+        raise ConfigError("(file)", f"no such {what} file", str(path))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError("(file)", f"not valid YAML: {e}", str(path)) from None
     if not isinstance(data, dict):
-        raise ConfigError("(file)", "must hold a mapping of config fields", str(path))
+        raise ConfigError("(file)", f"must hold a mapping of {what} fields", str(path))
+    return data
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read and validate one model YAML; errors name the file."""
+    path = Path(path)
+    data = load_yaml(path, "model config")
     try:
         return from_dict(ModelConfig, data)
     except ConfigError as e:

@@ -1,0 +1,302 @@
+"""Corpus -> train/validation/test split -> byte-level BPE tokenizer -> memory-mapped token shards.
+
+Sources (``data.source`` of a study):
+  python-stdlib  the installed standard library's ``.py`` files (offline; the default)
+  python-site    the standard library plus site-packages (offline)
+  files          local text, JSONL or Parquet files
+  hf             a Hugging Face dataset (needs network unless it is a local folder)
+
+Documents are read in a deterministic order (sorted paths) and assigned to a split by a hash
+of their key, so adding a file never moves another one between splits. ``data.json`` records a
+fingerprint of exactly what was read.
+
+    harness data tiny            # writes results/tiny/data/
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import site
+import sys
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.io import atomic_write, read_json, write_json
+from harness.study import DataConfig, DataSource, Study
+from models.config import ConfigError
+
+SPLITS = ("train", "validation", "test")
+EOS = "<|endoftext|>"
+TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".c", ".h", ".js", ".ts", ".json", ".yaml", ".yml", ".toml"}
+
+
+@dataclass(frozen=True)
+class Document:
+    key: str  # stable identity: relative path (plus record number for JSONL/Parquet/hf rows)
+    text: str
+
+
+def split_of(key: str, validation_fraction: float, test_fraction: float) -> str:
+    """Hash of the key -> a uniform number in [0, 1) -> the split."""
+    u = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    if u < validation_fraction:
+        return "validation"
+    if u < validation_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def _python_files(root: Path, prefix: str, skip_packages: bool) -> Iterator[tuple[str, Path]]:
+    """``.py`` files under root in sorted order; for the standard library, without any
+    site-packages folder it contains (installed packages are the python-site source)."""
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if skip_packages and any(part in ("site-packages", "dist-packages") for part in rel.parts):
+            continue
+        yield f"{prefix}/{rel.as_posix()}", path
+
+
+def _site_dirs() -> list[Path]:
+    dirs = {Path(p) for p in [*site.getsitepackages(), sysconfig.get_paths()["purelib"]] if Path(p).is_dir()}
+    return sorted(dirs)
+
+
+def _read_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def _records(path: Path, text_field: str, source: str) -> Iterator[tuple[int, str]]:
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError("data.paths", f"{path}:{i + 1}: not valid JSON ({e.msg})", source) from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise ConfigError(
+                        "data.text_field", f"{path}:{i + 1}: record has no string field '{text_field}'", source
+                    )
+                yield i, record[text_field]
+    else:  # .parquet
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise ConfigError(
+                "data.text_field",
+                f"{path}: no column '{text_field}'; columns: {', '.join(table.column_names)}",
+                source,
+            )
+        for i, text in enumerate(table.column(text_field).to_pylist()):
+            if text is not None:
+                yield i, text
+
+
+def _expand(paths: list[str], source: str) -> list[Path]:
+    out: list[Path] = []
+    for i, pattern in enumerate(paths):
+        matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True)) or [Path(pattern)]
+        for m in matches:
+            if m.is_dir():
+                out.extend(sorted(p for p in m.rglob("*") if p.is_file()))
+            elif m.is_file():
+                out.append(m)
+            else:
+                raise ConfigError(f"data.paths[{i}]", f"no such file or folder: {pattern}", source)
+    return out
+
+
+def _hf_documents(cfg: DataConfig, source: str) -> Iterator[Document]:
+    import datasets
+
+    name = cfg.hf_dataset
+    if not name:
+        raise ConfigError("data.hf_dataset", "required with source 'hf'", source)
+    try:
+        ds = datasets.load_dataset(name, cfg.hf_config, split=cfg.hf_split)
+    except (ConnectionError, OSError) as e:
+        raise ConfigError(
+            "data.hf_dataset",
+            f"could not load '{name}' (no network, or no such dataset; a local folder also works): {e}",
+            source,
+        ) from None
+    except Exception as e:  # datasets raises many types for an unreachable hub
+        raise ConfigError("data.hf_dataset", f"could not load '{name}': {type(e).__name__}: {e}", source) from None
+    if cfg.text_field not in ds.column_names:
+        raise ConfigError(
+            "data.text_field", f"dataset has no column '{cfg.text_field}'; columns: {ds.column_names}", source
+        )
+    for i, text in enumerate(ds[cfg.text_field]):
+        if text:
+            yield Document(f"{name}/{cfg.hf_split}/{i}", text)
+
+
+def iter_documents(cfg: DataConfig, source: str = "") -> Iterator[Document]:
+    """Every document of the source in a deterministic order, up to ``max_bytes``."""
+    budget = cfg.max_bytes
+
+    def capped(docs: Iterator[Document]) -> Iterator[Document]:
+        total = 0
+        for doc in docs:
+            if budget is not None and total >= budget:
+                return
+            total += len(doc.text.encode("utf-8"))
+            yield doc
+
+    if cfg.source in (DataSource.PYTHON_STDLIB, DataSource.PYTHON_SITE):
+        files = list(_python_files(Path(sysconfig.get_paths()["stdlib"]), "stdlib", skip_packages=True))
+        if cfg.source is DataSource.PYTHON_SITE:
+            for i, d in enumerate(_site_dirs()):
+                files.extend(_python_files(d, f"site{i}", skip_packages=False))
+        yield from capped(Document(key, _read_text(path)) for key, path in files)
+    elif cfg.source is DataSource.FILES:
+        if not cfg.paths:
+            raise ConfigError("data.paths", "required with source 'files'", source)
+
+        def docs() -> Iterator[Document]:
+            for path in _expand(cfg.paths, source):
+                if path.suffix in (".jsonl", ".parquet"):
+                    for i, text in _records(path, cfg.text_field, source):
+                        yield Document(f"{path.as_posix()}#{i}", text)
+                elif path.suffix in TEXT_SUFFIXES:
+                    yield Document(path.as_posix(), _read_text(path))
+
+        yield from capped(docs())
+    else:
+        yield from capped(_hf_documents(cfg, source))
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE (GPT-2 style) trained on the train split, with one end-of-text token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+def prepare(study: Study, out_dir: Path) -> dict[str, Any]:
+    """Read the corpus, split it, build the tokenizer and write the shards and data.json."""
+    from tokenizers import Tokenizer
+
+    cfg, source = study.data, study.path
+    docs: dict[str, list[Document]] = {s: [] for s in SPLITS}
+    fingerprint = hashlib.sha256()
+    for doc in iter_documents(cfg, source):
+        fingerprint.update(doc.key.encode() + b"\0" + hashlib.sha256(doc.text.encode()).digest())
+        docs[split_of(doc.key, cfg.validation_fraction, cfg.test_fraction)].append(doc)
+    if not docs["train"] or not docs["validation"]:
+        raise ConfigError(
+            "data",
+            f"the corpus gave {len(docs['train'])} train and {len(docs['validation'])} validation documents; "
+            "both must be non-empty (more data, or a larger validation_fraction)",
+            source,
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_texts = [d.text for d in docs["train"]]
+    if cfg.tokenizer_file:
+        path = Path(cfg.tokenizer_file)
+        if not path.is_file():
+            raise ConfigError("data.tokenizer_file", f"no such file: {path}", source)
+        tokenizer = Tokenizer.from_file(str(path))
+    else:
+        tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
+    vocab = tokenizer.get_vocab_size()
+    if vocab != cfg.vocab_size:
+        raise ConfigError(
+            "data.vocab_size",
+            f"the tokenizer has {vocab} tokens, the study asks for {cfg.vocab_size}; the corpus is too small "
+            "to learn that many merges, or the tokenizer file differs: make them agree",
+            source,
+        )
+    eos = tokenizer.token_to_id(EOS)
+    if eos is None:
+        raise ConfigError("data.tokenizer_file", f"the tokenizer has no '{EOS}' token", source)
+    atomic_write(out_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)))
+
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        ids: list[int] = []
+        texts = [d.text for d in docs[split]]
+        for enc in tokenizer.encode_batch(texts) if texts else []:
+            ids.extend(enc.ids)
+            ids.append(eos)
+        arr = np.asarray(ids, dtype=dtype)
+        atomic_write(out_dir / f"{split}.bin", lambda p, arr=arr: arr.tofile(p))
+        n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        splits[split] = {
+            "documents": len(texts),
+            "bytes": n_bytes,
+            "tokens": int(arr.size),
+            "bytes_per_token": n_bytes / arr.size if arr.size else None,
+        }
+    meta = {
+        "study": study.name,
+        "source": cfg.source.value,
+        "config": {k: (v.value if hasattr(v, "value") else v) for k, v in cfg.__dict__.items()},
+        "fingerprint": fingerprint.hexdigest(),
+        "python": sys.version.split()[0],
+        "tokenizer": {"vocab_size": vocab, "eos_id": eos, "trained": cfg.tokenizer_file is None},
+        "dtype": np.dtype(dtype).name,
+        "splits": splits,
+    }
+    write_json(out_dir / "data.json", meta)  # written last: its presence means the data is complete
+    return meta
+
+
+class TokenShard:
+    """One split's tokens, memory-mapped, served as (input, target) windows of seq_len."""
+
+    def __init__(self, data_dir: Path, split: str, seq_len: int):
+        meta = read_json(data_dir / "data.json")
+        self.tokens = np.memmap(data_dir / f"{split}.bin", dtype=meta["dtype"], mode="r")
+        self.seq_len = seq_len
+        self.windows = (len(self.tokens) - 1) // seq_len
+        if self.windows < 1:
+            raise ValueError(f"{data_dir / (split + '.bin')}: {len(self.tokens)} tokens hold no window of {seq_len}")
+
+    def window_batch(self, indices: np.ndarray):
+        import torch
+
+        starts = indices * self.seq_len
+        rows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        batch = torch.from_numpy(rows)
+        return batch[:, :-1], batch[:, 1:]
+
+    def train_batch(self, step: int, batch_size: int, seed: int):
+        """Batch ``step`` of the data order fixed by ``seed``: each epoch is a seeded permutation
+        of the windows. Depends only on (seed, step), so a resumed run sees the same batches and
+        runs with the same seed share one data order."""
+        positions = np.arange(step * batch_size, (step + 1) * batch_size)
+        epochs, offsets = np.divmod(positions, self.windows)
+        indices = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            perm = np.random.default_rng([seed, int(epoch)]).permutation(self.windows)
+            mask = epochs == epoch
+            indices[mask] = perm[offsets[mask]]
+        return self.window_batch(indices)
+
+    def eval_batches(self, n_batches: int, batch_size: int):
+        """The first windows in order, the same for every run: a fixed held-out set."""
+        total = min(self.windows, n_batches * batch_size)
+        for start in range(0, total, batch_size):
+            yield self.window_batch(np.arange(start, min(start + batch_size, total)))

@@ -1,0 +1,156 @@
+"""The study report: one row per run, and dense versus MoE at each budget.
+
+    harness report tiny          # results/tiny/report.md and results/tiny/tables/*.{csv,html}
+
+Each MoE run is compared with the dense run of the same budget and seed whose active
+non-embedding parameter count is closest (its matched base in a matched study).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from harness.io import read_json, write_text
+from harness.study import Study, budget_label, plan
+
+
+def _arm(rec: dict[str, Any]) -> str:
+    return "dense" if rec["arm"] == "dense" else f"MoE E{rec['experts']} k{rec['top_k']}"
+
+
+def _m(n: float) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def run_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    headers = [
+        "run",
+        "arm",
+        "total params",
+        "active params",
+        "budget FLOPs",
+        "tokens",
+        "epochs",
+        "FLOPs spent / budget",
+        "train loss",
+        "val loss",
+        "train s",
+        "tokens/s",
+    ]
+    rows = [
+        [
+            r["run_id"],
+            _arm(r),
+            _m(r["params"]["total"]),
+            _m(r["params"]["active"]),
+            budget_label(r["budget_flops"]),
+            f"{r['tokens']:,}",
+            f"{r['epochs']:.2f}",
+            f"{r['flops_spent_over_budget']:.4f}",
+            f"{r['final_train_loss']:.4f}",
+            f"{r['final_val_loss']:.4f}",
+            f"{r['train_seconds']:.1f}",
+            f"{r['tokens_per_s']:,.0f}",
+        ]
+        for r in records
+    ]
+    return headers, rows
+
+
+def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    headers = [
+        "budget FLOPs",
+        "seed",
+        "MoE run",
+        "dense run",
+        "active params (MoE / dense)",
+        "total / active (MoE)",
+        "val loss MoE",
+        "val loss dense",
+        "loss difference (MoE - dense)",
+        "train s (MoE / dense)",
+    ]
+    dense = [r for r in records if r["arm"] == "dense"]
+    rows = []
+    for m in (r for r in records if r["arm"] == "moe"):
+        peers = [d for d in dense if d["budget_flops"] == m["budget_flops"] and d["seed"] == m["seed"]]
+        if not peers:
+            continue
+        d = min(peers, key=lambda p: abs(p["params"]["active_non_embedding"] - m["params"]["active_non_embedding"]))
+        rows.append(
+            [
+                budget_label(m["budget_flops"]),
+                m["seed"],
+                m["run_id"],
+                d["run_id"],
+                f"{_m(m['params']['active'])} / {_m(d['params']['active'])}",
+                f"{m['params']['total'] / m['params']['active']:.2f}",
+                f"{m['final_val_loss']:.4f}",
+                f"{d['final_val_loss']:.4f}",
+                f"{m['final_val_loss'] - d['final_val_loss']:+.4f}",
+                f"{m['train_seconds']:.1f} / {d['train_seconds']:.1f}",
+            ]
+        )
+    rows.sort(key=lambda row: (float(row[0]), row[1], row[2]))
+    return headers, rows
+
+
+def _csv(headers: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(headers)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_report(study: Study, results: Path) -> Path:
+    """Read every run's record.json and write report.md and tables/ (CSV and HTML)."""
+    runs = plan(study)
+    records = [read_json(results / "runs" / run.run_id / "record.json") for run in runs]
+    data = read_json(results / "data" / "data.json")
+    tables = {"runs": run_table(records), "dense_vs_moe": comparison_table(records)}
+    for name, (headers, rows) in tables.items():
+        write_text(results / "tables" / f"{name}.csv", _csv(headers, rows))
+        write_text(results / "tables" / f"{name}.html", tabulate(rows, headers=headers, tablefmt="html") + "\n")
+    prov = records[0]["provenance"]
+    conventions = sorted({r["flop_convention"] for r in records})
+    seeds = sorted({r["seed"] for r in records})
+    md = [
+        f"# Study `{study.name}`",
+        "",
+        study.description.strip(),
+        "",
+        "## Runs",
+        "",
+        tabulate(tables["runs"][1], headers=tables["runs"][0], tablefmt="github", disable_numparse=True),
+        "",
+        "## Dense versus MoE at each budget",
+        "",
+        "Each MoE run is set against the dense run of the same budget and seed with the closest active "
+        "parameter count. A negative loss difference means the MoE reached lower validation loss.",
+        "",
+        tabulate(
+            tables["dense_vs_moe"][1], headers=tables["dense_vs_moe"][0], tablefmt="github", disable_numparse=True
+        ),
+        "",
+    ]
+    if len(seeds) == 1:
+        md += ["With one seed per run no claim of significance is made.", ""]
+    md += [
+        "## Manifest",
+        "",
+        f"- FLOP convention: {', '.join(conventions)} (see models/accounting.py)",
+        f"- data: {data['source']}, fingerprint `{data['fingerprint'][:16]}`, "
+        f"{data['splits']['train']['tokens']:,} train tokens, vocabulary {data['tokenizer']['vocab_size']}",
+        f"- code: git {prov['git'].get('commit')} (dirty: {prov['git'].get('dirty')})",
+        f"- device: {prov['host']['device']} ({prov['host']['gpu'] or prov['host']['cpu']}), "
+        f"torch {prov['packages']['torch']}",
+        f"- seeds: {', '.join(map(str, seeds))}",
+        "",
+    ]
+    return write_text(results / "report.md", "\n".join(md))

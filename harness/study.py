@@ -1,0 +1,309 @@
+"""Studies: which models, at which FLOP budgets and seeds, on which data, with which recipe.
+
+A study is a YAML file in ``workflows/studies/``, checked against
+``workflows/schemas/study.schema.yaml`` and then loaded into typed dataclasses; every error
+names the file and the field. :func:`plan` turns it into runs: one per model x budget x seed,
+each with its resolved model config, token count and step count.
+
+    study = load_study("workflows/studies/tiny.yaml")
+    for run in plan(study):
+        print(run.run_id, run.tokens)
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from models.accounting import FlopConvention, count_params, training_flops_per_token
+from models.config import ConfigError, ModelConfig, from_dict, load_config, load_yaml
+from models.matching import match_moe
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = ROOT / "workflows" / "studies"
+SCHEMA = ROOT / "workflows" / "schemas" / "study.schema.yaml"
+MODEL_CONFIGS = ROOT / "models" / "configs"
+
+
+class DataSource(enum.StrEnum):
+    PYTHON_STDLIB = "python-stdlib"  # the installed standard library's .py files (offline)
+    PYTHON_SITE = "python-site"  # standard library plus site-packages (offline)
+    FILES = "files"  # local text, JSONL or Parquet files
+    HF = "hf"  # a Hugging Face dataset by name (needs network, or a local path)
+
+
+class Schedule(enum.StrEnum):
+    COSINE = "cosine"  # linear warm-up, cosine decay to min_lr_ratio * lr at the end of the budget
+    WSD = "wsd"  # warm-up, stable, then linear decay over the last decay_fraction (Hu et al. 2024)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: DataSource = DataSource.PYTHON_STDLIB
+    """Where the corpus comes from."""
+    paths: list[str] = field(default_factory=list)
+    """source 'files': files, folders or glob patterns (.txt/.py/.md..., .jsonl, .parquet)."""
+    text_field: str = "text"
+    """JSONL, Parquet and Hugging Face records: the field that holds the text."""
+    hf_dataset: str | None = None
+    """source 'hf': a dataset name for datasets.load_dataset (or a local folder)."""
+    hf_config: str | None = None
+    hf_split: str = "train"
+    max_bytes: int | None = None
+    """Read documents in their deterministic order until this many bytes (None: all)."""
+    validation_fraction: float = 0.02
+    test_fraction: float = 0.02
+    vocab_size: int = 8192
+    """Byte-level BPE vocabulary trained on the train split."""
+    tokenizer_file: str | None = None
+    """Use this tokenizer.json instead of training one."""
+    allow_repetition: bool = False
+    """Allow runs that need more tokens than the train split holds (several epochs)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    config: str | None = None
+    """A file in models/configs/ (or a path; a glob pattern takes every match)."""
+    base: str | None = None
+    """A dense config to derive a compute-matched MoE from, with experts and top_k."""
+    experts: int | None = None
+    top_k: int | None = None
+    shared_experts: int = 0
+    moe: dict[str, Any] = field(default_factory=dict)
+    """Further MoE fields for the derived variant (routing, dispatch, coefficients...)."""
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    batch_size: int = 16
+    seq_len: int = 128
+    """Training context; overrides the model configs' max_seq_len."""
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_fraction: float = 0.05
+    schedule: Schedule = Schedule.COSINE
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    """Validation every this many steps (and always at the end)."""
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    flop_convention: FlopConvention = FlopConvention.DETAILED
+    compile: bool = False
+    """torch.compile the model (CUDA studies; compilation is excluded from timings)."""
+    min_steps: int = 50
+    """A budget that buys fewer steps is refused: FLOPs spent would miss it by > 1%."""
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    data: DataConfig
+    models: list[ModelSpec]
+    budgets: list[float]
+    """Training FLOP budgets; every model gets each one."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    recipe: Recipe = field(default_factory=Recipe)
+    description: str = ""
+    device: str = "auto"
+    """auto (CUDA when visible), cpu or cuda."""
+    path: str = ""
+    """The file it was loaded from (set by load_study)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    model: ModelConfig
+    budget: float
+    seed: int
+    flops_per_token: float
+    tokens_per_step: int
+    steps: int
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+    @property
+    def flops(self) -> float:
+        return self.tokens * self.flops_per_token
+
+
+def study_path(name_or_path: str | Path) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    return STUDIES / f"{name_or_path}.yaml"
+
+
+def load_study(name_or_path: str | Path) -> Study:
+    """Read, schema-check and type a study; errors name the file and the field."""
+    path = study_path(name_or_path)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in STUDIES.glob("*.yaml")))
+        raise ConfigError("(file)", f"no such study file; shipped studies: {known}", str(path))
+    data = load_yaml(path, "study")
+    schema = yaml.safe_load(SCHEMA.read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
+    if errors:
+        e = errors[0]
+        where = ".".join(str(p) for p in e.path) or "(top level)"
+        raise ConfigError(where, e.message, str(path))
+    try:
+        study = from_dict(Study, data)
+    except ConfigError as e:
+        raise e.with_source(path) from None
+    try:
+        shown = path.resolve().relative_to(Path.cwd())
+    except ValueError:
+        shown = path
+    study = Study(**{**study.__dict__, "path": str(shown)})
+    for i, spec in enumerate(study.models):
+        if (spec.config is None) == (spec.base is None):
+            raise ConfigError(f"models[{i}]", "give exactly one of 'config' or 'base'", str(path))
+        if spec.base is not None and (spec.experts is None or spec.top_k is None):
+            raise ConfigError(f"models[{i}]", "'base' needs 'experts' and 'top_k'", str(path))
+    return study
+
+
+def _config_file(name: str, source: str, field_name: str) -> list[Path]:
+    p = Path(name)
+    candidates = [p, MODEL_CONFIGS / p, ROOT / p]
+    if any(ch in name for ch in "*?["):
+        matches = sorted(MODEL_CONFIGS.glob(name))
+        if not matches:
+            raise ConfigError(field_name, f"pattern matches no file in {MODEL_CONFIGS}", source)
+        return matches
+    for c in candidates:
+        if c.is_file():
+            return [c]
+    raise ConfigError(field_name, f"no model config '{name}' (looked in {MODEL_CONFIGS})", source)
+
+
+def resolve_models(study: Study, vocab_size: int | None = None) -> list[ModelConfig]:
+    """The study's model configs with the study's vocabulary and context applied."""
+    vocab = vocab_size if vocab_size is not None else study.data.vocab_size
+    out: list[ModelConfig] = []
+    for i, spec in enumerate(study.models):
+        where = f"models[{i}]"
+        try:
+            if spec.config is not None:
+                cfgs = [load_config(f) for f in _config_file(spec.config, study.path, f"{where}.config")]
+            else:
+                (base_file,) = _config_file(spec.base, study.path, f"{where}.base")
+                base = load_config(base_file)
+                moe, _ = match_moe(
+                    base,
+                    experts=spec.experts,
+                    top_k=spec.top_k,
+                    shared_experts=spec.shared_experts,
+                    name=spec.name,
+                    **spec.moe,
+                )
+                cfgs = [moe]
+        except ConfigError as e:
+            raise (e if e.source else e.with_source(study.path, where)) from None
+        for cfg in cfgs:
+            out.append(ModelConfig(**{**cfg.__dict__, "vocab_size": vocab, "max_seq_len": study.recipe.seq_len}))
+    names = [c.name for c in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError("models", f"model names must be unique; repeated: {', '.join(dupes)}", study.path)
+    return out
+
+
+def budget_label(budget: float) -> str:
+    """1e15 -> '1e15', 3e12 -> '3e12', 2.5e13 -> '2.5e13': readable, never a float repr."""
+    mantissa, exponent = f"{budget:.6e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def plan(study: Study, vocab_size: int | None = None, train_tokens: int | None = None) -> list[Run]:
+    """One run per model x budget x seed. With ``train_tokens`` (the train split's size),
+    refuses runs that need more tokens than it holds unless the study allows repetition."""
+    r = study.recipe
+    tokens_per_step = r.batch_size * r.seq_len
+    runs = []
+    for cfg in resolve_models(study, vocab_size):
+        fpt = training_flops_per_token(cfg, r.flop_convention)
+        for budget in study.budgets:
+            steps = round(budget / fpt / tokens_per_step)
+            if steps < r.min_steps:
+                raise ConfigError(
+                    "budgets",
+                    f"{budget_label(budget)} FLOPs buys {steps} steps of {cfg.name} (recipe.min_steps is "
+                    f"{r.min_steps}); raise the budget or lower recipe.batch_size / seq_len",
+                    study.path,
+                )
+            for seed in study.seeds:
+                run_id = f"{cfg.name}_{budget_label(budget)}_s{seed}"
+                runs.append(Run(run_id, cfg, budget, seed, fpt, tokens_per_step, steps))
+    if train_tokens is not None and not study.data.allow_repetition:
+        worst = max(runs, key=lambda run: run.tokens)
+        if worst.tokens > train_tokens:
+            raise ConfigError(
+                "data.allow_repetition",
+                f"run {worst.run_id} needs {worst.tokens:,} tokens but the train split holds "
+                f"{train_tokens:,} ({worst.tokens / train_tokens:.2f} epochs); set allow_repetition: true "
+                "or use more data",
+                study.path,
+            )
+    return runs
+
+
+def find_run(study: Study, run_id: str, vocab_size: int | None = None) -> Run:
+    runs = {r.run_id: r for r in plan(study, vocab_size)}
+    if run_id not in runs:
+        raise ConfigError("run", f"no run '{run_id}' in study '{study.name}'; runs: {', '.join(runs)}", study.path)
+    return runs[run_id]
+
+
+def plan_rows(runs: list[Run], train_tokens: int | None, flops_per_s: float | None) -> list[dict[str, Any]]:
+    rows = []
+    for run in runs:
+        p = count_params(run.model)
+        rows.append(
+            {
+                "run_id": run.run_id,
+                "arm": "dense" if run.model.moe is None else f"E{run.model.moe.experts} k{run.model.moe.top_k}",
+                "total_params": p.total,
+                "active_params": p.active,
+                "flops_per_token": run.flops_per_token,
+                "budget": run.budget,
+                "tokens": run.tokens,
+                "steps": run.steps,
+                "epochs": None if not train_tokens else run.tokens / train_tokens,
+                "flops_vs_budget": run.flops / run.budget,
+                "est_seconds": None if not flops_per_s else run.flops / flops_per_s,
+            }
+        )
+    return rows
+
+
+__all__ = [
+    "DataConfig",
+    "DataSource",
+    "ModelSpec",
+    "Recipe",
+    "Run",
+    "Schedule",
+    "Study",
+    "budget_label",
+    "find_run",
+    "load_study",
+    "plan",
+    "plan_rows",
+    "resolve_models",
+]

@@ -1,0 +1,334 @@
+"""Study -> data -> train -> report on a corpus of local files, small enough for seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+
+from harness.data import TokenShard, _python_files, _site_dirs, iter_documents, prepare, split_of
+from harness.io import read_json
+from harness.report import write_report
+from harness.study import DataConfig, DataSource, budget_label, find_run, load_study, plan
+from harness.train import NonFiniteLoss, Stopped, lr_at, train
+from models.config import ConfigError
+
+STUDIES = sorted((ROOT / "workflows" / "studies").glob("*.yaml"))
+
+MODEL = {
+    "name": "dense-pico",
+    "vocab_size": 512,
+    "d_model": 32,
+    "n_layers": 2,
+    "n_heads": 2,
+    "d_ff": 64,
+    "max_seq_len": 32,
+    "tie_embeddings": True,
+}
+
+
+def _corpus(root: Path) -> Path:
+    """Python-like text files, a JSONL file and a Parquet file: every local format."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = root / "corpus"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    letters = list("abcdefghijklmnopqrstuvwxyz_")
+    names = ["".join(rng.choice(letters, size=rng.integers(2, 9))) for _ in range(400)]
+    words = ["def", "return", "self", "(", ")", ":", "=", "+", "1", "0", "if", "else", "for", "in", *names]
+    for i in range(60):
+        lines = [" ".join(rng.choice(words, size=12)) for _ in range(20)]
+        (src / f"mod_{i:03d}.py").write_text("\n".join(lines) + "\n")
+    records = [{"text": " ".join(rng.choice(words, size=30)), "id": i} for i in range(20)]
+    (src / "extra.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pq.write_table(pa.table({"text": [r["text"] for r in records]}), src / "extra.parquet")
+    return src
+
+
+def _study(root: Path, **overrides) -> Path:
+    model_file = root / "dense-pico.yaml"
+    model_file.write_text(yaml.safe_dump(MODEL))
+    study = {
+        "name": "pico",
+        "description": "test study",
+        "device": "cpu",
+        "data": {
+            "source": "files",
+            "paths": [str(root / "corpus")],
+            "validation_fraction": 0.1,
+            "test_fraction": 0.05,
+            "vocab_size": 512,
+        },
+        "models": [
+            {"config": str(model_file)},
+            {"base": str(model_file), "experts": 4, "top_k": 2, "moe": {"z_loss_coef": 0.001}},
+        ],
+        "budgets": [6e9],
+        "seeds": [0],
+        "recipe": {
+            "batch_size": 4,
+            "seq_len": 32,
+            "lr": 3e-3,
+            "eval_every": 20,
+            "eval_batches": 2,
+            "checkpoint_every": 25,
+            "min_steps": 20,
+        },
+    }
+    for key, value in overrides.items():
+        study[key] = value
+    path = root / "pico.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pico")
+    _corpus(root)
+    study = load_study(_study(root))
+    data_dir = root / "results" / "data"
+    meta = prepare(study, data_dir)
+    return root, study, data_dir, meta
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_shipped_studies_load_and_plan(path):
+    study = load_study(path)
+    runs = plan(study)
+    assert runs and len({r.run_id for r in runs}) == len(runs)
+    arms = {r.model.moe is None for r in runs}
+    assert arms == {True, False}, "every study compares dense with MoE"
+    for run in runs:
+        assert abs(run.flops / run.budget - 1) < 0.01
+        assert run.model.vocab_size == study.data.vocab_size
+        assert run.model.max_seq_len == study.recipe.seq_len
+
+
+def test_run_ids_are_readable():
+    assert budget_label(1e15) == "1e15"
+    assert budget_label(3e12) == "3e12"
+    assert budget_label(2.5e13) == "2.5e13"
+    study = load_study("tiny")
+    assert "dense-xs_2e12_s0" in {r.run_id for r in plan(study)}
+
+
+BAD_STUDIES = [
+    ({"recipe": {"batch_size": 4, "sequence_length": 32}}, "recipe", "sequence_length"),
+    ({"budgets": [0]}, "budgets.0", "less than or equal to the minimum"),
+    ({"budgets": [-1.0]}, "budgets.0", "minimum"),
+    ({"device": "tpu"}, "device", "'cuda'"),
+    ({"models": [{"base": "MISSING", "experts": 4, "top_k": 2}]}, "models[0].base", "no model config"),
+    ({"models": [{"config": "nope.yaml"}]}, "models[0].config", "no model config"),
+    ({"models": [{"experts": 4, "top_k": 2}]}, "models[0]", "exactly one of"),
+]
+
+
+@pytest.mark.parametrize(("override", "field", "fragment"), BAD_STUDIES, ids=lambda v: str(v)[:30])
+def test_bad_study_names_file_and_field(tmp_path, override, field, fragment):
+    path = _study(tmp_path, **override)
+    with pytest.raises(ConfigError) as err:
+        plan(load_study(path))
+    message = str(err.value)
+    assert str(path) in message or path.name in message
+    assert f"'{field}'" in message
+    assert fragment in message
+
+
+def test_matched_variant_with_k_above_e_is_refused_with_the_field(tmp_path):
+    model_file = tmp_path / "dense-pico.yaml"
+    path = _study(tmp_path, models=[{"base": str(model_file), "experts": 2, "top_k": 4}])
+    with pytest.raises(ConfigError, match=r"'models\[0\]\..*top_k'"):
+        plan(load_study(path))
+
+
+def test_small_budget_and_repetition_are_refused(prepared):
+    root, study, _, meta = prepared
+    with pytest.raises(ConfigError, match="min_steps"):
+        plan(load_study(_study(root, budgets=[1e6])))
+    with pytest.raises(ConfigError, match="allow_repetition"):
+        plan(study, train_tokens=10)
+    assert plan(study, train_tokens=meta["splits"]["train"]["tokens"] * 100)
+
+
+def test_split_is_by_hash_of_the_key():
+    keys = [f"pkg/mod_{i}.py" for i in range(4000)]
+    splits = [split_of(k, 0.1, 0.05) for k in keys]
+    assert splits == [split_of(k, 0.1, 0.05) for k in keys]
+    assert 0.08 < splits.count("validation") / len(keys) < 0.12
+    assert 0.035 < splits.count("test") / len(keys) < 0.065
+
+
+def test_data_reads_every_local_format_and_fingerprints(prepared, tmp_path):
+    _root, study, data_dir, meta = prepared
+    docs = list(iter_documents(study.data, study.path))
+    keys = [d.key for d in docs]
+    assert any(k.endswith(".py") for k in keys)
+    assert any(".jsonl#" in k for k in keys) and any(".parquet#" in k for k in keys)
+    assert sum(s["documents"] for s in meta["splits"].values()) == len(docs)
+    assert meta["tokenizer"]["vocab_size"] == 512
+    # The same corpus gives the same fingerprint and shards; a changed file changes it.
+    again = prepare(study, tmp_path / "again")
+    assert again["fingerprint"] == meta["fingerprint"]
+    assert (tmp_path / "again" / "train.bin").read_bytes() == (data_dir / "train.bin").read_bytes()
+    _corpus(tmp_path)
+    (tmp_path / "corpus" / "mod_000.py").write_text("changed = 1\n")
+    changed = load_study(_study(tmp_path))
+    assert prepare(changed, tmp_path / "changed")["fingerprint"] != meta["fingerprint"]
+
+
+def test_shards_decode_to_the_corpus_text(prepared):
+    from tokenizers import Tokenizer
+
+    _, _, data_dir, meta = prepared
+    tok = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    ids = np.fromfile(data_dir / "validation.bin", dtype=meta["dtype"])
+    text = tok.decode(ids.tolist(), skip_special_tokens=False)
+    assert "def" in text and "<|endoftext|>" in text
+    first_doc = text.split("<|endoftext|>")[0]
+    assert len(first_doc) > 20
+
+
+def test_train_batches_depend_only_on_seed_and_step(prepared):
+    _, _, data_dir, _ = prepared
+    shard = TokenShard(data_dir, "train", 32)
+    a, b = shard.train_batch(3, 4, seed=0), shard.train_batch(3, 4, seed=0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[0][:, 1:], a[1][:, :-1])
+    assert not torch.equal(shard.train_batch(3, 4, seed=1)[0], a[0])
+    far = shard.train_batch(shard.windows // 4 + 1, 4, seed=0)  # past one epoch
+    assert far[0].shape == (4, 32)
+
+
+def test_stdlib_source_is_offline_and_ordered():
+    cfg = DataConfig(source=DataSource.PYTHON_STDLIB, max_bytes=200_000)
+    docs = list(iter_documents(cfg))
+    assert docs and all(d.key.startswith("stdlib/") for d in docs)
+    assert [d.key for d in docs] == sorted(d.key for d in docs)
+    assert sum(len(d.text.encode()) for d in docs[:-1]) < 200_000
+    keys = [key for key, _ in _python_files(Path(sysconfig.get_paths()["stdlib"]), "stdlib", skip_packages=True)]
+    assert not any("site-packages" in k for k in keys)
+    # python-site adds the installed packages, e.g. the one that holds PyYAML.
+    assert Path(yaml.__file__).parents[1] in _site_dirs()
+
+
+def test_hf_source_through_datasets_on_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = tmp_path / "hfdata"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps({"text": f"line {i} of text"}) + "\n" for i in range(30)))
+    cfg = DataConfig(source=DataSource.HF, hf_dataset=str(folder))
+    docs = list(iter_documents(cfg, "s.yaml"))
+    assert len(docs) == 30 and docs[3].text == "line 3 of text"
+    remote = DataConfig(source=DataSource.HF, hf_dataset="someone/not-downloadable-offline")
+    with pytest.raises(ConfigError, match="could not load 'someone/not-downloadable-offline'"):
+        list(iter_documents(remote, "s.yaml"))
+
+
+def test_lr_schedules():
+    from harness.study import Recipe, Schedule
+
+    r = Recipe(lr=1.0, min_lr_ratio=0.1, warmup_fraction=0.1)
+    lrs = [lr_at(s, 100, r) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(0.1) and all(a >= b for a, b in itertools.pairwise(lrs))
+    w = Recipe(lr=1.0, min_lr_ratio=0.0, warmup_fraction=0.1, schedule=Schedule.WSD, decay_fraction=0.2)
+    lrs = [lr_at(s, 100, w) for s in range(100)]
+    assert lrs[50] == 1.0 and lrs[79] == 1.0 and lrs[80] < 1.0 and lrs[-1] == pytest.approx(0.0)
+
+
+def test_train_reaches_the_budget_and_records_provenance(prepared):
+    root, study, data_dir, _ = prepared
+    run = find_run(study, "dense-pico-e4k2_6e9_s0")
+    out = root / "results" / "runs" / run.run_id
+    record = train(run, study, data_dir, out, progress=False)
+    assert abs(record["flops_spent"] / record["budget_flops"] - 1) < 0.01
+    assert record["tokens"] == run.steps * 4 * 32
+    assert record["final_val_loss"] < np.log(512)
+    for key in ("commit", "dirty"):
+        assert key in record["provenance"]["git"]
+    assert record["provenance"]["packages"]["torch"] == torch.__version__.split("+")[0] or record["provenance"][
+        "packages"
+    ]["torch"].startswith(torch.__version__.split("+")[0])
+    assert record["data_fingerprint"] == read_json(data_dir / "data.json")["fingerprint"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == run.steps and "val_loss" in rows[-1]
+    assert len(rows[-1]["routing"]) == 2 and sum(rows[-1]["routing"][0]["tokens_per_expert"]) == 4 * 32 * 2
+    assert (out / "config.yaml").exists() and (out / "checkpoint.pt").exists()
+
+
+def test_killed_run_resumes_to_the_same_final_numbers(prepared):
+    root, study, data_dir, _ = prepared
+    run = find_run(study, "dense-pico_6e9_s0")
+    whole = train(run, study, data_dir, root / "whole" / run.run_id, progress=False)
+    out = root / "split" / run.run_id
+    with pytest.raises(Stopped):
+        train(run, study, data_dir, out, stop_after=30, progress=False)
+    assert not (out / "record.json").exists()
+    assert (out / "checkpoint.pt").exists()
+    resumed = train(run, study, data_dir, out, progress=False)
+    assert resumed["final_val_loss"] == whole["final_val_loss"]
+    assert resumed["final_train_loss"] == whole["final_train_loss"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), "no step is logged twice after resuming"
+
+
+def test_checkpoint_of_another_configuration_is_refused(prepared):
+    root, study, data_dir, _ = prepared
+    run = find_run(study, "dense-pico_6e9_s0")
+    out = root / "mismatch" / run.run_id
+    with pytest.raises(Stopped):
+        train(run, study, data_dir, out, stop_after=5, progress=False)
+    changed = dataclasses.replace(study, recipe=dataclasses.replace(study.recipe, lr=1e-2))
+    with pytest.raises(ValueError, match="another configuration"):
+        train(find_run(changed, run.run_id), changed, data_dir, out, progress=False)
+
+
+def test_non_finite_loss_stops_the_run_and_leaves_no_record(prepared, monkeypatch):
+    root, study, data_dir, _ = prepared
+    run = find_run(study, "dense-pico_6e9_s0")
+    real = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    out = root / "nan" / run.run_id
+    with pytest.raises(NonFiniteLoss, match="loss is nan"):
+        train(run, study, data_dir, out, progress=False)
+    assert not (out / "record.json").exists()
+
+
+def test_report_tables(prepared):
+    root, study, data_dir, _ = prepared
+    results = root / "results"
+    for run in plan(study):
+        if not (results / "runs" / run.run_id / "record.json").exists():
+            train(run, study, data_dir, results / "runs" / run.run_id, progress=False)
+    md = write_report(study, results).read_text()
+    assert "## Dense versus MoE at each budget" in md
+    assert "dense-pico-e4k2_6e9_s0" in md and "no claim of significance" in md
+    assert (results / "tables" / "dense_vs_moe.html").read_text().startswith("<table>")
+    lines = (results / "tables" / "runs.csv").read_text().splitlines()
+    assert len(lines) == 1 + len(plan(study))
+
+
+def test_snakemake_refuses_a_bad_study_before_running(tmp_path):
+    bad = _study(tmp_path, budgets=[-5])
+    r = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--config", f"study={bad}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode != 0
+    assert "'budgets.0'" in r.stdout + r.stderr

@@ -1,0 +1,27 @@
+rule report:
+    """Tables of every run and of dense versus MoE at each budget (Markdown, CSV, HTML)."""
+    input:
+        study=STUDY.path,
+        records=expand(f"{RESULTS}/runs/{{run}}/record.json", run=RUNS),
+    output:
+        md=f"{RESULTS}/report.md",
+        runs_csv=f"{RESULTS}/tables/runs.csv",
+        compare_csv=f"{RESULTS}/tables/dense_vs_moe.csv",
+        runs_html=report(
+            f"{RESULTS}/tables/runs.html",
+            caption="../report/runs.rst",
+            category="Tables",
+            labels={"table": "runs"},
+        ),
+        compare_html=report(
+            f"{RESULTS}/tables/dense_vs_moe.html",
+            caption="../report/dense_vs_moe.rst",
+            category="Tables",
+            labels={"table": "dense vs MoE"},
+        ),
+    log:
+        f"{RESULTS}/logs/report.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report.tsv"
+    shell:
+        "{PY} -m harness report {input.study} > {log} 2>&1"
