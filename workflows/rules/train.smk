@@ -1,11 +1,11 @@
 rule train:
     """One run (model x budget x seed) to its FLOP budget; resumes from its checkpoint."""
     input:
-        study=STUDY.path,
         data=rules.data.output.meta,
     output:
         record=f"{RESULTS}/runs/{{run}}/record.json",
     params:
+        study=STUDY.path,
         # The resolved run: a change to the model, budget, seed or recipe reruns it.
         spec=lambda w: repr((RUNS[w.run].model, RUNS[w.run].budget, RUNS[w.run].seed, STUDY.recipe)),
     threads: workflow.cores
@@ -16,4 +16,4 @@ rule train:
     benchmark:
         f"{RESULTS}/benchmarks/train/{{run}}.tsv"
     shell:
-        "{PY} -m harness train {input.study} --run {wildcards.run} --threads {threads} > {log} 2>&1"
+        "{PY} -m harness train {params.study} --run {wildcards.run} --threads {threads} > {log} 2>&1"
