@@ -243,7 +243,7 @@ def test_lr_schedules():
     r = Recipe(lr=1.0, min_lr_ratio=0.1, warmup_fraction=0.1)
     lrs = [lr_at(s, 100, r) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert lrs[-1] == pytest.approx(0.1) and all(a >= b for a, b in itertools.pairwise(lrs))
+    assert lrs[-1] == pytest.approx(0.1) and all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     w = Recipe(lr=1.0, min_lr_ratio=0.0, warmup_fraction=0.1, schedule=Schedule.WSD, decay_fraction=0.2)
     lrs = [lr_at(s, 100, w) for s in range(100)]
     assert lrs[50] == 1.0 and lrs[79] == 1.0 and lrs[80] < 1.0 and lrs[-1] == pytest.approx(0.0)
