@@ -154,10 +154,10 @@ def test_matched_variant_with_k_above_e_is_refused_with_the_field(tmp_path):
         plan(load_study(path))
 
 
-def test_small_budget_and_repetition_are_refused(prepared):
-    root, study, _, meta = prepared
+def test_small_budget_and_repetition_are_refused(prepared, tmp_path):
+    _, study, _, meta = prepared
     with pytest.raises(ConfigError, match="min_steps"):
-        plan(load_study(_study(root, budgets=[1e6])))
+        plan(load_study(_study(tmp_path, budgets=[1e6])))
     with pytest.raises(ConfigError, match="allow_repetition"):
         plan(study, train_tokens=10)
     assert plan(study, train_tokens=meta["splits"]["train"]["tokens"] * 100)
@@ -332,3 +332,42 @@ def test_snakemake_refuses_a_bad_study_before_running(tmp_path):
     )
     assert r.returncode != 0
     assert "'budgets.0'" in r.stdout + r.stderr
+
+
+def test_a_given_tokenizer_file_is_used(prepared, tmp_path):
+    _, study, data_dir, _ = prepared
+    given = dataclasses.replace(
+        study, data=dataclasses.replace(study.data, tokenizer_file=str(data_dir / "tokenizer.json"))
+    )
+    again = prepare(given, tmp_path / "given")
+    assert again["tokenizer"]["trained"] is False
+    assert (tmp_path / "given" / "validation.bin").read_bytes() == (data_dir / "validation.bin").read_bytes()
+    wrong = dataclasses.replace(given, data=dataclasses.replace(given.data, vocab_size=1024))
+    with pytest.raises(ConfigError, match=r"'data\.vocab_size'"):
+        prepare(wrong, tmp_path / "wrong")
+
+
+def test_cli_plan_and_stop_resume(prepared):
+    root, study, _, _ = prepared
+
+    def harness(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "harness", *args, "--results", str(root)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    # The fixture's data lives in <root>/results/data; the CLI expects <results>/<study>/data.
+    (root / "pico").mkdir(exist_ok=True)
+    if not (root / "pico" / "data").exists():
+        (root / "pico" / "data").symlink_to(root / "results" / "data")
+    r = harness("plan", study.path)
+    assert r.returncode == 0, r.stderr
+    assert "dense-pico_6e9_s0" in r.stdout and "epochs" in r.stdout and "est. min" in r.stdout
+    r = harness("train", study.path, "--run", "dense-pico_6e9_s0", "--stop-after", "10", "--quiet")
+    assert r.returncode == 3 and "run again to resume" in r.stderr
+    r = harness("train", study.path, "--run", "dense-pico_6e9_s0", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "FLOPs spent / budget" in r.stdout
