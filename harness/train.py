@@ -111,6 +111,189 @@ def routing_summary(model) -> list[dict[str, Any]]:
     return rows
 
 
+class Trainer:
+    """One run's state: model, optimizer, data, clock, checkpoint and log. ``fit()`` is the loop;
+    the other methods are the hooks around it."""
+
+    def __init__(self, run: Run, study: Study, data_dir: Path, out_dir: Path, progress: bool = True):
+        self.run, self.study, self.r, self.out_dir = run, study, study.recipe, out_dir
+        self.data_meta = read_json(data_dir / "data.json")
+        self._check_data(data_dir)
+        self.device = pick_device(study)
+        self.autocast = self.device.type == "cuda"
+        self.spec = run_spec(run, study, self.data_meta)
+        self.spec_hash = _spec_hash(self.spec)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / "config.yaml", dump_config(run.model))
+        self.ckpt_path, self.metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
+
+        torch.manual_seed(run.seed)
+        self.model = run.model.build().to(self.device)
+        self.opt = make_optimizer(self.model, self.r)
+        self.train_shard = TokenShard(data_dir, "train", self.r.seq_len)
+        self.val_shard = TokenShard(data_dir, "validation", self.r.seq_len)
+        self.step, self.elapsed = 0, 0.0
+        self._resume()
+        self.resumed_at = self.elapsed
+        self.step_model = torch.compile(self.model) if self.r.compile else self.model
+        self.val_loss: float | None = None
+        self.progress = progress
+
+    def _check_data(self, data_dir: Path) -> None:
+        run, meta = self.run, self.data_meta
+        if meta["tokenizer"]["vocab_size"] != run.model.vocab_size:
+            raise ValueError(
+                f"{data_dir / 'data.json'}: tokenizer has {meta['tokenizer']['vocab_size']} tokens, "
+                f"model {run.model.name} expects {run.model.vocab_size}"
+            )
+        train_tokens = meta["splits"]["train"]["tokens"]
+        if run.tokens > train_tokens and not self.study.data.allow_repetition:
+            raise ValueError(
+                f"{self.study.path}: run {run.run_id} needs {run.tokens:,} tokens, the train split holds "
+                f"{train_tokens:,}; set data.allow_repetition: true or use more data"
+            )
+
+    def _resume(self) -> None:
+        """Load checkpoint.pt if there is one, and cut metrics.jsonl back to its step."""
+        kept: list[str] = []
+        if self.ckpt_path.exists():
+            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+            if state.get("spec_hash") != self.spec_hash:
+                raise ValueError(
+                    f"{self.ckpt_path}: checkpoint belongs to another configuration of {self.run.run_id} "
+                    f"(spec {state.get('spec_hash')} vs {self.spec_hash}); delete it to start over"
+                )
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng_cpu"].cpu())
+            if self.device.type == "cuda" and "rng_cuda" in state:
+                torch.cuda.set_rng_state(state["rng_cuda"].cpu())
+            self.step, self.elapsed = int(state["step"]), float(state["elapsed_s"])
+            if self.metrics_path.exists():
+                lines = self.metrics_path.read_text().splitlines()
+                kept = [line + "\n" for line in lines if json.loads(line)["step"] <= self.step]
+        write_text(self.metrics_path, "".join(kept))
+
+    def save(self) -> None:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "step": self.step,
+            "elapsed_s": self.elapsed,
+            "rng_cpu": torch.get_rng_state(),
+            "spec_hash": self.spec_hash,
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        atomic_write(self.ckpt_path, lambda p: torch.save(state, p))
+
+    def tick(self) -> None:
+        """Add the wall time since the last mark to the training time (synchronised on CUDA)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.elapsed += now - self.mark
+        self.mark = now
+
+    def train_step(self) -> tuple[Any, float, torch.Tensor]:
+        lr = lr_at(self.step, self.run.steps, self.r)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        x, y = self.train_shard.train_batch(self.step, self.r.batch_size, self.run.seed)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.step_model(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        (out.loss + out.aux_loss).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.r.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.model.update_router_biases()
+        self.step += 1
+        return out, lr, grad_norm
+
+    def log(self, out, lr: float, grad_norm: torch.Tensor, evaluating: bool, sink) -> float:
+        run, done = self.run, self.step
+        loss = out.loss.item()  # the one host sync of a logged step
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"{run.run_id}: loss is {loss} at step {done}; the run is stopped")
+        row = {
+            "step": done,
+            "tokens": done * run.tokens_per_step,
+            "flops": done * run.tokens_per_step * run.flops_per_token,
+            "lr": lr,
+            "loss": loss,
+            "aux_loss": out.aux_loss.item(),
+            "grad_norm": float(grad_norm),
+            "elapsed_s": self.elapsed,
+            "tokens_per_s": (done - self.start_step) * run.tokens_per_step / max(self.elapsed - self.resumed_at, 1e-9),
+        }
+        if run.model.moe is not None:
+            row["routing"] = routing_summary(self.model)
+        if evaluating:
+            self.val_loss = row["val_loss"] = evaluate(self.model, self.val_shard, self.r, self.device, self.autocast)
+        sink.write(json.dumps(row) + "\n")
+        sink.flush()
+        return loss
+
+    def fit(self, stop_after: int | None = None) -> None:
+        run, r = self.run, self.r
+        log_every = max(1, run.steps // 200)
+        bar = tqdm(total=run.steps, initial=self.step, desc=run.run_id, disable=not self.progress, mininterval=5)
+        self.start_step, self.mark = self.step, time.perf_counter()
+        self.model.train()
+        with self.metrics_path.open("a") as sink, bar:
+            while self.step < run.steps:
+                out, lr, grad_norm = self.train_step()
+                bar.update(1)
+                evaluating = self.step % r.eval_every == 0 or self.step == run.steps
+                if self.step % log_every == 0 or evaluating:
+                    self.tick()
+                    loss = self.log(out, lr, grad_norm, evaluating, sink)
+                    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                    self.mark = time.perf_counter()  # logging and evaluation are not training time
+                if self.step < run.steps and (self.step % r.checkpoint_every == 0 or self.step == stop_after):
+                    self.tick()
+                    self.save()
+                    self.mark = time.perf_counter()
+                    if self.step == stop_after:
+                        raise Stopped(
+                            f"{run.run_id}: stopped after step {self.step} of {run.steps}; run again to resume"
+                        )
+        self.save()
+
+    def record(self) -> dict[str, Any]:
+        run, r = self.run, self.r
+        final = json.loads(self.metrics_path.read_text().splitlines()[-1])
+        if self.val_loss is None:  # resumed from the final checkpoint of a run killed before its record
+            self.val_loss = final.get("val_loss") or evaluate(self.model, self.val_shard, r, self.device, self.autocast)
+        return {
+            "run_id": run.run_id,
+            "study": self.study.name,
+            "model": run.model.name,
+            "arm": "dense" if run.model.moe is None else "moe",
+            "experts": None if run.model.moe is None else run.model.moe.experts,
+            "top_k": None if run.model.moe is None else run.model.moe.top_k,
+            "seed": run.seed,
+            "config": run.model.to_dict(),
+            "recipe": self.spec["recipe"],
+            "params": count_params(run.model).__dict__,
+            "flop_convention": r.flop_convention.value,
+            "flops_per_token": {c.value: training_flops_per_token(run.model, c) for c in FlopConvention},
+            "budget_flops": run.budget,
+            "steps": run.steps,
+            "tokens": run.tokens,
+            "flops_spent": run.flops,
+            "flops_spent_over_budget": run.flops / run.budget,
+            "epochs": run.tokens / self.data_meta["splits"]["train"]["tokens"],
+            "final_train_loss": final["loss"],
+            "final_val_loss": self.val_loss,
+            "train_seconds": self.elapsed,
+            "tokens_per_s": run.tokens / self.elapsed,
+            "data_fingerprint": self.data_meta["fingerprint"],
+            "spec_hash": self.spec_hash,
+            "provenance": provenance(self.device),
+        }
+
+
 def train(
     run: Run,
     study: Study,
@@ -120,163 +303,11 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    r = study.recipe
-    data_meta = read_json(data_dir / "data.json")
-    if data_meta["tokenizer"]["vocab_size"] != run.model.vocab_size:
-        raise ValueError(
-            f"{data_dir / 'data.json'}: tokenizer has {data_meta['tokenizer']['vocab_size']} tokens, "
-            f"model {run.model.name} expects {run.model.vocab_size}"
-        )
-    train_tokens = data_meta["splits"]["train"]["tokens"]
-    if run.tokens > train_tokens and not study.data.allow_repetition:
-        raise ValueError(
-            f"{study.path}: run {run.run_id} needs {run.tokens:,} tokens, the train split holds {train_tokens:,}; "
-            "set data.allow_repetition: true or use more data"
-        )
+    """Train ``run`` (resuming from its checkpoint) and write its record.json last."""
     if threads:
         torch.set_num_threads(threads)
-    device = pick_device(study)
-    autocast = device.type == "cuda"
-    spec = run_spec(run, study, data_meta)
-    spec_hash = _spec_hash(spec)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text(out_dir / "config.yaml", dump_config(run.model))
-
-    torch.manual_seed(run.seed)
-    model = run.model.build().to(device)
-    opt = make_optimizer(model, r)
-    train_shard = TokenShard(data_dir, "train", r.seq_len)
-    val_shard = TokenShard(data_dir, "validation", r.seq_len)
-    ckpt_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
-
-    start_step, elapsed, metrics = 0, 0.0, []
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state.get("spec_hash") != spec_hash:
-            raise ValueError(
-                f"{ckpt_path}: checkpoint belongs to another configuration of {run.run_id} "
-                f"(spec {state.get('spec_hash')} vs {spec_hash}); delete it to start over"
-            )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu())
-        start_step, elapsed = int(state["step"]), float(state["elapsed_s"])
-        if metrics_path.exists():
-            lines = metrics_path.read_text().splitlines()
-            metrics = [json.loads(line) for line in lines if json.loads(line)["step"] <= start_step]
-    write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in metrics))
-    resumed_at = elapsed
-    step_model = torch.compile(model) if r.compile else model
-
-    def save(step: int) -> None:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "elapsed_s": elapsed,
-            "rng_cpu": torch.get_rng_state(),
-            "spec_hash": spec_hash,
-        }
-        if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state()
-        atomic_write(ckpt_path, lambda p: torch.save(state, p))
-
-    log_every = max(1, run.steps // 200)
-    bar = tqdm(total=run.steps, initial=start_step, desc=run.run_id, disable=not progress, mininterval=5)
-    model.train()
-    val_loss = None
-    mark = time.perf_counter()
-
-    def tick() -> None:
-        """Add the wall time since the last mark to the training time (synchronised on CUDA)."""
-        nonlocal elapsed, mark
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        elapsed += now - mark
-        mark = now
-
-    with metrics_path.open("a") as log:
-        for step in range(start_step, run.steps):
-            lr = lr_at(step, run.steps, r)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x, y = train_shard.train_batch(step, r.batch_size, run.seed)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                out = step_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            (out.loss + out.aux_loss).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            model.update_router_biases()
-            done = step + 1
-            bar.update(1)
-            evaluating = done % r.eval_every == 0 or done == run.steps
-            if done % log_every == 0 or evaluating:
-                tick()
-                loss = out.loss.item()  # the one host sync of a logged step
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(f"{run.run_id}: loss is {loss} at step {done}; the run is stopped")
-                row = {
-                    "step": done,
-                    "tokens": done * run.tokens_per_step,
-                    "flops": done * run.tokens_per_step * run.flops_per_token,
-                    "lr": lr,
-                    "loss": loss,
-                    "aux_loss": out.aux_loss.item(),
-                    "grad_norm": float(grad_norm),
-                    "elapsed_s": elapsed,
-                    "tokens_per_s": (done - start_step) * run.tokens_per_step / max(elapsed - resumed_at, 1e-9),
-                }
-                if run.model.moe is not None:
-                    row["routing"] = routing_summary(model)
-                if evaluating:
-                    val_loss = evaluate(model, val_shard, r, device, autocast)
-                    row["val_loss"] = val_loss
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-                mark = time.perf_counter()  # evaluation and logging are not training time
-            if done < run.steps and (done % r.checkpoint_every == 0 or done == stop_after):
-                tick()
-                save(done)
-                mark = time.perf_counter()
-                if done == stop_after:
-                    bar.close()
-                    raise Stopped(f"{run.run_id}: stopped after step {done} of {run.steps}; run again to resume")
-    bar.close()
-    save(run.steps)
-
-    final = json.loads(metrics_path.read_text().splitlines()[-1])
-    counts = count_params(run.model)
-    record = {
-        "run_id": run.run_id,
-        "study": study.name,
-        "model": run.model.name,
-        "arm": "dense" if run.model.moe is None else "moe",
-        "experts": None if run.model.moe is None else run.model.moe.experts,
-        "top_k": None if run.model.moe is None else run.model.moe.top_k,
-        "seed": run.seed,
-        "config": run.model.to_dict(),
-        "recipe": spec["recipe"],
-        "params": counts.__dict__,
-        "flop_convention": r.flop_convention.value,
-        "flops_per_token": {c.value: training_flops_per_token(run.model, c) for c in FlopConvention},
-        "budget_flops": run.budget,
-        "steps": run.steps,
-        "tokens": run.tokens,
-        "flops_spent": run.flops,
-        "flops_spent_over_budget": run.flops / run.budget,
-        "epochs": run.tokens / train_tokens,
-        "final_train_loss": final["loss"],
-        "final_val_loss": val_loss,
-        "train_seconds": elapsed,
-        "tokens_per_s": run.tokens / elapsed,
-        "data_fingerprint": data_meta["fingerprint"],
-        "spec_hash": spec_hash,
-        "provenance": provenance(device),
-    }
+    trainer = Trainer(run, study, data_dir, out_dir, progress)
+    trainer.fit(stop_after)
+    record = trainer.record()
     write_json(out_dir / "record.json", record)
     return record

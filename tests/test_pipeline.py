@@ -283,6 +283,10 @@ def test_killed_run_resumes_to_the_same_final_numbers(prepared):
     assert resumed["final_train_loss"] == whole["final_train_loss"]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)), "no step is logged twice after resuming"
+    # Killed after the final checkpoint but before its record: rerunning only writes the record.
+    (out / "record.json").unlink()
+    again = train(run, study, data_dir, out, progress=False)
+    assert again["final_val_loss"] == whole["final_val_loss"]
 
 
 def test_checkpoint_of_another_configuration_is_refused(prepared):
