@@ -67,7 +67,7 @@ class Attention(nn.Module):
             nn.init.normal_(lin.weight, std=cfg.init_std)
         nn.init.normal_(self.wo.weight, std=out_std)
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         B, S, _ = x_BSD.shape
         q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
         if self.qk_norm is QKNorm.FULL:
@@ -79,8 +79,57 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_heads != self.n_heads
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, S, hd)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, S, hd)
+        else:
+            k, v, mask = cache.update(layer, k, v)  # (B, Hkv, pos + S, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, (L, B, Hkv, max_len, hd), for decoding.
+
+    ``model(idx, cache=cache)`` appends the new tokens' keys and values and attends over all
+    cached positions; ``cache.pos`` advances once per model call.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds max_seq_len {cfg.max_seq_len}")
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+        self.max_len = max_len
+        self._new = 0
+
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
+        """Keys and values of one token across all layers: 2 L Hkv hd elements."""
+        return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @property
+    def bytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def update(self, layer: int, k_new: Tensor, v_new: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        S = k_new.shape[2]
+        end = self.pos + S
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > {self.max_len}")
+        self.k[layer, :, :, self.pos : end] = k_new
+        self.v[layer, :, :, self.pos : end] = v_new
+        self._new = S
+        mask = None
+        if S > 1:  # new tokens see every cached position and the new ones up to themselves
+            rows = torch.arange(self.pos, end, device=k_new.device)[:, None]
+            mask = torch.arange(end, device=k_new.device)[None, :] <= rows
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask
+
+    def advance(self) -> None:
+        self.pos += self._new
+        self._new = 0
 
 
 class SwiGLU(nn.Module):
@@ -112,8 +161,8 @@ class Block(nn.Module):
         else:
             self.ffn = SwiGLU(cfg.d_model, cfg.d_ff, cfg.init_std, out_std)
 
-    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+    def forward(self, x_BSD: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache, layer)
         return x_BSD + self.ffn(self.ffn_norm(x_BSD))
 
 
@@ -145,14 +194,18 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
 
-    def forward(self, idx_BS: Tensor, targets_BS: Tensor | None = None) -> ModelOutput:
+    def forward(self, idx_BS: Tensor, targets_BS: Tensor | None = None, cache: KVCache | None = None) -> ModelOutput:
+        """Logits for ``idx_BS``; with a ``cache``, the tokens continue the cached positions."""
         S = idx_BS.shape[1]
-        if S > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        start = 0 if cache is None else cache.pos
+        if start + S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + S} exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start : start + S], self.rope_sin[start : start + S]
         x_BSD = self.tok_emb(idx_BS)
-        for block in self.blocks:
-            x_BSD = block(x_BSD, cos, sin)
+        for i, block in enumerate(self.blocks):
+            x_BSD = block(x_BSD, cos, sin, cache, i)
+        if cache is not None:
+            cache.advance()
         logits_BSV = self.lm_head(self.norm(x_BSD))
         loss = None
         if targets_BS is not None:

@@ -150,3 +150,28 @@ def test_force_balanced_switches_at_run_time():
     assert all(s.tokens_per_expert.tolist() == [16] * 4 for s in model.routing_stats())
     model.set_force_balanced(False)
     assert not torch.equal(model(idx).logits, learned_free.logits)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"qk_norm": QKNorm.FULL, "n_kv_heads": 4}, {"moe": {}}, {"moe": {"routing": Routing.SIGMOID_BIAS}}],
+    ids=["dense-gqa", "dense-mha-qknorm", "moe", "moe-sigmoid"],
+)
+def test_kv_cache_decoding_equals_the_full_forward(overrides):
+    from models.transformer import KVCache
+
+    cfg = tiny_config(**overrides)
+    model = cfg.build().eval()
+    idx = torch.randint(0, 97, (3, 16))
+    with torch.no_grad():
+        full = model(idx).logits
+        cache = KVCache(cfg, batch_size=3, max_len=16)
+        steps = [model(idx[:, :5], cache=cache).logits]  # prefill
+        steps.append(model(idx[:, 5:9], cache=cache).logits)  # a chunk after the prefix
+        for t in range(9, 16):  # one token at a time
+            steps.append(model(idx[:, t : t + 1], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.pos == 16
+    assert cache.bytes == 16 * 3 * KVCache.bytes_per_token(cfg)
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model(idx[:, :1], cache=cache)
