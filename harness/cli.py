@@ -191,6 +191,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_measure(args: argparse.Namespace) -> int:
+    import torch
+
+    from harness.io import write_json
+    from harness.measure import MeasureSettings, measure
+    from harness.train import pick_device
+
+    settings = MeasureSettings(
+        **{k: v for k, v in vars(args).items() if k in MeasureSettings.__dataclass_fields__ and v is not None}
+    )
+    if args.config:
+        cfg, state, device, seed = load_config(args.config), None, torch.device(args.device or "cpu"), 0
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device", "cuda requested but no CUDA device is visible")
+        out = Path(args.out or f"results/measure/{cfg.name}.json")
+        label = {"config": args.config}
+    else:
+        if not args.study or not args.run:
+            raise ConfigError("(command line)", "give STUDY --run RUN_ID, or --config MODEL.yaml")
+        study = load_study(args.study)
+        run = find_run(study, args.run)
+        run_dir = _results(args, study) / "runs" / run.run_id
+        device = pick_device(study)
+        ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+        cfg, state, seed = run.model, ckpt["model"], run.seed
+        settings = MeasureSettings(**(settings.__dict__ | {"seq_len": study.recipe.seq_len}))
+        out = Path(args.out) if args.out else run_dir / "measure.json"
+        label = {"study": study.name, "run_id": run.run_id, "checkpoint": str(run_dir / "checkpoint.pt")}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = label | measure(cfg, device, settings, state, seed)
+    write_json(out, result)
+    t, m = result["train"], result["mfu"]["conventions"]
+    print(
+        f"{cfg.name} on {result['device_name']}: train {t['tokens_per_s_median']:,.0f} tokens/s "
+        f"[{t['tokens_per_s_min']:,.0f}, {t['tokens_per_s_max']:,.0f}], "
+        f"prefill {result['prefill']['tokens_per_s_median']:,.0f}, "
+        f"decode b1 {result['decode_batch1']['tokens_per_s_median']:,.0f}, "
+        f"detailed FLOPs at {m['detailed']['fraction_of_measured_matmul']:.1%} of the measured matmul -> {out}"
+    )
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
@@ -245,6 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None, help="stop after this step, leaving a checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("measure", help="throughput, MFU, memory and GPU energy of a run or a bare config")
+    p.add_argument("study", nargs="?", help="a study name or path (with --run)")
+    p.add_argument("--run", help="run id whose checkpoint to measure")
+    p.add_argument("--config", help="measure this model config with random weights instead")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="with --config (default cpu)")
+    p.add_argument("--results", default="results")
+    p.add_argument("--out", help="where to write measure.json")
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--seq-len", dest="seq_len", type=int)
+    p.add_argument("--windows", type=int, help="timed windows (>= 5)")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_measure)
 
     p = study_parser("report", "write the study report from the run records")
     p.add_argument("--print", action="store_true", help="print the report instead of its path")

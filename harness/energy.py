@@ -147,6 +147,11 @@ class NvmlMeter:
             )
         )
 
+    def memory_used_bytes(self) -> int | None:
+        """Device memory in use as NVML sees it (every process, plus the CUDA context)."""
+        info = self._query("nvml_used_bytes", self.nvml.nvmlDeviceGetMemoryInfo)
+        return None if info is None else int(info.used)
+
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._sample()

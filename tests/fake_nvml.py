@@ -86,5 +86,8 @@ class FakeNvml:
     def nvmlDeviceGetClockInfo(self, handle, clock):
         return 1980
 
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return SimpleNamespace(total=80 * 2**30, used=12 * 2**30, free=68 * 2**30)
+
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle):
         return self.reasons_mask

@@ -34,6 +34,8 @@ def test_counter_joules_and_trace_agree_with_the_power_drawn():
     assert w.clock_event_reasons == ["sw_power_cap"]
     assert w.device == "Fake GPU" and w.label == "GPU energy (NVML)"
     assert "energy_j_accuracy" in w.absent  # 0.4 s is below the 5 s the counter needs
+    meter = open_meter(CUDA0, nvml=FakeNvml(), uuid="GPU-0000-fake")
+    assert meter.memory_used_bytes() == 12 * 2**30
 
 
 def test_falls_back_to_averaged_power_where_instant_is_not_offered():

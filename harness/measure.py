@@ -1,0 +1,240 @@
+"""What a model costs to run: throughput, MFU, memory and GPU energy, measured honestly.
+
+    harness measure tiny --run dense-xs-e8k2_6e12_s0     # a trained run (its checkpoint)
+    harness measure --config models/configs/moe-s-e8k2.yaml --out m.json   # random weights
+
+Protocol (MEASUREMENT.md): warm-up steps excluded; every window synchronised at both ends on
+CUDA; the median and spread of at least five windows; training step = forward + backward +
+optimizer; prefill and decode (KV cache, batch 1 and a large batch) separately; learned
+against forced-balanced routing to separate the cost of imbalance from the cost of dispatch.
+MFU uses the named FLOP conventions side by side, including the naive total-parameter count,
+against the device's peak from :data:`PEAK_FLOPS` and against a large matmul measured here.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from harness.energy import MIN_WINDOW_S, open_meter
+from harness.provenance import provenance
+from harness.study import Recipe
+from harness.train import make_optimizer
+from models.accounting import count_params, forward_flops, training_flops_per_token
+from models.config import ModelConfig
+from models.transformer import KVCache
+
+# Dense bf16 tensor-core peak, FLOP/s, keyed by a substring of the device name (first match).
+PEAK_FLOPS = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM / HBM3
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 125e12),
+]
+
+
+def peak_flops(device_name: str) -> tuple[float | None, str]:
+    for key, value in PEAK_FLOPS:
+        if key in device_name:
+            return value, key
+    return None, f"no peak listed for '{device_name}' in harness.measure.PEAK_FLOPS"
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    batch_size: int = 8
+    seq_len: int = 128
+    windows: int = 5
+    steps_per_window: int = 3
+    warmup_steps: int = 2
+    decode_tokens: int = 16
+    decode_batch: int = 32
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_windows(fn: Callable[[], Any], settings: MeasureSettings, device: torch.device, reps: int) -> list[float]:
+    """Seconds per call in each of ``settings.windows`` synchronised windows, after warm-up."""
+    for _ in range(settings.warmup_steps):
+        fn()
+    out = []
+    for _ in range(settings.windows):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+        out.append((time.perf_counter() - start) / reps)
+    return out
+
+
+def summarise(seconds: list[float], units_per_call: float, unit: str) -> dict[str, Any]:
+    rates = sorted(units_per_call / s for s in seconds)
+    return {
+        f"{unit}_median": statistics.median(rates),
+        f"{unit}_min": rates[0],
+        f"{unit}_max": rates[-1],
+        "seconds_per_call_median": statistics.median(seconds),
+        "windows": len(seconds),
+    }
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """A large square matmul's achieved FLOP/s on this device and dtype: the practical ceiling."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = time_windows(lambda: a @ b, MeasureSettings(windows=5, warmup_steps=2), device, reps=3)
+    return {"shape": [n, n, n], "dtype": str(dtype), "flops_per_s": 2 * n**3 / statistics.median(seconds)}
+
+
+def _train_step(model, opt, x, y, autocast: bool, device: torch.device) -> None:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(x, y)
+    (out.loss + out.aux_loss).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def _energy_window(meter, fn: Callable[[], Any], device: torch.device, tokens_per_call: int) -> dict[str, Any]:
+    """Repeat fn for at least MIN_WINDOW_S under the meter (GPU); J/token from the counter."""
+    if not meter.available:
+        meter.start()
+        return {**meter.stop().to_dict(), "j_per_token": None}
+    calls = 0
+    _sync(device)
+    meter.start()
+    start = time.perf_counter()
+    while time.perf_counter() - start < MIN_WINDOW_S * 1.2:
+        fn()
+        calls += 1
+        if calls % 8 == 0:
+            _sync(device)
+    _sync(device)
+    window = meter.stop().to_dict()
+    tokens = calls * tokens_per_call
+    window["tokens"] = tokens
+    window["j_per_token"] = None if window["energy_j"] is None else window["energy_j"] / tokens
+    return window
+
+
+def measure(
+    cfg: ModelConfig,
+    device: torch.device,
+    settings: MeasureSettings = MeasureSettings(),
+    state_dict: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    autocast = device.type == "cuda"
+    compute_dtype = torch.bfloat16 if autocast else torch.float32
+    model = cfg.build().to(device)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    B, S = settings.batch_size, min(settings.seq_len, cfg.max_seq_len)
+    x = torch.randint(0, cfg.vocab_size, (B, S), device=device)
+    y = torch.randint(0, cfg.vocab_size, (B, S), device=device)
+    meter = open_meter(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result: dict[str, Any] = {"model": cfg.name, "device_name": name, "dtype": str(compute_dtype)}
+    result["settings"] = settings.__dict__ | {"seq_len": S}
+
+    # Inference first, on the weights as given: prefill of the whole context, then decode with
+    # a KV cache. Training steps below change the weights.
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        prefill = lambda: model(x)  # noqa: E731
+        result["prefill"] = summarise(time_windows(prefill, settings, device, 1), B * S, "tokens_per_s")
+        result["energy_prefill"] = _energy_window(meter, prefill, device, B * S)
+        prompt = max(1, S - settings.decode_tokens)
+        for label, batch in (("decode_batch1", 1), ("decode_large_batch", settings.decode_batch)):
+            tokens = torch.randint(0, cfg.vocab_size, (batch, S), device=device)
+
+            def decode(tokens=tokens, batch=batch) -> None:
+                cache = KVCache(cfg, batch, S, device=device, dtype=compute_dtype)
+                model(tokens[:, :prompt], cache=cache)
+                for t in range(prompt, S):
+                    model(tokens[:, t : t + 1], cache=cache)
+
+            seconds = time_windows(decode, settings, device, 1)
+            result[label] = summarise(seconds, batch * (S - prompt), "tokens_per_s") | {"batch": batch}
+
+    # Training step, learned routing, then forced-balanced routing.
+    model.train()
+    opt = make_optimizer(model, Recipe())
+    step = lambda: _train_step(model, opt, x, y, autocast, device)  # noqa: E731
+    for _ in range(settings.warmup_steps):  # peaks are read after warm-up
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_s = time_windows(step, settings, device, settings.steps_per_window)
+    result["train"] = summarise(train_s, B * S, "tokens_per_s")
+    memory = {
+        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "optimizer_state_bytes": _optimizer_bytes(opt),
+        "kv_cache_bytes_per_token": KVCache.bytes_per_token(cfg, compute_dtype),
+    }
+    if device.type == "cuda":
+        memory["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        memory["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        memory["nvml_used_bytes"] = meter.memory_used_bytes() if meter.available else None
+    else:
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        memory["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    result["memory"] = memory
+    result["energy_train"] = _energy_window(meter, step, device, B * S)
+    if cfg.moe is not None:
+        model.set_force_balanced(True)
+        balanced_s = time_windows(step, settings, device, settings.steps_per_window)
+        model.set_force_balanced(False)
+        result["train_forced_balanced"] = summarise(balanced_s, B * S, "tokens_per_s")
+        result["imbalance_cost"] = statistics.median(train_s) / statistics.median(balanced_s)
+
+    result["matmul"] = matmul_flops(device, compute_dtype)
+    result["mfu"] = mfu_table(cfg, result["train"]["tokens_per_s_median"], name, result["matmul"], S)
+    result["provenance"] = provenance(device)
+    return result
+
+
+def mfu_table(cfg: ModelConfig, tokens_per_s: float, device_name: str, matmul: dict, seq_len: int) -> dict[str, Any]:
+    """Model FLOP utilisation under each convention, against spec peak and measured matmul."""
+    p = count_params(cfg)
+    conventions = {
+        "detailed": training_flops_per_token(cfg, "detailed", seq_len),
+        "6N_active": training_flops_per_token(cfg, "6N_active"),
+        # What tools that count every expert report (e.g. 6 x tokens x all parameters).
+        "6N_total": 6.0 * p.total_non_embedding,
+    }
+    peak, peak_key = peak_flops(device_name) if device_name != "cpu" else (None, "no spec peak for a CPU")
+    rows = {}
+    for name, fpt in conventions.items():
+        achieved = tokens_per_s * fpt
+        rows[name] = {
+            "flops_per_token": fpt,
+            "achieved_flops_per_s": achieved,
+            "mfu_vs_spec_peak": None if peak is None else achieved / peak,
+            "fraction_of_measured_matmul": achieved / matmul["flops_per_s"],
+        }
+    return {
+        "spec_peak_flops_per_s": peak,
+        "spec_peak_source": peak_key if peak is not None else None,
+        "spec_peak_absent_reason": None if peak is not None else peak_key,
+        "forward_flops_per_token_detailed": forward_flops(cfg, seq_len).total,
+        "conventions": rows,
+    }
