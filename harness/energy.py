@@ -79,6 +79,9 @@ class NullMeter:
     def start(self) -> None:
         self._t0 = time.perf_counter()
 
+    def energy_so_far_j(self) -> None:
+        return None
+
     def stop(self) -> EnergyWindow:
         absent = dict.fromkeys(("energy_j", "power_w", "temperature_c", "sm_clock_mhz"), self.reason)
         return EnergyWindow(seconds=time.perf_counter() - self._t0, absent=absent)
@@ -146,6 +149,11 @@ class NvmlMeter:
                 self._reasons(),
             )
         )
+
+    def energy_so_far_j(self) -> float | None:
+        """Counter joules since start(), without ending the window."""
+        now = self._energy_mj()
+        return None if now is None or self._energy0 is None else (now - self._energy0) / 1000.0
 
     def memory_used_bytes(self) -> int | None:
         """Device memory in use as NVML sees it (every process, plus the CUDA context)."""

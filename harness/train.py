@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from harness.data import TokenShard
+from harness.energy import open_meter
 from harness.io import atomic_write, read_json, write_json, write_text
 from harness.provenance import provenance
 from harness.study import Recipe, Run, Schedule, Study
@@ -132,7 +133,8 @@ class Trainer:
         self.opt = make_optimizer(self.model, self.r)
         self.train_shard = TokenShard(data_dir, "train", self.r.seq_len)
         self.val_shard = TokenShard(data_dir, "validation", self.r.seq_len)
-        self.step, self.elapsed = 0, 0.0
+        self.step, self.elapsed, self.energy_j = 0, 0.0, 0.0
+        self.meter = open_meter(self.device)
         self._resume()
         self.resumed_at = self.elapsed
         self.step_model = torch.compile(self.model) if self.r.compile else self.model
@@ -169,6 +171,7 @@ class Trainer:
             if self.device.type == "cuda" and "rng_cuda" in state:
                 torch.cuda.set_rng_state(state["rng_cuda"].cpu())
             self.step, self.elapsed = int(state["step"]), float(state["elapsed_s"])
+            self.energy_j = state.get("gpu_energy_j")
             if self.metrics_path.exists():
                 lines = self.metrics_path.read_text().splitlines()
                 kept = [line + "\n" for line in lines if json.loads(line)["step"] <= self.step]
@@ -180,12 +183,17 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "step": self.step,
             "elapsed_s": self.elapsed,
+            "gpu_energy_j": self._energy_total(self.meter.energy_so_far_j()),
             "rng_cpu": torch.get_rng_state(),
             "spec_hash": self.spec_hash,
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
         atomic_write(self.ckpt_path, lambda p: torch.save(state, p))
+
+    def _energy_total(self, segment_j: float | None) -> float | None:
+        """GPU energy of the whole run: earlier segments plus this one (None if unmeasured)."""
+        return None if segment_j is None or self.energy_j is None else self.energy_j + segment_j
 
     def tick(self) -> None:
         """Add the wall time since the last mark to the training time (synchronised on CUDA)."""
@@ -235,11 +243,23 @@ class Trainer:
         return loss
 
     def fit(self, stop_after: int | None = None) -> None:
-        run, r = self.run, self.r
+        run = self.run
         log_every = max(1, run.steps // 200)
         bar = tqdm(total=run.steps, initial=self.step, desc=run.run_id, disable=not self.progress, mininterval=5)
         self.start_step, self.mark = self.step, time.perf_counter()
         self.model.train()
+        self.meter.start()  # counter at start and end: the run's GPU energy, evaluation included
+        try:
+            self._loop(stop_after, log_every, bar)
+        except BaseException:
+            self.meter.stop()  # ends the sampler; this segment's energy is in the checkpoint
+            raise
+        self.save()
+        self.energy_window = self.meter.stop()
+        self.energy_j = self._energy_total(self.energy_window.energy_j)
+
+    def _loop(self, stop_after: int | None, log_every: int, bar) -> None:
+        run, r = self.run, self.r
         with self.metrics_path.open("a") as sink, bar:
             while self.step < run.steps:
                 out, lr, grad_norm = self.train_step()
@@ -258,7 +278,6 @@ class Trainer:
                         raise Stopped(
                             f"{run.run_id}: stopped after step {self.step} of {run.steps}; run again to resume"
                         )
-        self.save()
 
     def record(self) -> dict[str, Any]:
         run, r = self.run, self.r
@@ -288,6 +307,10 @@ class Trainer:
             "final_val_loss": self.val_loss,
             "train_seconds": self.elapsed,
             "tokens_per_s": run.tokens / self.elapsed,
+            "gpu_energy_j": self.energy_j,
+            "gpu_energy_j_per_token": None if self.energy_j is None else self.energy_j / run.tokens,
+            "gpu_energy_absent": self.energy_window.absent.get("energy_j") if self.energy_j is None else None,
+            "gpu_energy_label": "GPU energy (NVML), whole run including evaluation; not wall-socket energy",
             "data_fingerprint": self.data_meta["fingerprint"],
             "spec_hash": self.spec_hash,
             "provenance": provenance(self.device),

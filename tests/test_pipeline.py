@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +268,30 @@ def test_train_reaches_the_budget_and_records_provenance(prepared):
     assert rows[-1]["step"] == run.steps and "val_loss" in rows[-1]
     assert len(rows[-1]["routing"]) == 2 and sum(rows[-1]["routing"][0]["tokens_per_expert"]) == 4 * 32 * 2
     assert (out / "config.yaml").exists() and (out / "checkpoint.pt").exists()
+    assert record["gpu_energy_j"] is None and "CPU" in record["gpu_energy_absent"]
+
+
+def test_run_energy_adds_up_over_resumed_segments(prepared, monkeypatch):
+    from fake_nvml import FakeNvml
+
+    import harness.train
+    from harness.energy import open_meter
+
+    nvml = FakeNvml(power_w=100.0)
+    monkeypatch.setattr(
+        harness.train, "open_meter", lambda device: open_meter(torch.device("cuda", 0), nvml, nvml.uuid, 0.01)
+    )
+    root, study, data_dir, _ = prepared
+    run = find_run(study, "dense-pico_6e9_s0")
+    out = root / "energy" / run.run_id
+    start = time.perf_counter()
+    with pytest.raises(Stopped):
+        train(run, study, data_dir, out, stop_after=20, progress=False)
+    first = torch.load(out / "checkpoint.pt", weights_only=True)["gpu_energy_j"]
+    record = train(run, study, data_dir, out, progress=False)
+    wall = time.perf_counter() - start
+    assert 0 < first < record["gpu_energy_j"] <= 100.0 * wall * 1.05
+    assert record["gpu_energy_j_per_token"] == pytest.approx(record["gpu_energy_j"] / record["tokens"])
 
 
 def test_killed_run_resumes_to_the_same_final_numbers(prepared):
