@@ -9,6 +9,7 @@
 include: "workflows/rules/common.smk"
 include: "workflows/rules/data.smk"
 include: "workflows/rules/train.smk"
+include: "workflows/rules/measure.smk"
 include: "workflows/rules/report.smk"
 
 

@@ -238,7 +238,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
     study = load_study(args.study)
-    path = write_report(study, _results(args, study))
+    path = write_report(study, _results(args, study), Path(args.microbench) if args.microbench else None)
     if args.print:
         print(path.read_text())
     else:
@@ -304,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = study_parser("report", "write the study report from the run records")
     p.add_argument("--print", action="store_true", help="print the report instead of its path")
+    p.add_argument("--microbench", help="pytest-benchmark JSON of tests/benchmarks to include")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -100,6 +100,90 @@ def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[lis
     return headers, rows
 
 
+def _fmt(value: float | None, spec: str, absent: str = "absent") -> str:
+    return absent if value is None else format(value, spec)
+
+
+def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    headers = [
+        "budget FLOPs",
+        "run",
+        "arm",
+        "total params",
+        "params + optimizer MB",
+        "peak memory MB",
+        "train tokens/s",
+        "MFU (detailed, spec peak)",
+        "detailed FLOPs / measured matmul",
+        "prefill tokens/s",
+        "decode b1 tokens/s",
+        "train J/token (GPU, NVML)",
+        "prefill J/token (GPU, NVML)",
+        "learned / balanced step time",
+    ]
+    rows = []
+    for r in sorted(records, key=lambda r: (r["budget_flops"], r["run_id"])):
+        m = measures.get(r["run_id"])
+        if m is None:
+            continue
+        mem = m["memory"]
+        peak = mem.get("peak_allocated_bytes") or mem.get("peak_rss_bytes")
+        detailed = m["mfu"]["conventions"]["detailed"]
+        rows.append(
+            [
+                budget_label(r["budget_flops"]),
+                r["run_id"],
+                _arm(r),
+                _m(r["params"]["total"]),
+                f"{(mem['param_bytes'] + mem['optimizer_state_bytes']) / 2**20:.1f}",
+                _fmt(None if peak is None else peak / 2**20, ".1f"),
+                f"{m['train']['tokens_per_s_median']:,.0f}",
+                _fmt(detailed["mfu_vs_spec_peak"], ".1%", "absent (no spec peak)"),
+                f"{detailed['fraction_of_measured_matmul']:.1%}",
+                f"{m['prefill']['tokens_per_s_median']:,.0f}",
+                f"{m['decode_batch1']['tokens_per_s_median']:,.0f}",
+                _fmt(m["energy_train"]["j_per_token"], ".3g", "absent (no NVML)"),
+                _fmt(m["energy_prefill"]["j_per_token"], ".3g", "absent (no NVML)"),
+                _fmt(m.get("imbalance_cost"), ".3f", "-"),
+            ]
+        )
+    return headers, rows
+
+
+def microbench_table(path: Path | None) -> tuple[list[str], list[list[Any]]]:
+    headers = [
+        "case",
+        "device",
+        "moe / dense",
+        "moe / Mixtral",
+        "moe / Mixtral grouped_mm",
+        "Mixtral / dense",
+        "targets",
+    ]
+    if path is None or not path.exists():
+        return headers, []
+    rows = []
+    for bench in read_json(path)["benchmarks"]:
+        i = bench["extra_info"]
+        peers = [k.removeprefix("meets_target_moe_to_") for k in i if k.startswith("meets_target_moe_to_")]
+        targets = ", ".join(
+            f"moe/{p} <= {i['target_moe_to_' + p]}: {'met' if i['meets_target_moe_to_' + p] else 'not met'}"
+            for p in peers
+        )
+        rows.append(
+            [
+                i["case"],
+                i["device"],
+                f"{i['ratio_moe_to_dense']:.3f}",
+                f"{i['ratio_moe_to_mixtral']:.3f}",
+                f"{i['ratio_moe_to_mixtral_grouped_mm']:.3f}",
+                f"{i['ratio_mixtral_to_dense']:.3f}",
+                targets or "-",
+            ]
+        )
+    return headers, rows
+
+
 def _csv(headers: list[str], rows: list[list[Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -108,12 +192,21 @@ def _csv(headers: list[str], rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
-def write_report(study: Study, results: Path) -> Path:
-    """Read every run's record.json and write report.md and tables/ (CSV and HTML)."""
+def write_report(study: Study, results: Path, microbench: Path | None = None) -> Path:
+    """Read every run's record.json (and measure.json where present) and write report.md and
+    tables/ (CSV and HTML)."""
     runs = plan(study)
     records = [read_json(results / "runs" / run.run_id / "record.json") for run in runs]
+    measures = {
+        run.run_id: read_json(path) for run in runs if (path := results / "runs" / run.run_id / "measure.json").exists()
+    }
     data = read_json(results / "data" / "data.json")
-    tables = {"runs": run_table(records), "dense_vs_moe": comparison_table(records)}
+    tables = {
+        "runs": run_table(records),
+        "dense_vs_moe": comparison_table(records),
+        "cost": cost_table(records, measures),
+        "microbench": microbench_table(microbench),
+    }
     for name, (headers, rows) in tables.items():
         write_text(results / "tables" / f"{name}.csv", _csv(headers, rows))
         write_text(results / "tables" / f"{name}.html", tabulate(rows, headers=headers, tablefmt="html") + "\n")
@@ -141,6 +234,29 @@ def write_report(study: Study, results: Path) -> Path:
     ]
     if len(seeds) == 1:
         md += ["With one seed per run no claim of significance is made.", ""]
+    gfm = {"tablefmt": "github", "disable_numparse": True}
+    if tables["cost"][1]:
+        device = next(iter(measures.values()))["device_name"]
+        md += [
+            "## Cost per run",
+            "",
+            f"Measured by `harness measure` on {device}. Memory for parameters and optimizer state follows "
+            "total parameters; throughput follows active parameters. Energy is GPU board energy from NVML, "
+            "not wall-socket energy; on a CPU it is absent.",
+            "",
+            tabulate(tables["cost"][1], headers=tables["cost"][0], **gfm),
+            "",
+        ]
+    if tables["microbench"][1]:
+        md += [
+            "## MoE FFN micro-benchmark",
+            "",
+            "Forward + backward, same weights, implementations interleaved round by round; "
+            "medians of per-round ratios.",
+            "",
+            tabulate(tables["microbench"][1], headers=tables["microbench"][0], **gfm),
+            "",
+        ]
     md += [
         "## Manifest",
         "",

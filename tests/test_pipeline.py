@@ -342,7 +342,23 @@ def test_report_tables(prepared):
     for run in plan(study):
         if not (results / "runs" / run.run_id / "record.json").exists():
             train(run, study, data_dir, results / "runs" / run.run_id, progress=False)
-    md = write_report(study, results).read_text()
+    from harness.io import write_json
+    from harness.measure import MeasureSettings, measure
+
+    fast = MeasureSettings(
+        batch_size=2, seq_len=32, steps_per_window=1, warmup_steps=1, decode_tokens=4, decode_batch=2
+    )
+    for run in plan(study):
+        write_json(results / "runs" / run.run_id / "measure.json", measure(run.model, torch.device("cpu"), fast))
+    bench = results / "moe_ffn.json"
+    info = {"case": "cpu-x", "device": "cpu", "ratio_moe_to_dense": 0.98, "ratio_moe_to_mixtral": 0.85}
+    info |= {"ratio_moe_to_mixtral_grouped_mm": 0.8, "ratio_mixtral_to_dense": 1.15}
+    info |= {"target_moe_to_mixtral": 0.8, "meets_target_moe_to_mixtral": False}
+    write_json(bench, {"benchmarks": [{"extra_info": info}]})
+    md = write_report(study, results, bench).read_text()
+    assert "## Cost per run" in md and "absent (no NVML)" in md and "absent (no spec peak)" in md
+    assert "moe/mixtral <= 0.8: not met" in md
+    assert (results / "tables" / "cost.csv").read_text().count("\n") == 1 + len(plan(study))
     assert "## Dense versus MoE at each budget" in md
     assert "dense-pico-e4k2_6e9_s0" in md and "no claim of significance" in md
     assert (results / "tables" / "dense_vs_moe.html").read_text().startswith("<table>")

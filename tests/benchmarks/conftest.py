@@ -8,6 +8,14 @@ from tabulate import tabulate
 ROWS = pytest.StashKey[list]()
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--no-targets",
+        action="store_true",
+        help="record whether the speed targets were met without failing on them (pipeline runs)",
+    )
+
+
 @pytest.fixture
 def report_row(request):
     return request.config.stash.setdefault(ROWS, []).append

@@ -1,0 +1,35 @@
+rule measure:
+    """Throughput (train, prefill, decode), MFU, memory and GPU energy of a trained run."""
+    input:
+        record=f"{RESULTS}/runs/{{run}}/record.json",
+    output:
+        measure=f"{RESULTS}/runs/{{run}}/measure.json",
+    params:
+        study=STUDY.path,
+    threads: workflow.cores
+    resources:
+        gpu=1 if USE_GPU else 0,
+    log:
+        f"{RESULTS}/logs/measure/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/measure/{{run}}.tsv"
+    shell:
+        "{PY} -m harness measure {params.study} --run {wildcards.run} --threads {threads} > {log} 2>&1"
+
+
+rule microbench:
+    """The MoE FFN against the FLOP-matched dense FFN and the Mixtral block on this device."""
+    output:
+        json=f"{RESULTS}/microbench/moe_ffn.json",
+    params:
+        suite=f"{workflow.basedir}/tests/benchmarks",
+    threads: workflow.cores
+    resources:
+        gpu=1 if USE_GPU else 0,
+    log:
+        f"{RESULTS}/logs/microbench.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/microbench.tsv"
+    shell:
+        "{PY} -m pytest {params.suite} -o addopts='' -p no:cacheprovider --benchmark-only --no-targets"
+        " --benchmark-json={output.json} > {log} 2>&1"
