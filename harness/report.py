@@ -165,6 +165,8 @@ def microbench_table(path: Path | None) -> tuple[list[str], list[list[Any]]]:
     rows = []
     for bench in read_json(path)["benchmarks"]:
         i = bench["extra_info"]
+        if "ratio_moe_to_dense" not in i:
+            continue
         peers = [k.removeprefix("meets_target_moe_to_") for k in i if k.startswith("meets_target_moe_to_")]
         targets = ", ".join(
             f"moe/{p} <= {i['target_moe_to_' + p]}: {'met' if i['meets_target_moe_to_' + p] else 'not met'}"
@@ -182,6 +184,15 @@ def microbench_table(path: Path | None) -> tuple[list[str], list[list[Any]]]:
             ]
         )
     return headers, rows
+
+
+def _meter_overhead(path: Path | None) -> float | None:
+    if path is None or not path.exists():
+        return None
+    for bench in read_json(path)["benchmarks"]:
+        if "overhead_fraction" in bench["extra_info"]:
+            return bench["extra_info"]["overhead_fraction"]
+    return None
 
 
 def _csv(headers: list[str], rows: list[list[Any]]) -> str:
@@ -247,6 +258,9 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
             tabulate(tables["cost"][1], headers=tables["cost"][0], **gfm),
             "",
         ]
+    overhead = _meter_overhead(microbench)
+    if overhead is not None:
+        md += [f"Energy-meter sampling overhead: {overhead:+.2%} of training-step time (micro-benchmark).", ""]
     if tables["microbench"][1]:
         md += [
             "## MoE FFN micro-benchmark",

@@ -354,10 +354,11 @@ def test_report_tables(prepared):
     info = {"case": "cpu-x", "device": "cpu", "ratio_moe_to_dense": 0.98, "ratio_moe_to_mixtral": 0.85}
     info |= {"ratio_moe_to_mixtral_grouped_mm": 0.8, "ratio_mixtral_to_dense": 1.15}
     info |= {"target_moe_to_mixtral": 0.8, "meets_target_moe_to_mixtral": False}
-    write_json(bench, {"benchmarks": [{"extra_info": info}]})
+    overhead = {"case": "meter-overhead", "overhead_fraction": 0.0008}
+    write_json(bench, {"benchmarks": [{"extra_info": info}, {"extra_info": overhead}]})
     md = write_report(study, results, bench).read_text()
     assert "## Cost per run" in md and "absent (no NVML)" in md and "absent (no spec peak)" in md
-    assert "moe/mixtral <= 0.8: not met" in md
+    assert "moe/mixtral <= 0.8: not met" in md and "sampling overhead: +0.08%" in md
     assert (results / "tables" / "cost.csv").read_text().count("\n") == 1 + len(plan(study))
     assert "## Dense versus MoE at each budget" in md
     assert "dense-pico-e4k2_6e9_s0" in md and "no claim of significance" in md
