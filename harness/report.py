@@ -62,6 +62,18 @@ def run_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]
     return headers, rows
 
 
+def dense_peer(moe: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The dense run of the same budget and seed with the closest active parameter count."""
+    peers = [
+        d
+        for d in records
+        if d["arm"] == "dense" and d["budget_flops"] == moe["budget_flops"] and d["seed"] == moe["seed"]
+    ]
+    if not peers:
+        return None
+    return min(peers, key=lambda p: abs(p["params"]["active_non_embedding"] - moe["params"]["active_non_embedding"]))
+
+
 def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     headers = [
         "budget FLOPs",
@@ -75,13 +87,11 @@ def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[lis
         "loss difference (MoE - dense)",
         "train s (MoE / dense)",
     ]
-    dense = [r for r in records if r["arm"] == "dense"]
     rows = []
     for m in (r for r in records if r["arm"] == "moe"):
-        peers = [d for d in dense if d["budget_flops"] == m["budget_flops"] and d["seed"] == m["seed"]]
-        if not peers:
+        d = dense_peer(m, records)
+        if d is None:
             continue
-        d = min(peers, key=lambda p: abs(p["params"]["active_non_embedding"] - m["params"]["active_non_embedding"]))
         rows.append(
             [
                 budget_label(m["budget_flops"]),
@@ -120,12 +130,25 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
         "train J/token (GPU, NVML)",
         "prefill J/token (GPU, NVML)",
         "learned / balanced step time",
+        "vs dense: total params, memory, train tokens/s",
     ]
     rows = []
+
+    def memory(m: dict[str, Any]) -> int:
+        return m["memory"]["param_bytes"] + m["memory"]["optimizer_state_bytes"]
+
     for r in sorted(records, key=lambda r: (r["budget_flops"], r["run_id"])):
         m = measures.get(r["run_id"])
         if m is None:
             continue
+        d = dense_peer(r, records) if r["arm"] == "moe" else None
+        dm = measures.get(d["run_id"]) if d else None
+        versus = "-"
+        if d and dm:
+            versus = (
+                f"x{r['params']['total'] / d['params']['total']:.2f}, x{memory(m) / memory(dm):.2f}, "
+                f"x{m['train']['tokens_per_s_median'] / dm['train']['tokens_per_s_median']:.2f}"
+            )
         mem = m["memory"]
         peak = mem.get("peak_allocated_bytes") or mem.get("peak_rss_bytes")
         detailed = m["mfu"]["conventions"]["detailed"]
@@ -135,7 +158,7 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
                 r["run_id"],
                 _arm(r),
                 _m(r["params"]["total"]),
-                f"{(mem['param_bytes'] + mem['optimizer_state_bytes']) / 2**20:.1f}",
+                f"{memory(m) / 2**20:.1f}",
                 _fmt(None if peak is None else peak / 2**20, ".1f"),
                 f"{m['train']['tokens_per_s_median']:,.0f}",
                 _fmt(detailed["mfu_vs_spec_peak"], ".1%", "absent (no spec peak)"),
@@ -145,6 +168,7 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
                 _fmt(m["energy_train"]["j_per_token"], ".3g", "absent (no NVML)"),
                 _fmt(m["energy_prefill"]["j_per_token"], ".3g", "absent (no NVML)"),
                 _fmt(m.get("imbalance_cost"), ".3f", "-"),
+                versus,
             ]
         )
     return headers, rows

@@ -359,6 +359,12 @@ def test_report_tables(prepared):
     md = write_report(study, results, bench).read_text()
     assert "## Cost per run" in md and "absent (no NVML)" in md and "absent (no spec peak)" in md
     assert "moe/mixtral <= 0.8: not met" in md and "sampling overhead: +0.08%" in md
+    import csv
+
+    rows = list(csv.DictReader((results / "tables" / "cost.csv").open()))
+    versus = next(r for r in rows if r["arm"].startswith("MoE"))["vs dense: total params, memory, train tokens/s"]
+    params_ratio, memory_ratio, _ = (float(v.strip().lstrip("x")) for v in versus.split(","))
+    assert params_ratio > 1.2 and memory_ratio == pytest.approx(params_ratio, rel=0.02)  # memory follows total
     assert (results / "tables" / "cost.csv").read_text().count("\n") == 1 + len(plan(study))
     assert "## Dense versus MoE at each budget" in md
     assert "dense-pico-e4k2_6e9_s0" in md and "no claim of significance" in md
