@@ -234,6 +234,28 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from harness.export import NotExportable, export
+
+    study = load_study(args.study)
+    run = find_run(study, args.run)
+    results = _results(args, study)
+    ckpt = results / "runs" / run.run_id / "checkpoint.pt"
+    if not ckpt.exists():
+        raise ConfigError("--run", f"{ckpt} does not exist; train the run first")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    out = Path(args.out or results / "export" / run.run_id)
+    try:
+        cls = export(run.model, state, results / "data" / "tokenizer.json", out)
+    except NotExportable as e:
+        print(f"harness export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{run.run_id} -> {out} ({cls})")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
@@ -301,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, help="timed windows (>= 5)")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_measure)
+
+    p = study_parser("export", "write a trained run as a Hugging Face model directory")
+    p.add_argument("--run", required=True, help="run id")
+    p.add_argument("--out", help="output directory (default results/<study>/export/<run>)")
+    p.set_defaults(func=cmd_export)
 
     p = study_parser("report", "write the study report from the run records")
     p.add_argument("--print", action="store_true", help="print the report instead of its path")
