@@ -102,27 +102,18 @@ def _results(args: argparse.Namespace, study) -> Path:
     return Path(args.results) / study.name
 
 
-def _matmul_flops_per_s() -> float:
-    """A quick fp32 matmul rate on this host, for the plan's time estimate."""
-    import time
-
-    import torch
-
-    a = torch.randn(1024, 1024)
-    a @ a
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < 0.3:
-        a @ a
-        n += 1
-    return 2 * 1024**3 * n / (time.perf_counter() - start)
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     study = load_study(args.study)
     data_json = _results(args, study) / "data" / "data.json"
     train_tokens = json.loads(data_json.read_text())["splits"]["train"]["tokens"] if data_json.exists() else None
     runs = plan(study, train_tokens=train_tokens)
-    rate = None if args.json else _matmul_flops_per_s() * args.efficiency
+    rate = None
+    if not args.json:
+        import torch
+
+        from harness.measure import matmul_flops
+
+        rate = matmul_flops(torch.device("cpu"), torch.float32)["flops_per_s"] * args.efficiency
     rows = plan_rows(runs, train_tokens, rate)
     if args.json:
         print(json.dumps(rows, indent=2))
