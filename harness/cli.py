@@ -2,6 +2,7 @@
 
 harness count models/configs/moe-s-e8k2.yaml [--json] [--seq-len N]
 harness match models/configs/dense-s.yaml --experts 8 --top-k 2 [--out FILE]
+harness plan | data | tasks | train | measure | evaluate | export | report STUDY [...]
 """
 
 from __future__ import annotations
@@ -247,6 +248,60 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from harness.tasks import write_tasks
+
+    study = load_study(args.study)
+    data_dir = _results(args, study) / "data"
+    try:
+        meta = write_tasks(data_dir, study.eval, study.recipe.seq_len)
+    except ValueError as e:
+        print(f"harness tasks: error: {e}", file=sys.stderr)
+        return 1
+    ppl, mc = meta["tasks"]["heldout_ppl"], meta["tasks"]["heldout_code_mc"]
+    print(
+        f"{data_dir / 'tasks'}: heldout_ppl {ppl['documents']} documents ({ppl['bytes']:,} bytes), "
+        f"heldout_code_mc {mc['questions']} questions x {mc['choices']} choices, from the {meta['split']} split"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    study = load_study(args.study)
+    if not study.eval.download:
+        from harness.evaluate import go_offline
+
+        go_offline()  # before anything imports datasets or huggingface_hub
+    from harness.evaluate import evaluate_run
+    from harness.io import write_json
+    from harness.provenance import provenance
+
+    run = find_run(study, args.run)
+    results = _results(args, study)
+    run_dir = results / "runs" / run.run_id
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = evaluate_run(run_dir, results / "data" / "tasks", study.eval, device=args.device, dtype=args.dtype)
+    import torch
+
+    out = Path(args.out) if args.out else run_dir / "eval.json"
+    write_json(
+        out,
+        {"run_id": run.run_id, "study": study.name}
+        | result
+        | {"provenance": provenance(torch.device(result["device"]))},
+    )
+    for task, metrics in result["tasks"].items():
+        shown = {k: v for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_stderr")}
+        print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
+    for task, reason in result["not_run"].items():
+        print(f"{task}: not run: {reason}", file=sys.stderr)
+    print(f"-> {out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
@@ -319,6 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run id")
     p.add_argument("--out", help="output directory (default results/<study>/export/<run>)")
     p.set_defaults(func=cmd_export)
+
+    p = study_parser("tasks", "write the offline lm-eval tasks built from the held-out split")
+    p.set_defaults(func=cmd_tasks)
+
+    p = study_parser("evaluate", "evaluate a trained run with lm-eval on the study's tasks (eval.json)")
+    p.add_argument("--run", required=True, help="run id")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: CUDA when visible")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", help="where to write eval.json (default: the run's folder)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = study_parser("report", "write the study report from the run records")
     p.add_argument("--print", action="store_true", help="print the report instead of its path")

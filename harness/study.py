@@ -105,6 +105,32 @@ class Recipe:
     """A budget that buys fewer steps is refused: FLOPs spent would miss it by > 1%."""
 
 
+LOCAL_TASKS = ("heldout_ppl", "heldout_code_mc")
+"""The tasks ``harness tasks`` builds from the held-out split (run offline)."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: list(LOCAL_TASKS))
+    """lm-eval task names: the local held-out tasks and any task lm-eval knows (e.g. hellaswag)."""
+    batch_size: int = 16
+    limit: int | None = None
+    """At most this many documents per task (None: all)."""
+    num_fewshot: int | None = None
+    """Few-shot examples (None: each task's default)."""
+    download: bool = False
+    """Let lm-eval fetch datasets from the Hugging Face hub. Off by default: a task whose data is
+    not cached locally is then reported as not run, with the reason, and the others still run."""
+    heldout_max_bytes: int = 2_000_000
+    """heldout_ppl: held-out documents in their fixed order, up to this many bytes."""
+    mc_questions: int = 500
+    """heldout_code_mc: number of questions."""
+    mc_choices: int = 4
+    """heldout_code_mc: the real next line plus this many minus one lines from other files."""
+    mc_context_lines: int = 12
+    """heldout_code_mc: lines of the file shown before the line to pick."""
+
+
 @dataclass(frozen=True)
 class Study:
     name: str
@@ -114,6 +140,7 @@ class Study:
     """Training FLOP budgets; every model gets each one."""
     seeds: list[int] = field(default_factory=lambda: [0])
     recipe: Recipe = field(default_factory=Recipe)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     description: str = ""
     device: str = "auto"
     """auto (CUDA when visible), cpu or cuda."""
@@ -295,6 +322,7 @@ def plan_rows(runs: list[Run], train_tokens: int | None, flops_per_s: float | No
 __all__ = [
     "DataConfig",
     "DataSource",
+    "EvalConfig",
     "ModelSpec",
     "Recipe",
     "Run",

@@ -92,9 +92,22 @@ class KVCache:
 
     ``model(idx, cache=cache)`` appends the new tokens' keys and values and attends over all
     cached positions; ``cache.pos`` advances once per model call.
+
+    Prompts of different lengths share a batch left-padded: ``left_pad`` (B,) holds each row's
+    number of padding positions, which no query attends to (a padding query sees only itself).
+    A row's real tokens then sit at positions shifted by its padding, which RoPE ignores: it
+    depends only on the distance between query and key.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        device=None,
+        dtype=torch.float32,
+        left_pad: Tensor | None = None,
+    ):
         if max_len > cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds max_seq_len {cfg.max_seq_len}")
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -103,6 +116,7 @@ class KVCache:
         self.pos = 0
         self.max_len = max_len
         self._new = 0
+        self.left_pad = None if left_pad is None else left_pad.to(device)
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
@@ -122,9 +136,13 @@ class KVCache:
         self.v[layer, :, :, self.pos : end] = v_new
         self._new = S
         mask = None
-        if S > 1:  # new tokens see every cached position and the new ones up to themselves
-            rows = torch.arange(self.pos, end, device=k_new.device)[:, None]
-            mask = torch.arange(end, device=k_new.device)[None, :] <= rows
+        if S > 1 or self.left_pad is not None:  # each new token sees the positions up to itself
+            rows = torch.arange(self.pos, end, device=k_new.device)[:, None]  # (S, 1)
+            keys = torch.arange(end, device=k_new.device)[None, :]  # (1, end)
+            mask = keys <= rows
+            if self.left_pad is not None:  # ... except padding: (B, 1, S, end)
+                real = keys[None] >= self.left_pad[:, None, None]
+                mask = (mask[None] & (real | (keys == rows)[None]))[:, None]
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask
 
     def advance(self) -> None:
