@@ -10,6 +10,7 @@ include: "workflows/rules/common.smk"
 include: "workflows/rules/data.smk"
 include: "workflows/rules/train.smk"
 include: "workflows/rules/measure.smk"
+include: "workflows/rules/evaluate.smk"
 include: "workflows/rules/report.smk"
 
 

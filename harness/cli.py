@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from tabulate import tabulate
@@ -268,6 +269,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     study = load_study(args.study)
+    if args.download:
+        study = replace(study, eval=replace(study.eval, download=True))
     if not study.eval.download:
         from harness.evaluate import go_offline
 
@@ -384,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", help="where to write eval.json (default: the run's folder)")
+    p.add_argument("--download", action="store_true", help="let lm-eval fetch datasets (overrides eval.download)")
     p.set_defaults(func=cmd_evaluate)
 
     p = study_parser("report", "write the study report from the run records")

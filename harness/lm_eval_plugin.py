@@ -5,7 +5,8 @@ plugin discovery. The package installs this module at the top of site-packages a
 ``_moe_harness_lm_eval`` with a ``.pth`` line that imports it at interpreter start. It only
 appends a finder to ``sys.meta_path`` (no other import); once ``lm_eval.models`` has loaded,
 the finder adds ``moe-harness`` to the registry as a lazy ``module:Class`` entry, so torch
-and our model code load only when that model is asked for.
+and our model code load only when that model is asked for. The installed copy is taken at
+install time: reinstall (`make install`) after editing this file.
 """
 
 import importlib.abc

@@ -1,6 +1,6 @@
-"""The study report: one row per run, and dense versus MoE at each budget.
+"""The study report: one row per run, dense versus MoE at each budget, cost, lm-eval results.
 
-    harness report tiny          # results/tiny/report.md and results/tiny/tables/*.{csv,html}
+    harness report tiny          # results/tiny/report.md, tables/*.{csv,html}, figures/*.png
 
 Each MoE run is compared with the dense run of the same budget and seed whose active
 non-embedding parameter count is closest (its matched base in a matched study).
@@ -15,7 +15,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from harness.io import read_json, write_text
+from harness.io import atomic_write, read_json, write_text
 from harness.study import Study, budget_label, plan
 
 
@@ -27,7 +27,27 @@ def _m(n: float) -> str:
     return f"{n / 1e6:.2f}M"
 
 
-def run_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+PRIMARY_METRICS = ("bits_per_byte", "acc_norm", "acc", "exact_match", "f1", "mcc", "word_perplexity")
+"""The metric a task is plotted and tabulated by: the first of these it reports."""
+
+
+def primary_metric(metrics: dict[str, Any]) -> str | None:
+    return next((m for m in PRIMARY_METRICS if isinstance(metrics.get(m), (int, float))), None)
+
+
+def _task_value(ev: dict[str, Any] | None, task: str, metric: str) -> str:
+    """'value ± stderr' of one task metric of one run's eval.json, or '-'."""
+    m = (ev or {}).get("tasks", {}).get(task, {})
+    if not isinstance(m.get(metric), (int, float)):
+        return "-"
+    err = m.get(f"{metric}_stderr")
+    return f"{m[metric]:.4f}" + (f" ± {err:.4f}" if isinstance(err, (int, float)) else "")
+
+
+def run_table(
+    records: list[dict[str, Any]], evals: dict[str, dict[str, Any]] | None = None
+) -> tuple[list[str], list[list[Any]]]:
+    evals = evals or {}
     headers = [
         "run",
         "arm",
@@ -39,6 +59,8 @@ def run_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]
         "FLOPs spent / budget",
         "train loss",
         "val loss",
+        "held-out bits/byte",
+        "code MC acc_norm",
         "train s",
         "tokens/s",
     ]
@@ -54,12 +76,90 @@ def run_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]
             f"{r['flops_spent_over_budget']:.4f}",
             f"{r['final_train_loss']:.4f}",
             f"{r['final_val_loss']:.4f}",
+            _task_value(evals.get(r["run_id"]), "heldout_ppl", "bits_per_byte"),
+            _task_value(evals.get(r["run_id"]), "heldout_code_mc", "acc_norm"),
             f"{r['train_seconds']:.1f}",
             f"{r['tokens_per_s']:,.0f}",
         ]
         for r in records
     ]
     return headers, rows
+
+
+def eval_table(
+    records: list[dict[str, Any]], evals: dict[str, dict[str, Any]]
+) -> tuple[list[str], list[list[Any]], dict[str, str]]:
+    """Every evaluated task's primary metric per run, and the tasks that did not run (why)."""
+    tasks: dict[str, str] = {}
+    not_run: dict[str, str] = {}
+    for ev in evals.values():
+        for task, metrics in ev["tasks"].items():
+            metric = primary_metric(metrics)
+            if metric is not None:
+                tasks.setdefault(task, metric)
+        not_run.update(ev.get("not_run", {}))
+    headers = ["run", "arm", "budget FLOPs", "val loss"] + [f"{t} {m}" for t, m in tasks.items()]
+    rows = [
+        [r["run_id"], _arm(r), budget_label(r["budget_flops"]), f"{r['final_val_loss']:.4f}"]
+        + [_task_value(evals[r["run_id"]], t, m) for t, m in tasks.items()]
+        for r in records
+        if r["run_id"] in evals
+    ]
+    return headers, rows, {t: why for t, why in not_run.items() if t not in tasks}
+
+
+def downstream_figure(records: list[dict[str, Any]], evals: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """Each task's primary metric against validation loss, one point per run, coloured by arm:
+    dense, and MoE by expert count (the view of Abnar et al. 2025, Fig. 5). None without evals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks: dict[str, str] = {}
+    for ev in evals.values():
+        for task, metrics in ev["tasks"].items():
+            if (metric := primary_metric(metrics)) is not None:
+                tasks.setdefault(task, metric)
+    if not tasks:
+        return None
+    experts = sorted({r["experts"] for r in records if r["arm"] == "moe"})
+    cmap = plt.get_cmap("viridis")
+    colour = {e: cmap(0.15 + 0.7 * i / max(1, len(experts) - 1)) for i, e in enumerate(experts)}
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, (task, metric) in zip(axes[0], tasks.items(), strict=True):
+        seen = set()
+        for r in records:
+            m = evals.get(r["run_id"], {}).get("tasks", {}).get(task, {})
+            if not isinstance(m.get(metric), (int, float)):
+                continue
+            label = "dense" if r["arm"] == "dense" else f"MoE E={r['experts']}"
+            err = m.get(f"{metric}_stderr")
+            ax.errorbar(
+                r["final_val_loss"],
+                m[metric],
+                yerr=err if isinstance(err, (int, float)) else None,
+                color="black" if r["arm"] == "dense" else colour[r["experts"]],
+                marker="s" if r["arm"] == "dense" else "o",
+                linestyle="none",
+                capsize=2,
+                label=None if label in seen else label,
+                zorder=3,
+            )
+            seen.add(label)
+        chance = next(iter(evals.values())).get("local_tasks", {}).get("tasks", {}).get(task, {}).get("chance_accuracy")
+        if chance is not None and metric.startswith("acc"):
+            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
+        ax.set_xlabel("validation loss (nats/token)")
+        ax.set_ylabel(metric)
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)
+    return path
 
 
 def dense_peer(moe: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -74,7 +174,9 @@ def dense_peer(moe: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, 
     return min(peers, key=lambda p: abs(p["params"]["active_non_embedding"] - moe["params"]["active_non_embedding"]))
 
 
-def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+def comparison_table(
+    records: list[dict[str, Any]], evals: dict[str, dict[str, Any]] | None = None
+) -> tuple[list[str], list[list[Any]]]:
     headers = [
         "budget FLOPs",
         "seed",
@@ -85,8 +187,15 @@ def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[lis
         "val loss MoE",
         "val loss dense",
         "loss difference (MoE - dense)",
+        "bits/byte difference (MoE - dense)",
         "train s (MoE / dense)",
     ]
+    evals = evals or {}
+
+    def bpb(rec: dict[str, Any]) -> float | None:
+        value = evals.get(rec["run_id"], {}).get("tasks", {}).get("heldout_ppl", {}).get("bits_per_byte")
+        return value if isinstance(value, (int, float)) else None
+
     rows = []
     for m in (r for r in records if r["arm"] == "moe"):
         d = dense_peer(m, records)
@@ -103,6 +212,7 @@ def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[lis
                 f"{m['final_val_loss']:.4f}",
                 f"{d['final_val_loss']:.4f}",
                 f"{m['final_val_loss'] - d['final_val_loss']:+.4f}",
+                "-" if bpb(m) is None or bpb(d) is None else f"{bpb(m) - bpb(d):+.4f}",
                 f"{m['train_seconds']:.1f} / {d['train_seconds']:.1f}",
             ]
         )
@@ -235,10 +345,15 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     measures = {
         run.run_id: read_json(path) for run in runs if (path := results / "runs" / run.run_id / "measure.json").exists()
     }
+    evals = {
+        run.run_id: read_json(path) for run in runs if (path := results / "runs" / run.run_id / "eval.json").exists()
+    }
     data = read_json(results / "data" / "data.json")
+    eval_headers, eval_rows, not_run = eval_table(records, evals)
     tables = {
-        "runs": run_table(records),
-        "dense_vs_moe": comparison_table(records),
+        "runs": run_table(records, evals),
+        "dense_vs_moe": comparison_table(records, evals),
+        "eval": (eval_headers, eval_rows),
         "cost": cost_table(records, measures),
         "microbench": microbench_table(microbench),
     }
@@ -270,6 +385,28 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     if len(seeds) == 1:
         md += ["With one seed per run no claim of significance is made.", ""]
     gfm = {"tablefmt": "github", "disable_numparse": True}
+    figure = downstream_figure(records, evals, results / "figures" / "downstream_vs_loss.png")
+    if eval_rows:
+        any_eval = next(iter(evals.values()))
+        local = any_eval["local_tasks"]
+        md += [
+            "## Downstream evaluation (lm-eval)",
+            "",
+            f"`harness evaluate` with lm-eval {any_eval['lm_eval_version']}: heldout_ppl is bits per byte "
+            f"over {local['tasks']['heldout_ppl']['documents']} documents of the {local['split']} split in "
+            f"windows of the training context ({local['seq_len']} tokens); heldout_code_mc picks the real next "
+            f"line of a held-out file among {local['tasks']['heldout_code_mc']['choices']} "
+            f"(chance {local['tasks']['heldout_code_mc']['chance_accuracy']:.2f}, "
+            f"{local['tasks']['heldout_code_mc']['questions']} questions). Values are ± standard error.",
+            "",
+            tabulate(eval_rows, headers=eval_headers, **gfm),
+            "",
+        ]
+        if figure is not None:
+            md += [f"![downstream metrics against validation loss]({figure.relative_to(results).as_posix()})", ""]
+        for task, why in sorted(not_run.items()):
+            md += [f"- not run: `{task}`: {why}"]
+        md += [""] if not_run else []
     if tables["cost"][1]:
         device = next(iter(measures.values()))["device_name"]
         md += [

@@ -3,6 +3,7 @@ Hugging Face export through lm-eval's own CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,8 +17,10 @@ import yaml
 from lm_eval.api.instance import Instance
 
 from harness.data import iter_documents, prepare, split_of
-from harness.io import read_json
+from harness.evaluate import evaluate_run
+from harness.io import read_json, write_json
 from harness.lm_eval_model import HarnessLM
+from harness.report import write_report
 from harness.study import load_study, plan
 from harness.tasks import write_tasks
 from harness.train import train
@@ -304,4 +307,20 @@ def test_harness_evaluate_writes_eval_json_and_names_the_tasks_it_could_not_run(
     assert ev["tasks"]["heldout_code_mc"]["n_samples"] == 40
     assert set(ev["not_run"]) == {"hellaswag", "no_such_task"}
     assert "no task" in ev["not_run"]["no_such_task"]
+    assert "Offline" in ev["not_run"]["hellaswag"]  # downloads are off by default
     assert "hellaswag: not run" in proc.stderr and ev["provenance"]["git"]
+
+    # the report gains lm-eval columns, a table of every task, the not-run list and the figure
+    local_only = dataclasses.replace(study.eval, tasks=["heldout_ppl", "heldout_code_mc"])
+    moe_eval = evaluate_run(runs["moe"], results / "data" / "tasks", local_only)
+    write_json(runs["moe"] / "eval.json", {"run_id": runs["moe"].name} | moe_eval)
+    md = write_report(study, results).read_text()
+    assert "## Downstream evaluation (lm-eval)" in md and "- not run: `hellaswag`" in md
+    bpb = f"{moe_eval['tasks']['heldout_ppl']['bits_per_byte']:.4f}"
+    moe_row = next(line for line in md.splitlines() if line.startswith(f"| {runs['moe'].name}"))
+    assert bpb in moe_row
+    figure = results / "figures" / "downstream_vs_loss.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "figures/downstream_vs_loss.png" in md
+    compare = (results / "tables" / "dense_vs_moe.csv").read_text().splitlines()
+    diff = moe_eval["tasks"]["heldout_ppl"]["bits_per_byte"] - ev["tasks"]["heldout_ppl"]["bits_per_byte"]
+    assert f"{diff:+.4f}" in compare[1]

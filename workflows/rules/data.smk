@@ -15,3 +15,29 @@ rule data:
         f"{RESULTS}/benchmarks/data.tsv"
     shell:
         "{PY} -m harness data {params.study} > {log} 2>&1"
+
+
+rule tasks:
+    """Offline lm-eval tasks from the held-out split: perplexity and next-line multiple choice."""
+    input:
+        meta=rules.data.output.meta,
+    output:
+        meta=f"{RESULTS}/data/tasks/tasks.json",
+    params:
+        study=STUDY.path,
+        # What the task files depend on: the task-building fields of `eval` and the context.
+        spec=repr(
+            (
+                STUDY.recipe.seq_len,
+                STUDY.eval.heldout_max_bytes,
+                STUDY.eval.mc_questions,
+                STUDY.eval.mc_choices,
+                STUDY.eval.mc_context_lines,
+            )
+        ),
+    log:
+        f"{RESULTS}/logs/tasks.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/tasks.tsv"
+    shell:
+        "{PY} -m harness tasks {params.study} > {log} 2>&1"

@@ -1,14 +1,16 @@
 rule report:
-    """Tables of every run and of dense versus MoE at each budget (Markdown, CSV, HTML)."""
+    """Tables of every run, dense versus MoE, cost and lm-eval results; downstream figure."""
     input:
         records=expand(f"{RESULTS}/runs/{{run}}/record.json", run=RUNS),
         measures=expand(f"{RESULTS}/runs/{{run}}/measure.json", run=RUNS),
+        evals=expand(f"{RESULTS}/runs/{{run}}/eval.json", run=RUNS),
         microbench=rules.microbench.output.json,
     output:
         md=f"{RESULTS}/report.md",
         runs_csv=f"{RESULTS}/tables/runs.csv",
         compare_csv=f"{RESULTS}/tables/dense_vs_moe.csv",
         cost_csv=f"{RESULTS}/tables/cost.csv",
+        eval_csv=f"{RESULTS}/tables/eval.csv",
         microbench_csv=f"{RESULTS}/tables/microbench.csv",
         runs_html=report(
             f"{RESULTS}/tables/runs.html",
@@ -27,6 +29,18 @@ rule report:
             caption="../report/cost.rst",
             category="Tables",
             labels={"table": "cost"},
+        ),
+        eval_html=report(
+            f"{RESULTS}/tables/eval.html",
+            caption="../report/eval.rst",
+            category="Tables",
+            labels={"table": "downstream evaluation"},
+        ),
+        downstream_png=report(
+            f"{RESULTS}/figures/downstream_vs_loss.png",
+            caption="../report/downstream_vs_loss.rst",
+            category="Figures",
+            labels={"figure": "downstream vs validation loss"},
         ),
         microbench_html=report(
             f"{RESULTS}/tables/microbench.html",

@@ -1,0 +1,21 @@
+rule evaluate:
+    """lm-eval on the study's tasks (offline unless eval.download): runs/RUN/eval.json."""
+    input:
+        record=f"{RESULTS}/runs/{{run}}/record.json",
+        tasks=rules.tasks.output.meta,
+    output:
+        eval=f"{RESULTS}/runs/{{run}}/eval.json",
+    params:
+        study=STUDY.path,
+        settings=repr(STUDY.eval),
+        # `--config eval_download=true`: fetch hub datasets for the standard tasks
+        download="--download" if str(config.get("eval_download", "false")).lower() in ("1", "true", "yes") else "",
+    threads: workflow.cores
+    resources:
+        gpu=1 if USE_GPU else 0,
+    log:
+        f"{RESULTS}/logs/evaluate/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{run}}.tsv"
+    shell:
+        "{PY} -m harness evaluate {params.study} --run {wildcards.run} --threads {threads} {params.download} > {log} 2>&1"
