@@ -324,3 +324,22 @@ def test_harness_evaluate_writes_eval_json_and_names_the_tasks_it_could_not_run(
     compare = (results / "tables" / "dense_vs_moe.csv").read_text().splitlines()
     diff = moe_eval["tasks"]["heldout_ppl"]["bits_per_byte"] - ev["tasks"]["heldout_ppl"]["bits_per_byte"]
     assert f"{diff:+.4f}" in compare[1]
+
+
+@pytest.mark.gpu
+def test_cuda_scores_and_generation_agree_with_cpu(trained):
+    """On CUDA: fp32 matches the CPU to float tolerance; bf16 autocast (the default there) stays
+    within bf16 rounding of it, and greedy generation runs through the bf16 KV cache."""
+    _, _, _, runs, _ = trained
+    pairs = [("def func_1(value, count):\n", "    value = len(count)\n"), ("    for key in", " items:\n")]
+    cpu = _ll(HarnessLM(checkpoint=str(runs["moe"]), device="cpu"), pairs)
+    fp32 = _ll(HarnessLM(checkpoint=str(runs["moe"]), device="cuda", dtype="float32"), pairs)
+    gpu = HarnessLM(checkpoint=str(runs["moe"]), device="cuda")
+    assert gpu.autocast
+    bf16 = _ll(gpu, pairs)
+    for (c, _), (f, _), (b, _) in zip(cpu, fp32, bf16, strict=True):
+        assert f == pytest.approx(c, abs=1e-3)
+        assert b == pytest.approx(c, rel=0.05)
+    kwargs = {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}
+    out = gpu.generate_until([Instance("generate_until", {}, (p, kwargs), i) for i, (p, _) in enumerate(pairs)], True)
+    assert len(out) == 2 and all(isinstance(t, str) for t in out)
