@@ -2,7 +2,7 @@
 
 harness count models/configs/moe-s-e8k2.yaml [--json] [--seq-len N]
 harness match models/configs/dense-s.yaml --experts 8 --top-k 2 [--out FILE]
-harness plan | data | tasks | train | measure | evaluate | export | report STUDY [...]
+harness plan | data | tasks | train | measure | evaluate | export | routing | report STUDY [...]
 """
 
 from __future__ import annotations
@@ -305,6 +305,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_routing(args: argparse.Namespace) -> int:
+    from harness.io import write_json
+    from harness.specialisation import routing_analysis
+
+    study = load_study(args.study)
+    run = find_run(study, args.run)
+    results = _results(args, study)
+    run_dir = results / "runs" / run.run_id
+    if not (run_dir / "checkpoint.pt").exists():
+        raise ConfigError("--run", f"{run_dir / 'checkpoint.pt'} does not exist; train the run first")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = routing_analysis(run_dir, results / "data", device=args.device, max_tokens=args.max_tokens)
+    out = Path(args.out) if args.out else run_dir / "routing.json"
+    write_json(out, {"run_id": run.run_id, "study": study.name} | result)
+    if not result["moe"]:
+        print(f"{run.run_id}: dense, no routing to analyse -> {out}")
+        return 0
+    s = result["summary"]
+    topic = "unknown" if s["topic_nmi_excess"] is None else f"{s['topic_nmi_excess']:.3f}"
+    print(
+        f"{run.run_id}: {result['tokens']:,} {result['split']} tokens, excess NMI expert~category "
+        f"{s['category_nmi_excess']:.3f}, expert~topic {topic}: {s['specialises_by']} -> {out}"
+    )
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
@@ -389,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write eval.json (default: the run's folder)")
     p.add_argument("--download", action="store_true", help="let lm-eval fetch datasets (overrides eval.download)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = study_parser("routing", "what a trained MoE run's experts specialise in: token category or topic")
+    p.add_argument("--run", required=True, help="run id")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=65_536, help="held-out tokens to route")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: CUDA when visible")
+    p.add_argument("--out", help="where to write routing.json (default: the run's folder)")
+    p.set_defaults(func=cmd_routing)
 
     p = study_parser("report", "write the study report from the run records")
     p.add_argument("--print", action="store_true", help="print the report instead of its path")

@@ -8,7 +8,8 @@ Sources (``data.source`` of a study):
 
 Documents are read in a deterministic order (sorted paths) and assigned to a split by a hash
 of their key, so adding a file never moves another one between splits. ``data.json`` records a
-fingerprint of exactly what was read.
+fingerprint of exactly what was read, and the keys of the held-out (validation and test)
+documents in the order their shards hold them.
 
     harness data tiny            # writes results/tiny/data/
 """
@@ -258,6 +259,9 @@ def prepare(study: Study, out_dir: Path) -> dict[str, Any]:
         "tokenizer": {"vocab_size": vocab, "eos_id": eos, "trained": cfg.tokenizer_file is None},
         "dtype": np.dtype(dtype).name,
         "splits": splits,
+        # The held-out documents' keys in shard order, so analyses of the decoded documents
+        # (harness.tasks.heldout_documents) know where each came from.
+        "heldout_keys": {split: [d.key for d in docs[split]] for split in ("validation", "test")},
     }
     write_json(out_dir / "data.json", meta)  # written last: its presence means the data is complete
     return meta

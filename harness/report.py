@@ -15,12 +15,9 @@ from typing import Any
 
 from tabulate import tabulate
 
-from harness.io import atomic_write, read_json, write_text
+from harness.io import read_json, write_json, write_text
+from harness.stats import arm_label, dense_peer
 from harness.study import Study, budget_label, plan
-
-
-def _arm(rec: dict[str, Any]) -> str:
-    return "dense" if rec["arm"] == "dense" else f"MoE E{rec['experts']} k{rec['top_k']}"
 
 
 def _m(n: float) -> str:
@@ -67,7 +64,7 @@ def run_table(
     rows = [
         [
             r["run_id"],
-            _arm(r),
+            arm_label(r),
             _m(r["params"]["total"]),
             _m(r["params"]["active"]),
             budget_label(r["budget_flops"]),
@@ -100,78 +97,12 @@ def eval_table(
         not_run.update(ev.get("not_run", {}))
     headers = ["run", "arm", "budget FLOPs", "val loss"] + [f"{t} {m}" for t, m in tasks.items()]
     rows = [
-        [r["run_id"], _arm(r), budget_label(r["budget_flops"]), f"{r['final_val_loss']:.4f}"]
+        [r["run_id"], arm_label(r), budget_label(r["budget_flops"]), f"{r['final_val_loss']:.4f}"]
         + [_task_value(evals[r["run_id"]], t, m) for t, m in tasks.items()]
         for r in records
         if r["run_id"] in evals
     ]
     return headers, rows, {t: why for t, why in not_run.items() if t not in tasks}
-
-
-def downstream_figure(records: list[dict[str, Any]], evals: dict[str, dict[str, Any]], path: Path) -> Path | None:
-    """Each task's primary metric against validation loss, one point per run, coloured by arm:
-    dense, and MoE by expert count (the view of Abnar et al. 2025, Fig. 5). None without evals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks: dict[str, str] = {}
-    for ev in evals.values():
-        for task, metrics in ev["tasks"].items():
-            if (metric := primary_metric(metrics)) is not None:
-                tasks.setdefault(task, metric)
-    if not tasks:
-        return None
-    experts = sorted({r["experts"] for r in records if r["arm"] == "moe"})
-    cmap = plt.get_cmap("viridis")
-    colour = {e: cmap(0.15 + 0.7 * i / max(1, len(experts) - 1)) for i, e in enumerate(experts)}
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
-    for ax, (task, metric) in zip(axes[0], tasks.items(), strict=True):
-        seen = set()
-        for r in records:
-            m = evals.get(r["run_id"], {}).get("tasks", {}).get(task, {})
-            if not isinstance(m.get(metric), (int, float)):
-                continue
-            label = "dense" if r["arm"] == "dense" else f"MoE E={r['experts']}"
-            err = m.get(f"{metric}_stderr")
-            ax.errorbar(
-                r["final_val_loss"],
-                m[metric],
-                yerr=err if isinstance(err, (int, float)) else None,
-                color="black" if r["arm"] == "dense" else colour[r["experts"]],
-                marker="s" if r["arm"] == "dense" else "o",
-                linestyle="none",
-                capsize=2,
-                label=None if label in seen else label,
-                zorder=3,
-            )
-            seen.add(label)
-        chance = next(iter(evals.values())).get("local_tasks", {}).get("tasks", {}).get(task, {}).get("chance_accuracy")
-        if chance is not None and metric.startswith("acc"):
-            ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
-        ax.set_xlabel("validation loss (nats/token)")
-        ax.set_ylabel(metric)
-        ax.set_title(task)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
-    plt.close(fig)
-    return path
-
-
-def dense_peer(moe: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The dense run of the same budget and seed with the closest active parameter count."""
-    peers = [
-        d
-        for d in records
-        if d["arm"] == "dense" and d["budget_flops"] == moe["budget_flops"] and d["seed"] == moe["seed"]
-    ]
-    if not peers:
-        return None
-    return min(peers, key=lambda p: abs(p["params"]["active_non_embedding"] - moe["params"]["active_non_embedding"]))
 
 
 def comparison_table(
@@ -266,7 +197,7 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
             [
                 budget_label(r["budget_flops"]),
                 r["run_id"],
-                _arm(r),
+                arm_label(r),
                 _m(r["params"]["total"]),
                 f"{memory(m) / 2**20:.1f}",
                 _fmt(None if peak is None else peak / 2**20, ".1f"),
@@ -337,55 +268,275 @@ def _csv(headers: list[str], rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
+def _load_all(results: Path, runs, name: str) -> dict[str, dict[str, Any]]:
+    return {run.run_id: read_json(p) for run in runs if (p := results / "runs" / run.run_id / name).exists()}
+
+
+def _f(value: float | None, spec: str = ".4f", absent: str = "-") -> str:
+    return absent if value is None else format(value, spec)
+
+
+def seed_table(seed_rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    headers = [
+        "budget FLOPs",
+        "MoE",
+        "dense",
+        "seeds",
+        "val loss MoE",
+        "val loss dense",
+        "MoE - dense",
+        "p (paired t)",
+        "verdict",
+    ]
+
+    def pm(mean: float, std: float | None) -> str:
+        return f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
+
+    rows = [
+        [
+            budget_label(r["budget_flops"]),
+            r["model"],
+            r["dense_model"],
+            r["seeds"],
+            pm(r["moe_mean"], r["moe_std"]),
+            pm(r["dense_mean"], r["dense_std"]),
+            pm(r["difference_mean"], r["difference_std"]),
+            _f(r["p_value"], ".3g"),
+            r["verdict"],
+        ]
+        for r in seed_rows
+    ]
+    return headers, rows
+
+
+def health_table(
+    records: list[dict[str, Any]], health: dict[str, list[dict[str, Any]]]
+) -> tuple[list[str], list[list[Any]]]:
+    headers = [
+        "run",
+        "layer",
+        "load CV",
+        "max / mean load",
+        "dead experts",
+        "dropped",
+        "entropy / log E",
+        "z-loss",
+        "collapse",
+    ]
+    rows = []
+    for r in records:
+        for h in health.get(r["run_id"], []):
+            rows.append(
+                [
+                    r["run_id"],
+                    h["layer"],
+                    f"{h['load_cv']:.3f}",
+                    f"{h['max_over_mean']:.2f}",
+                    h["dead_experts"],
+                    f"{h['dropped_fraction']:.2%}",
+                    f"{h['entropy_over_log_e']:.3f}",
+                    f"{h['z_loss']:.3g}",
+                    h["reason"] or "no",
+                ]
+            )
+    return headers, rows
+
+
+def specialisation_table(routing: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["run", "tokens", "NMI(expert; category) - shuffled", "NMI(expert; topic) - shuffled", "verdict"]
+    rows = []
+    for run, r in sorted(routing.items()):
+        if not r.get("moe") or not r.get("summary"):
+            continue
+        s = r["summary"]
+        topic = "unknown" if s["topic_nmi_excess"] is None else f"{s['topic_nmi_excess']:.4f}"
+        rows.append([run, f"{r.get('tokens', 0):,}", f"{s['category_nmi_excess']:.4f}", topic, s["verdict"]])
+    return headers, rows
+
+
+def claims_table(claims) -> tuple[list[str], list[list[Any]]]:
+    headers = ["expectation", "source", "verdict", "evidence", "caveat"]
+    return headers, [[c.claim, c.source, c.verdict, c.evidence, c.caveat or "-"] for c in claims]
+
+
+def reproduction_table(repro: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["run", "metric", "this run", "reference", "tolerance", "reproduced"]
+    rows = [
+        [
+            r["run"],
+            r["metric"],
+            f"{r['this run']:.4g}",
+            f"{r['reference']:.4g}",
+            r["tolerance"],
+            "yes" if r["reproduced"] else "NO",
+        ]
+        for r in repro["rows"]
+    ]
+    return headers, rows
+
+
+def _eval_tasks(evals: dict[str, dict[str, Any]]) -> dict[str, str]:
+    tasks: dict[str, str] = {}
+    for ev in evals.values():
+        for task, metrics in ev["tasks"].items():
+            if (metric := primary_metric(metrics)) is not None:
+                tasks.setdefault(task, metric)
+    return tasks
+
+
+FIGURES = {
+    "loss_vs_params": "figures/loss_vs_params.png",
+    "isoflop": "figures/isoflop.png",
+    "loss_vs_cost": "figures/loss_vs_cost.png",
+    "cost_scaling": "figures/cost_scaling.png",
+    "routing_health": "figures/routing_health.png",
+    "specialisation": "figures/specialisation.png",
+    "downstream_vs_loss": "figures/downstream_vs_loss.png",
+}
+
+
 def write_report(study: Study, results: Path, microbench: Path | None = None) -> Path:
-    """Read every run's record.json (and measure.json where present) and write report.md and
-    tables/ (CSV and HTML)."""
+    """Read every run's record.json (and measure.json, eval.json, routing.json where present) and
+    write report.md, summary.json, tables/ (CSV and HTML) and figures/ (PNG)."""
+    from harness import figures, scaling
+    from harness.claims import evaluate_claims
+    from harness.reproduce import reproduction, summary
+    from harness.routing_health import health_dicts, read_metrics, routing_health, routing_series
+    from harness.stats import seed_comparison
+
     runs = plan(study)
     records = [read_json(results / "runs" / run.run_id / "record.json") for run in runs]
-    measures = {
-        run.run_id: read_json(path) for run in runs if (path := results / "runs" / run.run_id / "measure.json").exists()
-    }
-    evals = {
-        run.run_id: read_json(path) for run in runs if (path := results / "runs" / run.run_id / "eval.json").exists()
-    }
+    measures = _load_all(results, runs, "measure.json")
+    evals = _load_all(results, runs, "eval.json")
+    routing = _load_all(results, runs, "routing.json")
     data = read_json(results / "data" / "data.json")
+    series, health, experts = {}, {}, {}
+    for r in records:
+        if r["arm"] == "moe":
+            metrics = read_metrics(results / "runs" / r["run_id"] / "metrics.jsonl")
+            series[r["run_id"]] = routing_series(metrics)
+            health[r["run_id"]] = health_dicts(routing_health(metrics, r["experts"]))
+            experts[r["run_id"]] = r["experts"]
+    seed_rows = seed_comparison(records)
+    analysis = scaling.analyse(records)
+    claims = evaluate_claims(records, measures, seed_rows, health, routing)
+    ours = summary(records, measures, evals)
+    repro = reproduction(results.parent, ours)
+
     eval_headers, eval_rows, not_run = eval_table(records, evals)
     tables = {
+        "main": glance_table(records, evals, measures, analysis),
         "runs": run_table(records, evals),
         "dense_vs_moe": comparison_table(records, evals),
+        "seeds": seed_table(seed_rows),
+        "dense_fits": scaling.fit_table(analysis),
+        "dense_equivalent": scaling.equivalent_table(analysis),
+        "compute_multiplier": scaling.multiplier_table(analysis),
+        "isoflop": scaling.isoflop_table(analysis),
         "eval": (eval_headers, eval_rows),
         "cost": cost_table(records, measures),
+        "routing_health": health_table(records, health),
+        "specialisation": specialisation_table(routing),
+        "claims": claims_table(claims),
+        "reproduction": reproduction_table(repro),
         "microbench": microbench_table(microbench),
     }
     for name, (headers, rows) in tables.items():
         write_text(results / "tables" / f"{name}.csv", _csv(headers, rows))
         write_text(results / "tables" / f"{name}.html", tabulate(rows, headers=headers, tablefmt="html") + "\n")
-    prov = records[0]["provenance"]
-    conventions = sorted({r["flop_convention"] for r in records})
+
+    fig = {k: results / v for k, v in FIGURES.items()}
+    figures.loss_vs_params(records, analysis.dense_fits, fig["loss_vs_params"])
+    figures.isoflop_figure(records, scaling.isoflop_curves(analysis), fig["isoflop"])
+    figures.loss_vs_cost(records, fig["loss_vs_cost"])
+    figures.cost_scaling(records, measures, fig["cost_scaling"])
+    figures.routing_health_figure(series, experts, fig["routing_health"])
+    spec_run, spec_layer = _specialisation_example(routing)
+    figures.specialisation_figure(spec_run, spec_layer, fig["specialisation"])
+    figures.downstream_figure(records, evals, _eval_tasks(evals), fig["downstream_vs_loss"])
+    write_json(results / "summary.json", ours)
+
+    gfm = {"tablefmt": "github", "disable_numparse": True}
+
+    def table(name: str) -> str:
+        headers, rows = tables[name]
+        return tabulate(rows, headers=headers, **gfm) if rows else "(no rows)"
+
+    def image(name: str, alt: str) -> str:
+        return f"![{alt}]({FIGURES[name]})"
+
     seeds = sorted({r["seed"] for r in records})
-    md = [
-        f"# Study `{study.name}`",
+    md = [f"# Study `{study.name}`", "", study.description.strip(), ""]
+    md += ["## At a glance", "", main_table_intro(records), "", table("main"), ""]
+    md += [
+        "## Claims",
         "",
-        study.description.strip(),
+        "Each expectation from the literature this study can test, with the verdict its data gives.",
         "",
-        "## Runs",
-        "",
-        tabulate(tables["runs"][1], headers=tables["runs"][0], tablefmt="github", disable_numparse=True),
-        "",
-        "## Dense versus MoE at each budget",
-        "",
-        "Each MoE run is set against the dense run of the same budget and seed with the closest active "
-        "parameter count. A negative loss difference means the MoE reached lower validation loss.",
-        "",
-        tabulate(
-            tables["dense_vs_moe"][1], headers=tables["dense_vs_moe"][0], tablefmt="github", disable_numparse=True
-        ),
+        table("claims"),
         "",
     ]
+    md += ["## Runs", "", table("runs"), ""]
+    md += ["## Dense versus MoE, run by run", "", table("dense_vs_moe"), ""]
+    md += ["## Dense versus MoE over seeds", ""]
     if len(seeds) == 1:
         md += ["With one seed per run no claim of significance is made.", ""]
-    gfm = {"tablefmt": "github", "disable_numparse": True}
-    figure = downstream_figure(records, evals, results / "figures" / "downstream_vs_loss.png")
+    md += [table("seeds"), ""]
+    md += [
+        *scaling.markdown(analysis, table),
+        "",
+        image("loss_vs_params", "loss against active and total parameters"),
+        "",
+    ]
+    md += [image("isoflop", "IsoFLOP curves"), "", image("loss_vs_cost", "loss against FLOPs, seconds and joules"), ""]
+    if tables["cost"][1]:
+        device = next(iter(measures.values()))["device_name"]
+        md += [
+            "## Cost per run",
+            "",
+            f"Measured by `harness measure` on {device}. Memory for parameters and optimizer state follows "
+            "total parameters; throughput follows active parameters. Energy is GPU board energy from NVML, "
+            "not wall-socket energy; on a CPU it is absent.",
+            "",
+            table("cost"),
+            "",
+            image("cost_scaling", "memory against total parameters, throughput against active parameters"),
+            "",
+        ]
+    overhead = _meter_overhead(microbench)
+    if overhead is not None:
+        md += [f"Energy-meter sampling overhead: {overhead:+.2%} of training-step time (micro-benchmark).", ""]
+    if tables["microbench"][1]:
+        md += [
+            "## MoE FFN micro-benchmark",
+            "",
+            "Forward + backward, same weights, implementations interleaved round by round; "
+            "medians of per-round ratios.",
+            "",
+            table("microbench"),
+            "",
+        ]
+    md += [
+        "## Routing health",
+        "",
+        "Per MoE layer over the final tenth of training. A layer has collapsed when an expert received no "
+        "tokens in that window or one expert took half of all assignments.",
+        "",
+        table("routing_health"),
+        "",
+        image("routing_health", "load CV and router entropy over training"),
+        "",
+        "## Expert specialisation",
+        "",
+        "Normalised mutual information between a token's experts and its category (keyword, identifier, number, "
+        "punctuation, string/comment, whitespace) or its topic (the package its file belongs to), minus the same "
+        "with labels shuffled, on held-out tokens (`harness routing`).",
+        "",
+        table("specialisation"),
+        "",
+        image("specialisation", "expert by token-category lift"),
+        "",
+    ]
     if eval_rows:
         any_eval = next(iter(evals.values()))
         local = any_eval["local_tasks"]
@@ -399,49 +550,158 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
             f"(chance {local['tasks']['heldout_code_mc']['chance_accuracy']:.2f}, "
             f"{local['tasks']['heldout_code_mc']['questions']} questions). Values are ± standard error.",
             "",
-            tabulate(eval_rows, headers=eval_headers, **gfm),
+            table("eval"),
+            "",
+            image("downstream_vs_loss", "downstream metrics against validation loss"),
             "",
         ]
-        if figure is not None:
-            md += [f"![downstream metrics against validation loss]({figure.relative_to(results).as_posix()})", ""]
-        for task, why in sorted(not_run.items()):
-            md += [f"- not run: `{task}`: {why}"]
+        md += [f"- not run: `{task}`: {why}" for task, why in sorted(not_run.items())]
         md += [""] if not_run else []
-    if tables["cost"][1]:
-        device = next(iter(measures.values()))["device_name"]
+    else:
         md += [
-            "## Cost per run",
+            "## Downstream evaluation (lm-eval)",
             "",
-            f"Measured by `harness measure` on {device}. Memory for parameters and optimizer state follows "
-            "total parameters; throughput follows active parameters. Energy is GPU board energy from NVML, "
-            "not wall-socket energy; on a CPU it is absent.",
+            "No run has an eval.json (`harness evaluate`).",
             "",
-            tabulate(tables["cost"][1], headers=tables["cost"][0], **gfm),
+            image("downstream_vs_loss", "downstream metrics against validation loss"),
             "",
         ]
-    overhead = _meter_overhead(microbench)
-    if overhead is not None:
-        md += [f"Energy-meter sampling overhead: {overhead:+.2%} of training-step time (micro-benchmark).", ""]
-    if tables["microbench"][1]:
+    md += ["## Reproduction", ""]
+    if repro["reference"] is None:
+        md += [f"No committed reference for `{study.name}` on `{ours['device_class']}` under results/reference/.", ""]
+    else:
+        good = sum(r["reproduced"] for r in repro["rows"])
         md += [
-            "## MoE FFN micro-benchmark",
+            f"Against `{repro['reference']}` (commit {repro['reference_commit']}): {good} of {len(repro['rows'])} "
+            f"numbers reproduced within tolerance. {repro['note']}",
             "",
-            "Forward + backward, same weights, implementations interleaved round by round; "
-            "medians of per-round ratios.",
-            "",
-            tabulate(tables["microbench"][1], headers=tables["microbench"][0], **gfm),
+            table("reproduction"),
             "",
         ]
-    md += [
+    md += manifest(records, data, evals)
+    return write_text(results / "report.md", "\n".join(md))
+
+
+def glance_table(
+    records: list[dict[str, Any]],
+    evals: dict[str, dict[str, Any]],
+    measures: dict[str, dict[str, Any]],
+    analysis,
+) -> tuple[list[str], list[list[Any]]]:
+    """What each MoE bought and cost against its compute-matched dense run: the main table."""
+    headers = [
+        "budget FLOPs",
+        "MoE",
+        "vs dense",
+        "seeds",
+        "val loss MoE - dense",
+        "bits/byte MoE - dense",
+        "compute multiplier",
+        "wall-clock multiplier",
+        "total params x",
+        "memory x",
+        "train tokens/s x",
+    ]
+    flops = {(r["model"], r["budget_flops"]): r for r in analysis.multiplier_flops}
+    secs = {(r["model"], r["budget_flops"]): r for r in analysis.multiplier_seconds}
+    groups: dict[tuple[str, float], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+    for m in records:
+        d = dense_peer(m, records) if m["arm"] == "moe" else None
+        if d is not None:
+            groups.setdefault((m["model"], m["budget_flops"]), []).append((m, d))
+
+    def mean(values: list[float | None]) -> float | None:
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    def bpb(rec: dict[str, Any]) -> float | None:
+        v = evals.get(rec["run_id"], {}).get("tasks", {}).get("heldout_ppl", {}).get("bits_per_byte")
+        return v if isinstance(v, (int, float)) else None
+
+    def ratio(m: dict[str, Any], d: dict[str, Any], get) -> float | None:
+        a, b = measures.get(m["run_id"]), measures.get(d["run_id"])
+        return None if a is None or b is None else get(a) / get(b)
+
+    def mem(meas: dict[str, Any]) -> float:
+        return meas["memory"]["param_bytes"] + meas["memory"]["optimizer_state_bytes"]
+
+    rows = []
+    for (model, budget), pairs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        m0, d0 = pairs[0]
+        f, t = flops.get((model, budget), {}), secs.get((model, budget), {})
+        bpb_diff = mean([None if bpb(m) is None or bpb(d) is None else bpb(m) - bpb(d) for m, d in pairs])
+        rows.append(
+            [
+                budget_label(budget),
+                arm_label(m0),
+                d0["model"],
+                len(pairs),
+                f"{mean([m['final_val_loss'] - d['final_val_loss'] for m, d in pairs]):+.4f}",
+                _f(bpb_diff, "+.4f"),
+                _f(f.get("multiplier"), ".2f") + ("*" if f.get("extrapolated") else ""),
+                _f(t.get("multiplier"), ".2f") + ("*" if t.get("extrapolated") else ""),
+                f"{m0['params']['total'] / d0['params']['total']:.2f}",
+                _f(mean([ratio(m, d, mem) for m, d in pairs]), ".2f"),
+                _f(mean([ratio(m, d, lambda x: x["train"]["tokens_per_s_median"]) for m, d in pairs]), ".2f"),
+            ]
+        )
+    return headers, rows
+
+
+def main_table_intro(records: list[dict[str, Any]]) -> str:
+    return (
+        "Each MoE against its compute-matched dense run (same budget and seed, closest active parameter count), "
+        "averaged over seeds. Negative differences: the MoE reached lower loss. Multipliers: the dense FLOPs "
+        "(seconds) that would reach the MoE's loss over the MoE's own (* extrapolated beyond the dense budgets). "
+        "Ratios x are MoE over dense."
+    )
+
+
+def _specialisation_example(routing: dict[str, dict[str, Any]]) -> tuple[str | None, dict[str, Any] | None]:
+    """The analysed MoE run with the most experts (then the most tokens), and its middle layer."""
+    analysed = [(run, r) for run, r in routing.items() if r.get("moe") and r.get("layers")]
+    if not analysed:
+        return None, None
+    run, r = max(analysed, key=lambda kv: (kv[1]["experts"], kv[1].get("tokens", 0), kv[0]))
+    layer = r["layers"][len(r["layers"]) // 2]
+    lift = [[1.0 if v is None else v for v in row] for row in layer["expert_category_lift"]]
+    return run, {"layer": layer["layer"], "lift": lift, "categories": r["categories"]}
+
+
+def manifest(records: list[dict[str, Any]], data: dict[str, Any], evals: dict[str, dict[str, Any]]) -> list[str]:
+    commits = sorted(
+        {
+            f"{r['provenance']['git'].get('commit')}{' (dirty)' if r['provenance']['git'].get('dirty') else ''}"
+            for r in records
+        }
+    )
+    devices = sorted(
+        {
+            f"{r['provenance']['host']['device']} ({r['provenance']['host']['gpu'] or r['provenance']['host']['cpu']})"
+            for r in records
+        }
+    )
+    packages = records[0]["provenance"]["packages"]
+    trained_on = sorted({r["data_fingerprint"] for r in records})
+    stale = (
+        []
+        if trained_on == [data["fingerprint"]]
+        else [
+            f"- **warning**: the runs were trained on data {', '.join(f'`{f[:16]}`' for f in trained_on)}, "
+            f"not on the data now in data/ (`{data['fingerprint'][:16]}`): rerun them"
+        ]
+    )
+    return [
         "## Manifest",
         "",
-        f"- FLOP convention: {', '.join(conventions)} (see models/accounting.py)",
+        f"- FLOP convention: {', '.join(sorted({r['flop_convention'] for r in records}))} (see models/accounting.py)",
         f"- data: {data['source']}, fingerprint `{data['fingerprint'][:16]}`, "
         f"{data['splits']['train']['tokens']:,} train tokens, vocabulary {data['tokenizer']['vocab_size']}",
-        f"- code: git {prov['git'].get('commit')} (dirty: {prov['git'].get('dirty')})",
-        f"- device: {prov['host']['device']} ({prov['host']['gpu'] or prov['host']['cpu']}), "
-        f"torch {prov['packages']['torch']}",
-        f"- seeds: {', '.join(map(str, seeds))}",
+        f"- code: git {', '.join(commits)}",
+        f"- devices: {', '.join(devices)}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in packages.items() if v),
+        f"- lm-eval: {', '.join(sorted({e['lm_eval_version'] for e in evals.values()})) or 'not run'}",
+        f"- seeds: {', '.join(map(str, sorted({r['seed'] for r in records})))}",
+        *stale,
         "",
     ]
-    return write_text(results / "report.md", "\n".join(md))

@@ -202,6 +202,24 @@ def test_shards_decode_to_the_corpus_text(prepared):
     assert len(first_doc) > 20
 
 
+def test_data_json_lists_the_heldout_keys_in_shard_order(prepared):
+    from tokenizers import Tokenizer
+
+    from harness.tasks import heldout_documents
+
+    _, study, data_dir, meta = prepared
+    cfg = study.data
+    keys = [d.key for d in iter_documents(cfg, study.path)]
+    assert read_json(data_dir / "data.json")["heldout_keys"] == meta["heldout_keys"]
+    for split in ("validation", "test"):
+        expected = [k for k in keys if split_of(k, cfg.validation_fraction, cfg.test_fraction) == split]
+        assert meta["heldout_keys"][split] == expected and expected
+        assert len(expected) == meta["splits"][split]["documents"]
+    split, docs = heldout_documents(data_dir, Tokenizer.from_file(str(data_dir / "tokenizer.json")))
+    texts = {d.key: d.text for d in iter_documents(cfg, study.path)}
+    assert docs == [texts[k] for k in meta["heldout_keys"][split]]
+
+
 def test_train_batches_depend_only_on_seed_and_step(prepared):
     _, _, data_dir, _ = prepared
     shard = TokenShard(data_dir, "train", 32)
@@ -366,11 +384,51 @@ def test_report_tables(prepared):
     params_ratio, memory_ratio, _ = (float(v.strip().lstrip("x")) for v in versus.split(","))
     assert params_ratio > 1.2 and memory_ratio == pytest.approx(params_ratio, rel=0.02)  # memory follows total
     assert (results / "tables" / "cost.csv").read_text().count("\n") == 1 + len(plan(study))
-    assert "## Dense versus MoE at each budget" in md
+    assert "## Dense versus MoE, run by run" in md and "## At a glance" in md and "## Claims" in md
+    from harness.report import FIGURES
+
+    for figure in FIGURES.values():  # every figure, readable or saying why it is empty
+        assert (results / figure).read_bytes()[:4] == b"\x89PNG" and figure in md
+    claims = list(csv.DictReader((results / "tables" / "claims.csv").open()))
+    assert len(claims) == 6 and {c["verdict"] for c in claims} <= {"supported", "not supported", "not enough data"}
+    assert "No committed reference for `pico`" in md
+    reference = results.parent / "reference" / "cpu" / "pico" / "summary.json"
+    reference.parent.mkdir(parents=True)
+    reference.write_text((results / "summary.json").read_text())
+    md = write_report(study, results, bench).read_text()
+    reproduced = list(csv.DictReader((results / "tables" / "reproduction.csv").open()))
+    assert reproduced and all(r["reproduced"] == "yes" for r in reproduced)
+    assert f"{len(reproduced)} of {len(reproduced)} numbers reproduced" in md
     assert "dense-pico-e4k2_6e9_s0" in md and "no claim of significance" in md
     assert (results / "tables" / "dense_vs_moe.html").read_text().startswith("<table>")
     lines = (results / "tables" / "runs.csv").read_text().splitlines()
     assert len(lines) == 1 + len(plan(study))
+
+
+def test_cli_routing_of_a_trained_moe_run(prepared, tmp_path, capsys):
+    from harness.cli import main
+
+    root, study, data_dir, _ = prepared
+    run = find_run(study, "dense-pico-e4k2_6e9_s0")
+    run_dir = root / "results" / "runs" / run.run_id
+    if not (run_dir / "record.json").exists():
+        train(run, study, data_dir, run_dir, progress=False)
+    # The CLI reads <results>/<study>/{data,runs}: point one at the fixture's folders.
+    results = tmp_path / "results"
+    (results / "pico" / "runs").mkdir(parents=True)
+    (results / "pico" / "data").symlink_to(data_dir)
+    (results / "pico" / "runs" / run.run_id).symlink_to(run_dir)
+    out = tmp_path / "routing.json"
+    args = ["routing", str(study.path), "--run", run.run_id, "--results", str(results), "--device", "cpu"]
+    assert main([*args, "--max-tokens", "600", "--out", str(out)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.count("\n") == 0 and "excess NMI" in line and str(out) in line
+    result = read_json(out)
+    assert result["run_id"] == run.run_id and result["moe"] is True and result["split"] == "test"
+    assert result["tokens_with_eos"] == 600 and result["topics_known"] and result["note"] is None
+    assert len(result["layers"]) == 2 and result["summary"]["specialises_by"] in ("category", "topic", "neither")
+    assert main(["routing", str(study.path), "--run", "dense-pico_6e9_s0", "--results", str(tmp_path)]) == 2
+    assert "train the run first" in capsys.readouterr().err
 
 
 def test_snakemake_refuses_a_bad_study_before_running(tmp_path):

@@ -19,3 +19,23 @@ rule evaluate:
         f"{RESULTS}/benchmarks/evaluate/{{run}}.tsv"
     shell:
         "{PY} -m harness evaluate {params.study} --run {wildcards.run} --threads {threads} {params.download} > {log} 2>&1"
+
+
+rule routing:
+    """What a run's experts specialise in (token category or topic), on held-out tokens."""
+    input:
+        record=f"{RESULTS}/runs/{{run}}/record.json",
+        data=rules.data.output.meta,
+    output:
+        routing=f"{RESULTS}/runs/{{run}}/routing.json",
+    params:
+        study=STUDY.path,
+    threads: workflow.cores
+    resources:
+        gpu=1 if USE_GPU else 0,
+    log:
+        f"{RESULTS}/logs/routing/{{run}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/routing/{{run}}.tsv"
+    shell:
+        "{PY} -m harness routing {params.study} --run {wildcards.run} --threads {threads} > {log} 2>&1"

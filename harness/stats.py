@@ -1,0 +1,82 @@
+"""Dense-versus-MoE differences over seeds, with the test that says whether to believe them.
+
+    rows = seed_comparison(records)   # one row per (MoE model, budget)
+
+Runs with the same seed share the data order (``TokenShard.train_batch`` depends only on seed
+and step), so an MoE run and its dense peer of the same seed form a pair and the test is the
+paired t-test over seeds (``scipy.stats.ttest_rel``). Effects between routing variants are of
+the order of 0.005 nats (SCIENCE.md): one seed supports no claim, and the rows say so.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+ALPHA = 0.05
+
+
+def arm_label(rec: dict[str, Any]) -> str:
+    return "dense" if rec["arm"] == "dense" else f"MoE E{rec['experts']} k{rec['top_k']}"
+
+
+def dense_peer(moe: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The dense run of the same budget and seed with the closest active parameter count."""
+    peers = [
+        d
+        for d in records
+        if d["arm"] == "dense" and d["budget_flops"] == moe["budget_flops"] and d["seed"] == moe["seed"]
+    ]
+    if not peers:
+        return None
+    return min(peers, key=lambda p: abs(p["params"]["active_non_embedding"] - moe["params"]["active_non_embedding"]))
+
+
+def seed_comparison(records: list[dict[str, Any]], metric: str = "final_val_loss") -> list[dict[str, Any]]:
+    """Per (MoE model, budget): MoE and dense mean ± std over seeds, the mean paired difference
+    (MoE - dense) and, with two or more seeds, the paired t-test's p-value and verdict."""
+    pairs: dict[tuple[str, float], list[tuple[dict[str, Any], dict[str, Any]]]] = defaultdict(list)
+    for m in records:
+        if m["arm"] != "moe":
+            continue
+        d = dense_peer(m, records)
+        if d is not None:
+            pairs[(m["model"], m["budget_flops"])].append((m, d))
+    rows = []
+    for (model, budget), group in sorted(pairs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        moe = np.array([m[metric] for m, _ in group], dtype=float)
+        dense = np.array([d[metric] for _, d in group], dtype=float)
+        diff = moe - dense
+        n = len(group)
+        row: dict[str, Any] = {
+            "model": model,
+            "arm": arm_label(group[0][0]),
+            "dense_model": group[0][1]["model"],
+            "budget_flops": budget,
+            "seeds": n,
+            "moe_mean": float(moe.mean()),
+            "moe_std": float(moe.std(ddof=1)) if n > 1 else None,
+            "dense_mean": float(dense.mean()),
+            "dense_std": float(dense.std(ddof=1)) if n > 1 else None,
+            "difference_mean": float(diff.mean()),
+            "difference_std": float(diff.std(ddof=1)) if n > 1 else None,
+            "p_value": None,
+            "verdict": "one seed: no claim of significance",
+        }
+        if n > 1:
+            if np.allclose(diff, diff[0]):
+                row["verdict"] = "identical differences across seeds: no test"
+            else:
+                p = float(stats.ttest_rel(moe, dense).pvalue)
+                row["p_value"] = p
+                better = "MoE lower" if diff.mean() < 0 else "MoE higher"
+                row["verdict"] = (
+                    f"{better}, significant (paired t-test, p < {ALPHA})"
+                    if p < ALPHA
+                    else f"not significant (paired t-test, p = {p:.2g})"
+                )
+        rows.append(row)
+    return rows
