@@ -722,6 +722,7 @@ class ScalingAnalysis:
     equivalent: list[dict[str, Any]]
     multiplier_flops: list[dict[str, Any]]
     multiplier_seconds: list[dict[str, Any]]
+    multiplier_energy: list[dict[str, Any]]  # empty unless every run has NVML energy
     isoflop: IsoflopAnalysis
     krajewski: list[dict[str, Any]]
 
@@ -743,6 +744,9 @@ def analyse(records: list[dict[str, Any]], bootstrap: int = 1000, seed: int = 0)
         equivalent=dense_equivalent(records, bootstrap=bootstrap, seed=seed),
         multiplier_flops=compute_multiplier(records, bootstrap=bootstrap, seed=seed),
         multiplier_seconds=compute_multiplier(records, cost_key="train_seconds", bootstrap=bootstrap, seed=seed),
+        multiplier_energy=compute_multiplier(records, cost_key="gpu_energy_j", bootstrap=bootstrap, seed=seed)
+        if records and all(r.get("gpu_energy_j") is not None for r in records)
+        else [],
         isoflop=isoflop(records),
         krajewski=krajewski_check(records),
     )
@@ -805,11 +809,22 @@ def equivalent_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
 
 
 def multiplier_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
-    headers = ["budget FLOPs", "MoE", "matched dense", "method", "compute multiplier", "wall-clock multiplier", "note"]
+    headers = [
+        "budget FLOPs",
+        "MoE",
+        "matched dense",
+        "method",
+        "compute multiplier",
+        "wall-clock multiplier",
+        "energy multiplier",
+        "note",
+    ]
     seconds = {(r["model"], r["budget_flops"]): r for r in a.multiplier_seconds}
+    joules = {(r["model"], r["budget_flops"]): r for r in a.multiplier_energy}
     rows = []
     for r in a.multiplier_flops:
         t = seconds.get((r["model"], r["budget_flops"]), {})
+        j = joules.get((r["model"], r["budget_flops"]))
         notes = [x for x in (r["reason"], "extrapolated" if r["extrapolated"] else "") if x]
         if r["matched_within_5pct"] is False:
             notes.append("closest dense differs by more than 5% in active parameters")
@@ -821,6 +836,9 @@ def multiplier_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
                 r["method"] or "-",
                 _g(r["multiplier"], ".2f") + _ci(r["multiplier_ci"], ".2f"),
                 _g(t.get("multiplier"), ".2f") + (" (extrapolated)" if t.get("extrapolated") else ""),
+                "absent (no NVML energy)"
+                if j is None
+                else _g(j.get("multiplier"), ".2f") + (" (extrapolated)" if j.get("extrapolated") else ""),
                 "; ".join(notes) or "-",
             ]
         )
@@ -846,6 +864,25 @@ def isoflop_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
 def isoflop_curves(a: ScalingAnalysis) -> list[dict[str, Any]]:
     """The curves worth drawing: three or more sizes at a budget."""
     return [c for c in a.isoflop.curves if c["sizes"] >= MIN_POINTS]
+
+
+def _multiplier_finding(a: ScalingAnalysis) -> str:
+    """One sentence: what this study finds for the compute multiplier, against Switch's 7x."""
+    top = max((r["budget_flops"] for r in a.multiplier_flops), default=None)
+    rows = [r for r in a.multiplier_flops if r["budget_flops"] == top and r["multiplier"] is not None]
+    if not rows:
+        return "This study has no compute multiplier (a dense model needs two or more budgets)."
+    secs = {r["model"]: r["multiplier"] for r in a.multiplier_seconds if r["budget_flops"] == top}
+    parts = []
+    for r in sorted(rows, key=lambda r: r["model"]):
+        t = secs.get(r["model"])
+        parts.append(
+            f"{r['arm']} x{r['multiplier']:.2f} in FLOPs" + ("" if t is None else f", x{t:.2f} in wall-clock time")
+        )
+    return (
+        f"At the largest budget ({_budget(top)} FLOPs) this study finds: {'; '.join(parts)} "
+        "(above 1: the MoE saves compute; Switch Transformers reported 7x at far larger scale)."
+    )
 
 
 def markdown(a: ScalingAnalysis, table) -> list[str]:
@@ -877,6 +914,7 @@ def markdown(a: ScalingAnalysis, table) -> list[str]:
     ]
     if exps:
         lines += [f"N_opt ∝ C^a: {'; '.join(exps)}.", ""]
+    lines += [_multiplier_finding(a), ""]
     if gaps:
         text = "; ".join(
             f"{r['arm']} at {_budget(r['budget_flops'])}: predicted {r['predicted_gap']:+.3f}, "
