@@ -234,29 +234,46 @@ def cost_scaling(records: list[dict[str, Any]], measures: dict[str, dict[str, An
 
 
 def routing_health_figure(series: dict[str, dict[str, np.ndarray]], experts: dict[str, int], path: Path) -> Path:
-    """Per MoE run (columns): load coefficient of variation and router entropy / log E of each
-    layer over training."""
+    """Per MoE run (columns), each layer over training: load coefficient of variation, busiest
+    expert over the mean, router entropy / log E and z-loss; experts without tokens in a step
+    and the dropped fraction when any step has them."""
     runs = [run for run, s in series.items() if s]
     if not runs:
         fig, ax = plt.subplots(figsize=(6, 3))
         _note(ax, "no MoE run: no routing to show")
         return _save(fig, path)
-    fig, axes = plt.subplots(2, len(runs), figsize=(3.6 * len(runs), 6), squeeze=False, sharex="col")
+    panels = [
+        ("load_cv", "load CV (std / mean tokens per expert)"),
+        ("max_over_mean", "busiest expert / mean load"),
+        ("entropy", "router entropy / log E"),
+        ("z_loss", "router z-loss"),
+    ]
+    if any((series[r]["tokens_per_expert"] == 0).any() for r in runs):
+        panels.append(("idle", "experts with no tokens in the step"))
+    if any((series[r]["dropped_fraction"] > 0).any() for r in runs):
+        panels.append(("dropped_fraction", "dropped fraction"))
+    fig, axes = plt.subplots(
+        len(panels), len(runs), figsize=(3.6 * len(runs), 2.4 * len(panels)), squeeze=False, sharex="col"
+    )
     for j, run in enumerate(runs):
         s = series[run]
+        derived = {
+            "entropy": s["router_entropy"] / math.log(max(experts[run], 2)),
+            "idle": (s["tokens_per_expert"] == 0).sum(-1),
+        }
         layers = s["load_cv"].shape[1]
         colours = plt.get_cmap("plasma")(np.linspace(0.1, 0.85, layers))
-        for layer in range(layers):
-            axes[0, j].plot(s["step"], s["load_cv"][:, layer], color=colours[layer], label=f"layer {layer}")
-            entropy = s["router_entropy"][:, layer] / math.log(max(experts[run], 2))
-            axes[1, j].plot(s["step"], entropy, color=colours[layer])
+        for i, (key, label) in enumerate(panels):
+            values = derived.get(key, s.get(key))
+            for layer in range(layers):
+                axes[i, j].plot(s["step"], values[:, layer], color=colours[layer], label=f"layer {layer}")
+            axes[i, j].grid(alpha=0.3)
+            if j == 0:
+                axes[i, j].set_ylabel(label, fontsize=8)
+            if key == "entropy":
+                axes[i, j].set_ylim(0, 1.05)
         axes[0, j].set_title(run, fontsize=8)
-        axes[1, j].set_xlabel("training step")
-        axes[1, j].set_ylim(0, 1.05)
-        for ax in axes[:, j]:
-            ax.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("load CV (std/mean tokens per expert)")
-    axes[1, 0].set_ylabel("router entropy / log E")
+        axes[-1, j].set_xlabel("training step")
     axes[0, 0].legend(fontsize=7)
     return _save(fig, path)
 
