@@ -110,7 +110,7 @@ def loss_vs_params(records: list[dict[str, Any]], dense_fits: dict[float, Any], 
                 if fit is None:
                     continue
                 lo, hi = fit.x_min, fit.x_max
-                n = np.geomspace(lo / 2, hi * 4, 100)
+                n = np.geomspace(lo / 1.25, hi * 1.25, 100)  # the fitted range, not an extrapolation
                 ax.plot(n, fit.predict(n), color="grey", linewidth=0.8, linestyle=budgets[budget], alpha=0.7)
         _scale(ax, "x", [p["_x"] for p in points])
         ax.set_xlabel(f"{title} non-embedding parameters")

@@ -264,7 +264,10 @@ def invert(fit: PowerLawFit, loss: float) -> tuple[Inversion | None, str]:
         return None, "the loss is not finite"
     if loss <= fit.E:
         return None, f"loss {loss:.4f} is at or below the fit's asymptote E = {fit.E:.4f}: no size reaches it"
-    x = (fit.A / (loss - fit.E)) ** (1.0 / fit.alpha)
+    log_x = (math.log(fit.A) - math.log(loss - fit.E)) / fit.alpha  # in logs: a flat fit (alpha ~ 0) overflows
+    if log_x > 700:
+        return None, f"the fit reaches loss {loss:.4f} only beyond N = 1e304 (alpha = {fit.alpha:.3g}: the fit is flat)"
+    x = math.exp(log_x)
     ci = None
     if fit.samples is not None:
         e, a, alpha = fit.samples.T

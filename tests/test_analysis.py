@@ -130,3 +130,39 @@ def test_reproduction_compares_within_tolerance_and_notices_other_data():
     assert "other data" in note
     gpu = {**records[0], "provenance": {**prov, "host": {"gpu": "NVIDIA H100 80GB HBM3"}}}
     assert device_class(gpu) == "nvidia-h100-80gb-hbm3"
+
+
+def test_scaling_figures_and_tables_with_three_sizes_per_budget(tmp_path):
+    """A study shaped like `full`: three dense sizes and a matched MoE family per size at two
+    budgets, losses on parabolas in log N; the analysis finds the optima and the figures draw."""
+    from harness import figures, scaling
+
+    records = []
+    for budget, n_star in ((1e16, 2e6), (1e17, 6e6)):
+        for n in (1e6, 3e6, 9e6):
+            dense = 3.0 - 0.6 * math.log10(budget / 1e16) + 0.2 * math.log(n / n_star) ** 2
+            common = {"flops_spent": budget, "train_seconds": budget / 1e12, "gpu_energy_j": None}
+            common |= {"tokens": int(budget / (6 * n))}
+            records.append(
+                _rec(f"d{n:g}", "dense", budget, 0, dense, active=int(n), total=int(n), **common)
+                | {"config": {"moe": None, "d_ff": 256}}
+            )
+            moe = _rec(f"m{n:g}", "moe", budget, 0, dense - 0.05, 8, 2, active=int(n), total=int(4 * n), **common)
+            moe["params"] |= {"total_non_embedding": int(4 * n)}
+            moe["config"] = {"moe": {"d_expert": 128, "load_balance_coef": 0.01}, "d_ff": 256}
+            records.append(moe)
+    for r in records:
+        r["params"].setdefault("total_non_embedding", r["params"]["total"])
+    a = scaling.analyse(records, bootstrap=50)
+    curves = scaling.isoflop_curves(a)
+    assert len(curves) == 4 and all(c["n_opt"] is not None for c in curves)
+    dense_opt = {c["budget_flops"]: c["n_opt"] for c in curves if c["arm"] == "dense"}
+    assert dense_opt[1e16] == pytest.approx(2e6, rel=1e-6) and dense_opt[1e17] == pytest.approx(6e6, rel=1e-6)
+    headers, rows = scaling.multiplier_table(a)
+    assert all(row[4] != "-" for row in rows)  # two dense budgets: a multiplier for every MoE row
+    for name, draw in {
+        "isoflop": lambda p: figures.isoflop_figure(records, curves, p),
+        "params": lambda p: figures.loss_vs_params(records, a.dense_fits, p),
+        "cost": lambda p: figures.loss_vs_cost(records, p),
+    }.items():
+        assert draw(tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
