@@ -158,7 +158,7 @@ def test_scaling_figures_and_tables_with_three_sizes_per_budget(tmp_path):
     assert len(curves) == 4 and all(c["n_opt"] is not None for c in curves)
     dense_opt = {c["budget_flops"]: c["n_opt"] for c in curves if c["arm"] == "dense"}
     assert dense_opt[1e16] == pytest.approx(2e6, rel=1e-6) and dense_opt[1e17] == pytest.approx(6e6, rel=1e-6)
-    headers, rows = scaling.multiplier_table(a)
+    _, rows = scaling.multiplier_table(a)
     assert all(row[4] != "-" for row in rows)  # two dense budgets: a multiplier for every MoE row
     for name, draw in {
         "isoflop": lambda p: figures.isoflop_figure(records, curves, p),
