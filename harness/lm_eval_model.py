@@ -37,6 +37,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from harness.data import EOS
 from harness.io import read_json
 from models.config import ConfigError, load_config
 from models.transformer import KVCache
@@ -44,7 +45,6 @@ from models.transformer import KVCache
 log = logging.getLogger(__name__)
 
 NAME = "moe-harness"
-EOS = "<|endoftext|>"
 
 
 def locate_run(checkpoint: str | Path) -> tuple[Path, Path]:

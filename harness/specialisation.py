@@ -52,11 +52,11 @@ from typing import Any
 
 import numpy as np
 
+from harness.data import EOS
 from harness.io import read_json
 
 CATEGORIES = ("keyword", "identifier", "number", "punctuation", "string/comment", "whitespace")
 KEYWORD, IDENTIFIER, NUMBER, PUNCTUATION, STRING_COMMENT, WHITESPACE = range(len(CATEGORIES))
-EOS = "<|endoftext|>"
 NO_LABEL = -1  # the end-of-text tokens: run through the model, counted under no label
 UNKNOWN_TOPIC = "unknown"
 
