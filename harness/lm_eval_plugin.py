@@ -2,8 +2,9 @@
 
 lm-eval finds models in a registry it fills when ``lm_eval.models`` is imported, and has no
 plugin discovery. The package installs this module at the top of site-packages as
-``_moe_harness_lm_eval`` with a ``.pth`` line that imports it at interpreter start. It only
-appends a finder to ``sys.meta_path`` (no other import); once ``lm_eval.models`` has loaded,
+``_moe_harness_lm_eval`` with a ``.pth`` line (harness/lm_eval_plugin_startup.txt, installed as
+moe_harness_lm_eval.pth) that imports it at interpreter start. It only
+puts a finder first on ``sys.meta_path`` (no other import); once ``lm_eval.models`` has loaded,
 the finder adds ``moe-harness`` to the registry as a lazy ``module:Class`` entry, so torch
 and our model code load only when that model is asked for. The installed copy is taken at
 install time: reinstall (`make install`) after editing this file.
