@@ -15,7 +15,7 @@ from typing import Any
 
 from scipy import stats as sps
 
-from harness.stats import dense_peer
+from harness.stats import measured_pairs, state_bytes
 
 SUPPORTED, NOT_SUPPORTED, NO_DATA = "supported", "not supported", "not enough data"
 TOKENS_PER_ACTIVE_PARAM = 20  # below this the MoE gain is rarely reported (Krajewski et al. 2024)
@@ -128,16 +128,11 @@ def balancing_needed(records: list[dict[str, Any]], health: dict[str, list[dict[
 def wall_clock_below_flop_gain(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> Claim:
     claim = "The wall-clock gain of MoE is smaller than its FLOP gain (it runs fewer FLOP/s than dense)"
     source = "R10: Muennighoff 2024 (OLMoE: ~3x fewer tokens, ~2x less time)"
-    ratios = []
-    for m in records:
-        d = dense_peer(m, records) if m["arm"] == "moe" else None
-        if d is None or m["run_id"] not in measures or d["run_id"] not in measures:
-            continue
-        mm, dm = measures[m["run_id"]], measures[d["run_id"]]
-        if mm["device_name"] != dm["device_name"]:
-            continue
-        rate = lambda meas, rec: meas["train"]["tokens_per_s_median"] * rec["flops_per_token"][rec["flop_convention"]]  # noqa: E731
-        ratios.append((m["run_id"], rate(mm, m) / rate(dm, d)))
+
+    def rate(meas: dict[str, Any], rec: dict[str, Any]) -> float:  # training FLOP/s
+        return meas["train"]["tokens_per_s_median"] * rec["flops_per_token"][rec["flop_convention"]]
+
+    ratios = [(m["run_id"], rate(mm, m) / rate(dm, d)) for m, d, mm, dm in measured_pairs(records, measures)]
     if not ratios:
         return Claim("R10", claim, source, NO_DATA, "no MoE run measured next to its dense peer on one device")
     below = sum(r < 1 for _, r in ratios)
@@ -152,15 +147,10 @@ def wall_clock_below_flop_gain(records: list[dict[str, Any]], measures: dict[str
 def memory_follows_total(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> Claim:
     claim = "Parameter and optimizer memory follows total parameters, not active ones"
     source = "Fedus 2022; Artetxe 2022"
-    rows = []
-    for m in records:
-        d = dense_peer(m, records) if m["arm"] == "moe" else None
-        if d is None or m["run_id"] not in measures or d["run_id"] not in measures:
-            continue
-        mem = lambda meas: meas["memory"]["param_bytes"] + meas["memory"]["optimizer_state_bytes"]  # noqa: E731
-        rows.append(
-            (m["params"]["total"] / d["params"]["total"], mem(measures[m["run_id"]]) / mem(measures[d["run_id"]]))
-        )
+    rows = [
+        (m["params"]["total"] / d["params"]["total"], state_bytes(mm) / state_bytes(dm))
+        for m, d, mm, dm in measured_pairs(records, measures)
+    ]
     if not rows:
         return Claim("memory", claim, source, NO_DATA, "no measured MoE-dense pair")
     close = sum(abs(mem / params - 1) <= 0.1 for params, mem in rows)

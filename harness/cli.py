@@ -104,6 +104,23 @@ def _results(args: argparse.Namespace, study) -> Path:
     return Path(args.results) / study.name
 
 
+def _trained_run(args: argparse.Namespace, study):
+    """(run, results folder, run folder) of --run, whose checkpoint must exist."""
+    run = find_run(study, args.run)
+    results = _results(args, study)
+    run_dir = results / "runs" / run.run_id
+    if not (run_dir / "checkpoint.pt").exists():
+        raise ConfigError("--run", f"{run_dir / 'checkpoint.pt'} does not exist; train the run first")
+    return run, results, run_dir
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     study = load_study(args.study)
     data_json = _results(args, study) / "data" / "data.json"
@@ -212,8 +229,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
         settings = MeasureSettings(**(settings.__dict__ | {"seq_len": study.recipe.seq_len}))
         out = Path(args.out) if args.out else run_dir / "measure.json"
         label = {"study": study.name, "run_id": run.run_id, "checkpoint": str(run_dir / "checkpoint.pt")}
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     result = label | measure(cfg, device, settings, state, seed)
     write_json(out, result)
     t, m = result["train"], result["mfu"]["conventions"]
@@ -233,12 +249,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from harness.export import NotExportable, export
 
     study = load_study(args.study)
-    run = find_run(study, args.run)
-    results = _results(args, study)
-    ckpt = results / "runs" / run.run_id / "checkpoint.pt"
-    if not ckpt.exists():
-        raise ConfigError("--run", f"{ckpt} does not exist; train the run first")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    run, results, run_dir = _trained_run(args, study)
+    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
     out = Path(args.out or results / "export" / run.run_id)
     try:
         cls = export(run.model, state, results / "data" / "tokenizer.json", out)
@@ -279,13 +291,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from harness.io import write_json
     from harness.provenance import provenance
 
-    run = find_run(study, args.run)
-    results = _results(args, study)
-    run_dir = results / "runs" / run.run_id
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    run, results, run_dir = _trained_run(args, study)
+    _set_threads(args.threads)
     result = evaluate_run(run_dir, results / "data" / "tasks", study.eval, device=args.device, dtype=args.dtype)
     import torch
 
@@ -310,15 +317,8 @@ def cmd_routing(args: argparse.Namespace) -> int:
     from harness.specialisation import routing_analysis
 
     study = load_study(args.study)
-    run = find_run(study, args.run)
-    results = _results(args, study)
-    run_dir = results / "runs" / run.run_id
-    if not (run_dir / "checkpoint.pt").exists():
-        raise ConfigError("--run", f"{run_dir / 'checkpoint.pt'} does not exist; train the run first")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    run, results, run_dir = _trained_run(args, study)
+    _set_threads(args.threads)
     result = routing_analysis(run_dir, results / "data", device=args.device, max_tokens=args.max_tokens)
     out = Path(args.out) if args.out else run_dir / "routing.json"
     write_json(out, {"run_id": run.run_id, "study": study.name} | result)

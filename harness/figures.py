@@ -21,7 +21,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from harness.io import atomic_write
-from harness.stats import arm_label
+from harness.stats import arm_label, state_bytes, task_metric
+from harness.study import budget_label
 
 MARKER_BY_K = {1: "^", 2: "o", 4: "D"}
 
@@ -88,8 +89,6 @@ def loss_vs_params(records: list[dict[str, Any]], dense_fits: dict[float, Any], 
     arm and budget, with the dense power-law fit of each budget where there is one."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     budgets = _budget_styles(records)
-    from harness.study import budget_label
-
     for ax, key, title in [
         (axes[0], "active_non_embedding", "active"),
         (axes[1], "total_non_embedding", "total"),
@@ -133,8 +132,6 @@ def isoflop_figure(records: list[dict[str, Any]], curves: list[dict[str, Any]], 
         _note(ax, "IsoFLOP curves need three or more model sizes at one budget;\nthis study has fewer.")
         ax.set_title("IsoFLOP")
         return _save(fig, path)
-    from harness.study import budget_label
-
     budgets = _budget_styles(records)
     for c in curves:
         rec = next(r for r in records if arm_label(r) == c["arm"])
@@ -215,7 +212,7 @@ def cost_scaling(records: list[dict[str, Any]], measures: dict[str, dict[str, An
         style = arm_style(r, records)
         label = None if arm in seen else arm
         seen.add(arm)
-        mem = (m["memory"]["param_bytes"] + m["memory"]["optimizer_state_bytes"]) / 2**20
+        mem = state_bytes(m) / 2**20
         axes[0].scatter(r["params"]["total"], mem, label=label, **style)
         axes[1].scatter(r["params"]["active"], m["train"]["tokens_per_s_median"], label=label, **style)
     axes[0].set_xlabel("total parameters")
@@ -307,15 +304,14 @@ def downstream_figure(
     for ax, (task, metric) in zip(axes[0], tasks.items(), strict=True):
         seen = set()
         for r in records:
-            m = evals.get(r["run_id"], {}).get("tasks", {}).get(task, {})
-            if not isinstance(m.get(metric), (int, float)):
+            value = task_metric(evals.get(r["run_id"]), task, metric)
+            if value is None:
                 continue
             arm = arm_label(r)
-            err = m.get(f"{metric}_stderr")
             ax.errorbar(
                 r["final_val_loss"],
-                m[metric],
-                yerr=err if isinstance(err, (int, float)) else None,
+                value,
+                yerr=task_metric(evals.get(r["run_id"]), task, f"{metric}_stderr"),
                 linestyle="none",
                 capsize=2,
                 label=None if arm in seen else arm,

@@ -251,13 +251,15 @@ class HarnessLM(TemplateLM):
         logits = self._logits(idx.to(self._device), cache)[:, -1]
         out: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
+        # a stop sequence ends within the last tokens: a token holds at least one byte, a char at most 4
+        tail = 4 * max((len(s) for s in until), default=0) + 1
         for step in range(max_new):
             nxt = logits.argmax(-1)
             for i, t in enumerate(nxt.tolist()):
                 if done[i]:
                     continue
                 out[i].append(t)
-                if t == self._eot or any(s in self.tok_decode(out[i]) for s in until):
+                if t == self._eot or any(s in self.tok_decode(out[i][-tail:]) for s in until):
                     done[i] = True
             if all(done) or step == max_new - 1:
                 break
@@ -271,8 +273,9 @@ class HarnessLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         args = [req.args for req in requests]
+        encoded = {context: self.tok_encode(context) for context, _ in args}  # once per distinct prompt
         collator = Collator(
-            args, sort_fn=lambda a: (-len(self.tok_encode(a[0])), a[0]), group_fn=lambda a: a[1], group_by="gen_kwargs"
+            args, sort_fn=lambda a: (-len(encoded[a[0]]), a[0]), group_fn=lambda a: a[1], group_by="gen_kwargs"
         )
         results: list[str] = []
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
@@ -284,7 +287,7 @@ class HarnessLM(TemplateLM):
             until = handle_stop_sequences(kwargs.pop("until", None), eos=EOS)
             max_new = min(kwargs.pop("max_gen_toks"), self._max_length - 1)
             keep = self._max_length - max_new
-            prompts = [(self.tok_encode(c) or [self._eot])[-keep:] for c in contexts]
+            prompts = [(encoded[c] or [self._eot])[-keep:] for c in contexts]
             for context, kw, text in zip(contexts, all_kwargs, self.greedy(prompts, max_new, until), strict=True):
                 results.append(text)
                 self.cache_hook.add_partial("generate_until", (context, kw), text)

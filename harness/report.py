@@ -16,7 +16,7 @@ from typing import Any
 from tabulate import tabulate
 
 from harness.io import read_json, write_json, write_text
-from harness.stats import arm_label, dense_peer
+from harness.stats import arm_label, dense_peer, peer_pairs, state_bytes, task_metric
 from harness.study import Study, budget_label, plan
 
 
@@ -34,11 +34,10 @@ def primary_metric(metrics: dict[str, Any]) -> str | None:
 
 def _task_value(ev: dict[str, Any] | None, task: str, metric: str) -> str:
     """'value ± stderr' of one task metric of one run's eval.json, or '-'."""
-    m = (ev or {}).get("tasks", {}).get(task, {})
-    if not isinstance(m.get(metric), (int, float)):
+    value, err = task_metric(ev, task, metric), task_metric(ev, task, f"{metric}_stderr")
+    if value is None:
         return "-"
-    err = m.get(f"{metric}_stderr")
-    return f"{m[metric]:.4f}" + (f" ± {err:.4f}" if isinstance(err, (int, float)) else "")
+    return f"{value:.4f}" + ("" if err is None else f" ± {err:.4f}")
 
 
 def run_table(
@@ -83,17 +82,23 @@ def run_table(
     return headers, rows
 
 
+def _eval_tasks(evals: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Each evaluated task and the metric it is shown by."""
+    tasks: dict[str, str] = {}
+    for ev in evals.values():
+        for task, metrics in ev["tasks"].items():
+            if (metric := primary_metric(metrics)) is not None:
+                tasks.setdefault(task, metric)
+    return tasks
+
+
 def eval_table(
     records: list[dict[str, Any]], evals: dict[str, dict[str, Any]]
 ) -> tuple[list[str], list[list[Any]], dict[str, str]]:
     """Every evaluated task's primary metric per run, and the tasks that did not run (why)."""
-    tasks: dict[str, str] = {}
+    tasks = _eval_tasks(evals)
     not_run: dict[str, str] = {}
     for ev in evals.values():
-        for task, metrics in ev["tasks"].items():
-            metric = primary_metric(metrics)
-            if metric is not None:
-                tasks.setdefault(task, metric)
         not_run.update(ev.get("not_run", {}))
     headers = ["run", "arm", "budget FLOPs", "val loss"] + [f"{t} {m}" for t, m in tasks.items()]
     rows = [
@@ -124,8 +129,7 @@ def comparison_table(
     evals = evals or {}
 
     def bpb(rec: dict[str, Any]) -> float | None:
-        value = evals.get(rec["run_id"], {}).get("tasks", {}).get("heldout_ppl", {}).get("bits_per_byte")
-        return value if isinstance(value, (int, float)) else None
+        return task_metric(evals.get(rec["run_id"]), "heldout_ppl", "bits_per_byte")
 
     rows = []
     for m in (r for r in records if r["arm"] == "moe"):
@@ -174,10 +178,6 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
         "vs dense: total params, memory, train tokens/s",
     ]
     rows = []
-
-    def memory(m: dict[str, Any]) -> int:
-        return m["memory"]["param_bytes"] + m["memory"]["optimizer_state_bytes"]
-
     for r in sorted(records, key=lambda r: (r["budget_flops"], r["run_id"])):
         m = measures.get(r["run_id"])
         if m is None:
@@ -187,7 +187,7 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
         versus = "-"
         if d and dm:
             versus = (
-                f"x{r['params']['total'] / d['params']['total']:.2f}, x{memory(m) / memory(dm):.2f}, "
+                f"x{r['params']['total'] / d['params']['total']:.2f}, x{state_bytes(m) / state_bytes(dm):.2f}, "
                 f"x{m['train']['tokens_per_s_median'] / dm['train']['tokens_per_s_median']:.2f}"
             )
         mem = m["memory"]
@@ -199,7 +199,7 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
                 r["run_id"],
                 arm_label(r),
                 _m(r["params"]["total"]),
-                f"{memory(m) / 2**20:.1f}",
+                f"{state_bytes(m) / 2**20:.1f}",
                 _fmt(None if peak is None else peak / 2**20, ".1f"),
                 f"{m['train']['tokens_per_s_median']:,.0f}",
                 _fmt(detailed["mfu_vs_spec_peak"], ".1%", "absent (no spec peak)"),
@@ -272,10 +272,6 @@ def _load_all(results: Path, runs, name: str) -> dict[str, dict[str, Any]]:
     return {run.run_id: read_json(p) for run in runs if (p := results / "runs" / run.run_id / name).exists()}
 
 
-def _f(value: float | None, spec: str = ".4f", absent: str = "-") -> str:
-    return absent if value is None else format(value, spec)
-
-
 def seed_table(seed_rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     headers = [
         "budget FLOPs",
@@ -301,7 +297,7 @@ def seed_table(seed_rows: list[dict[str, Any]]) -> tuple[list[str], list[list[An
             pm(r["moe_mean"], r["moe_std"]),
             pm(r["dense_mean"], r["dense_std"]),
             pm(r["difference_mean"], r["difference_std"]),
-            _f(r["p_value"], ".3g"),
+            _fmt(r["p_value"], ".3g", "-"),
             r["verdict"],
         ]
         for r in seed_rows
@@ -373,15 +369,6 @@ def reproduction_table(repro: dict[str, Any]) -> tuple[list[str], list[list[Any]
         for r in repro["rows"]
     ]
     return headers, rows
-
-
-def _eval_tasks(evals: dict[str, dict[str, Any]]) -> dict[str, str]:
-    tasks: dict[str, str] = {}
-    for ev in evals.values():
-        for task, metrics in ev["tasks"].items():
-            if (metric := primary_metric(metrics)) is not None:
-                tasks.setdefault(task, metric)
-    return tasks
 
 
 FIGURES = {
@@ -467,7 +454,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
 
     seeds = sorted({r["seed"] for r in records})
     md = [f"# Study `{study.name}`", "", study.description.strip(), ""]
-    md += ["## At a glance", "", main_table_intro(records), "", table("main"), ""]
+    md += ["## At a glance", "", main_table_intro(), "", table("main"), ""]
     md += [
         "## Claims",
         "",
@@ -604,29 +591,20 @@ def glance_table(
     ]
     flops = {(r["model"], r["budget_flops"]): r for r in analysis.multiplier_flops}
     secs = {(r["model"], r["budget_flops"]): r for r in analysis.multiplier_seconds}
-    groups: dict[tuple[str, float], list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-    for m in records:
-        d = dense_peer(m, records) if m["arm"] == "moe" else None
-        if d is not None:
-            groups.setdefault((m["model"], m["budget_flops"]), []).append((m, d))
 
     def mean(values: list[float | None]) -> float | None:
         values = [v for v in values if v is not None]
         return sum(values) / len(values) if values else None
 
     def bpb(rec: dict[str, Any]) -> float | None:
-        v = evals.get(rec["run_id"], {}).get("tasks", {}).get("heldout_ppl", {}).get("bits_per_byte")
-        return v if isinstance(v, (int, float)) else None
+        return task_metric(evals.get(rec["run_id"]), "heldout_ppl", "bits_per_byte")
 
     def ratio(m: dict[str, Any], d: dict[str, Any], get) -> float | None:
         a, b = measures.get(m["run_id"]), measures.get(d["run_id"])
         return None if a is None or b is None else get(a) / get(b)
 
-    def mem(meas: dict[str, Any]) -> float:
-        return meas["memory"]["param_bytes"] + meas["memory"]["optimizer_state_bytes"]
-
     rows = []
-    for (model, budget), pairs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (model, budget), pairs in peer_pairs(records).items():
         m0, d0 = pairs[0]
         f, t = flops.get((model, budget), {}), secs.get((model, budget), {})
         bpb_diff = mean([None if bpb(m) is None or bpb(d) is None else bpb(m) - bpb(d) for m, d in pairs])
@@ -637,18 +615,18 @@ def glance_table(
                 d0["model"],
                 len(pairs),
                 f"{mean([m['final_val_loss'] - d['final_val_loss'] for m, d in pairs]):+.4f}",
-                _f(bpb_diff, "+.4f"),
-                _f(f.get("multiplier"), ".2f") + ("*" if f.get("extrapolated") else ""),
-                _f(t.get("multiplier"), ".2f") + ("*" if t.get("extrapolated") else ""),
+                _fmt(bpb_diff, "+.4f", "-"),
+                _fmt(f.get("multiplier"), ".2f", "-") + ("*" if f.get("extrapolated") else ""),
+                _fmt(t.get("multiplier"), ".2f", "-") + ("*" if t.get("extrapolated") else ""),
                 f"{m0['params']['total'] / d0['params']['total']:.2f}",
-                _f(mean([ratio(m, d, mem) for m, d in pairs]), ".2f"),
-                _f(mean([ratio(m, d, lambda x: x["train"]["tokens_per_s_median"]) for m, d in pairs]), ".2f"),
+                _fmt(mean([ratio(m, d, state_bytes) for m, d in pairs]), ".2f", "-"),
+                _fmt(mean([ratio(m, d, lambda x: x["train"]["tokens_per_s_median"]) for m, d in pairs]), ".2f", "-"),
             ]
         )
     return headers, rows
 
 
-def main_table_intro(records: list[dict[str, Any]]) -> str:
+def main_table_intro() -> str:
     return (
         "Each MoE against its compute-matched dense run (same budget and seed, closest active parameter count), "
         "averaged over seeds. Negative differences: the MoE reached lower loss. Multipliers: the dense FLOPs "

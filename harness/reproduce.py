@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.io import read_json
+from harness.stats import task_metric
 
 TOLERANCE = {
     "final_val_loss": ("relative", 0.01),
@@ -36,12 +37,12 @@ def summary(
 ) -> dict[str, Any]:
     runs = {}
     for r in records:
-        tasks = evals.get(r["run_id"], {}).get("tasks", {})
+        ev = evals.get(r["run_id"])
         m = measures.get(r["run_id"])
         runs[r["run_id"]] = {
             "final_val_loss": r["final_val_loss"],
-            "bits_per_byte": tasks.get("heldout_ppl", {}).get("bits_per_byte"),
-            "code_mc_acc_norm": tasks.get("heldout_code_mc", {}).get("acc_norm"),
+            "bits_per_byte": task_metric(ev, "heldout_ppl", "bits_per_byte"),
+            "code_mc_acc_norm": task_metric(ev, "heldout_code_mc", "acc_norm"),
             "train_tokens_per_s": None if m is None else m["train"]["tokens_per_s_median"],
         }
     first = records[0]

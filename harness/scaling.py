@@ -50,6 +50,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from harness.stats import arm_label
+from harness.study import budget_label
 
 PARAM_KEY = "active_non_embedding"
 TOTAL_KEY = {"active_non_embedding": "total_non_embedding", "active": "total"}
@@ -318,12 +319,19 @@ def _ratio_ci(ci: tuple[float, float] | None, den: float | None) -> tuple[float,
 # Dense-equivalent size (Clark et al. 2022)
 
 
+def _dense_points(runs: list[dict[str, Any]], budget: float, param_key: str) -> tuple[list[float], list[float]]:
+    """(N, loss) of each dense model at ``budget``, seeds averaged."""
+    dense = _by_model([r for r in runs if r["arm"] == "dense" and r["budget_flops"] == budget])
+    return [_mean_params(g, param_key) for g in dense.values()], [_mean(g, "final_val_loss") for g in dense.values()]
+
+
 def dense_equivalent(
     records: list[dict[str, Any]],
     param_key: str = PARAM_KEY,
     total_key: str | None = None,
     bootstrap: int = 1000,
     seed: int = 0,
+    fits: dict[float, tuple[PowerLawFit | None, str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Per (MoE model, budget): the dense size that would reach the MoE's loss at that budget.
 
@@ -347,10 +355,11 @@ def dense_equivalent(
     rows = []
     for budget in budgets:
         at_budget = [r for r in runs if r["budget_flops"] == budget]
-        dense = _by_model([r for r in at_budget if r["arm"] == "dense"])
-        n = [_mean_params(g, param_key) for g in dense.values()]
-        loss = [_mean(g, "final_val_loss") for g in dense.values()]
-        fit, fit_reason = fit_power_law(n, loss, bootstrap=bootstrap, seed=seed)
+        n, loss = _dense_points(at_budget, budget, param_key)
+        if fits is not None and budget in fits and n:
+            fit, fit_reason = fits[budget]  # the same fit, already made (same points, bootstrap and seed)
+        else:
+            fit, fit_reason = fit_power_law(n, loss, bootstrap=bootstrap, seed=seed)
         by_size = [y for _, y in sorted(zip(n, loss, strict=True))]
         monotone = all(b < a for a, b in pairwise(by_size))
         moe = _by_model([r for r in at_budget if r["arm"] == "moe"])
@@ -732,19 +741,17 @@ class ScalingAnalysis:
 
 def analyse(records: list[dict[str, Any]], bootstrap: int = 1000, seed: int = 0) -> ScalingAnalysis:
     """Every scaling analysis of a study's records (seeded: the same records give the same numbers)."""
-    fits, reasons = {}, {}
-    dense = [r for r in _usable(records) if r["arm"] == "dense"]
+    made: dict[float, tuple[PowerLawFit | None, str]] = {}
+    runs = _usable(records)
     for budget in sorted({r["budget_flops"] for r in records}):
-        groups = _by_model([r for r in dense if r["budget_flops"] == budget])
-        n = [_mean_params(g, PARAM_KEY) for g in groups.values()]
-        loss = [_mean(g, "final_val_loss") for g in groups.values()]
-        fits[budget], reasons[budget] = (
+        n, loss = _dense_points(runs, budget, PARAM_KEY)
+        made[budget] = (
             fit_power_law(n, loss, bootstrap=bootstrap, seed=seed) if n else (None, "no dense run at this budget")
         )
     return ScalingAnalysis(
-        dense_fits=fits,
-        dense_fit_reasons=reasons,
-        equivalent=dense_equivalent(records, bootstrap=bootstrap, seed=seed),
+        dense_fits={b: fit for b, (fit, _) in made.items()},
+        dense_fit_reasons={b: reason for b, (_, reason) in made.items()},
+        equivalent=dense_equivalent(records, bootstrap=bootstrap, seed=seed, fits=made),
         multiplier_flops=compute_multiplier(records, bootstrap=bootstrap, seed=seed),
         multiplier_seconds=compute_multiplier(records, cost_key="train_seconds", bootstrap=bootstrap, seed=seed),
         multiplier_energy=compute_multiplier(records, cost_key="gpu_energy_j", bootstrap=bootstrap, seed=seed)
@@ -763,22 +770,16 @@ def _ci(ci: tuple[float, float] | None, spec: str = ".3g") -> str:
     return "" if ci is None else f" [{format(ci[0], spec)}, {format(ci[1], spec)}]"
 
 
-def _budget(b: float) -> str:
-    from harness.study import budget_label
-
-    return budget_label(b)
-
-
 def fit_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
     headers = ["budget FLOPs", "dense sizes", "E (nats)", "A", "alpha", "rmse", "note"]
     rows = []
     for budget, fit in a.dense_fits.items():
         if fit is None:
-            rows.append([_budget(budget), "-", "-", "-", "-", "-", a.dense_fit_reasons[budget]])
+            rows.append([budget_label(budget), "-", "-", "-", "-", "-", a.dense_fit_reasons[budget]])
             continue
         rows.append(
             [
-                _budget(budget),
+                budget_label(budget),
                 fit.points,
                 _g(fit.E, ".3f") + _ci(fit.E_ci, ".3f"),
                 _g(fit.A) + _ci(fit.A_ci),
@@ -799,7 +800,7 @@ def equivalent_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
             note = "; ".join(x for x in (note, "dense loss does not fall with N at this budget") if x)
         rows.append(
             [
-                _budget(r["budget_flops"]),
+                budget_label(r["budget_flops"]),
                 r["model"],
                 _g(r["loss"], ".4f"),
                 _g(r["dense_equivalent_n"]) + _ci(r["dense_equivalent_n_ci"]),
@@ -833,7 +834,7 @@ def multiplier_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
             notes.append("closest dense differs by more than 5% in active parameters")
         rows.append(
             [
-                _budget(r["budget_flops"]),
+                budget_label(r["budget_flops"]),
                 r["model"],
                 r["dense_model"] or "-",
                 r["method"] or "-",
@@ -853,7 +854,7 @@ def isoflop_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
     rows = [
         [
             c["arm"],
-            _budget(c["budget_flops"]),
+            budget_label(c["budget_flops"]),
             c["sizes"],
             _g(c["n_opt"]),
             _g(c["loss_opt"], ".4f"),
@@ -883,7 +884,7 @@ def _multiplier_finding(a: ScalingAnalysis) -> str:
             f"{r['arm']} x{r['multiplier']:.2f} in FLOPs" + ("" if t is None else f", x{t:.2f} in wall-clock time")
         )
     return (
-        f"At the largest budget ({_budget(top)} FLOPs) this study finds: {'; '.join(parts)} "
+        f"At the largest budget ({budget_label(top)} FLOPs) this study finds: {'; '.join(parts)} "
         "(above 1: the MoE saves compute; Switch Transformers reported 7x at far larger scale)."
     )
 
@@ -920,7 +921,7 @@ def markdown(a: ScalingAnalysis, table) -> list[str]:
     lines += [_multiplier_finding(a), ""]
     if gaps:
         text = "; ".join(
-            f"{r['arm']} at {_budget(r['budget_flops'])}: predicted {r['predicted_gap']:+.3f}, "
+            f"{r['arm']} at {budget_label(r['budget_flops'])}: predicted {r['predicted_gap']:+.3f}, "
             f"observed {r['observed_gap']:+.3f}"
             for r in gaps
             if r["arm"] != "dense"

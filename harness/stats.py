@@ -35,9 +35,8 @@ def dense_peer(moe: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, 
     return min(peers, key=lambda p: abs(p["params"]["active_non_embedding"] - moe["params"]["active_non_embedding"]))
 
 
-def seed_comparison(records: list[dict[str, Any]], metric: str = "final_val_loss") -> list[dict[str, Any]]:
-    """Per (MoE model, budget): MoE and dense mean ± std over seeds, the mean paired difference
-    (MoE - dense) and, with two or more seeds, the paired t-test's p-value and verdict."""
+def peer_pairs(records: list[dict[str, Any]]) -> dict[tuple[str, float], list[tuple[dict[str, Any], dict[str, Any]]]]:
+    """(MoE model, budget) -> its (MoE run, dense peer) pairs, one per seed that has a peer."""
     pairs: dict[tuple[str, float], list[tuple[dict[str, Any], dict[str, Any]]]] = defaultdict(list)
     for m in records:
         if m["arm"] != "moe":
@@ -45,8 +44,39 @@ def seed_comparison(records: list[dict[str, Any]], metric: str = "final_val_loss
         d = dense_peer(m, records)
         if d is not None:
             pairs[(m["model"], m["budget_flops"])].append((m, d))
+    return dict(sorted(pairs.items(), key=lambda kv: (kv[0][1], kv[0][0])))
+
+
+def measured_pairs(
+    records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]
+) -> list[tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """(MoE run, dense peer, MoE measure.json, dense measure.json) for every pair measured on one
+    device."""
+    out = []
+    for pairs in peer_pairs(records).values():
+        for m, d in pairs:
+            mm, dm = measures.get(m["run_id"]), measures.get(d["run_id"])
+            if mm is not None and dm is not None and mm["device_name"] == dm["device_name"]:
+                out.append((m, d, mm, dm))
+    return out
+
+
+def state_bytes(measure: dict[str, Any]) -> int:
+    """Parameter plus optimizer-state bytes of a measure.json: the memory that follows total parameters."""
+    return measure["memory"]["param_bytes"] + measure["memory"]["optimizer_state_bytes"]
+
+
+def task_metric(ev: dict[str, Any] | None, task: str, metric: str) -> float | None:
+    """One metric of one task from an eval.json, or None where it is absent."""
+    value = (ev or {}).get("tasks", {}).get(task, {}).get(metric)
+    return value if isinstance(value, (int, float)) else None
+
+
+def seed_comparison(records: list[dict[str, Any]], metric: str = "final_val_loss") -> list[dict[str, Any]]:
+    """Per (MoE model, budget): MoE and dense mean ± std over seeds, the mean paired difference
+    (MoE - dense) and, with two or more seeds, the paired t-test's p-value and verdict."""
     rows = []
-    for (model, budget), group in sorted(pairs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (model, budget), group in peer_pairs(records).items():
         moe = np.array([m[metric] for m, _ in group], dtype=float)
         dense = np.array([d[metric] for _, d in group], dtype=float)
         diff = moe - dense
