@@ -4,21 +4,43 @@
         print(c.claim, c.verdict, c.evidence)
 
 Each verdict is one of ``supported``, ``not supported`` or ``not enough data`` and is computed
-from the study's numbers only; ``caveat`` says what limits it (one seed, short training).
+from the study's numbers only, by a stated test at ALPHA = 0.05:
+
+- R1 (iso-FLOP gain): per MoE arm at the largest budget, the paired t interval of MoE - dense
+  over seeds. Supported when every arm's interval lies below 0, not supported when one lies
+  above 0, otherwise not enough data. One seed gives no interval, hence no verdict.
+- R1-E (gain grows with E): a one-sided permutation test of the slope of MoE - dense against
+  log2 E, with E permuted within each seed (``scipy.stats.permutation_test``). Not enough data
+  when the smallest attainable p-value is above ALPHA (one seed and three expert counts: 1/6).
+- R3 (balancing needed): collapse (``harness.routing_health``, judged on token shares) counted
+  in runs with and without a balancing mechanism; a collapsed balanced run refutes the claim.
+- R10 (wall-clock gain below FLOP gain): the 95% interval of the MoE's training FLOP/s over
+  its dense peer's, from replicate measurements (runs of the same model, else the timing
+  windows of one measurement), must lie below 1.
+- memory: the MoE's *measured* training peak over its dense peer's, against the increase its
+  extra total parameters predict (parameters, gradients and optimizer state per parameter).
+- specialisation: excess NMI of expert choice with token category against topic.
+
+``caveat`` says what limits a verdict (short training, measurements within one process).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from scipy import stats as sps
 
-from harness.stats import measured_pairs, state_bytes
+from harness.stats import ALPHA, arm_label, measured_pairs, peer_pairs
 
 SUPPORTED, NOT_SUPPORTED, NO_DATA = "supported", "not supported", "not enough data"
-TOKENS_PER_ACTIVE_PARAM = 20  # below this the MoE gain is rarely reported (Krajewski et al. 2024)
+# Hoffmann et al. 2022 (Chinchilla): about 20 tokens per parameter is compute-optimal for a dense
+# model; short of that, the dense model is not capacity-bound and the MoE gain is rarely reported.
+TOKENS_PER_ACTIVE_PARAM = 20
+MEMORY_FRACTION = 0.5  # measured extra memory >= half the total-parameter prediction: follows total
 
 
 @dataclass(frozen=True)
@@ -44,8 +66,22 @@ def _top_budget_rows(seed_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in seed_rows if r["budget_flops"] == top]
 
 
-def _seed_caveat(rows: list[dict[str, Any]]) -> str:
-    return "one seed per run: indicative, no significance" if all(r["seeds"] == 1 for r in rows) else ""
+def _interval(ci: tuple[float, float] | None, spec: str = "+.4f") -> str:
+    return "" if ci is None else f" [{format(ci[0], spec)}, {format(ci[1], spec)}]"
+
+
+def _side(ci: tuple[float, float] | None, at: float) -> str:
+    """'below' / 'above' when the interval excludes ``at``, else 'includes'."""
+    if ci is None:
+        return "no test"
+    return "below" if ci[1] < at else "above" if ci[0] > at else "includes"
+
+
+def _verdict(sides: list[str], want: str, against: str) -> str:
+    """Supported when every interval is on ``want``'s side, not supported when one is on ``against``'s."""
+    if sides and all(s == want for s in sides):
+        return SUPPORTED
+    return NOT_SUPPORTED if against in sides else NO_DATA
 
 
 def iso_flop_gain(records: list[dict[str, Any]], seed_rows: list[dict[str, Any]]) -> Claim:
@@ -54,108 +90,230 @@ def iso_flop_gain(records: list[dict[str, Any]], seed_rows: list[dict[str, Any]]
     rows = _top_budget_rows(seed_rows)
     if not rows:
         return Claim("R1", claim, source, NO_DATA, "no MoE run has a dense peer at the same budget and seed")
-    lower = [r for r in rows if r["difference_mean"] < 0]
-    significant = [r for r in rows if r["p_value"] is not None]
-    evidence = ", ".join(f"{r['arm']} {r['difference_mean']:+.4f}" for r in rows)
-    evidence = f"val loss MoE - dense at the largest budget: {evidence}"
+    parts = []
+    for r in rows:
+        p = "" if r["p_value"] is None else f", p = {r['p_value']:.2g}"
+        seeds = f"{r['seeds']} seed{'s' * (r['seeds'] != 1)}"
+        parts.append(f"{r['arm']} {r['difference_mean']:+.4f}{_interval(r['difference_ci'])} ({seeds}{p})")
+    evidence = "val loss MoE - dense at the largest budget, paired mean [95% t interval]: " + ", ".join(parts)
     tokens_per_param = max(r["tokens"] / r["params"]["active"] for r in records)
-    caveat = _seed_caveat(rows)
-    if tokens_per_param < TOKENS_PER_ACTIVE_PARAM:
-        caveat = "; ".join(
-            c
-            for c in (caveat, f"at most {tokens_per_param:.2g} tokens per active parameter (gain expected at >= 20)")
-            if c
+    caveat = (
+        f"at most {tokens_per_param:.2g} training tokens per active parameter; the gain is reported from about "
+        f"{TOKENS_PER_ACTIVE_PARAM} on (Hoffmann et al. 2022's compute-optimal ratio)"
+        if tokens_per_param < TOKENS_PER_ACTIVE_PARAM
+        else ""
+    )
+    if any(r["seeds"] < 2 for r in rows):
+        return Claim("R1", claim, source, NO_DATA, evidence + "; one seed: no interval, so no verdict", caveat)
+    sides = [_side(r["difference_ci"], 0.0) for r in rows]
+    verdict = _verdict(sides, "below", "above")
+    if verdict == NO_DATA:
+        evidence += "; an interval includes 0 (or the seeds gave identical differences): not significant"
+    return Claim("R1", claim, source, verdict, evidence, caveat)
+
+
+def _log_e_slope(*diffs: np.ndarray, log_e: np.ndarray) -> float:
+    """Least-squares slope of MoE - dense against log2 E, within seeds (each seed's mean removed)."""
+    d = np.stack(diffs)  # (E values, seeds)
+    x = log_e - log_e.mean()
+    return float((x[:, None] * (d - d.mean(0))).sum() / ((x**2).sum() * d.shape[1]))
+
+
+def _trend_test(by_e: dict[int, dict[int, float]]) -> dict[str, Any] | None:
+    """One-sided permutation tests of the slope over the seeds every E has; None without such a seed."""
+    es = sorted(by_e)
+    seeds = sorted(set.intersection(*(set(v) for v in by_e.values())))
+    if not seeds:
+        return None
+    data = tuple(np.array([by_e[e][s] for s in seeds]) for e in es)
+    log_e = np.log2(np.array(es, dtype=float))
+
+    def statistic(*diffs: np.ndarray) -> float:
+        return _log_e_slope(*diffs, log_e=log_e)
+
+    out = {"E": es, "seeds": len(seeds), "slope": statistic(*data)}
+    out["min_p"] = 1 / math.factorial(len(es)) ** len(seeds)  # one of the (E!)^seeds orderings
+    if out["min_p"] > ALPHA:
+        return out
+    for side in ("less", "greater"):
+        test = sps.permutation_test(
+            data, statistic, permutation_type="samples", vectorized=False, alternative=side, random_state=0
         )
-    if significant and any(r["p_value"] >= 0.05 for r in significant):
-        return Claim("R1", claim, source, NO_DATA, evidence + "; some differences are not significant", caveat)
-    if len(lower) == len(rows):
-        return Claim("R1", claim, source, SUPPORTED, evidence, caveat)
-    if not lower:
-        return Claim("R1", claim, source, NOT_SUPPORTED, evidence, caveat)
-    return Claim("R1", claim, source, NO_DATA, evidence + "; mixed: some MoE arms lower, some higher", caveat)
+        out[f"p_{side}"] = float(test.pvalue)
+    return out
 
 
 def gain_grows_with_experts(seed_rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> Claim:
     claim = "The iso-FLOP gain grows with the number of experts E (at fixed k and base)"
     source = "R1: Shazeer 2017 (4 -> 4096 experts), Clark 2022, Krajewski 2024"
-    by_model = {r["model"]: r for r in records}
-    groups: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
-    for r in _top_budget_rows(seed_rows):
-        rec = by_model[r["model"]]
-        groups[(r["dense_model"], rec["top_k"])].append((rec["experts"], r["difference_mean"]))
-    testable = {g: v for g, v in groups.items() if len({e for e, _ in v}) >= 3}
+    rows = _top_budget_rows(seed_rows)
+    top = rows[0]["budget_flops"] if rows else None
+    groups: dict[tuple[str, int], dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for (_, budget), pairs in peer_pairs(records).items():
+        for m, d in pairs if budget == top else []:
+            groups[(d["model"], m["top_k"])][m["experts"]][m["seed"]] = m["final_val_loss"] - d["final_val_loss"]
+    testable = {g: v for g, v in groups.items() if len(v) >= 3}
     if not testable:
-        sizes = ", ".join(f"{base} k{k}: E in {sorted({e for e, _ in v})}" for (base, k), v in groups.items())
+        sizes = ", ".join(f"{base} k{k}: E in {sorted(v)}" for (base, k), v in groups.items())
         return Claim("R1-E", claim, source, NO_DATA, f"needs >= 3 expert counts at one base and k ({sizes or 'none'})")
-    parts, falling = [], 0
-    for (base, k), v in sorted(testable.items()):
-        rho = sps.spearmanr([e for e, _ in v], [d for _, d in v]).statistic
-        parts.append(f"{base} k{k}: Spearman rho(E, MoE - dense) = {rho:+.2f} over E = {sorted(e for e, _ in v)}")
-        falling += rho < 0
-    verdict = SUPPORTED if falling == len(testable) else NOT_SUPPORTED if falling == 0 else NO_DATA
-    return Claim("R1-E", claim, source, verdict, "; ".join(parts), _seed_caveat(_top_budget_rows(seed_rows)))
+    parts, outcomes = [], []
+    for (base, k), by_e in sorted(testable.items()):
+        t = _trend_test(by_e)
+        if t is None or t["min_p"] > ALPHA:
+            why = "no seed has every E" if t is None else f"smallest attainable p = {t['min_p']:.2g} > {ALPHA}"
+            parts.append(f"{base} k{k}, E = {sorted(by_e)}: {why}")
+            outcomes.append(NO_DATA)
+            continue
+        parts.append(
+            f"{base} k{k}, E = {t['E']}, {t['seeds']} seeds: slope {t['slope']:+.4f} nats per doubling of E, "
+            f"permutation p (gain grows) = {t['p_less']:.3g}, p (gain shrinks) = {t['p_greater']:.3g}"
+        )
+        outcomes.append(SUPPORTED if t["p_less"] < ALPHA else NOT_SUPPORTED if t["p_greater"] < ALPHA else NO_DATA)
+    verdict = _verdict(outcomes, SUPPORTED, NOT_SUPPORTED)
+    return Claim("R1-E", claim, source, verdict, "; ".join(parts))
 
 
 def balancing_needed(records: list[dict[str, Any]], health: dict[str, list[dict[str, Any]]]) -> Claim:
     claim = "Without a balancing mechanism routing collapses; with one it does not"
     source = "R3: Shazeer 2017, Fedus 2022, Wang 2024 (aux-loss-free)"
     moe = [r for r in records if r["arm"] == "moe" and r["run_id"] in health]
-    unbalanced = [r for r in moe if not _balanced(r)]
+    if not moe:
+        return Claim("R3", claim, source, NO_DATA, "no MoE run with routing statistics")
+
+    def collapsed(runs: list[dict[str, Any]]) -> list[str]:
+        return [r["run_id"] for r in runs if any(layer["collapsed"] for layer in health[r["run_id"]])]
+
     balanced = [r for r in moe if _balanced(r)]
-
-    def collapsed(r: dict[str, Any]) -> bool:
-        return any(layer["collapsed"] for layer in health[r["run_id"]])
-
-    n_b = sum(collapsed(r) for r in balanced)
+    unbalanced = [r for r in moe if not _balanced(r)]
+    hit_b, hit_u = collapsed(balanced), collapsed(unbalanced)
+    evidence = (
+        f"collapsed: {len(hit_u)} of {len(unbalanced)} runs without a balancing mechanism, "
+        f"{len(hit_b)} of {len(balanced)} with one" + (f" ({', '.join(hit_b)})" if hit_b else "")
+    )
+    if hit_b:
+        return Claim("R3", claim, source, NOT_SUPPORTED, evidence + ": balancing did not prevent collapse")
     if not unbalanced:
         return Claim(
             "R3",
             claim,
             source,
             NO_DATA,
-            f"every MoE run here is balanced ({n_b} of {len(balanced)} collapsed); add a variant with "
-            "load_balance_coef: 0 to test it",
+            evidence + "; collapse without balancing is untested: add a variant with load_balance_coef: 0",
         )
-    n_u = sum(collapsed(r) for r in unbalanced)
-    evidence = f"collapsed: {n_u} of {len(unbalanced)} unbalanced runs, {n_b} of {len(balanced)} balanced runs"
-    if n_u > 0 and n_b == 0:
+    if hit_u:
         return Claim("R3", claim, source, SUPPORTED, evidence)
-    if n_u == 0:
-        return Claim("R3", claim, source, NOT_SUPPORTED, evidence, "collapse may need longer training")
-    return Claim("R3", claim, source, NO_DATA, evidence)
+    return Claim("R3", claim, source, NOT_SUPPORTED, evidence, "collapse may need longer training")
+
+
+def _log_flops_per_s(rec: dict[str, Any], measure: dict[str, Any], windows: bool) -> list[float]:
+    """ln of training FLOP/s: the measurement's median, or each of its timing windows."""
+    train = measure["train"]
+    rates = train.get("tokens_per_s_windows", []) if windows else [train["tokens_per_s_median"]]
+    fpt = rec["flops_per_token"][rec["flop_convention"]]
+    return [math.log(r * fpt) for r in rates]
+
+
+def _rate_ratio(pairs: list[tuple[dict, dict, dict, dict]]) -> dict[str, Any] | None:
+    """MoE over dense training FLOP/s with a 95% Welch interval on log rates; replicates are the
+    measured runs of each model when both have two or more, else one measurement's windows."""
+    moe_runs = {m["run_id"]: (m, mm) for m, _, mm, _ in pairs}
+    dense_runs = {d["run_id"]: (d, dm) for _, d, _, dm in pairs}
+    between = len(moe_runs) > 1 and len(dense_runs) > 1
+    moe = [x for rec, mea in moe_runs.values() for x in _log_flops_per_s(rec, mea, not between)]
+    dense = [x for rec, mea in dense_runs.values() for x in _log_flops_per_s(rec, mea, not between)]
+    if len(moe) < 2 or len(dense) < 2:
+        return None
+    test = sps.ttest_ind(moe, dense, equal_var=False)
+    ci = test.confidence_interval(1 - ALPHA)
+    return {
+        "ratio": math.exp(np.mean(moe) - np.mean(dense)),
+        "ci": (math.exp(ci.low), math.exp(ci.high)),
+        "unit": f"{len(moe_runs)} + {len(dense_runs)} measured runs" if between else "timing windows of one run each",
+    }
 
 
 def wall_clock_below_flop_gain(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> Claim:
     claim = "The wall-clock gain of MoE is smaller than its FLOP gain (it runs fewer FLOP/s than dense)"
     source = "R10: Muennighoff 2024 (OLMoE: ~3x fewer tokens, ~2x less time)"
-
-    def rate(meas: dict[str, Any], rec: dict[str, Any]) -> float:  # training FLOP/s
-        return meas["train"]["tokens_per_s_median"] * rec["flops_per_token"][rec["flop_convention"]]
-
-    ratios = [(m["run_id"], rate(mm, m) / rate(dm, d)) for m, d, mm, dm in measured_pairs(records, measures)]
-    if not ratios:
+    by_models: dict[tuple[str, str], list] = defaultdict(list)
+    for m, d, mm, dm in measured_pairs(records, measures):
+        by_models[(m["model"], d["model"])].append((m, d, mm, dm))
+    if not by_models:
         return Claim("R10", claim, source, NO_DATA, "no MoE run measured next to its dense peer on one device")
-    below = sum(r < 1 for _, r in ratios)
-    evidence = "training FLOP/s of MoE over dense (wall-clock gain = FLOP gain x this): " + ", ".join(
-        f"{run} x{r:.2f}" for run, r in ratios
+    parts, sides, within = [], [], False
+    for (_, dense), pairs in sorted(by_models.items()):
+        r = _rate_ratio(pairs)
+        if r is None:
+            parts.append(f"{arm_label(pairs[0][0])} vs {dense}: no replicate measurements (measure again)")
+            sides.append("no test")
+            continue
+        within |= r["unit"].startswith("timing")
+        parts.append(f"{arm_label(pairs[0][0])} vs {dense}: x{r['ratio']:.2f}{_interval(r['ci'], '.2f')} ({r['unit']})")
+        sides.append(_side(r["ci"], 1.0))
+    evidence = "training FLOP/s of MoE over dense [95% interval] (wall-clock gain = FLOP gain x this): " + "; ".join(
+        parts
     )
     device = next(iter(measures.values()))["device_name"]
-    verdict = SUPPORTED if below == len(ratios) else NOT_SUPPORTED if below == 0 else NO_DATA
-    return Claim("R10", claim, source, verdict, evidence, f"measured on {device}")
+    caveat = f"measured on {device}" + (
+        "; windows of one process do not show the drift between processes" if within else ""
+    )
+    return Claim("R10", claim, source, _verdict(sides, "below", "above"), evidence, caveat)
+
+
+def _memory_fraction(m: dict, d: dict, mm: dict, dm: dict) -> tuple[float, float, float] | None:
+    """(measured extra bytes, extra predicted by the extra total parameters, their ratio)."""
+    peak_m, peak_d = mm["memory"].get("peak_training_bytes"), dm["memory"].get("peak_training_bytes")
+    if peak_m is None or peak_d is None:
+        return None
+    mem = mm["memory"]
+    per_param = (mem["param_bytes"] + mem.get("gradient_bytes", mem["param_bytes"]) + mem["optimizer_state_bytes"]) / m[
+        "params"
+    ]["total"]
+    predicted = (m["params"]["total"] - d["params"]["total"]) * per_param
+    if predicted <= 0:
+        return None
+    measured = peak_m - peak_d
+    return measured, predicted, measured / predicted
 
 
 def memory_follows_total(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> Claim:
-    claim = "Parameter and optimizer memory follows total parameters, not active ones"
+    claim = "Training memory follows total parameters, not active ones"
     source = "Fedus 2022; Artetxe 2022"
-    rows = [
-        (m["params"]["total"] / d["params"]["total"], state_bytes(mm) / state_bytes(dm))
-        for m, d, mm, dm in measured_pairs(records, measures)
-    ]
-    if not rows:
-        return Claim("memory", claim, source, NO_DATA, "no measured MoE-dense pair")
-    close = sum(abs(mem / params - 1) <= 0.1 for params, mem in rows)
-    evidence = "total-params ratio vs memory ratio: " + ", ".join(f"x{p:.2f} / x{m:.2f}" for p, m in rows)
-    return Claim("memory", claim, source, SUPPORTED if close == len(rows) else NOT_SUPPORTED, evidence)
+    by_models: dict[tuple[str, str], list[tuple[float, float, float]]] = defaultdict(list)
+    for m, d, mm, dm in measured_pairs(records, measures):
+        if (f := _memory_fraction(m, d, mm, dm)) is not None:
+            by_models[(arm_label(m), d["model"])].append(f)
+    if not by_models:
+        return Claim(
+            "memory",
+            claim,
+            source,
+            NO_DATA,
+            "no MoE-dense pair with measured training peak memory and more total parameters (measure again)",
+        )
+    parts, sides = [], []
+    for (arm, dense), fs in sorted(by_models.items()):
+        measured, predicted, frac = (np.array(x) for x in zip(*fs, strict=True))
+        spread = "" if len(fs) == 1 else f" (x{frac.min():.2f} to x{frac.max():.2f} over {len(fs)} measured pairs)"
+        mib = measured.mean() / 2**20, predicted.mean() / 2**20
+        parts.append(
+            f"{arm} vs {dense}: measured +{mib[0]:.1f} MiB against +{mib[1]:.1f} MiB "
+            f"predicted by its extra total parameters (x{frac.mean():.2f}{spread}; equal active parameters predict +0)"
+        )
+        # every measured pair on one side of the midpoint between the two predictions
+        sides.append("total" if frac.min() >= MEMORY_FRACTION else "active" if frac.max() < MEMORY_FRACTION else "")
+    verdict = _verdict(sides, "total", "active")
+    device = next(iter(measures.values()))["device_name"]
+    peak = "CUDA peak allocated" if device != "cpu" else "resident memory added by training steps (RSS)"
+    return Claim(
+        "memory",
+        claim,
+        source,
+        verdict,
+        "; ".join(parts),
+        f"{peak}; supported when every measured increase is at least {MEMORY_FRACTION:.0%} of the "
+        "total-parameter prediction, not supported when every one is below",
+    )
 
 
 def specialisation(routing: dict[str, dict[str, Any]]) -> Claim:

@@ -299,8 +299,15 @@ class TokenShard:
             indices[mask] = perm[offsets[mask]]
         return self.window_batch(indices)
 
+    def eval_indices(self, n_windows: int) -> np.ndarray:
+        """``n_windows`` windows spaced evenly from the first to the last of the split (all of
+        them when it holds fewer): a fixed sample, the same for every run, that sees every part
+        of the split rather than its first documents only (which are few files of one kind)."""
+        n = min(self.windows, n_windows)
+        return np.unique(np.linspace(0, self.windows - 1, n).round().astype(np.int64))
+
     def eval_batches(self, n_batches: int, batch_size: int):
-        """The first windows in order, the same for every run: a fixed held-out set."""
-        total = min(self.windows, n_batches * batch_size)
-        for start in range(0, total, batch_size):
-            yield self.window_batch(np.arange(start, min(start + batch_size, total)))
+        """The fixed evaluation sample of ``eval_indices`` in batches of ``batch_size``."""
+        indices = self.eval_indices(n_batches * batch_size)
+        for start in range(0, len(indices), batch_size):
+            yield self.window_batch(indices[start : start + batch_size])

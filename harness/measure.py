@@ -4,21 +4,50 @@
     harness measure --config models/configs/moe-s-e8k2.yaml --out m.json   # random weights
 
 Protocol (MEASUREMENT.md): warm-up steps excluded; every window synchronised at both ends on
-CUDA; the median and spread of at least five windows; training step = forward + backward +
-optimizer; prefill and decode (KV cache, batch 1 and a large batch) separately; learned
-against forced-balanced routing to separate the cost of imbalance from the cost of dispatch.
-MFU uses the named FLOP conventions side by side, including the naive total-parameter count,
-against the device's peak from :data:`PEAK_FLOPS` and against a large matmul measured here.
+CUDA; the median, spread and every window's rate (ten windows by default, so a ratio of two
+throughputs can be given a confidence interval from the windows); training step = forward +
+backward + optimizer; prefill and decode (KV cache, batch 1 and a large batch) separately;
+learned against forced-balanced routing to separate the cost of imbalance from the cost of
+dispatch. MFU uses the named FLOP conventions side by side, including the naive
+total-parameter count, against the device's peak from :data:`PEAK_FLOPS` and against a large
+matmul measured here.
+
+Memory (``result["memory"]``). ``param_bytes``, ``gradient_bytes``, ``optimizer_state_bytes``
+and ``kv_cache_bytes_per_token`` are computed from tensor sizes, so they follow parameter
+counts by construction. What is *measured* is ``peak_training_bytes``, the peak memory of
+training steps, on every device:
+
+* CUDA: ``torch.cuda.max_memory_allocated`` over the timed training windows, the peak reset
+  after warm-up (everything the caching allocator handed out: weights, gradients, optimizer
+  states, activations); also ``peak_reserved_bytes`` and NVML's ``nvml_used_bytes``.
+* CPU: the resident set size that training adds to a fresh process (``cpu_training_peak``,
+  spawned after every timing, given the weights). There glibc is told to give blocks of 64 KiB
+  or more their own mapping (``mallopt``) and freed heap is handed back (``malloc_trim``), so
+  that RSS follows the live tensors. In the measuring process itself the heap keeps freed pages
+  (from the loaded checkpoint, from inference) that later allocations reuse unseen or add to,
+  and the same model measured 150-180 MiB in two runs; in a fresh process repeats agree within
+  1 MiB. ``baseline_rss_bytes`` is read (/proc/self/statm), the model is built with the weights
+  and a fresh optimizer and warmed up for two steps, the RSS high-water mark is reset (writing
+  "5" to /proc/self/clear_refs, Linux >= 4.0, proc(5)) and ``windows`` more steps run;
+  ``peak_rss_bytes`` is VmHWM afterwards, and ``peak_training_bytes`` the difference: the
+  model's parameters, gradients, optimizer state and activations. Where the high-water mark
+  cannot be reset (no /proc, as on macOS) the peak is ``ru_maxrss`` over the whole process and
+  ``peak_source`` says so; ``large_allocations_mapped`` says whether glibc took the setting.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import multiprocessing
+import os
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,7 +82,7 @@ def peak_flops(device_name: str) -> tuple[float | None, str]:
 class MeasureSettings:
     batch_size: int = 8
     seq_len: int = 128
-    windows: int = 5
+    windows: int = 10
     steps_per_window: int = 3
     warmup_steps: int = 2
     decode_tokens: int = 16
@@ -81,11 +110,18 @@ def time_windows(fn: Callable[[], Any], settings: MeasureSettings, device: torch
 
 
 def summarise(seconds: list[float], units_per_call: float, unit: str) -> dict[str, Any]:
-    rates = sorted(units_per_call / s for s in seconds)
+    """Median and range of the window rates, and every rate in the order measured.
+
+    The per-window list lets a reader bootstrap a confidence interval for a ratio of two
+    throughputs (MoE over dense) instead of comparing two medians with no spread.
+    """
+    in_order = [units_per_call / s for s in seconds]
+    rates = sorted(in_order)
     return {
         f"{unit}_median": statistics.median(rates),
         f"{unit}_min": rates[0],
         f"{unit}_max": rates[-1],
+        f"{unit}_windows": in_order,
         "seconds_per_call_median": statistics.median(seconds),
         "windows": len(seconds),
     }
@@ -106,6 +142,98 @@ def _train_step(model, opt, x, y, autocast: bool, device: torch.device) -> None:
     (out.loss + out.aux_loss).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+PROC_SELF = Path("/proc/self")
+VMHWM_RESET = "VmHWM reset before the training windows"
+WHOLE_PROCESS = "ru_maxrss over the whole process"
+
+
+def parse_statm_rss(statm: str, page_size: int) -> int:
+    """Resident bytes from /proc/<pid>/statm, whose second field is resident pages (proc(5))."""
+    return int(statm.split()[1]) * page_size
+
+
+def parse_vmhwm(status: str) -> int | None:
+    """VmHWM, the peak resident set size, in bytes from /proc/<pid>/status (written in kB = KiB)."""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            value, unit = line.split()[1:3]
+            if unit != "kB":
+                raise ValueError(f"unexpected unit in {line!r}")
+            return int(value) * 1024
+    return None
+
+
+def ru_maxrss_bytes(platform: str = sys.platform) -> int:
+    """The process's lifetime peak RSS; getrusage(2) reports it in bytes on macOS, KiB on Linux."""
+    scale = 1 if platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def rss_bytes(proc: Path = PROC_SELF) -> int:
+    """Current RSS; without /proc (macOS) the peak so far, which is never below it."""
+    try:
+        return parse_statm_rss((proc / "statm").read_text(), os.sysconf("SC_PAGE_SIZE"))
+    except OSError:
+        return ru_maxrss_bytes()
+
+
+def release_freed_memory() -> bool:
+    """Return the heap that freed tensors left behind to the OS (glibc ``malloc_trim(0)``), so that
+    RSS counts live memory: otherwise a loaded checkpoint or an earlier phase leaves freed pages
+    resident that later allocations reuse unseen. False where there is no glibc."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+MMAP_THRESHOLD = 64 * 1024  # bytes: blocks at least this large get their own mapping
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
+
+
+def map_large_allocations() -> bool:
+    """Make glibc serve every block of ``MMAP_THRESHOLD`` or more from its own mapping, returned to
+    the OS when freed, so that RSS follows the live tensors instead of a heap that keeps freed
+    pages (glibc raises its threshold as blocks are freed, up to 32 MiB, unless it is set).
+    False where there is no glibc: RSS then includes whatever the allocator keeps."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
+def reset_rss_peak(proc: Path = PROC_SELF) -> bool:
+    """Reset VmHWM to the current RSS so a later read covers only what follows.
+
+    Writing "5" to clear_refs does this on Linux >= 4.0 (proc(5)); False where it cannot be
+    done (no /proc, a read-only /proc, an older kernel rejecting the value).
+    """
+    try:
+        (proc / "clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def rss_peak_bytes(was_reset: bool, proc: Path = PROC_SELF) -> tuple[int, str]:
+    """Peak RSS since :func:`reset_rss_peak` succeeded, else the whole process's; and which it is."""
+    if was_reset:
+        try:
+            peak = parse_vmhwm((proc / "status").read_text())
+        except OSError:
+            peak = None
+        if peak is not None:
+            return peak, VMHWM_RESET
+    return ru_maxrss_bytes(), WHOLE_PROCESS
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
@@ -134,6 +262,70 @@ def _energy_window(meter, fn: Callable[[], Any], device: torch.device, tokens_pe
     return window
 
 
+def _memory(model, opt, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, meter) -> dict[str, Any]:
+    """Computed sizes plus the measured training peak (see the module docstring)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params if p.grad is not None]
+    memory = {
+        "param_bytes": _tensor_bytes(model.parameters()),
+        # The step ends in zero_grad(set_to_none=True), so no gradients are held here: this is then
+        # the size the gradients take during backward (same shape and dtype as the trainable params).
+        "gradient_bytes": _tensor_bytes(grads) if grads else _tensor_bytes(params),
+        "optimizer_state_bytes": _optimizer_bytes(opt),
+        "kv_cache_bytes_per_token": KVCache.bytes_per_token(cfg, dtype),
+    }
+    if device.type == "cuda":
+        memory["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        memory["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        memory["nvml_used_bytes"] = meter.memory_used_bytes() if meter.available else None
+        memory["peak_training_bytes"] = memory["peak_allocated_bytes"]
+    return memory
+
+
+def cpu_training_peak(cfg: ModelConfig, model, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, Any]:
+    """Resident memory that training ``model`` (a copy with its weights) adds to a fresh process
+    (see the module docstring); the process is spawned so that no earlier heap is reused."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_training_peak, (cfg, state, x.cpu(), y.cpu(), steps, torch.get_num_threads()))
+
+
+def _warm_runtime() -> None:
+    """One throwaway training step of a toy model: a process's first step pays one-time costs that
+    are not the model's (the first AdamW step imports torch._dynamo, about 70 MiB resident)."""
+    layer = torch.nn.Linear(8, 8)
+    opt = make_optimizer(layer, Recipe())
+    layer(torch.ones(2, 8)).square().mean().backward()
+    opt.step()
+
+
+def _training_peak(cfg: ModelConfig, state: dict, x: torch.Tensor, y: torch.Tensor, steps: int, threads: int):
+    mapped = map_large_allocations()
+    torch.set_num_threads(threads)
+    _warm_runtime()
+    release_freed_memory()
+    baseline = rss_bytes()
+    model = cfg.build()  # its parameters, gradients, optimizer state and activations are measured
+    model.load_state_dict(state)
+    del state
+    opt = make_optimizer(model, Recipe())
+    cpu = torch.device("cpu")
+    for _ in range(2):  # the optimizer state exists from the first step on
+        _train_step(model, opt, x, y, False, cpu)
+    release_freed_memory()
+    was_reset = reset_rss_peak()
+    for _ in range(steps):
+        _train_step(model, opt, x, y, False, cpu)
+    peak, source = rss_peak_bytes(was_reset)
+    return {
+        "baseline_rss_bytes": baseline,
+        "peak_rss_bytes": peak,
+        "peak_source": source,
+        "large_allocations_mapped": mapped,
+        "peak_training_bytes": peak - baseline,
+    }
+
+
 def measure(
     cfg: ModelConfig,
     device: torch.device,
@@ -141,9 +333,9 @@ def measure(
     state_dict: dict[str, torch.Tensor] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    torch.manual_seed(seed)
     autocast = device.type == "cuda"
     compute_dtype = torch.bfloat16 if autocast else torch.float32
+    torch.manual_seed(seed)
     model = cfg.build().to(device)
     if state_dict is not None:
         model.load_state_dict(state_dict)
@@ -185,19 +377,7 @@ def measure(
         torch.cuda.reset_peak_memory_stats(device)
     train_s = time_windows(step, settings, device, settings.steps_per_window)
     result["train"] = summarise(train_s, B * S, "tokens_per_s")
-    memory = {
-        "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "optimizer_state_bytes": _optimizer_bytes(opt),
-        "kv_cache_bytes_per_token": KVCache.bytes_per_token(cfg, compute_dtype),
-    }
-    if device.type == "cuda":
-        memory["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
-        memory["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
-        memory["nvml_used_bytes"] = meter.memory_used_bytes() if meter.available else None
-    else:
-        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-        memory["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    result["memory"] = memory
+    result["memory"] = _memory(model, opt, cfg, device, compute_dtype, meter)
     result["energy_train"] = _energy_window(meter, step, device, B * S)
     if cfg.moe is not None:
         model.set_force_balanced(True)
@@ -208,6 +388,8 @@ def measure(
 
     result["matmul"] = matmul_flops(device, compute_dtype)
     result["mfu"] = mfu_table(cfg, result["train"]["tokens_per_s_median"], name, result["matmul"], S)
+    if device.type == "cpu":  # last: it changes how the process allocates, which would change the timings
+        result["memory"] |= cpu_training_peak(cfg, model, x, y, settings.windows)
     result["provenance"] = provenance(device)
     return result
 

@@ -166,7 +166,7 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
         "arm",
         "total params",
         "params + optimizer MB",
-        "peak memory MB",
+        "peak training memory MB",
         "train tokens/s",
         "MFU (detailed, spec peak)",
         "detailed FLOPs / measured matmul",
@@ -191,7 +191,9 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
                 f"x{m['train']['tokens_per_s_median'] / dm['train']['tokens_per_s_median']:.2f}"
             )
         mem = m["memory"]
-        peak = mem.get("peak_allocated_bytes") or mem.get("peak_rss_bytes")
+        # Measured (harness.measure): device peak on CUDA, RSS over a pre-model baseline on a CPU; the
+        # fallbacks read measure.json files written before peak_training_bytes existed.
+        peak = mem.get("peak_training_bytes", mem.get("peak_allocated_bytes") or mem.get("peak_rss_bytes"))
         detailed = m["mfu"]["conventions"]["detailed"]
         rows.append(
             [
@@ -281,6 +283,7 @@ def seed_table(seed_rows: list[dict[str, Any]]) -> tuple[list[str], list[list[An
         "val loss MoE",
         "val loss dense",
         "MoE - dense",
+        "95% t interval",
         "p (paired t)",
         "verdict",
     ]
@@ -297,6 +300,7 @@ def seed_table(seed_rows: list[dict[str, Any]]) -> tuple[list[str], list[list[An
             pm(r["moe_mean"], r["moe_std"]),
             pm(r["dense_mean"], r["dense_std"]),
             pm(r["difference_mean"], r["difference_std"]),
+            "-" if r["difference_ci"] is None else f"[{r['difference_ci'][0]:+.4f}, {r['difference_ci'][1]:+.4f}]",
             _fmt(r["p_value"], ".3g", "-"),
             r["verdict"],
         ]
@@ -313,6 +317,7 @@ def health_table(
         "layer",
         "load CV",
         "max / mean load",
+        "busiest expert's token share",
         "dead experts",
         "dropped",
         "entropy / log E",
@@ -328,6 +333,7 @@ def health_table(
                     h["layer"],
                     f"{h['load_cv']:.3f}",
                     f"{h['max_over_mean']:.2f}",
+                    f"{h['busiest_token_share']:.1%}",
                     h["dead_experts"],
                     f"{h['dropped_fraction']:.2%}",
                     f"{h['entropy_over_log_e']:.3f}",
@@ -385,7 +391,7 @@ FIGURES = {
 def write_report(study: Study, results: Path, microbench: Path | None = None) -> Path:
     """Read every run's record.json (and measure.json, eval.json, routing.json where present) and
     write report.md, summary.json, tables/ (CSV and HTML) and figures/ (PNG)."""
-    from harness import figures, scaling
+    from harness import figures, scaling, scaling_report
     from harness.claims import evaluate_claims
     from harness.reproduce import reproduction, summary
     from harness.routing_health import health_dicts, read_metrics, routing_health, routing_series
@@ -402,7 +408,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         if r["arm"] == "moe":
             metrics = read_metrics(results / "runs" / r["run_id"] / "metrics.jsonl")
             series[r["run_id"]] = routing_series(metrics)
-            health[r["run_id"]] = health_dicts(routing_health(metrics, r["experts"]))
+            health[r["run_id"]] = health_dicts(routing_health(metrics, r["experts"], r["top_k"]))
             experts[r["run_id"]] = r["experts"]
     seed_rows = seed_comparison(records)
     analysis = scaling.analyse(records)
@@ -416,10 +422,12 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         "runs": run_table(records, evals),
         "dense_vs_moe": comparison_table(records, evals),
         "seeds": seed_table(seed_rows),
-        "dense_fits": scaling.fit_table(analysis),
-        "dense_equivalent": scaling.equivalent_table(analysis),
-        "compute_multiplier": scaling.multiplier_table(analysis),
-        "isoflop": scaling.isoflop_table(analysis),
+        "dense_fits": scaling_report.fit_table(analysis),
+        "dense_equivalent": scaling_report.equivalent_table(analysis),
+        "effective_params": scaling_report.effective_table(analysis),
+        "compute_multiplier": scaling_report.multiplier_table(analysis),
+        "isoflop": scaling_report.isoflop_table(analysis),
+        "krajewski": scaling_report.krajewski_table(analysis),
         "eval": (eval_headers, eval_rows),
         "cost": cost_table(records, measures),
         "routing_health": health_table(records, health),
@@ -470,7 +478,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         md += ["With one seed per run no claim of significance is made.", ""]
     md += [table("seeds"), ""]
     md += [
-        *scaling.markdown(analysis, table),
+        *scaling_report.markdown(analysis, table),
         "",
         image("loss_vs_params", "loss against active and total parameters"),
         "",
@@ -507,7 +515,9 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         "## Routing health",
         "",
         "Per MoE layer over the final tenth of training. A layer has collapsed when an expert received no "
-        "tokens in that window or one expert took half of all assignments.",
+        "tokens in that window or the busiest expert carried at least three times its balanced share of the "
+        "tokens (max/mean load over the window >= 3, or (1 + E/k) / 2 where that is lower). Balanced: each "
+        "expert sees k/E of the tokens.",
         "",
         table("routing_health"),
         "",

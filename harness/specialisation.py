@@ -21,9 +21,14 @@ of a token's k choices counts once), each expert's category shares and their lif
 overall shares, and the normalised mutual information (NMI, arithmetic-mean normalisation;
 Vinh, Epps & Bailey 2010) between the chosen expert and each label. MI estimated from counts is
 biased upwards, the more so the more values a label takes, so each NMI is set against a
-permutation baseline: the same labels shuffled across tokens with a seeded generator. The excess
-(NMI minus the mean shuffled NMI) is what the verdict compares; the permutation p-value is
-(1 + #shuffled >= observed) / (1 + permutations) (Phipson & Smyth 2010).
+permutation baseline drawn with a seeded generator. Categories are shuffled across tokens. A topic
+is fixed for a whole document, so topics are shuffled among documents instead: each document keeps
+one topic and all its tokens move together (whole-block permutation; Winkler et al. 2014,
+NeuroImage 92). Shuffling topics across tokens would break up that clustering, and any routing that
+differs from document to document would then count as topic. The excess (NMI minus the mean
+shuffled NMI) is what the verdict compares; the permutation p-value is
+(1 + #shuffled >= observed) / (1 + permutations) (Phipson & Smyth 2010). Each association records
+its null.
 
 Published analyses find experts that specialise by token kind rather than by topic: ST-MoE
 (Zoph et al. 2022, sec. 7) sees encoder experts for punctuation, verbs, proper nouns, numbers
@@ -34,10 +39,16 @@ shows more of.
 
 A token's category can depend on context (``def`` in a comment is string/comment), so perfect
 category routing by token identity alone does not reach NMI 1; nor does k > 1, where a token's
-k experts share its label. The shuffle is across tokens, while a topic is fixed for a whole
-document: topic MI also picks up routing by category (or by token) wherever packages differ in
-their mix of tokens, so the comparison leans towards topic, and a category verdict is the
-conservative one.
+k experts share its label. Routing by category or by token raises topic MI where packages differ
+in their mix of tokens. Much of that difference is each document's own mix (one is mostly
+docstring, another a table of numbers): a token-level shuffle of topics counted it as topic, which
+made the comparison lean towards topic; the document-level shuffle reproduces it in the baseline,
+so it no longer does. Within-document clustering of token categories can still contribute: a mix
+that a package's documents share is counted as topic (the expert choice does say something about
+the package then), and with few documents per topic the observed topic NMI is one noisy draw, off
+by about ``shuffled_nmi_std`` either way. The other way round, categories keep a token-level
+shuffle, so routing that follows the document rather than the token can raise category MI where
+documents cluster by category.
 """
 
 from __future__ import annotations
@@ -64,6 +75,8 @@ DEFAULT_MAX_TOKENS = 65_536
 DEFAULT_PERMUTATIONS = 20
 DEFAULT_SEED = 20240101
 MIN_EXCESS_NMI = 0.01  # below this excess over the shuffled baseline a label counts as no specialisation
+TOKEN_NULL = "labels shuffled across tokens"  # the category baseline
+DOCUMENT_NULL = "labels shuffled across documents"  # the topic baseline: each document keeps one topic
 
 _WHITESPACE_RE = re.compile(r"\s+")
 _FALLBACK_RE = re.compile(
@@ -196,20 +209,22 @@ class TokenStream:
     ids: np.ndarray  # (N,) int64, each document followed by the end-of-text id
     categories: np.ndarray  # (N,) int8 index into CATEGORIES, NO_LABEL at end-of-text
     topics: np.ndarray  # (N,) int64 index into topic_names, NO_LABEL at end-of-text
+    documents_N: np.ndarray  # (N,) int64 index into the documents given, NO_LABEL at end-of-text
     topic_names: list[str]
     documents: int  # documents (wholly or partly) in the stream
 
 
 def token_stream(tok, docs: list[str], keys: list[str] | None, max_tokens: int) -> TokenStream:
     """The documents concatenated as in the shards (each followed by end-of-text), cut at
-    ``max_tokens``. Without keys every document's topic is UNKNOWN_TOPIC."""
+    ``max_tokens``. Without keys every document's topic is UNKNOWN_TOPIC. Each token also keeps
+    the index of its document, so that a baseline can shuffle topics between whole documents."""
     if keys is not None and len(keys) != len(docs):
         raise ValueError(f"{len(keys)} keys for {len(docs)} documents")
     eos = tok.token_to_id(EOS)
     if eos is None:
         raise ValueError(f"the tokenizer has no '{EOS}' token")
     topic_index: dict[str, int] = {}
-    ids, cats, topics = [], [], []
+    ids, cats, topics, documents = [], [], [], []
     total = used = 0
     for i, doc in enumerate(docs):
         if total >= max_tokens:
@@ -219,6 +234,7 @@ def token_stream(tok, docs: list[str], keys: list[str] | None, max_tokens: int) 
         ids += [doc_ids, np.array([eos])]
         cats += [doc_cats, np.array([NO_LABEL], dtype=np.int8)]
         topics += [np.full(len(doc_ids), topic), np.array([NO_LABEL])]
+        documents += [np.full(len(doc_ids), i), np.array([NO_LABEL])]
         total += len(doc_ids) + 1
         used += 1
     if not used:
@@ -227,6 +243,7 @@ def token_stream(tok, docs: list[str], keys: list[str] | None, max_tokens: int) 
         ids=np.concatenate(ids)[:max_tokens],
         categories=np.concatenate(cats)[:max_tokens],
         topics=np.concatenate(topics).astype(np.int64)[:max_tokens],
+        documents_N=np.concatenate(documents).astype(np.int64)[:max_tokens],
         topic_names=list(topic_index),
         documents=used,
     )
@@ -284,18 +301,45 @@ def _nmi(table: np.ndarray) -> tuple[float, float]:
     return mi, (2 * mi / (h_e + h_l) if h_e + h_l > 0 else 0.0)
 
 
+def shuffle_labels(labels_N: np.ndarray, rng: np.random.Generator, documents_N: np.ndarray | None = None) -> np.ndarray:
+    """``labels_N`` permuted across tokens; with ``documents_N`` (each token's document) the
+    documents' labels permuted among the documents instead, so that every document's tokens
+    keep sharing one label, as a topic does. A label that varies within a document cannot move
+    with it, hence the error."""
+    if documents_N is None:
+        return rng.permutation(labels_N)
+    if documents_N.shape != labels_N.shape:
+        raise ValueError(f"{documents_N.shape} document indices for {labels_N.shape} labels")
+    _, first_D, document_N = np.unique(documents_N, return_index=True, return_inverse=True)
+    labels_D = labels_N[first_D]
+    if not np.array_equal(labels_D[document_N], labels_N):
+        raise ValueError("a document's tokens carry different labels: shuffle across tokens instead")
+    return rng.permutation(labels_D)[document_N]
+
+
 def association(
-    experts_NK: np.ndarray, labels_N: np.ndarray, n_experts: int, n_labels: int, permutations: int, seed: Any
+    experts_NK: np.ndarray,
+    labels_N: np.ndarray,
+    n_experts: int,
+    n_labels: int,
+    permutations: int,
+    seed: Any,
+    documents_N: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Mutual information between expert choice and a token label, against the same labels
-    shuffled across tokens ``permutations`` times."""
+    """Mutual information between expert choice and a token label, against ``permutations``
+    shuffles of the labels (``shuffle_labels``): across tokens, or with ``documents_N`` across
+    documents, for a label that is fixed per document and whose clustering the null must keep."""
     mi, nmi = _nmi(_contingency(experts_NK, labels_N, n_experts, n_labels))
     rng = np.random.default_rng(seed)
     shuffled = np.array(
-        [_nmi(_contingency(experts_NK, rng.permutation(labels_N), n_experts, n_labels))[1] for _ in range(permutations)]
+        [
+            _nmi(_contingency(experts_NK, shuffle_labels(labels_N, rng, documents_N), n_experts, n_labels))[1]
+            for _ in range(permutations)
+        ]
     )
     mean = float(shuffled.mean()) if permutations else 0.0
     return {
+        "null": TOKEN_NULL if documents_N is None else DOCUMENT_NULL,
         "mi_bits": float(mi / np.log(2)),
         "nmi": nmi,
         "shuffled_nmi_mean": mean,
@@ -361,6 +405,7 @@ def expert_specialisation(
     choices = expert_choices(model, stream.ids, seq_len, batch_size)
     keep = stream.categories != NO_LABEL
     cats, topics = stream.categories[keep].astype(np.int64), stream.topics[keep]
+    documents_N = stream.documents_N[keep]
     topics_known = keys is not None
     n_cats, n_topics = len(CATEGORIES), len(stream.topic_names)
     overall = _shares(np.bincount(cats, minlength=n_cats))
@@ -383,7 +428,9 @@ def expert_specialisation(
                 "expert_category_share": [[_finite(v) for v in row] for row in share],
                 "expert_category_lift": [[_finite(v) for v in row] for row in lift],
                 "category": association(experts_NK, cats, n_experts, n_cats, permutations, [seed, li, 0]),
-                "topic": association(experts_NK, topics, n_experts, n_topics, permutations, [seed, li, 1])
+                "topic": association(
+                    experts_NK, topics, n_experts, n_topics, permutations, [seed, li, 1], documents_N=documents_N
+                )
                 if topics_known
                 else None,
             }
@@ -403,6 +450,7 @@ def expert_specialisation(
         "topics_known": topics_known,
         "permutations": permutations,
         "seed": seed,
+        "nulls": {"category": TOKEN_NULL, "topic": DOCUMENT_NULL if topics_known else None},
         "category_share": overall,
         "layers": rows,
         "summary": {
@@ -467,6 +515,8 @@ def routing_analysis(
 
 __all__ = [
     "CATEGORIES",
+    "DOCUMENT_NULL",
+    "TOKEN_NULL",
     "TokenStream",
     "association",
     "char_categories",
@@ -474,6 +524,7 @@ __all__ = [
     "expert_specialisation",
     "regex_char_categories",
     "routing_analysis",
+    "shuffle_labels",
     "token_categories",
     "token_stream",
     "topic_of",

@@ -10,11 +10,14 @@ the order of 0.005 nats (SCIENCE.md): one seed supports no claim, and the rows s
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
 import numpy as np
 from scipy import stats
+
+from harness.fits import Noise
 
 ALPHA = 0.05
 
@@ -72,9 +75,40 @@ def task_metric(ev: dict[str, Any] | None, task: str, metric: str) -> float | No
     return value if isinstance(value, (int, float)) else None
 
 
+def seed_noise(records: list[dict[str, Any]], metric: str = "final_val_loss") -> Noise:
+    """The seed-to-seed standard deviation of one run's ``metric``, pooled over every (model, budget)
+    that has two or more seeds: sqrt(sum of squared deviations / sum of (seeds - 1)). Its degrees of
+    freedom are that sum (0 with one seed per run: no estimate)."""
+    groups: dict[tuple[str, float], list[float]] = defaultdict(list)
+    for r in records:
+        value = r.get(metric)
+        if value is not None and np.isfinite(value):
+            groups[(r["model"], r["budget_flops"])].append(float(value))
+    replicated = [np.asarray(v) for v in groups.values() if len(v) > 1]
+    dof = sum(len(v) - 1 for v in replicated)
+    if not dof:
+        return Noise(sd=float("nan"), dof=0, source="no replicate seeds")
+    ss = sum(float(((v - v.mean()) ** 2).sum()) for v in replicated)
+    return Noise(sd=math.sqrt(ss / dof), dof=dof, source=f"{len(replicated)} replicated runs, {dof} degrees of freedom")
+
+
+def paired_difference(moe: np.ndarray, dense: np.ndarray, confidence: float = 1 - ALPHA) -> dict[str, Any]:
+    """Mean of the paired differences moe - dense with its t interval and two-sided p-value
+    (``scipy.stats.ttest_rel``); interval and p are None with fewer than two pairs or when every
+    pair differs by the same amount (no spread to test against)."""
+    diff = np.asarray(moe, dtype=float) - np.asarray(dense, dtype=float)
+    out: dict[str, Any] = {"n": len(diff), "mean": float(diff.mean()), "ci": None, "p_value": None}
+    if len(diff) < 2 or np.allclose(diff, diff[0]):
+        return out
+    test = stats.ttest_rel(moe, dense)
+    ci = test.confidence_interval(confidence)
+    return out | {"ci": (float(ci.low), float(ci.high)), "p_value": float(test.pvalue)}
+
+
 def seed_comparison(records: list[dict[str, Any]], metric: str = "final_val_loss") -> list[dict[str, Any]]:
     """Per (MoE model, budget): MoE and dense mean ± std over seeds, the mean paired difference
-    (MoE - dense) and, with two or more seeds, the paired t-test's p-value and verdict."""
+    (MoE - dense) and, with two or more seeds, its 95% t interval, the paired t-test's p-value and
+    verdict."""
     rows = []
     for (model, budget), group in peer_pairs(records).items():
         moe = np.array([m[metric] for m, _ in group], dtype=float)
@@ -93,20 +127,21 @@ def seed_comparison(records: list[dict[str, Any]], metric: str = "final_val_loss
             "dense_std": float(dense.std(ddof=1)) if n > 1 else None,
             "difference_mean": float(diff.mean()),
             "difference_std": float(diff.std(ddof=1)) if n > 1 else None,
+            "difference_ci": None,
             "p_value": None,
             "verdict": "one seed: no claim of significance",
         }
-        if n > 1:
-            if np.allclose(diff, diff[0]):
-                row["verdict"] = "identical differences across seeds: no test"
-            else:
-                p = float(stats.ttest_rel(moe, dense).pvalue)
-                row["p_value"] = p
-                better = "MoE lower" if diff.mean() < 0 else "MoE higher"
-                row["verdict"] = (
-                    f"{better}, significant (paired t-test, p < {ALPHA})"
-                    if p < ALPHA
-                    else f"not significant (paired t-test, p = {p:.2g})"
-                )
+        test = paired_difference(moe, dense)
+        if n > 1 and test["p_value"] is None:
+            row["verdict"] = "identical differences across seeds: no test"
+        elif test["p_value"] is not None:
+            p = row["p_value"] = test["p_value"]
+            row["difference_ci"] = test["ci"]
+            better = "MoE lower" if diff.mean() < 0 else "MoE higher"
+            row["verdict"] = (
+                f"{better}, significant (paired t-test, p < {ALPHA})"
+                if p < ALPHA
+                else f"not significant (paired t-test, p = {p:.2g})"
+            )
         rows.append(row)
     return rows

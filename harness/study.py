@@ -97,6 +97,8 @@ class Recipe:
     eval_every: int = 100
     """Validation every this many steps (and always at the end)."""
     eval_batches: int = 8
+    """Validation sample: this many batches of ``batch_size`` windows, spaced evenly over the whole
+    validation split (``TokenShard.eval_indices``); the whole split when it holds fewer."""
     checkpoint_every: int = 200
     flop_convention: FlopConvention = FlopConvention.DETAILED
     compile: bool = False

@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from scipy import stats as sps
 
-from harness.claims import NO_DATA, NOT_SUPPORTED, SUPPORTED, balancing_needed, evaluate_claims, iso_flop_gain
+from harness.claims import (
+    NO_DATA,
+    NOT_SUPPORTED,
+    SUPPORTED,
+    balancing_needed,
+    evaluate_claims,
+    gain_grows_with_experts,
+    iso_flop_gain,
+    memory_follows_total,
+    wall_clock_below_flop_gain,
+)
 from harness.reproduce import compare, device_class, summary
 from harness.routing_health import routing_health
 from harness.stats import seed_comparison
@@ -36,14 +47,29 @@ def _routing_step(step: int, tokens: list[list[int]]) -> dict:
 def test_routing_health_flags_dead_and_dominant_experts_at_the_end_only():
     early = [_routing_step(s, [[0, 0, 0, 64], [16, 16, 16, 16]]) for s in range(1, 10)]  # collapsed early: ignored
     late = [_routing_step(s, [[10, 20, 30, 4], [0, 30, 20, 14]]) for s in range(10, 11)]
-    rows = routing_health(early + late, experts=4)
+    rows = routing_health(early + late, experts=4, top_k=1)
     assert [r.collapsed for r in rows] == [False, True]
     assert rows[1].dead_experts == 1 and "1 dead expert" in rows[1].reason
     assert rows[0].max_over_mean == pytest.approx(30 / 16)
     assert rows[0].entropy_over_log_e == pytest.approx(0.9)
-    dominated = routing_health([_routing_step(1, [[5, 5, 5, 49]])], experts=4)
-    assert dominated[0].collapsed and "takes 77%" in dominated[0].reason
-    assert routing_health([{"step": 1, "loss": 3.0}], experts=4) == []  # dense
+    dominated = routing_health([_routing_step(1, [[5, 5, 5, 49]])], experts=4, top_k=1)
+    assert dominated[0].collapsed and "takes 77% of tokens" in dominated[0].reason
+    assert routing_health([{"step": 1, "loss": 3.0}], experts=4, top_k=1) == []  # dense
+
+
+@pytest.mark.parametrize(("experts", "top_k"), [(8, 2), (8, 4), (16, 3), (64, 8)])
+def test_collapse_is_judged_on_tokens_whatever_k(experts, top_k):
+    """One expert taking 90% of the tokens is collapse at any k, although its share of the T*k
+    assignments is at most 1/k (45% at k = 2: the old rule, half of all assignments, missed it)."""
+    tokens = 1000
+    busiest = int(0.9 * tokens)
+    rest = (tokens * top_k - busiest) // (experts - 1)
+    loads = [busiest] + [rest] * (experts - 1)
+    (row,) = routing_health([_routing_step(1, [loads])], experts=experts, top_k=top_k)
+    assert row.collapsed and row.busiest_token_share == pytest.approx(busiest * top_k / sum(loads))
+    balanced = [tokens * top_k // experts] * experts
+    (row,) = routing_health([_routing_step(1, [balanced])], experts=experts, top_k=top_k)
+    assert not row.collapsed and row.busiest_token_share == pytest.approx(top_k / experts)
 
 
 def _rec(model, arm, budget, seed, loss, experts=None, top_k=None, active=1000, total=None, balanced=True, **kw):
@@ -80,39 +106,135 @@ def test_seed_comparison_is_a_paired_t_test_over_seeds():
     assert single["p_value"] is None and "no claim" in single["verdict"]
 
 
-def test_claims_are_computed_from_the_data():
-    base = [_rec("d", "dense", 1e15, 0, 3.0)]
-    lower = [*base, _rec("m8", "moe", 1e15, 0, 2.9, 8, 2), _rec("m4", "moe", 1e15, 0, 2.95, 4, 2)]
-    assert iso_flop_gain(lower, seed_comparison(lower)).verdict == SUPPORTED
-    higher = [*base, _rec("m8", "moe", 1e15, 0, 3.1, 8, 2)]
-    assert iso_flop_gain(higher, seed_comparison(higher)).verdict == NOT_SUPPORTED
-    mixed = [*base, _rec("m8", "moe", 1e15, 0, 2.9, 8, 2), _rec("m4", "moe", 1e15, 0, 3.1, 4, 2)]
-    claim = iso_flop_gain(mixed, seed_comparison(mixed))
-    assert claim.verdict == NO_DATA and "mixed" in claim.evidence and "tokens per active parameter" in claim.caveat
+def _seeded(diffs: dict[str, list[float]], experts: dict[str, int] | None = None) -> list[dict]:
+    """Dense runs and MoE runs with the given MoE - dense differences per seed."""
+    dense = [3.0, 3.02, 2.99, 3.01, 3.0][: len(next(iter(diffs.values())))]
+    records = [_rec("d", "dense", 1e15, s, x) for s, x in enumerate(dense)]
+    for model, ds in diffs.items():
+        e = (experts or {}).get(model, 8)
+        records += [_rec(model, "moe", 1e15, s, dense[s] + d, e, 2) for s, d in enumerate(ds)]
+    return records
 
+
+def test_one_seed_gives_no_iso_flop_verdict():
+    lower = _seeded({"m8": [-0.1], "m4": [-0.05]})
+    claim = iso_flop_gain(lower, seed_comparison(lower))
+    assert claim.verdict == NO_DATA and "one seed" in claim.evidence
+    assert "-0.1000" in claim.evidence and "tokens per active parameter" in claim.caveat
+    assert "Hoffmann et al. 2022" in claim.caveat and "Krajewski" not in claim.caveat
+
+
+def test_iso_flop_verdict_from_paired_t_intervals():
+    lower = _seeded({"m8": [-0.10, -0.12, -0.09], "m4": [-0.05, -0.06, -0.04]})
+    claim = iso_flop_gain(lower, seed_comparison(lower))
+    assert claim.verdict == SUPPORTED
+    (row,) = [r for r in seed_comparison(lower) if r["model"] == "m8"]
+    t = sps.ttest_rel([r["final_val_loss"] for r in lower if r["model"] == "m8"], [3.0, 3.02, 2.99])
+    assert row["difference_ci"] == pytest.approx(tuple(t.confidence_interval(0.95)))
+    assert f"[{row['difference_ci'][0]:+.4f}, {row['difference_ci'][1]:+.4f}]" in claim.evidence
+    higher = _seeded({"m8": [-0.10, -0.12, -0.09], "m4": [0.30, 0.21, 0.18]})
+    assert iso_flop_gain(higher, seed_comparison(higher)).verdict == NOT_SUPPORTED
+    level = _seeded({"m8": [0.013, -0.009, -0.006]})
+    claim = iso_flop_gain(level, seed_comparison(level))
+    assert claim.verdict == NO_DATA and "not significant" in claim.evidence
+
+
+def test_gain_grows_with_e_needs_a_test_that_can_reach_significance():
+    one_seed = _seeded({"e4": [-0.01], "e8": [-0.02], "e16": [-0.03]}, {"e4": 4, "e8": 8, "e16": 16})
+    claim = gain_grows_with_experts(seed_comparison(one_seed), one_seed)
+    assert claim.verdict == NO_DATA and "smallest attainable p" in claim.evidence  # 1/3! = 0.17
+    grows = _seeded(
+        {"e4": [-0.01, -0.012, -0.008], "e8": [-0.03, -0.028, -0.033], "e16": [-0.06, -0.055, -0.058]},
+        {"e4": 4, "e8": 8, "e16": 16},
+    )
+    claim = gain_grows_with_experts(seed_comparison(grows), grows)
+    assert claim.verdict == SUPPORTED and "permutation p" in claim.evidence
+
+
+def test_gain_grows_with_e_holds_its_level_under_no_effect():
+    """Differences independent of E: Spearman rho < 0 half the time; the permutation test at 5%."""
+    rng = np.random.default_rng(0)
+    supported = 0
+    for _ in range(60):
+        noise = rng.normal(0, 0.02, (3, 3))
+        runs = _seeded({f"e{e}": list(noise[i]) for i, e in enumerate((4, 8, 16))}, {"e4": 4, "e8": 8, "e16": 16})
+        supported += gain_grows_with_experts(seed_comparison(runs), runs).verdict == SUPPORTED
+    assert supported <= 6  # at most 10% of 60 (expected 5%)
+
+
+def test_balancing_verdict_follows_what_was_measured():
+    base = [_rec("d", "dense", 1e15, 0, 3.0)]
     runs = [*base, _rec("u", "moe", 1e15, 0, 3.2, 8, 2, balanced=False), _rec("b", "moe", 1e15, 0, 2.9, 8, 2)]
     health = {"u_1e+15_s0": [{"collapsed": True}], "b_1e+15_s0": [{"collapsed": False}]}
     assert balancing_needed(runs, health).verdict == SUPPORTED
-    assert balancing_needed([*base, *runs[2:]], {"b_1e+15_s0": [{"collapsed": False}]}).verdict == NO_DATA
+    untested = balancing_needed([*base, *runs[2:]], {"b_1e+15_s0": [{"collapsed": False}]})
+    assert untested.verdict == NO_DATA and "untested" in untested.evidence
+    # balanced runs that lost experts refute "with one it does not", whatever else ran
+    broke = balancing_needed([*base, *runs[2:]], {"b_1e+15_s0": [{"collapsed": True}]})
+    assert broke.verdict == NOT_SUPPORTED and "1 of 1 with one (b_1e+15_s0)" in broke.evidence
+    assert "balanced (" not in broke.evidence
 
-    def meas(tok_s, param_bytes):
-        return {
-            "device_name": "cpu",
-            "train": {"tokens_per_s_median": tok_s},
-            "memory": {"param_bytes": param_bytes, "optimizer_state_bytes": 2 * param_bytes},
-        }
 
-    pair = [_rec("d", "dense", 1e15, 0, 3.0, total=1000), _rec("m", "moe", 1e15, 0, 2.9, 8, 2, total=4000)]
-    measures = {"d_1e+15_s0": meas(100.0, 4000), "m_1e+15_s0": meas(80.0, 16000)}
+def _measure(windows: list[float], peak: int | None, param_bytes: int) -> dict:
+    return {
+        "device_name": "cpu",
+        "train": {"tokens_per_s_median": float(np.median(windows)), "tokens_per_s_windows": windows},
+        "memory": {
+            "param_bytes": param_bytes,
+            "gradient_bytes": param_bytes,
+            "optimizer_state_bytes": 2 * param_bytes,
+            "peak_training_bytes": peak,
+        },
+    }
+
+
+PAIR = [_rec("d", "dense", 1e15, 0, 3.0, total=10**6), _rec("m", "moe", 1e15, 0, 2.9, 8, 2, total=4 * 10**6)]
+
+
+def test_memory_claim_rests_on_measured_peaks():
+    """Parameter counts alone always 'follow total parameters'; the verdict must come from the peak."""
+    dense = _measure([100.0] * 5, 20 * 2**20, 4 * 10**6)
+    follows = {"d_1e+15_s0": dense, "m_1e+15_s0": _measure([80.0] * 5, 20 * 2**20 + 16 * 3 * 10**6, 16 * 10**6)}
+    claim = memory_follows_total(PAIR, follows)
+    assert claim.verdict == SUPPORTED and "x1.00" in claim.evidence
+    flat = {"d_1e+15_s0": dense, "m_1e+15_s0": _measure([80.0] * 5, 21 * 2**20, 16 * 10**6)}
+    assert memory_follows_total(PAIR, flat).verdict == NOT_SUPPORTED
+    unmeasured = {"d_1e+15_s0": dense, "m_1e+15_s0": _measure([80.0] * 5, None, 16 * 10**6)}
+    assert memory_follows_total(PAIR, unmeasured).verdict == NO_DATA
+
+
+def test_wall_clock_claim_carries_the_spread_of_the_throughput_windows():
+    steady = {
+        "d_1e+15_s0": _measure([100.0, 101.0, 99.0, 100.5, 99.5], 1, 1),
+        "m_1e+15_s0": _measure([80.0, 81.0, 79.0, 80.5, 79.5], 1, 1),
+    }
+    claim = wall_clock_below_flop_gain(PAIR, steady)
+    assert claim.verdict == SUPPORTED and "x0.80 [" in claim.evidence and "one process" in claim.caveat
+    noisy = {
+        "d_1e+15_s0": _measure([68.0, 100.0, 70.0, 98.0, 85.0], 1, 1),
+        "m_1e+15_s0": _measure([80.0, 81.0, 79.0, 80.5, 79.5], 1, 1),
+    }
+    assert wall_clock_below_flop_gain(PAIR, noisy).verdict == NO_DATA
+    faster = {
+        k: _measure([x * 1.5 if k.startswith("m") else x for x in v["train"]["tokens_per_s_windows"]], 1, 1)
+        for k, v in steady.items()
+    }
+    assert wall_clock_below_flop_gain(PAIR, faster).verdict == NOT_SUPPORTED
+
+
+def test_claims_are_computed_from_the_data():
+    measures = {"d_1e+15_s0": _measure([100.0] * 3 + [99.0], 2**20, 4 * 10**6)}
+    measures["m_1e+15_s0"] = _measure([80.0] * 3 + [81.0], 2**20 + 16 * 3 * 10**6, 16 * 10**6)
     routing = {"m_1e+15_s0": {"moe": True, "summary": {"category_nmi_excess": 0.1, "topic_nmi_excess": 0.01}}}
-    verdicts = {c.key: c.verdict for c in evaluate_claims(pair, measures, seed_comparison(pair), {}, routing)}
-    assert verdicts["R10"] == SUPPORTED  # MoE ran 0.8x the FLOP/s of dense
-    assert verdicts["memory"] == SUPPORTED  # memory x4 = total params x4
-    assert verdicts["specialisation"] == SUPPORTED
-    assert verdicts["R1-E"] == NO_DATA  # one expert count
-    measures["m_1e+15_s0"] = meas(120.0, 8000)
-    verdicts = {c.key: c.verdict for c in evaluate_claims(pair, measures, seed_comparison(pair), {}, routing)}
-    assert verdicts["R10"] == NOT_SUPPORTED and verdicts["memory"] == NOT_SUPPORTED
+    verdicts = {c.key: c.verdict for c in evaluate_claims(PAIR, measures, seed_comparison(PAIR), {}, routing)}
+    assert verdicts == {
+        "R1": NO_DATA,  # one seed
+        "R1-E": NO_DATA,  # one expert count
+        "R3": NO_DATA,  # no routing statistics
+        "R10": SUPPORTED,
+        "memory": SUPPORTED,
+        "specialisation": SUPPORTED,
+    }
 
 
 def test_reproduction_compares_within_tolerance_and_notices_other_data():
@@ -135,7 +257,7 @@ def test_reproduction_compares_within_tolerance_and_notices_other_data():
 def test_scaling_figures_and_tables_with_three_sizes_per_budget(tmp_path):
     """A study shaped like `full`: three dense sizes and a matched MoE family per size at two
     budgets, losses on parabolas in log N; the analysis finds the optima and the figures draw."""
-    from harness import figures, scaling
+    from harness import figures, scaling, scaling_report
 
     records = []
     for budget, n_star in ((1e16, 2e6), (1e17, 6e6)):
@@ -158,7 +280,7 @@ def test_scaling_figures_and_tables_with_three_sizes_per_budget(tmp_path):
     assert len(curves) == 4 and all(c["n_opt"] is not None for c in curves)
     dense_opt = {c["budget_flops"]: c["n_opt"] for c in curves if c["arm"] == "dense"}
     assert dense_opt[1e16] == pytest.approx(2e6, rel=1e-6) and dense_opt[1e17] == pytest.approx(6e6, rel=1e-6)
-    _, rows = scaling.multiplier_table(a)
+    _, rows = scaling_report.multiplier_table(a)
     assert all(row[4] != "-" for row in rows)  # two dense budgets: a multiplier for every MoE row
     for name, draw in {
         "isoflop": lambda p: figures.isoflop_figure(records, curves, p),

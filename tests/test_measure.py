@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +16,18 @@ from conftest import tiny_config
 from fake_nvml import FakeNvml
 
 from harness import energy, measure
-from harness.measure import MeasureSettings, mfu_table, peak_flops
+from harness.measure import (
+    VMHWM_RESET,
+    WHOLE_PROCESS,
+    MeasureSettings,
+    mfu_table,
+    parse_statm_rss,
+    parse_vmhwm,
+    peak_flops,
+    reset_rss_peak,
+    rss_bytes,
+    rss_peak_bytes,
+)
 from models.accounting import count_params
 from models.transformer import KVCache
 
@@ -29,6 +46,9 @@ def test_every_section_has_median_and_spread(moe_result):
         s = moe_result[section]
         assert s["windows"] == 5
         assert 0 < s["tokens_per_s_min"] <= s["tokens_per_s_median"] <= s["tokens_per_s_max"]
+        rates = s["tokens_per_s_windows"]  # every window, for a confidence interval of a ratio
+        assert len(rates) == s["windows"] and statistics.median(rates) == s["tokens_per_s_median"]
+        assert min(rates) == s["tokens_per_s_min"] and max(rates) == s["tokens_per_s_max"]
     assert moe_result["decode_batch1"]["batch"] == 1 and moe_result["decode_large_batch"]["batch"] == 3
     assert moe_result["imbalance_cost"] > 0
 
@@ -39,8 +59,86 @@ def test_memory_follows_total_parameters(moe_result):
     assert m["param_bytes"] == 4 * count_params(cfg).total
     assert m["optimizer_state_bytes"] >= 2 * m["param_bytes"]  # AdamW: two moments per parameter
     assert m["kv_cache_bytes_per_token"] == KVCache.bytes_per_token(cfg) == 2 * 2 * 2 * 8 * 4
-    assert m["peak_rss_bytes"] > m["param_bytes"]
+    assert m["gradient_bytes"] == m["param_bytes"]  # every parameter is trained
     assert "peak_allocated_bytes" not in m  # CUDA-only figures are not invented on a CPU
+
+
+def test_measured_cpu_peak_is_over_a_baseline(moe_result):
+    m = moe_result["memory"]
+    assert m["baseline_rss_bytes"] > 0 and m["peak_rss_bytes"] > 0
+    assert m["peak_training_bytes"] == m["peak_rss_bytes"] - m["baseline_rss_bytes"]
+    # measure() takes VmHWM exactly where this process may reset it (Linux), else ru_maxrss.
+    assert m["peak_source"] == (VMHWM_RESET if reset_rss_peak() else WHOLE_PROCESS)
+    if m["large_allocations_mapped"] and m["peak_source"] == VMHWM_RESET:
+        # RSS follows live tensors: weights, gradients and both AdamW moments of the copy at least,
+        # even in a process whose earlier tests left freed heap behind.
+        assert m["peak_training_bytes"] >= m["param_bytes"] + m["gradient_bytes"] + m["optimizer_state_bytes"]
+
+
+# One measurement per fresh process, as `harness measure` runs: an MoE with eight experts of the
+# dense model's FFN width, and that dense model.
+_MEASURE_IN_A_FRESH_PROCESS = """
+import json, sys
+import torch
+from conftest import tiny_config
+from harness.measure import MeasureSettings, measure
+torch.set_num_threads(1)
+cfg = tiny_config(moe=json.loads(sys.argv[1]), d_model=128, d_ff=512)
+settings = MeasureSettings(
+    batch_size=2, seq_len=16, windows=2, steps_per_window=1, warmup_steps=1, decode_tokens=2, decode_batch=2
+)
+print(json.dumps(measure(cfg, torch.device("cpu"), settings)["memory"]))
+"""
+
+
+def test_measured_peak_follows_total_parameters():
+    tests = Path(__file__).parent
+    procs = {
+        arm: subprocess.Popen(
+            [sys.executable, "-c", _MEASURE_IN_A_FRESH_PROCESS, json.dumps(moe)],
+            cwd=tests,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=os.environ | {"PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])},
+        )
+        for arm, moe in (("moe", {"experts": 8, "d_expert": 512}), ("dense", None))
+    }
+    memory = {}
+    for arm, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0
+        memory[arm] = json.loads(out.splitlines()[-1])
+    for m in memory.values():
+        # Weights, gradients and both AdamW moments are all alive during a step.
+        assert m["peak_training_bytes"] >= m["param_bytes"] + m["gradient_bytes"] + m["optimizer_state_bytes"]
+    moe, dense = memory["moe"], memory["dense"]
+    assert moe["param_bytes"] > 5 * dense["param_bytes"]
+    assert moe["peak_training_bytes"] > 3 * dense["peak_training_bytes"]
+
+
+def test_vmhwm_and_statm_parsing():
+    status = "Name:\tpython\nVmPeak:\t  16580 kB\nVmHWM:\t   13536 kB\nVmRSS:\t   13000 kB\n"
+    assert parse_vmhwm(status) == 13536 * 1024
+    assert parse_vmhwm("Name:\tpython\n") is None
+    with pytest.raises(ValueError, match="unexpected unit"):
+        parse_vmhwm("VmHWM:\t 1 MB\n")
+    assert parse_statm_rss("4145 3384 2560 1 0 663 0\n", page_size=4096) == 3384 * 4096
+
+
+def test_rss_helpers_on_a_fake_proc(tmp_path, monkeypatch):
+    (tmp_path / "status").write_text("VmHWM:\t 2048 kB\n")
+    (tmp_path / "statm").write_text("100 25 10 1 0 50 0\n")
+    assert rss_bytes(tmp_path) == 25 * measure.os.sysconf("SC_PAGE_SIZE")
+    assert reset_rss_peak(tmp_path) and (tmp_path / "clear_refs").read_text() == "5"
+    assert rss_peak_bytes(True, tmp_path) == (2048 * 1024, VMHWM_RESET)
+    # Without /proc, or where the reset failed: the whole process's peak, said to be so.
+    monkeypatch.setattr(measure.resource, "getrusage", lambda who: type("R", (), {"ru_maxrss": 3})())
+    absent = tmp_path / "absent"
+    assert not reset_rss_peak(absent)
+    assert rss_peak_bytes(False, tmp_path) == (3 * 1024, WHOLE_PROCESS)
+    assert rss_peak_bytes(True, absent) == (3 * 1024, WHOLE_PROCESS)
+    assert rss_bytes(absent) == 3 * 1024
+    assert measure.ru_maxrss_bytes("darwin") == 3  # macOS reports bytes, Linux KiB
 
 
 def test_mfu_conventions_and_cpu_absences(moe_result):

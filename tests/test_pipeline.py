@@ -230,6 +230,21 @@ def test_train_batches_depend_only_on_seed_and_step(prepared):
     assert far[0].shape == (4, 32)
 
 
+def test_validation_sample_spans_the_whole_split(prepared):
+    """The evaluation windows reach from the first to the last window of the split, evenly
+    spaced (the first windows only would be the first few documents), and are the whole split
+    when it holds fewer than asked."""
+    _, _, data_dir, _ = prepared
+    shard = TokenShard(data_dir, "validation", 8)
+    assert shard.windows > 8
+    idx = shard.eval_indices(4)
+    assert idx[0] == 0 and idx[-1] == shard.windows - 1 and len(idx) == 4
+    assert np.ptp(np.diff(idx)) <= 1  # evenly spaced
+    assert list(shard.eval_indices(10**6)) == list(range(shard.windows))
+    batches = list(shard.eval_batches(2, 2))
+    assert torch.equal(batches[-1][0][-1], shard.window_batch(np.array([shard.windows - 1]))[0][0])
+
+
 def test_stdlib_source_is_offline_and_ordered():
     cfg = DataConfig(source=DataSource.PYTHON_STDLIB, max_bytes=200_000)
     docs = list(iter_documents(cfg))
