@@ -313,8 +313,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_routing(args: argparse.Namespace) -> int:
+    from harness.analysis.specialisation import routing_analysis
     from harness.io import write_json
-    from harness.specialisation import routing_analysis
 
     study = load_study(args.study)
     run, results, run_dir = _trained_run(args, study)

@@ -20,8 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from harness.analysis.stats import arm_label, state_bytes, task_metric
 from harness.io import atomic_write
-from harness.stats import arm_label, state_bytes, task_metric
 from harness.study import budget_label
 
 MARKER_BY_K = {1: "^", 2: "o", 4: "D"}

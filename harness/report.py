@@ -15,8 +15,8 @@ from typing import Any
 
 from tabulate import tabulate
 
+from harness.analysis.stats import arm_label, dense_peer, peer_pairs, state_bytes, task_metric
 from harness.io import read_json, write_json, write_text
-from harness.stats import arm_label, dense_peer, peer_pairs, state_bytes, task_metric
 from harness.study import Study, budget_label, plan
 
 
@@ -391,11 +391,12 @@ FIGURES = {
 def write_report(study: Study, results: Path, microbench: Path | None = None) -> Path:
     """Read every run's record.json (and measure.json, eval.json, routing.json where present) and
     write report.md, summary.json, tables/ (CSV and HTML) and figures/ (PNG)."""
-    from harness import figures, scaling, scaling_report
-    from harness.claims import evaluate_claims
-    from harness.reproduce import reproduction, summary
-    from harness.routing_health import health_dicts, read_metrics, routing_health, routing_series
-    from harness.stats import seed_comparison
+    from harness import figures
+    from harness.analysis import scaling, scaling_report
+    from harness.analysis.claims import evaluate_claims
+    from harness.analysis.reproduce import reproduction, summary
+    from harness.analysis.routing_health import health_dicts, read_metrics, routing_health, routing_series
+    from harness.analysis.stats import seed_comparison
 
     runs = plan(study)
     records = [read_json(results / "runs" / run.run_id / "record.json") for run in runs]

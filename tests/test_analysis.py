@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from harness.claims import (
+from harness.analysis.claims import (
     NO_DATA,
     NOT_SUPPORTED,
     SUPPORTED,
@@ -20,9 +20,9 @@ from harness.claims import (
     memory_follows_total,
     wall_clock_below_flop_gain,
 )
-from harness.reproduce import compare, device_class, summary
-from harness.routing_health import routing_health
-from harness.stats import seed_comparison
+from harness.analysis.reproduce import compare, device_class, summary
+from harness.analysis.routing_health import routing_health
+from harness.analysis.stats import seed_comparison
 
 
 def _routing_step(step: int, tokens: list[list[int]]) -> dict:
@@ -257,7 +257,8 @@ def test_reproduction_compares_within_tolerance_and_notices_other_data():
 def test_scaling_figures_and_tables_with_three_sizes_per_budget(tmp_path):
     """A study shaped like `full`: three dense sizes and a matched MoE family per size at two
     budgets, losses on parabolas in log N; the analysis finds the optima and the figures draw."""
-    from harness import figures, scaling, scaling_report
+    from harness import figures
+    from harness.analysis import scaling, scaling_report
 
     records = []
     for budget, n_star in ((1e16, 2e6), (1e17, 6e6)):

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from harness.fits import MAX_EXTRAPOLATION, Noise, fit_parabola, fit_power_law, invert
-from harness.krajewski import DENSE, MOE, granularity_of, krajewski_check, krajewski_loss
-from harness.scaling import compute_multiplier, dense_equivalents, isoflop
+from harness.analysis.fits import MAX_EXTRAPOLATION, Noise, fit_parabola, fit_power_law, invert
+from harness.analysis.krajewski import DENSE, MOE, granularity_of, krajewski_check, krajewski_loss
+from harness.analysis.scaling import compute_multiplier, dense_equivalents, isoflop
 
 E, A, ALPHA = 1.8, 40.0, 0.3
 SIZES = np.geomspace(1e6, 1e9, 8)

@@ -12,9 +12,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from harness.data import EOS, train_tokenizer
-from harness.io import write_json, write_text
-from harness.specialisation import (
+from harness.analysis.specialisation import (
     CATEGORIES,
     DOCUMENT_NULL,
     NO_LABEL,
@@ -30,6 +28,8 @@ from harness.specialisation import (
     token_stream,
     topic_of,
 )
+from harness.data import EOS, train_tokenizer
+from harness.io import write_json, write_text
 from models.config import dump_config
 
 SNIPPET = 'def area(r):\n    # circle area\n    if r > 0:\n        return 3.14 * r ** 2\n    return "no way"\n'

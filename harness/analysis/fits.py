@@ -11,7 +11,7 @@ success, ``(None, reason)`` otherwise. Nothing raises for too few points.
 **Noise model.** A run's final loss is its expected value plus seed noise (initialisation and
 data order), independent across runs with one standard deviation sigma; a point averaged over n
 seeds has sigma / sqrt(n). sigma comes from replicate seeds pooled over the study
-(``harness.stats.seed_noise``) or, without replicates, from a fit's residuals (points - 3
+(``harness.analysis.stats.seed_noise``) or, without replicates, from a fit's residuals (points - 3
 degrees of freedom). Intervals come from a parametric bootstrap: each draw takes
 sigma* = sigma_hat * sqrt(dof / chi2_dof), the sampling distribution of a variance estimate
 with dof degrees of freedom, new losses fitted + sigma* / sqrt(n) * z, and refits; an inversion

@@ -12,7 +12,7 @@ from the study's numbers only, by a stated test at ALPHA = 0.05:
 - R1-E (gain grows with E): a one-sided permutation test of the slope of MoE - dense against
   log2 E, with E permuted within each seed (``scipy.stats.permutation_test``). Not enough data
   when the smallest attainable p-value is above ALPHA (one seed and three expert counts: 1/6).
-- R3 (balancing needed): collapse (``harness.routing_health``, judged on token shares) counted
+- R3 (balancing needed): collapse (``harness.analysis.routing_health``, judged on token shares) counted
   in runs with and without a balancing mechanism; a collapsed balanced run refutes the claim.
 - R10 (wall-clock gain below FLOP gain): the 95% interval of the MoE's training FLOP/s over
   its dense peer's, from replicate measurements (runs of the same model, else the timing
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-from harness.stats import ALPHA, arm_label, measured_pairs, peer_pairs
+from harness.analysis.stats import ALPHA, arm_label, measured_pairs, peer_pairs
 
 SUPPORTED, NOT_SUPPORTED, NO_DATA = "supported", "not supported", "not enough data"
 # Hoffmann et al. 2022 (Chinchilla): about 20 tokens per parameter is compute-optimal for a dense

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.stats import arm_label, dense_peer
+from harness.analysis.stats import arm_label, dense_peer
 
 EXPANSION_RATE = 64.0  # the expansion rate of the MoE law's fits
 MIN_TOKENS = 16e9  # the shortest training runs of the fits

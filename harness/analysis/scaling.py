@@ -8,12 +8,12 @@
     rows = krajewski_check(records)              # the published fine-grained MoE law, inside its range only
 
 Everything here is a pure function of run records (the dicts of ``record.json``); the curve fits
-and their noise model are in ``harness.fits``. Rows carry a ``reason`` ('' when complete) instead
+and their noise model are in ``harness.analysis.fits``. Rows carry a ``reason`` ('' when complete) instead
 of raising for too few points.
 
 Losses are final validation losses in nats per token. Seeds of one (model, budget) are averaged
 before fitting, so each model size is one point, weighted by its seed count in the noise model.
-The seed noise is pooled over the study's replicated runs (``harness.stats.seed_noise``) and
+The seed noise is pooled over the study's replicated runs (``harness.analysis.stats.seed_noise``) and
 enters every interval, on the dense side and on the MoE's own loss. Parameter counts default to
 the **non-embedding active** parameters (``params["active_non_embedding"]``), the N of Kaplan et
 al. 2020 ("Scaling Laws for Neural Language Models"); the functions take ``param_key``.
@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.fits import (
+from harness.analysis.fits import (
     MIN_POINTS,
     Noise,
     PowerLawFit,
@@ -57,7 +57,7 @@ from harness.fits import (
     invert,
     sigma_draws,
 )
-from harness.stats import arm_label, seed_noise
+from harness.analysis.stats import arm_label, seed_noise
 
 PARAM_KEY = "active_non_embedding"
 TOTAL_KEY = {"active_non_embedding": "total_non_embedding", "active": "total"}
@@ -470,7 +470,7 @@ class ScalingAnalysis:
 
 def analyse(records: list[dict[str, Any]], bootstrap: int = 1000, seed: int = 0) -> ScalingAnalysis:
     """Every scaling analysis of a study's records (seeded: the same records give the same numbers)."""
-    from harness.krajewski import krajewski_check
+    from harness.analysis.krajewski import krajewski_check
 
     runs = _usable(records)
     noise = seed_noise(runs)

@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from harness.analysis.stats import task_metric
 from harness.io import read_json
-from harness.stats import task_metric
 
 TOLERANCE = {
     "final_val_loss": ("relative", 0.01),

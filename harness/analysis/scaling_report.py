@@ -1,4 +1,4 @@
-"""The scaling section of the report: tables and text from a ``harness.scaling.ScalingAnalysis``.
+"""The scaling section of the report: tables and text from a ``harness.analysis.scaling.ScalingAnalysis``.
 
     headers, rows = fit_table(analysis)
     lines = markdown(analysis, table)      # ``table(name)`` renders one of the report's tables
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.fits import MAX_EXTRAPOLATION
-from harness.scaling import ScalingAnalysis
+from harness.analysis.fits import MAX_EXTRAPOLATION
+from harness.analysis.scaling import ScalingAnalysis
 from harness.study import budget_label
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from harness.fits import Noise
+from harness.analysis.fits import Noise
 
 ALPHA = 0.05
 
