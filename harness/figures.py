@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from harness.analysis.stats import arm_label, state_bytes, task_metric
+from harness.analysis.stats import arm_label, state_bytes, task_metric, training_memory
 from harness.io import atomic_write
 from harness.study import budget_label
 
@@ -206,17 +206,18 @@ def cost_scaling(records: list[dict[str, Any]], measures: dict[str, dict[str, An
         return _save(fig, path)
     seen: set[str] = set()
     device = measures[measured[0]["run_id"]]["device_name"]
+    peaks = all(training_memory(measures[r["run_id"]]) is not None for r in measured)
     for r in measured:
         m = measures[r["run_id"]]
         arm = arm_label(r)
         style = arm_style(r, records)
         label = None if arm in seen else arm
         seen.add(arm)
-        mem = state_bytes(m) / 2**20
+        mem = (training_memory(m) if peaks else state_bytes(m)) / 2**20
         axes[0].scatter(r["params"]["total"], mem, label=label, **style)
         axes[1].scatter(r["params"]["active"], m["train"]["tokens_per_s_median"], label=label, **style)
     axes[0].set_xlabel("total parameters")
-    axes[0].set_ylabel("parameters + optimizer state (MiB)")
+    axes[0].set_ylabel(f"training peak memory, measured (MiB, {device})" if peaks else "parameters + optimizer (MiB)")
     axes[0].set_title("memory follows total parameters")
     axes[1].set_xlabel("active parameters")
     axes[1].set_ylabel(f"training tokens/s ({device})")

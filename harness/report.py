@@ -15,7 +15,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from harness.analysis.stats import arm_label, dense_peer, peer_pairs, state_bytes, task_metric
+from harness.analysis.stats import arm_label, dense_peer, peer_pairs, state_bytes, task_metric, training_memory
 from harness.io import read_json, write_json, write_text
 from harness.study import Study, budget_label, plan
 
@@ -175,7 +175,7 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
         "train J/token (GPU, NVML)",
         "prefill J/token (GPU, NVML)",
         "learned / balanced step time",
-        "vs dense: total params, memory, train tokens/s",
+        "vs dense: total params, training memory, train tokens/s",
     ]
     rows = []
     for r in sorted(records, key=lambda r: (r["budget_flops"], r["run_id"])):
@@ -186,8 +186,10 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
         dm = measures.get(d["run_id"]) if d else None
         versus = "-"
         if d and dm:
+            peaks = training_memory(m), training_memory(dm)
+            memory = "-" if None in peaks else f"{peaks[0] / peaks[1]:.2f}"
             versus = (
-                f"x{r['params']['total'] / d['params']['total']:.2f}, x{state_bytes(m) / state_bytes(dm):.2f}, "
+                f"x{r['params']['total'] / d['params']['total']:.2f}, x{memory}, "
                 f"x{m['train']['tokens_per_s_median'] / dm['train']['tokens_per_s_median']:.2f}"
             )
         mem = m["memory"]
@@ -490,9 +492,10 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         md += [
             "## Cost per run",
             "",
-            f"Measured by `harness measure` on {device}. Memory for parameters and optimizer state follows "
-            "total parameters; throughput follows active parameters. Energy is GPU board energy from NVML, "
-            "not wall-socket energy; on a CPU it is absent.",
+            f"Measured by `harness measure` on {device}. Parameter and optimizer-state memory is computed from "
+            "tensor sizes; the training peak is measured (CUDA peak allocated, or the resident memory that "
+            "training adds to a fresh process on a CPU). Energy is GPU board energy from NVML, not wall-socket "
+            "energy; on a CPU it is absent.",
             "",
             table("cost"),
             "",
@@ -597,7 +600,7 @@ def glance_table(
         "compute multiplier",
         "wall-clock multiplier",
         "total params x",
-        "memory x",
+        "training memory x",
         "train tokens/s x",
     ]
     flops = {(r["model"], r["budget_flops"]): r for r in analysis.multiplier_flops}
@@ -612,7 +615,8 @@ def glance_table(
 
     def ratio(m: dict[str, Any], d: dict[str, Any], get) -> float | None:
         a, b = measures.get(m["run_id"]), measures.get(d["run_id"])
-        return None if a is None or b is None else get(a) / get(b)
+        values = None if a is None or b is None else (get(a), get(b))
+        return None if values is None or None in values else values[0] / values[1]
 
     rows = []
     for (model, budget), pairs in peer_pairs(records).items():
@@ -630,7 +634,7 @@ def glance_table(
                 _fmt(f.get("multiplier"), ".2f", "-") + ("*" if f.get("extrapolated") else ""),
                 _fmt(t.get("multiplier"), ".2f", "-") + ("*" if t.get("extrapolated") else ""),
                 f"{m0['params']['total'] / d0['params']['total']:.2f}",
-                _fmt(mean([ratio(m, d, state_bytes) for m, d in pairs]), ".2f", "-"),
+                _fmt(mean([ratio(m, d, training_memory) for m, d in pairs]), ".2f", "-"),
                 _fmt(mean([ratio(m, d, lambda x: x["train"]["tokens_per_s_median"]) for m, d in pairs]), ".2f", "-"),
             ]
         )

@@ -395,9 +395,11 @@ def test_report_tables(prepared):
     import csv
 
     rows = list(csv.DictReader((results / "tables" / "cost.csv").open()))
-    versus = next(r for r in rows if r["arm"].startswith("MoE"))["vs dense: total params, memory, train tokens/s"]
+    versus = next(r for r in rows if r["arm"].startswith("MoE"))[
+        "vs dense: total params, training memory, train tokens/s"
+    ]
     params_ratio, memory_ratio, _ = (float(v.strip().lstrip("x")) for v in versus.split(","))
-    assert params_ratio > 1.2 and memory_ratio == pytest.approx(params_ratio, rel=0.02)  # memory follows total
+    assert params_ratio > 1.2 and memory_ratio > 1  # measured: the MoE's extra experts take memory
     assert (results / "tables" / "cost.csv").read_text().count("\n") == 1 + len(plan(study))
     assert "## Dense versus MoE, run by run" in md and "## At a glance" in md and "## Claims" in md
     from harness.report import FIGURES

@@ -169,10 +169,14 @@ def _multiplier_finding(a: ScalingAnalysis) -> str:
         if t.get("multiplier") is not None:
             text += f", x{_g(t['multiplier'], '.2f')} in wall-clock time"
         parts.append(text)
+    intervals = (
+        " Intervals are 95% and carry the seed noise of the dense points and of the MoE's own loss."
+        if any(r["multiplier_ci"] for r in rows)
+        else ""
+    )
     return (
         f"At the largest budget ({budget_label(top)} FLOPs) this study finds: {'; '.join(parts)} "
-        "(above 1: the MoE saves compute; Switch Transformers reported 7x at far larger scale). Intervals are 95% "
-        "and carry the seed noise of the dense points and of the MoE's own loss."
+        f"(above 1: the MoE saves compute; Switch Transformers reported 7x at far larger scale).{intervals}"
     )
 
 

@@ -69,6 +69,12 @@ def state_bytes(measure: dict[str, Any]) -> int:
     return measure["memory"]["param_bytes"] + measure["memory"]["optimizer_state_bytes"]
 
 
+def training_memory(measure: dict[str, Any]) -> int | None:
+    """The measured training peak of a measure.json (CUDA peak allocated, or the RSS training adds
+    on a CPU); None for a measure.json written before it was measured."""
+    return measure["memory"].get("peak_training_bytes")
+
+
 def task_metric(ev: dict[str, Any] | None, task: str, metric: str) -> float | None:
     """One metric of one task from an eval.json, or None where it is absent."""
     value = (ev or {}).get("tasks", {}).get(task, {}).get(metric)
