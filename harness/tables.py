@@ -1,0 +1,422 @@
+"""The report's tables: each a ``(headers, rows)`` pair built from a study's records, measurements,
+evaluations and analyses, rendered by ``harness.report`` as Markdown, CSV and HTML.
+
+    headers, rows = run_table(records, evals)
+
+Each MoE run is compared with the dense run of the same budget and seed whose active
+non-embedding parameter count is closest (its matched base in a matched study).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from harness.analysis.stats import arm_label, dense_peer, peer_pairs, state_bytes, task_metric, training_memory
+from harness.io import read_json
+from harness.study import budget_label
+
+
+def _m(n: float) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+PRIMARY_METRICS = ("bits_per_byte", "acc_norm", "acc", "exact_match", "f1", "mcc", "word_perplexity")
+"""The metric a task is plotted and tabulated by: the first of these it reports."""
+
+
+def primary_metric(metrics: dict[str, Any]) -> str | None:
+    return next((m for m in PRIMARY_METRICS if isinstance(metrics.get(m), (int, float))), None)
+
+
+def _task_value(ev: dict[str, Any] | None, task: str, metric: str) -> str:
+    """'value ± stderr' of one task metric of one run's eval.json, or '-'."""
+    value, err = task_metric(ev, task, metric), task_metric(ev, task, f"{metric}_stderr")
+    if value is None:
+        return "-"
+    return f"{value:.4f}" + ("" if err is None else f" ± {err:.4f}")
+
+
+def run_table(
+    records: list[dict[str, Any]], evals: dict[str, dict[str, Any]] | None = None
+) -> tuple[list[str], list[list[Any]]]:
+    evals = evals or {}
+    headers = [
+        "run",
+        "arm",
+        "total params",
+        "active params",
+        "budget FLOPs",
+        "tokens",
+        "epochs",
+        "FLOPs spent / budget",
+        "train loss",
+        "val loss",
+        "held-out bits/byte",
+        "code MC acc_norm",
+        "train s",
+        "tokens/s",
+    ]
+    rows = [
+        [
+            r["run_id"],
+            arm_label(r),
+            _m(r["params"]["total"]),
+            _m(r["params"]["active"]),
+            budget_label(r["budget_flops"]),
+            f"{r['tokens']:,}",
+            f"{r['epochs']:.2f}",
+            f"{r['flops_spent_over_budget']:.4f}",
+            f"{r['final_train_loss']:.4f}",
+            f"{r['final_val_loss']:.4f}",
+            _task_value(evals.get(r["run_id"]), "heldout_ppl", "bits_per_byte"),
+            _task_value(evals.get(r["run_id"]), "heldout_code_mc", "acc_norm"),
+            f"{r['train_seconds']:.1f}",
+            f"{r['tokens_per_s']:,.0f}",
+        ]
+        for r in records
+    ]
+    return headers, rows
+
+
+def eval_tasks(evals: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Each evaluated task and the metric it is shown by."""
+    tasks: dict[str, str] = {}
+    for ev in evals.values():
+        for task, metrics in ev["tasks"].items():
+            if (metric := primary_metric(metrics)) is not None:
+                tasks.setdefault(task, metric)
+    return tasks
+
+
+def eval_table(
+    records: list[dict[str, Any]], evals: dict[str, dict[str, Any]]
+) -> tuple[list[str], list[list[Any]], dict[str, str]]:
+    """Every evaluated task's primary metric per run, and the tasks that did not run (why)."""
+    tasks = eval_tasks(evals)
+    not_run: dict[str, str] = {}
+    for ev in evals.values():
+        not_run.update(ev.get("not_run", {}))
+    headers = ["run", "arm", "budget FLOPs", "val loss"] + [f"{t} {m}" for t, m in tasks.items()]
+    rows = [
+        [r["run_id"], arm_label(r), budget_label(r["budget_flops"]), f"{r['final_val_loss']:.4f}"]
+        + [_task_value(evals[r["run_id"]], t, m) for t, m in tasks.items()]
+        for r in records
+        if r["run_id"] in evals
+    ]
+    return headers, rows, {t: why for t, why in not_run.items() if t not in tasks}
+
+
+def comparison_table(
+    records: list[dict[str, Any]], evals: dict[str, dict[str, Any]] | None = None
+) -> tuple[list[str], list[list[Any]]]:
+    headers = [
+        "budget FLOPs",
+        "seed",
+        "MoE run",
+        "dense run",
+        "active params (MoE / dense)",
+        "total / active (MoE)",
+        "val loss MoE",
+        "val loss dense",
+        "loss difference (MoE - dense)",
+        "bits/byte difference (MoE - dense)",
+        "train s (MoE / dense)",
+    ]
+    evals = evals or {}
+
+    def bpb(rec: dict[str, Any]) -> float | None:
+        return task_metric(evals.get(rec["run_id"]), "heldout_ppl", "bits_per_byte")
+
+    rows = []
+    for m in (r for r in records if r["arm"] == "moe"):
+        d = dense_peer(m, records)
+        if d is None:
+            continue
+        rows.append(
+            [
+                budget_label(m["budget_flops"]),
+                m["seed"],
+                m["run_id"],
+                d["run_id"],
+                f"{_m(m['params']['active'])} / {_m(d['params']['active'])}",
+                f"{m['params']['total'] / m['params']['active']:.2f}",
+                f"{m['final_val_loss']:.4f}",
+                f"{d['final_val_loss']:.4f}",
+                f"{m['final_val_loss'] - d['final_val_loss']:+.4f}",
+                "-" if bpb(m) is None or bpb(d) is None else f"{bpb(m) - bpb(d):+.4f}",
+                f"{m['train_seconds']:.1f} / {d['train_seconds']:.1f}",
+            ]
+        )
+    rows.sort(key=lambda row: (float(row[0]), row[1], row[2]))
+    return headers, rows
+
+
+def _fmt(value: float | None, spec: str, absent: str = "absent") -> str:
+    return absent if value is None else format(value, spec)
+
+
+def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    headers = [
+        "budget FLOPs",
+        "run",
+        "arm",
+        "total params",
+        "params + optimizer MB",
+        "peak training memory MB",
+        "train tokens/s",
+        "MFU (detailed, spec peak)",
+        "detailed FLOPs / measured matmul",
+        "prefill tokens/s",
+        "decode b1 tokens/s",
+        "train J/token (GPU, NVML)",
+        "prefill J/token (GPU, NVML)",
+        "learned / balanced step time",
+        "vs dense: total params, training memory, train tokens/s",
+    ]
+    rows = []
+    for r in sorted(records, key=lambda r: (r["budget_flops"], r["run_id"])):
+        m = measures.get(r["run_id"])
+        if m is None:
+            continue
+        d = dense_peer(r, records) if r["arm"] == "moe" else None
+        dm = measures.get(d["run_id"]) if d else None
+        versus = "-"
+        if d and dm:
+            peaks = training_memory(m), training_memory(dm)
+            memory = "-" if None in peaks else f"{peaks[0] / peaks[1]:.2f}"
+            versus = (
+                f"x{r['params']['total'] / d['params']['total']:.2f}, x{memory}, "
+                f"x{m['train']['tokens_per_s_median'] / dm['train']['tokens_per_s_median']:.2f}"
+            )
+        mem = m["memory"]
+        # Measured (harness.measure): device peak on CUDA, RSS over a pre-model baseline on a CPU; the
+        # fallbacks read measure.json files written before peak_training_bytes existed.
+        peak = mem.get("peak_training_bytes", mem.get("peak_allocated_bytes") or mem.get("peak_rss_bytes"))
+        detailed = m["mfu"]["conventions"]["detailed"]
+        rows.append(
+            [
+                budget_label(r["budget_flops"]),
+                r["run_id"],
+                arm_label(r),
+                _m(r["params"]["total"]),
+                f"{state_bytes(m) / 2**20:.1f}",
+                _fmt(None if peak is None else peak / 2**20, ".1f"),
+                f"{m['train']['tokens_per_s_median']:,.0f}",
+                _fmt(detailed["mfu_vs_spec_peak"], ".1%", "absent (no spec peak)"),
+                f"{detailed['fraction_of_measured_matmul']:.1%}",
+                f"{m['prefill']['tokens_per_s_median']:,.0f}",
+                f"{m['decode_batch1']['tokens_per_s_median']:,.0f}",
+                _fmt(m["energy_train"]["j_per_token"], ".3g", "absent (no NVML)"),
+                _fmt(m["energy_prefill"]["j_per_token"], ".3g", "absent (no NVML)"),
+                _fmt(m.get("imbalance_cost"), ".3f", "-"),
+                versus,
+            ]
+        )
+    return headers, rows
+
+
+def microbench_table(path: Path | None) -> tuple[list[str], list[list[Any]]]:
+    headers = [
+        "case",
+        "device",
+        "moe / dense",
+        "moe / Mixtral",
+        "moe / Mixtral grouped_mm",
+        "Mixtral / dense",
+        "targets",
+    ]
+    if path is None or not path.exists():
+        return headers, []
+    rows = []
+    for bench in read_json(path)["benchmarks"]:
+        i = bench["extra_info"]
+        if "ratio_moe_to_dense" not in i:
+            continue
+        peers = [k.removeprefix("meets_target_moe_to_") for k in i if k.startswith("meets_target_moe_to_")]
+        targets = ", ".join(
+            f"moe/{p} <= {i['target_moe_to_' + p]}: {'met' if i['meets_target_moe_to_' + p] else 'not met'}"
+            for p in peers
+        )
+        rows.append(
+            [
+                i["case"],
+                i["device"],
+                f"{i['ratio_moe_to_dense']:.3f}",
+                f"{i['ratio_moe_to_mixtral']:.3f}",
+                f"{i['ratio_moe_to_mixtral_grouped_mm']:.3f}",
+                f"{i['ratio_mixtral_to_dense']:.3f}",
+                targets or "-",
+            ]
+        )
+    return headers, rows
+
+
+def seed_table(seed_rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    headers = [
+        "budget FLOPs",
+        "MoE",
+        "dense",
+        "seeds",
+        "val loss MoE",
+        "val loss dense",
+        "MoE - dense",
+        "95% t interval",
+        "p (paired t)",
+        "verdict",
+    ]
+
+    def pm(mean: float, std: float | None) -> str:
+        return f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
+
+    rows = [
+        [
+            budget_label(r["budget_flops"]),
+            r["model"],
+            r["dense_model"],
+            r["seeds"],
+            pm(r["moe_mean"], r["moe_std"]),
+            pm(r["dense_mean"], r["dense_std"]),
+            pm(r["difference_mean"], r["difference_std"]),
+            "-" if r["difference_ci"] is None else f"[{r['difference_ci'][0]:+.4f}, {r['difference_ci'][1]:+.4f}]",
+            _fmt(r["p_value"], ".3g", "-"),
+            r["verdict"],
+        ]
+        for r in seed_rows
+    ]
+    return headers, rows
+
+
+def health_table(
+    records: list[dict[str, Any]], health: dict[str, list[dict[str, Any]]]
+) -> tuple[list[str], list[list[Any]]]:
+    headers = [
+        "run",
+        "layer",
+        "load CV",
+        "max / mean load",
+        "busiest expert's token share",
+        "dead experts",
+        "dropped",
+        "entropy / log E",
+        "z-loss",
+        "collapse",
+    ]
+    rows = []
+    for r in records:
+        for h in health.get(r["run_id"], []):
+            rows.append(
+                [
+                    r["run_id"],
+                    h["layer"],
+                    f"{h['load_cv']:.3f}",
+                    f"{h['max_over_mean']:.2f}",
+                    f"{h['busiest_token_share']:.1%}",
+                    h["dead_experts"],
+                    f"{h['dropped_fraction']:.2%}",
+                    f"{h['entropy_over_log_e']:.3f}",
+                    f"{h['z_loss']:.3g}",
+                    h["reason"] or "no",
+                ]
+            )
+    return headers, rows
+
+
+def specialisation_table(routing: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["run", "tokens", "NMI(expert; category) - shuffled", "NMI(expert; topic) - shuffled", "verdict"]
+    rows = []
+    for run, r in sorted(routing.items()):
+        if not r.get("moe") or not r.get("summary"):
+            continue
+        s = r["summary"]
+        topic = "unknown" if s["topic_nmi_excess"] is None else f"{s['topic_nmi_excess']:.4f}"
+        rows.append([run, f"{r.get('tokens', 0):,}", f"{s['category_nmi_excess']:.4f}", topic, s["verdict"]])
+    return headers, rows
+
+
+def claims_table(claims) -> tuple[list[str], list[list[Any]]]:
+    headers = ["expectation", "source", "verdict", "evidence", "caveat"]
+    return headers, [[c.claim, c.source, c.verdict, c.evidence, c.caveat or "-"] for c in claims]
+
+
+def reproduction_table(repro: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    headers = ["run", "metric", "this run", "reference", "tolerance", "reproduced"]
+    rows = [
+        [
+            r["run"],
+            r["metric"],
+            f"{r['this run']:.4g}",
+            f"{r['reference']:.4g}",
+            r["tolerance"],
+            "yes" if r["reproduced"] else "NO",
+        ]
+        for r in repro["rows"]
+    ]
+    return headers, rows
+
+
+def glance_table(
+    records: list[dict[str, Any]],
+    evals: dict[str, dict[str, Any]],
+    measures: dict[str, dict[str, Any]],
+    analysis,
+) -> tuple[list[str], list[list[Any]]]:
+    """What each MoE bought and cost against its compute-matched dense run: the main table."""
+    headers = [
+        "budget FLOPs",
+        "MoE",
+        "vs dense",
+        "seeds",
+        "val loss MoE - dense",
+        "bits/byte MoE - dense",
+        "compute multiplier",
+        "wall-clock multiplier",
+        "total params x",
+        "training memory x",
+        "train tokens/s x",
+    ]
+    flops = {(r["model"], r["budget_flops"]): r for r in analysis.multiplier_flops}
+    secs = {(r["model"], r["budget_flops"]): r for r in analysis.multiplier_seconds}
+
+    def mean(values: list[float | None]) -> float | None:
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    def bpb(rec: dict[str, Any]) -> float | None:
+        return task_metric(evals.get(rec["run_id"]), "heldout_ppl", "bits_per_byte")
+
+    def ratio(m: dict[str, Any], d: dict[str, Any], get) -> float | None:
+        a, b = measures.get(m["run_id"]), measures.get(d["run_id"])
+        values = None if a is None or b is None else (get(a), get(b))
+        return None if values is None or None in values else values[0] / values[1]
+
+    rows = []
+    for (model, budget), pairs in peer_pairs(records).items():
+        m0, d0 = pairs[0]
+        f, t = flops.get((model, budget), {}), secs.get((model, budget), {})
+        bpb_diff = mean([None if bpb(m) is None or bpb(d) is None else bpb(m) - bpb(d) for m, d in pairs])
+        rows.append(
+            [
+                budget_label(budget),
+                arm_label(m0),
+                d0["model"],
+                len(pairs),
+                f"{mean([m['final_val_loss'] - d['final_val_loss'] for m, d in pairs]):+.4f}",
+                _fmt(bpb_diff, "+.4f", "-"),
+                _fmt(f.get("multiplier"), ".2f", "-") + ("*" if f.get("extrapolated") else ""),
+                _fmt(t.get("multiplier"), ".2f", "-") + ("*" if t.get("extrapolated") else ""),
+                f"{m0['params']['total'] / d0['params']['total']:.2f}",
+                _fmt(mean([ratio(m, d, training_memory) for m, d in pairs]), ".2f", "-"),
+                _fmt(mean([ratio(m, d, lambda x: x["train"]["tokens_per_s_median"]) for m, d in pairs]), ".2f", "-"),
+            ]
+        )
+    return headers, rows
+
+
+def main_table_intro() -> str:
+    return (
+        "Each MoE against its compute-matched dense run (same budget and seed, closest active parameter count), "
+        "averaged over seeds. Negative differences: the MoE reached lower loss. Multipliers: the dense FLOPs "
+        "(seconds) that would reach the MoE's loss over the MoE's own (* extrapolated beyond the dense budgets). "
+        "Ratios x are MoE over dense."
+    )
