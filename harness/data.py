@@ -103,15 +103,27 @@ def _records(path: Path, text_field: str, source: str) -> Iterator[tuple[int, st
                 yield i, text
 
 
-def _expand(paths: list[str], source: str) -> list[Path]:
-    out: list[Path] = []
+def _glob_base(pattern: str) -> Path:
+    """The folder a pattern's keys are relative to: its leading components without wildcards, less
+    the last one (so that a folder's name stays in its files' keys)."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    return Path(*parts[: max(fixed - 1, 0) if fixed == len(parts) else fixed]) if parts else Path()
+
+
+def _expand(paths: list[str], source: str) -> list[tuple[str, Path]]:
+    """(key, file) for every file the patterns name. A key is the file's path relative to its
+    pattern's base (``corpus/mod_001.py`` for ``/data/corpus``): it decides the file's split and
+    enters the data fingerprint, so it must not depend on where the corpus lies."""
+    out: list[tuple[str, Path]] = []
     for i, pattern in enumerate(paths):
+        base = _glob_base(pattern)
         matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True)) or [Path(pattern)]
         for m in matches:
             if m.is_dir():
-                out.extend(sorted(p for p in m.rglob("*") if p.is_file()))
+                out.extend((p.relative_to(base).as_posix(), p) for p in sorted(m.rglob("*")) if p.is_file())
             elif m.is_file():
-                out.append(m)
+                out.append((m.relative_to(base).as_posix(), m))
             else:
                 raise ConfigError(f"data.paths[{i}]", f"no such file or folder: {pattern}", source)
     return out
@@ -165,12 +177,12 @@ def iter_documents(cfg: DataConfig, source: str = "") -> Iterator[Document]:
             raise ConfigError("data.paths", "required with source 'files'", source)
 
         def docs() -> Iterator[Document]:
-            for path in _expand(cfg.paths, source):
+            for key, path in _expand(cfg.paths, source):
                 if path.suffix in (".jsonl", ".parquet"):
                     for i, text in _records(path, cfg.text_field, source):
-                        yield Document(f"{path.as_posix()}#{i}", text)
+                        yield Document(f"{key}#{i}", text)
                 elif path.suffix in TEXT_SUFFIXES:
-                    yield Document(path.as_posix(), _read_text(path))
+                    yield Document(key, _read_text(path))
 
         yield from capped(docs())
     else:

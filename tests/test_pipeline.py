@@ -230,6 +230,22 @@ def test_train_batches_depend_only_on_seed_and_step(prepared):
     assert far[0].shape == (4, 32)
 
 
+def test_document_keys_and_splits_do_not_depend_on_where_the_corpus_lies(tmp_path):
+    """A key decides its document's split and enters the fingerprint: the same corpus in two places
+    gives the same keys (relative to the folder named in data.paths, its name included)."""
+    from harness.study import DataConfig, DataSource
+
+    first, second = tmp_path / "a", tmp_path / "deeper" / "b"
+    second.parent.mkdir()
+    keys = []
+    for root in (first, second):
+        root.mkdir()
+        _corpus(root)
+        cfg = DataConfig(source=DataSource.FILES, paths=[str(root / "corpus")])
+        keys.append([d.key for d in iter_documents(cfg)])
+    assert keys[0] == keys[1] and keys[0][0] == "corpus/extra.jsonl#0" and "corpus/mod_000.py" in keys[0]
+
+
 def test_validation_sample_spans_the_whole_split(prepared):
     """The evaluation windows reach from the first to the last window of the split, evenly
     spaced (the first windows only would be the first few documents), and are the whole split
