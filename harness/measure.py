@@ -265,12 +265,11 @@ def _energy_window(meter, fn: Callable[[], Any], device: torch.device, tokens_pe
 def _memory(model, opt, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, meter) -> dict[str, Any]:
     """Computed sizes plus the measured training peak (see the module docstring)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad for p in params if p.grad is not None]
     memory = {
         "param_bytes": _tensor_bytes(model.parameters()),
         # The step ends in zero_grad(set_to_none=True), so no gradients are held here: this is then
         # the size the gradients take during backward (same shape and dtype as the trainable params).
-        "gradient_bytes": _tensor_bytes(grads) if grads else _tensor_bytes(params),
+        "gradient_bytes": _tensor_bytes(params),
         "optimizer_state_bytes": _optimizer_bytes(opt),
         "kv_cache_bytes_per_token": KVCache.bytes_per_token(cfg, dtype),
     }

@@ -149,9 +149,8 @@ def gain_grows_with_experts(seed_rows: list[dict[str, Any]], records: list[dict[
     rows = _top_budget_rows(seed_rows)
     top = rows[0]["budget_flops"] if rows else None
     groups: dict[tuple[str, int], dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
-    for (_, budget), pairs in peer_pairs(records).items():
-        for m, d in pairs if budget == top else []:
-            groups[(d["model"], m["top_k"])][m["experts"]][m["seed"]] = m["final_val_loss"] - d["final_val_loss"]
+    for m, d in (pair for (_, budget), pairs in peer_pairs(records).items() if budget == top for pair in pairs):
+        groups[(d["model"], m["top_k"])][m["experts"]][m["seed"]] = m["final_val_loss"] - d["final_val_loss"]
     testable = {g: v for g, v in groups.items() if len(v) >= 3}
     if not testable:
         sizes = ", ".join(f"{base} k{k}: E in {sorted(v)}" for (base, k), v in groups.items())

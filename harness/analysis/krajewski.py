@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.analysis.stats import arm_label, dense_peer
+from harness.analysis.stats import arm_label, dense_peer, finite_runs
 
 EXPANSION_RATE = 64.0  # the expansion rate of the MoE law's fits
 MIN_TOKENS = 16e9  # the shortest training runs of the fits
@@ -105,7 +105,7 @@ def krajewski_check(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per run: the law's prediction next to the observed loss, and for an MoE run with a dense
     peer (same budget and seed, closest active count) the predicted and observed gap. Runs outside
     the fitted range get no prediction and a ``reason``."""
-    runs = [r for r in records if r.get("final_val_loss") is not None and np.isfinite(r["final_val_loss"])]
+    runs = finite_runs(records)
     predicted = {r["run_id"]: predict(r) for r in runs}
     rows = []
     for r in runs:

@@ -57,7 +57,8 @@ from harness.analysis.fits import (
     invert,
     sigma_draws,
 )
-from harness.analysis.stats import arm_label, seed_noise
+from harness.analysis.krajewski import krajewski_check
+from harness.analysis.stats import arm_label, finite_runs, seed_noise
 
 PARAM_KEY = "active_non_embedding"
 TOTAL_KEY = {"active_non_embedding": "total_non_embedding", "active": "total"}
@@ -75,11 +76,6 @@ class IsoflopAnalysis:
 
 # ---------------------------------------------------------------------------------------------
 # Record helpers
-
-
-def _usable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Runs with a finite final validation loss."""
-    return [r for r in records if r.get("final_val_loss") is not None and math.isfinite(r["final_val_loss"])]
 
 
 def _by_model(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -222,7 +218,7 @@ def dense_equivalents(
     """
     select = {"flops": _same_budget, "tokens": _same_tokens}[at]
     total_key = total_key or TOTAL_KEY.get(param_key)
-    runs = _usable(records)
+    runs = finite_runs(records)
     noise = noise if noise is not None else seed_noise(runs)
     dense_runs = [r for r in runs if r["arm"] == "dense"]
     rows = []
@@ -316,7 +312,7 @@ def compute_multiplier(
     both sides; the interval carries the seed noise of the dense points and of the MoE's loss.
     ``multiplier`` above 1: the dense model needs more compute for the MoE's loss.
     """
-    runs = _usable(records)
+    runs = finite_runs(records)
     noise = noise if noise is not None else seed_noise(runs)
     dense_runs = [r for r in runs if r["arm"] == "dense"]
     fits: dict[str, tuple[PowerLawFit | None, str]] = {}
@@ -412,7 +408,7 @@ def isoflop(records: list[dict[str, Any]], param_key: str = PARAM_KEY, bracketed
     """
     arms: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     order: dict[str, tuple[int, int, int]] = {}
-    for r in _usable(records):
+    for r in finite_runs(records):
         label = arm_label(r)
         arms[label][r["budget_flops"]].append(r)
         order[label] = _family_key(r)
@@ -470,9 +466,7 @@ class ScalingAnalysis:
 
 def analyse(records: list[dict[str, Any]], bootstrap: int = 1000, seed: int = 0) -> ScalingAnalysis:
     """Every scaling analysis of a study's records (seeded: the same records give the same numbers)."""
-    from harness.analysis.krajewski import krajewski_check
-
-    runs = _usable(records)
+    runs = finite_runs(records)
     noise = seed_noise(runs)
     made: dict[float, tuple[PowerLawFit | None, str]] = {}
     for budget in sorted({r["budget_flops"] for r in records}):

@@ -81,6 +81,11 @@ def task_metric(ev: dict[str, Any] | None, task: str, metric: str) -> float | No
     return value if isinstance(value, (int, float)) else None
 
 
+def finite_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs with a finite final validation loss."""
+    return [r for r in records if r.get("final_val_loss") is not None and math.isfinite(r["final_val_loss"])]
+
+
 def seed_noise(records: list[dict[str, Any]], metric: str = "final_val_loss") -> Noise:
     """The seed-to-seed standard deviation of one run's ``metric``, pooled over every (model, budget)
     that has two or more seeds: sqrt(sum of squared deviations / sum of (seeds - 1)). Its degrees of
