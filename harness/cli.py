@@ -206,6 +206,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
     from harness.io import write_json
     from harness.measure import MeasureSettings, measure
+    from harness.precision import resolve
     from harness.train import pick_device
 
     settings = MeasureSettings(
@@ -213,6 +214,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     )
     if args.config:
         cfg, state, device, seed = load_config(args.config), None, torch.device(args.device or "cpu"), 0
+        precision = None
         if args.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device", "cuda requested but no CUDA device is visible")
         out = Path(args.out or f"results/measure/{cfg.name}.json")
@@ -226,11 +228,12 @@ def cmd_measure(args: argparse.Namespace) -> int:
         device = pick_device(study)
         ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
         cfg, state, seed = run.model, ckpt["model"], run.seed
+        precision = resolve(study.recipe, device)
         settings = MeasureSettings(**(settings.__dict__ | {"seq_len": study.recipe.seq_len}))
         out = Path(args.out) if args.out else run_dir / "measure.json"
         label = {"study": study.name, "run_id": run.run_id, "checkpoint": str(run_dir / "checkpoint.pt")}
     _set_threads(args.threads)
-    result = label | measure(cfg, device, settings, state, seed)
+    result = label | measure(cfg, device, settings, state, seed, precision)
     write_json(out, result)
     t, m = result["train"], result["mfu"]["conventions"]
     print(

@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from harness.energy import MIN_WINDOW_S, open_meter
+from harness.precision import Precision, resolve
 from harness.provenance import provenance
 from harness.study import Recipe
 from harness.train import make_optimizer
@@ -136,8 +137,8 @@ def matmul_flops(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     return {"shape": [n, n, n], "dtype": str(dtype), "flops_per_s": 2 * n**3 / statistics.median(seconds)}
 
 
-def _train_step(model, opt, x, y, autocast: bool, device: torch.device) -> None:
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+def _train_step(model, opt, x, y, precision: Precision, device: torch.device) -> None:
+    with precision.autocast(device):
         out = model(x, y)
     (out.loss + out.aux_loss).backward()
     opt.step()
@@ -281,12 +282,15 @@ def _memory(model, opt, cfg: ModelConfig, device: torch.device, dtype: torch.dty
     return memory
 
 
-def cpu_training_peak(cfg: ModelConfig, model, x: torch.Tensor, y: torch.Tensor, steps: int) -> dict[str, Any]:
+def cpu_training_peak(
+    cfg: ModelConfig, model, x: torch.Tensor, y: torch.Tensor, steps: int, precision: Precision
+) -> dict[str, Any]:
     """Resident memory that training ``model`` (a copy with its weights) adds to a fresh process
     (see the module docstring); the process is spawned so that no earlier heap is reused."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    eager = Precision(precision.dtype, compile=False)  # compiling here would cost more than it shows
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_training_peak, (cfg, state, x.cpu(), y.cpu(), steps, torch.get_num_threads()))
+        return pool.apply(_training_peak, (cfg, state, x.cpu(), y.cpu(), steps, torch.get_num_threads(), eager))
 
 
 def _warm_runtime() -> None:
@@ -298,7 +302,9 @@ def _warm_runtime() -> None:
     opt.step()
 
 
-def _training_peak(cfg: ModelConfig, state: dict, x: torch.Tensor, y: torch.Tensor, steps: int, threads: int):
+def _training_peak(
+    cfg: ModelConfig, state: dict, x: torch.Tensor, y: torch.Tensor, steps: int, threads: int, precision: Precision
+):
     mapped = map_large_allocations()
     torch.set_num_threads(threads)
     _warm_runtime()
@@ -310,11 +316,11 @@ def _training_peak(cfg: ModelConfig, state: dict, x: torch.Tensor, y: torch.Tens
     opt = make_optimizer(model, Recipe())
     cpu = torch.device("cpu")
     for _ in range(2):  # the optimizer state exists from the first step on
-        _train_step(model, opt, x, y, False, cpu)
+        _train_step(model, opt, x, y, precision, cpu)
     release_freed_memory()
     was_reset = reset_rss_peak()
     for _ in range(steps):
-        _train_step(model, opt, x, y, False, cpu)
+        _train_step(model, opt, x, y, precision, cpu)
     peak, source = rss_peak_bytes(was_reset)
     return {
         "baseline_rss_bytes": baseline,
@@ -331,9 +337,11 @@ def measure(
     settings: MeasureSettings = MeasureSettings(),
     state_dict: dict[str, torch.Tensor] | None = None,
     seed: int = 0,
+    precision: Precision | None = None,
 ) -> dict[str, Any]:
-    autocast = device.type == "cuda"
-    compute_dtype = torch.bfloat16 if autocast else torch.float32
+    """``precision``: the run's (default: the recipe default on ``device``); inference runs eager."""
+    precision = precision or resolve(Recipe(), device)
+    compute_dtype = precision.dtype
     torch.manual_seed(seed)
     model = cfg.build().to(device)
     if state_dict is not None:
@@ -344,12 +352,13 @@ def measure(
     meter = open_meter(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result: dict[str, Any] = {"model": cfg.name, "device_name": name, "dtype": str(compute_dtype)}
+    result["precision"] = precision.describe(device)
     result["settings"] = settings.__dict__ | {"seq_len": S}
 
     # Inference first, on the weights as given: prefill of the whole context, then decode with
     # a KV cache. Training steps below change the weights.
     model.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+    with torch.no_grad(), precision.autocast(device):
         prefill = lambda: model(x)  # noqa: E731
         result["prefill"] = summarise(time_windows(prefill, settings, device, 1), B * S, "tokens_per_s")
         result["energy_prefill"] = _energy_window(meter, prefill, device, B * S)
@@ -369,8 +378,9 @@ def measure(
     # Training step, learned routing, then forced-balanced routing.
     model.train()
     opt = make_optimizer(model, Recipe())
-    step = lambda: _train_step(model, opt, x, y, autocast, device)  # noqa: E731
-    for _ in range(settings.warmup_steps):  # peaks are read after warm-up
+    step_model = torch.compile(model) if precision.compile else model
+    step = lambda: _train_step(step_model, opt, x, y, precision, device)  # noqa: E731
+    for _ in range(settings.warmup_steps):  # peaks are read after warm-up (and compilation)
         step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -388,7 +398,7 @@ def measure(
     result["matmul"] = matmul_flops(device, compute_dtype)
     result["mfu"] = mfu_table(cfg, result["train"]["tokens_per_s_median"], name, result["matmul"], S)
     if device.type == "cpu":  # last: it changes how the process allocates, which would change the timings
-        result["memory"] |= cpu_training_peak(cfg, model, x, y, settings.windows)
+        result["memory"] |= cpu_training_peak(cfg, model, x, y, settings.windows, precision)
     result["provenance"] = provenance(device)
     return result
 

@@ -78,6 +78,10 @@ class ModelSpec:
     moe: dict[str, Any] = field(default_factory=dict)
     """Further MoE fields for the derived variant (routing, dispatch, coefficients...)."""
     name: str | None = None
+    seeds: list[int] | None = None
+    """This model's seeds, in place of the study's (e.g. one seed for an ablation)."""
+    budgets: list[float] | None = None
+    """This model's FLOP budgets, in place of the study's."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +105,15 @@ class Recipe:
     validation split (``TokenShard.eval_indices``); the whole split when it holds fewer."""
     checkpoint_every: int = 200
     flop_convention: FlopConvention = FlopConvention.DETAILED
+    dtype: str = "auto"
+    """Compute dtype: float32, bfloat16 (autocast; weights and optimizer stay float32) or auto
+    (bfloat16 on CUDA, float32 on CPU). See harness.precision."""
     compile: bool = False
-    """torch.compile the model (CUDA studies; compilation is excluded from timings)."""
+    """torch.compile the model for training and throughput measurement (inductor, CPU or CUDA);
+    a run's train_seconds include its compilation, ``harness measure`` excludes it."""
+    train_threads: int | None = None
+    """CPU studies: threads per training job (None: all cores). With fewer, Snakemake trains
+    several runs at once; small models use cores better that way than with one run on all."""
     min_steps: int = 50
     """A budget that buys fewer steps is refused: FLOPs spent would miss it by > 1%."""
 
@@ -133,6 +144,22 @@ class EvalConfig:
     """heldout_code_mc: lines of the file shown before the line to pick."""
 
 
+class BudgetSelection(enum.StrEnum):
+    ALL = "all"
+    LARGEST = "largest"
+
+
+@dataclass(frozen=True)
+class AnalysedRuns:
+    """Which trained runs are also evaluated (lm-eval), measured and routing-analysed: the
+    report's claims on loss need every run, those on speed, memory and routing one per model."""
+
+    seeds: list[int] | None = None
+    """Only runs of these seeds (None: every seed)."""
+    budgets: BudgetSelection = BudgetSelection.ALL
+    """all, or only each model's largest budget."""
+
+
 @dataclass(frozen=True)
 class Study:
     name: str
@@ -146,6 +173,7 @@ class Study:
     description: str = ""
     device: str = "auto"
     """auto (CUDA when visible), cpu or cuda."""
+    analysed_runs: AnalysedRuns = field(default_factory=AnalysedRuns)
     path: str = ""
     """The file it was loaded from (set by load_study)."""
 
@@ -222,8 +250,13 @@ def _config_file(name: str, source: str, field_name: str) -> list[Path]:
 
 def resolve_models(study: Study, vocab_size: int | None = None) -> list[ModelConfig]:
     """The study's model configs with the study's vocabulary and context applied."""
+    return [cfg for _, cfg in resolve_model_specs(study, vocab_size)]
+
+
+def resolve_model_specs(study: Study, vocab_size: int | None = None) -> list[tuple[ModelSpec, ModelConfig]]:
+    """Each resolved model config with the study entry it came from (a glob gives several)."""
     vocab = vocab_size if vocab_size is not None else study.data.vocab_size
-    out: list[ModelConfig] = []
+    out: list[tuple[ModelSpec, ModelConfig]] = []
     for i, spec in enumerate(study.models):
         where = f"models[{i}]"
         try:
@@ -244,8 +277,9 @@ def resolve_models(study: Study, vocab_size: int | None = None) -> list[ModelCon
         except ConfigError as e:
             raise (e if e.source else e.with_source(study.path, where)) from None
         for cfg in cfgs:
-            out.append(ModelConfig(**{**cfg.__dict__, "vocab_size": vocab, "max_seq_len": study.recipe.seq_len}))
-    names = [c.name for c in out]
+            cfg = ModelConfig(**{**cfg.__dict__, "vocab_size": vocab, "max_seq_len": study.recipe.seq_len})
+            out.append((spec, cfg))
+    names = [c.name for _, c in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError("models", f"model names must be unique; repeated: {', '.join(dupes)}", study.path)
@@ -265,9 +299,9 @@ def plan(study: Study, vocab_size: int | None = None, train_tokens: int | None =
     r = study.recipe
     tokens_per_step = r.batch_size * r.seq_len
     runs = []
-    for cfg in resolve_models(study, vocab_size):
+    for spec, cfg in resolve_model_specs(study, vocab_size):
         fpt = training_flops_per_token(cfg, r.flop_convention)
-        for budget in study.budgets:
+        for budget in spec.budgets or study.budgets:
             steps = round(budget / fpt / tokens_per_step)
             if steps < r.min_steps:
                 raise ConfigError(
@@ -276,7 +310,7 @@ def plan(study: Study, vocab_size: int | None = None, train_tokens: int | None =
                     f"{r.min_steps}); raise the budget or lower recipe.batch_size / seq_len",
                     study.path,
                 )
-            for seed in study.seeds:
+            for seed in spec.seeds or study.seeds:
                 run_id = f"{cfg.name}_{budget_label(budget)}_s{seed}"
                 runs.append(Run(run_id, cfg, budget, seed, fpt, tokens_per_step, steps))
     if train_tokens is not None and not study.data.allow_repetition:
@@ -290,6 +324,20 @@ def plan(study: Study, vocab_size: int | None = None, train_tokens: int | None =
                 study.path,
             )
     return runs
+
+
+def analysed(study: Study, runs: list[Run]) -> list[Run]:
+    """The runs that are evaluated, measured and routing-analysed (``study.analysed_runs``)."""
+    sel = study.analysed_runs
+    largest: dict[str, float] = {}
+    for run in runs:
+        largest[run.model.name] = max(largest.get(run.model.name, 0.0), run.budget)
+    return [
+        run
+        for run in runs
+        if (sel.seeds is None or run.seed in sel.seeds)
+        and (sel.budgets is BudgetSelection.ALL or run.budget == largest[run.model.name])
+    ]
 
 
 def find_run(study: Study, run_id: str, vocab_size: int | None = None) -> Run:
@@ -322,6 +370,10 @@ def plan_rows(runs: list[Run], train_tokens: int | None, flops_per_s: float | No
 
 
 __all__ = [
+    "AnalysedRuns",
+    "BudgetSelection",
+    "analysed",
+    "resolve_model_specs",
     "DataConfig",
     "DataSource",
     "EvalConfig",

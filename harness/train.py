@@ -22,6 +22,7 @@ from tqdm import tqdm
 from harness.data import TokenShard
 from harness.energy import open_meter
 from harness.io import atomic_write, read_json, write_json, write_text
+from harness.precision import Precision, resolve
 from harness.provenance import provenance
 from harness.study import Recipe, Run, Schedule, Study
 from models.accounting import FlopConvention, count_params, training_flops_per_token
@@ -81,11 +82,11 @@ def _spec_hash(spec: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, shard: TokenShard, r: Recipe, device: torch.device, autocast: bool) -> float:
+def evaluate(model, shard: TokenShard, r: Recipe, device: torch.device, precision: Precision) -> float:
     model.eval()
     total, count = 0.0, 0
     for x, y in shard.eval_batches(r.eval_batches, r.batch_size):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with precision.autocast(device):
             out = model(x.to(device), y.to(device))
         total += float(out.loss) * y.numel()
         count += y.numel()
@@ -121,7 +122,7 @@ class Trainer:
         self.data_meta = read_json(data_dir / "data.json")
         self._check_data(data_dir)
         self.device = pick_device(study)
-        self.autocast = self.device.type == "cuda"
+        self.precision = resolve(self.r, self.device)
         self.spec = run_spec(run, study, self.data_meta)
         self.spec_hash = _spec_hash(self.spec)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,7 +138,7 @@ class Trainer:
         self.meter = open_meter(self.device)
         self._resume()
         self.resumed_at = self.elapsed
-        self.step_model = torch.compile(self.model) if self.r.compile else self.model
+        self.step_model = torch.compile(self.model) if self.precision.compile else self.model
         self.val_loss: float | None = None
         self.progress = progress
 
@@ -208,7 +209,7 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         x, y = self.train_shard.train_batch(self.step, self.r.batch_size, self.run.seed)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with self.precision.autocast(self.device):
             out = self.step_model(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
         (out.loss + out.aux_loss).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.r.grad_clip)
@@ -237,7 +238,7 @@ class Trainer:
         if run.model.moe is not None:
             row["routing"] = routing_summary(self.model)
         if evaluating:
-            self.val_loss = row["val_loss"] = evaluate(self.model, self.val_shard, self.r, self.device, self.autocast)
+            self.val_loss = row["val_loss"] = evaluate(self.model, self.val_shard, self.r, self.device, self.precision)
         sink.write(json.dumps(row) + "\n")
         sink.flush()
         return loss
@@ -283,7 +284,9 @@ class Trainer:
         run, r = self.run, self.r
         final = json.loads(self.metrics_path.read_text().splitlines()[-1])
         if self.val_loss is None:  # resumed from the final checkpoint of a run killed before its record
-            self.val_loss = final.get("val_loss") or evaluate(self.model, self.val_shard, r, self.device, self.autocast)
+            self.val_loss = final.get("val_loss") or evaluate(
+                self.model, self.val_shard, r, self.device, self.precision
+            )
         return {
             "run_id": run.run_id,
             "study": self.study.name,
@@ -294,6 +297,7 @@ class Trainer:
             "seed": run.seed,
             "config": run.model.to_dict(),
             "recipe": self.spec["recipe"],
+            "precision": self.precision.describe(self.device),
             "params": count_params(run.model).__dict__,
             "flop_convention": r.flop_convention.value,
             "flops_per_token": {c.value: training_flops_per_token(run.model, c) for c in FlopConvention},

@@ -170,13 +170,19 @@ def _smooth_load(clean_TE: Tensor, noisy_TE: Tensor, noise_std_TE: Tensor, K: in
 class Experts(nn.Module):
     """E SwiGLU experts stored as 3-D weights (out x in per expert, like nn.Linear)."""
 
+    CPU_BF16_BLOCK_ROWS = 64
+    """On CPU in bf16 each expert's rows are padded to a multiple of this: oneDNN builds a kernel
+    per matmul shape, and a row count that changes every step rebuilds it every step (measured
+    3-4x slower per matmul than a recurring shape; MegaBlocks pads to blocks for its own kernels)."""
+
     def __init__(self, n_experts: int, d_model: int, d_hidden: int, init_std: float, out_std: float):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))  # gate
         self.w3 = nn.Parameter(torch.empty(n_experts, d_hidden, d_model))  # up
         self.w2 = nn.Parameter(torch.empty(n_experts, d_model, d_hidden))  # down
         self.init_std, self.out_std = init_std, out_std
-        self.use_grouped_mm: bool | None = None  # None: grouped on CUDA in bf16, a loop otherwise
+        self.use_grouped_mm: bool | None = None  # None: grouped in bf16 (CUDA or CPU), a loop otherwise
+        self.block_rows: int | None = None  # None: CPU_BF16_BLOCK_ROWS on CPU in bf16, else 1
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -184,36 +190,64 @@ class Experts(nn.Module):
         nn.init.normal_(self.w3, std=self.init_std)
         nn.init.normal_(self.w2, std=self.out_std)
 
-    def forward_sorted(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
-        """Rows of x_ND are grouped by expert, tokens_per_expert_E rows each (dropless)."""
-        dtype = x_ND.dtype
-        if x_ND.is_cuda and torch.is_autocast_enabled("cuda"):
-            dtype = torch.get_autocast_dtype("cuda")  # autocast does not cover _grouped_mm
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)  # autocast does not cover _grouped_mm
+        return x.dtype
+
+    def rows_per_block(self, x: Tensor) -> int:
+        if self.block_rows is not None:
+            return self.block_rows
+        cpu_bf16 = x.device.type == "cpu" and self.compute_dtype(x) == torch.bfloat16
+        return self.CPU_BF16_BLOCK_ROWS if cpu_bf16 else 1
+
+    def forward_sorted(self, x_RD: Tensor, rows_per_expert_E: Tensor) -> Tensor:
+        """Rows of x_RD are grouped by expert, rows_per_expert_E rows each (dropless); rows past
+        the last group (block padding) are ignored and come back unspecified."""
+        dtype = self.compute_dtype(x_RD)
         grouped = self.use_grouped_mm
         if grouped is None:
-            grouped = x_ND.is_cuda and dtype == torch.bfloat16
+            grouped = dtype == torch.bfloat16
         if grouped:
             # One kernel for all experts, offsets stay on the device: no host sync.
-            offs_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
-            x_ND = x_ND.to(dtype)
+            offs_E = rows_per_expert_E.cumsum(0).to(torch.int32)
+            x_RD = x_RD.to(dtype)
             w1, w2, w3 = (w.to(dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
-            h_NF = F.silu(torch._grouped_mm(x_ND, w1, offs=offs_E)) * torch._grouped_mm(x_ND, w3, offs=offs_E)
-            return torch._grouped_mm(h_NF, w2, offs=offs_E)
+            h_RF = F.silu(torch._grouped_mm(x_RD, w1, offs=offs_E)) * torch._grouped_mm(x_RD, w3, offs=offs_E)
+            return torch._grouped_mm(h_RF, w2, offs=offs_E)
         # A loop over experts; split sizes come to the host (free on CPU). unbind() rather than
         # w[e]: its backward stacks the E gradients once instead of zero-filling a full (E, ., .)
         # gradient per expert.
         w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
+        sizes = rows_per_expert_E.tolist()
+        rest = x_RD.shape[0] - sum(sizes)
         outs = []
-        for e, x_nD in enumerate(x_ND.split(tokens_per_expert_E.tolist())):
+        for e, x_nD in enumerate(x_RD.split([*sizes, rest])[: len(sizes)]):
             h_nF = F.silu(F.linear(x_nD, w1[e])) * F.linear(x_nD, w3[e])
             outs.append(F.linear(h_nF, w2[e]))
-        return torch.cat(outs)
+        return torch.cat([*outs, x_RD.new_zeros(rest, x_RD.shape[1]).to(outs[0].dtype)])
 
     def forward_padded(self, x_ECD: Tensor) -> Tensor:
         """Fixed-capacity slots, C per expert (capacity dispatch): batched matmuls."""
         w1, w2, w3 = (w.to(x_ECD.dtype) for w in (self.w1, self.w2, self.w3))
         h_ECF = F.silu(torch.bmm(x_ECD, w1.transpose(1, 2))) * torch.bmm(x_ECD, w3.transpose(1, 2))
         return torch.bmm(h_ECF, w2.transpose(1, 2))
+
+
+def block_rows(experts_sorted_N: Tensor, tokens_per_expert_E: Tensor, block: int) -> tuple[Tensor, Tensor, int]:
+    """Rows of a block-padded layout: expert e's assignments start at a multiple of ``block``.
+
+    Returns each sorted assignment's row, the padded rows per expert, and a row count that
+    depends only on N, E and block (N + E * (block - 1)), so shapes stay static with no host sync.
+    """
+    E, N = tokens_per_expert_E.numel(), experts_sorted_N.numel()
+    rows_per_expert_E = (tokens_per_expert_E + block - 1) // block * block
+    start_E = tokens_per_expert_E.cumsum(0) - tokens_per_expert_E
+    padded_start_E = rows_per_expert_E.cumsum(0) - rows_per_expert_E
+    shift_E = padded_start_E - start_E
+    rows_N = torch.arange(N, device=experts_sorted_N.device) + shift_E[experts_sorted_N]
+    return rows_N, rows_per_expert_E, N + E * (block - 1)
 
 
 class MoE(nn.Module):
@@ -265,7 +299,14 @@ class MoE(nn.Module):
         experts_N = r.experts_TK.reshape(-1)  # token-major: n = t * K + j
         order_N = torch.argsort(experts_N, stable=True)  # group assignments by expert
         token_N = order_N // K
-        y_ND = self.experts.forward_sorted(x_TD.index_select(0, token_N), tokens_per_expert_E)
+        x_ND = x_TD.index_select(0, token_N)
+        block = self.experts.rows_per_block(x_TD)
+        if block == 1:
+            y_ND = self.experts.forward_sorted(x_ND, tokens_per_expert_E)
+        else:
+            rows_N, rows_per_expert_E, R = block_rows(experts_N[order_N], tokens_per_expert_E, block)
+            x_RD = x_ND.new_zeros(R, x_ND.shape[1]).index_copy(0, rows_N, x_ND)
+            y_ND = self.experts.forward_sorted(x_RD, rows_per_expert_E).index_select(0, rows_N)
         gates_N1 = r.gates_TK.reshape(-1)[order_N].unsqueeze(-1).to(y_ND.dtype)
         return y_ND.new_zeros(x_TD.shape).index_add_(0, token_N, y_ND * gates_N1)
 

@@ -2,9 +2,9 @@ rule report:
     """The report: claims, tables (Markdown, CSV, HTML) and figures of the whole study."""
     input:
         records=expand(f"{RESULTS}/runs/{{run}}/record.json", run=RUNS),
-        measures=expand(f"{RESULTS}/runs/{{run}}/measure.json", run=RUNS),
-        evals=expand(f"{RESULTS}/runs/{{run}}/eval.json", run=RUNS),
-        routing=expand(f"{RESULTS}/runs/{{run}}/routing.json", run=RUNS),
+        measures=expand(f"{RESULTS}/runs/{{run}}/measure.json", run=ANALYSED),
+        evals=expand(f"{RESULTS}/runs/{{run}}/eval.json", run=ANALYSED),
+        routing=expand(f"{RESULTS}/runs/{{run}}/routing.json", run=ANALYSED),
         microbench=rules.microbench.output.json,
     output:
         md=f"{RESULTS}/report.md",

@@ -8,7 +8,8 @@ rule train:
         study=STUDY.path,
         # The resolved run: a change to the model, budget, seed or recipe reruns it.
         spec=lambda w: repr((RUNS[w.run].model, RUNS[w.run].budget, RUNS[w.run].seed, STUDY.recipe)),
-    threads: workflow.cores
+    # A CPU study may ask for fewer threads per run, so that several runs train at once.
+    threads: workflow.cores if USE_GPU else (STUDY.recipe.train_threads or workflow.cores)
     resources:
         gpu=1 if USE_GPU else 0,
     log:
