@@ -229,7 +229,11 @@ def cmd_measure(args: argparse.Namespace) -> int:
         ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
         cfg, state, seed = run.model, ckpt["model"], run.seed
         precision = resolve(study.recipe, device)
-        settings = MeasureSettings(**(settings.__dict__ | {"seq_len": study.recipe.seq_len}))
+        # The run's own step shape (unless given): what it trained with, and compiled for.
+        as_trained = {"seq_len": study.recipe.seq_len}
+        if getattr(args, "batch_size", None) is None:
+            as_trained["batch_size"] = study.recipe.batch_size
+        settings = MeasureSettings(**(settings.__dict__ | as_trained))
         out = Path(args.out) if args.out else run_dir / "measure.json"
         label = {"study": study.name, "run_id": run.run_id, "checkpoint": str(run_dir / "checkpoint.pt")}
     _set_threads(args.threads)

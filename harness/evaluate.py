@@ -1,6 +1,6 @@
 """Evaluate one trained run with lm-eval on the study's tasks; write runs/RUN/eval.json.
 
-    harness evaluate tiny --run dense-xs_2e12_s0
+    harness evaluate tiny --run dense-d64_7e12_s0
 
 Each task runs on its own through ``lm_eval.simple_evaluate`` with our ``moe-harness`` model,
 so one that cannot be loaded (a hub dataset on a machine without network) is recorded under

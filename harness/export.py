@@ -1,6 +1,6 @@
 """Export a trained model to a Hugging Face directory that ``transformers`` loads as is.
 
-    harness export tiny --run dense-xs-e8k2_6e12_s0 --out exported/
+    harness export tiny --run moe-d64-e8k2_7e12_s0 --out exported/
 
 The target class is the one whose computation equals ours; a variant with no faithful
 equivalent is refused with the reason rather than exported approximately:

@@ -110,7 +110,8 @@ class Recipe:
     (bfloat16 on CUDA, float32 on CPU). See harness.precision."""
     compile: bool = False
     """torch.compile the model for training and throughput measurement (inductor, CPU or CUDA);
-    a run's train_seconds include its compilation, ``harness measure`` excludes it."""
+    the first step of each training process compiles: its time is recorded as compile_seconds and
+    kept out of train_seconds and tokens/s, as ``harness measure`` keeps it out of its windows."""
     train_threads: int | None = None
     """CPU studies: threads per training job (None: all cores). With fewer, Snakemake trains
     several runs at once; small models use cores better that way than with one run on all."""
@@ -372,8 +373,6 @@ def plan_rows(runs: list[Run], train_tokens: int | None, flops_per_s: float | No
 __all__ = [
     "AnalysedRuns",
     "BudgetSelection",
-    "analysed",
-    "resolve_model_specs",
     "DataConfig",
     "DataSource",
     "EvalConfig",
@@ -382,10 +381,12 @@ __all__ = [
     "Run",
     "Schedule",
     "Study",
+    "analysed",
     "budget_label",
     "find_run",
     "load_study",
     "plan",
     "plan_rows",
+    "resolve_model_specs",
     "resolve_models",
 ]

@@ -135,6 +135,8 @@ class Trainer:
         self.train_shard = TokenShard(data_dir, "train", self.r.seq_len)
         self.val_shard = TokenShard(data_dir, "validation", self.r.seq_len)
         self.step, self.elapsed, self.energy_j = 0, 0.0, 0.0
+        # Compiled runs: the first step of each process compiles; its time is kept apart.
+        self.compile_s, self.untimed_steps = 0.0, 0
         self.meter = open_meter(self.device)
         self._resume()
         self.resumed_at = self.elapsed
@@ -172,6 +174,7 @@ class Trainer:
             if self.device.type == "cuda" and "rng_cuda" in state:
                 torch.cuda.set_rng_state(state["rng_cuda"].cpu())
             self.step, self.elapsed = int(state["step"]), float(state["elapsed_s"])
+            self.compile_s, self.untimed_steps = state.get("compile_s", 0.0), state.get("untimed_steps", 0)
             self.energy_j = state.get("gpu_energy_j")
             if self.metrics_path.exists():
                 lines = self.metrics_path.read_text().splitlines()
@@ -184,6 +187,8 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "step": self.step,
             "elapsed_s": self.elapsed,
+            "compile_s": self.compile_s,
+            "untimed_steps": self.untimed_steps,
             "gpu_energy_j": self._energy_total(self.meter.energy_so_far_j()),
             "rng_cpu": torch.get_rng_state(),
             "spec_hash": self.spec_hash,
@@ -219,6 +224,16 @@ class Trainer:
         self.step += 1
         return out, lr, grad_norm
 
+    def _set_compilation_apart(self) -> None:
+        """The first compiled step of a process: its time goes to compile_s, not training time."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.compile_s += now - self.mark
+        self.mark = now
+        self.untimed_steps += 1
+        self.segment_untimed = 1
+
     def log(self, out, lr: float, grad_norm: torch.Tensor, evaluating: bool, sink) -> float:
         run, done = self.run, self.step
         loss = out.loss.item()  # the one host sync of a logged step
@@ -233,7 +248,9 @@ class Trainer:
             "aux_loss": out.aux_loss.item(),
             "grad_norm": float(grad_norm),
             "elapsed_s": self.elapsed,
-            "tokens_per_s": (done - self.start_step) * run.tokens_per_step / max(self.elapsed - self.resumed_at, 1e-9),
+            "tokens_per_s": (done - self.start_step - self.segment_untimed)
+            * run.tokens_per_step
+            / max(self.elapsed - self.resumed_at, 1e-9),
         }
         if run.model.moe is not None:
             row["routing"] = routing_summary(self.model)
@@ -248,6 +265,7 @@ class Trainer:
         log_every = max(1, run.steps // 200)
         bar = tqdm(total=run.steps, initial=self.step, desc=run.run_id, disable=not self.progress, mininterval=5)
         self.start_step, self.mark = self.step, time.perf_counter()
+        self.segment_untimed = 0
         self.model.train()
         self.meter.start()  # counter at start and end: the run's GPU energy, evaluation included
         try:
@@ -264,6 +282,8 @@ class Trainer:
         with self.metrics_path.open("a") as sink, bar:
             while self.step < run.steps:
                 out, lr, grad_norm = self.train_step()
+                if self.precision.compile and self.segment_untimed == 0:
+                    self._set_compilation_apart()
                 bar.update(1)
                 evaluating = self.step % r.eval_every == 0 or self.step == run.steps
                 if self.step % log_every == 0 or evaluating:
@@ -310,7 +330,8 @@ class Trainer:
             "final_train_loss": final["loss"],
             "final_val_loss": self.val_loss,
             "train_seconds": self.elapsed,
-            "tokens_per_s": run.tokens / self.elapsed,
+            "compile_seconds": self.compile_s,
+            "tokens_per_s": (run.steps - self.untimed_steps) * run.tokens_per_step / self.elapsed,
             "gpu_energy_j": self.energy_j,
             "gpu_energy_j_per_token": None if self.energy_j is None else self.energy_j / run.tokens,
             "gpu_energy_absent": self.energy_window.absent.get("energy_j") if self.energy_j is None else None,

@@ -139,6 +139,13 @@ def test_iso_flop_verdict_from_paired_t_intervals():
     assert claim.verdict == NO_DATA and "not significant" in claim.evidence
 
 
+def test_one_seed_ablation_arms_are_shown_but_do_not_decide():
+    runs = _seeded({"m8": [-0.10, -0.12, -0.09]}) + [r for r in _seeded({"ablation": [0.4]}) if r["arm"] == "moe"]
+    claim = iso_flop_gain(runs, seed_comparison(runs))
+    assert claim.verdict == SUPPORTED
+    assert "+0.4000" in claim.evidence and "one seed, shown only" in claim.evidence
+
+
 def test_gain_grows_with_e_needs_a_test_that_can_reach_significance():
     one_seed = _seeded({"e4": [-0.01], "e8": [-0.02], "e16": [-0.03]}, {"e4": 4, "e8": 8, "e16": 16})
     claim = gain_grows_with_experts(seed_comparison(one_seed), one_seed)
@@ -149,6 +156,31 @@ def test_gain_grows_with_e_needs_a_test_that_can_reach_significance():
     )
     claim = gain_grows_with_experts(seed_comparison(grows), grows)
     assert claim.verdict == SUPPORTED and "permutation p" in claim.evidence
+
+
+def test_gain_grows_with_e_compares_only_runs_routed_alike():
+    """An E8 run of another routing (an ablation) neither fills nor overwrites the series' E8."""
+    grows = _seeded(
+        {"e4": [-0.01, -0.012, -0.008], "e8": [-0.03, -0.028, -0.033], "e16": [-0.06, -0.055, -0.058]},
+        {"e4": 4, "e8": 8, "e16": 16},
+    )
+    ablation = [
+        r
+        | {
+            "model": "e8-free",
+            "run_id": f"e8-free_s{r['seed']}",
+            "final_val_loss": 9.0,
+            "config": {"moe": {"routing": "sigmoid-bias", "load_balance_coef": 0.0, "bias_update_rate": 1e-3}},
+        }
+        for r in grows
+        if r["model"] == "e8"
+    ]
+    claim = gain_grows_with_experts(seed_comparison(grows + ablation), grows + ablation)
+    assert claim.verdict == SUPPORTED
+    assert "softmax-topk, load_balance_coef 0.01" in claim.evidence
+    lone = [r for r in grows if r["model"] != "e8"] + ablation
+    claim = gain_grows_with_experts(seed_comparison(lone), lone)
+    assert claim.verdict == NO_DATA and "E in [4, 16]" in claim.evidence
 
 
 def test_gain_grows_with_e_holds_its_level_under_no_effect():

@@ -20,7 +20,7 @@ from conftest import ROOT
 from harness.data import TokenShard, _python_files, _site_dirs, iter_documents, prepare, split_of
 from harness.io import read_json
 from harness.report import write_report
-from harness.study import DataConfig, DataSource, budget_label, find_run, load_study, plan
+from harness.study import DataConfig, DataSource, analysed, budget_label, find_run, load_study, plan
 from harness.train import NonFiniteLoss, Stopped, lr_at, train
 from models.config import ConfigError
 
@@ -123,7 +123,7 @@ def test_run_ids_are_readable():
     assert budget_label(3e12) == "3e12"
     assert budget_label(2.5e13) == "2.5e13"
     study = load_study("tiny")
-    assert "dense-xs_2e12_s0" in {r.run_id for r in plan(study)}
+    assert "dense-d64_7e12_s0" in {r.run_id for r in plan(study)}
 
 
 BAD_STUDIES = [
@@ -134,6 +134,10 @@ BAD_STUDIES = [
     ({"models": [{"base": "MISSING", "experts": 4, "top_k": 2}]}, "models[0].base", "no model config"),
     ({"models": [{"config": "nope.yaml"}]}, "models[0].config", "no model config"),
     ({"models": [{"experts": 4, "top_k": 2}]}, "models[0]", "exactly one of"),
+    ({"recipe": {"dtype": "float16"}}, "recipe.dtype", "'bfloat16'"),
+    ({"recipe": {"train_threads": 0}}, "recipe.train_threads", "minimum"),
+    ({"analysed_runs": {"budgets": "smallest"}}, "analysed_runs.budgets", "'largest'"),
+    ({"models": [{"config": "dense-xs.yaml", "seeds": []}]}, "models.0.seeds", "should be non-empty"),
 ]
 
 
@@ -146,6 +150,25 @@ def test_bad_study_names_file_and_field(tmp_path, override, field, fragment):
     assert str(path) in message or path.name in message
     assert f"'{field}'" in message
     assert fragment in message
+
+
+def test_models_may_narrow_seeds_and_budgets_and_analysed_runs_select(tmp_path):
+    model_file = tmp_path / "dense-pico.yaml"
+    models = [
+        {"config": str(model_file), "budgets": [6e9, 1.2e10], "seeds": [0, 1, 2]},
+        {"base": str(model_file), "experts": 4, "top_k": 2, "seeds": [0]},
+    ]
+    study = load_study(
+        _study(tmp_path, models=models, budgets=[1.2e10], analysed_runs={"seeds": [0], "budgets": "largest"})
+    )
+    runs = plan(study)
+    ids = sorted(r.run_id for r in runs)
+    assert ids == sorted(
+        [f"dense-pico_{b}_s{s}" for b in ("6e9", "1.2e10") for s in (0, 1, 2)] + ["dense-pico-e4k2_1.2e10_s0"]
+    )
+    assert sorted(r.run_id for r in analysed(study, runs)) == ["dense-pico-e4k2_1.2e10_s0", "dense-pico_1.2e10_s0"]
+    everything = load_study(_study(tmp_path, models=models, budgets=[1.2e10]))
+    assert len(analysed(everything, plan(everything))) == len(runs)
 
 
 def test_matched_variant_with_k_above_e_is_refused_with_the_field(tmp_path):
@@ -318,6 +341,7 @@ def test_train_reaches_the_budget_and_records_provenance(prepared):
     assert len(rows[-1]["routing"]) == 2 and sum(rows[-1]["routing"][0]["tokens_per_expert"]) == 4 * 32 * 2
     assert (out / "config.yaml").exists() and (out / "checkpoint.pt").exists()
     assert record["gpu_energy_j"] is None and "CPU" in record["gpu_energy_absent"]
+    assert record["precision"] == {**record["precision"], "dtype": "float32", "autocast": False, "compile": False}
 
 
 def test_run_energy_adds_up_over_resumed_segments(prepared, monkeypatch):

@@ -103,9 +103,13 @@ def iso_flop_gain(records: list[dict[str, Any]], seed_rows: list[dict[str, Any]]
         if tokens_per_param < TOKENS_PER_ACTIVE_PARAM
         else ""
     )
-    if any(r["seeds"] < 2 for r in rows):
+    replicated = [r for r in rows if r["seeds"] >= 2]
+    if not replicated:
         return Claim("R1", claim, source, NO_DATA, evidence + "; one seed: no interval, so no verdict", caveat)
-    sides = [_side(r["difference_ci"], 0.0) for r in rows]
+    if len(replicated) < len(rows):
+        single = ", ".join(r["arm"] for r in rows if r["seeds"] < 2)
+        evidence += f"; judged on the arms with two or more seeds ({single}: one seed, shown only)"
+    sides = [_side(r["difference_ci"], 0.0) for r in replicated]
     verdict = _verdict(sides, "below", "above")
     if verdict == NO_DATA:
         evidence += "; an interval includes 0 (or the seeds gave identical differences): not significant"
@@ -143,28 +147,50 @@ def _trend_test(by_e: dict[int, dict[int, float]]) -> dict[str, Any] | None:
     return out
 
 
+_SCALE_FIELDS = ("experts", "top_k", "d_expert", "name")
+_BALANCE_FIELDS = ("load_balance_coef", "seq_balance_coef", "importance_coef", "load_coef")
+
+
+def routing_variant(rec: dict[str, Any]) -> tuple[str, str]:
+    """(key, label) of the MoE settings other than E, k and expert width: runs compared along E
+    share all of them (key); the label names the routing and the balancing in use."""
+    moe = rec["config"].get("moe") or {}
+    key = repr(sorted((k, repr(v)) for k, v in moe.items() if k not in _SCALE_FIELDS))
+    balance = [f"{c} {moe[c]:g}" for c in _BALANCE_FIELDS if moe.get(c)]
+    if moe.get("routing") == "sigmoid-bias":
+        balance.append(f"bias rate {moe.get('bias_update_rate', 0):g}")
+    label = f" ({moe.get('routing', 'softmax-topk')}, {', '.join(balance) or 'no balancing'})"
+    return key, label
+
+
 def gain_grows_with_experts(seed_rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> Claim:
     claim = "The iso-FLOP gain grows with the number of experts E (at fixed k and base)"
     source = "R1: Shazeer 2017 (4 -> 4096 experts), Clark 2022, Krajewski 2024"
     rows = _top_budget_rows(seed_rows)
     top = rows[0]["budget_flops"] if rows else None
-    groups: dict[tuple[str, int], dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    groups: dict[tuple[str, int, str], dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    labels: dict[str, str] = {}
     for m, d in (pair for (_, budget), pairs in peer_pairs(records).items() if budget == top for pair in pairs):
-        groups[(d["model"], m["top_k"])][m["experts"]][m["seed"]] = m["final_val_loss"] - d["final_val_loss"]
+        variant, label = routing_variant(m)
+        labels[variant] = label
+        groups[(d["model"], m["top_k"], variant)][m["experts"]][m["seed"]] = m["final_val_loss"] - d["final_val_loss"]
     testable = {g: v for g, v in groups.items() if len(v) >= 3}
     if not testable:
-        sizes = ", ".join(f"{base} k{k}: E in {sorted(v)}" for (base, k), v in groups.items())
-        return Claim("R1-E", claim, source, NO_DATA, f"needs >= 3 expert counts at one base and k ({sizes or 'none'})")
+        sizes = ", ".join(f"{base} k{k}{labels[v]}: E in {sorted(by_e)}" for (base, k, v), by_e in groups.items())
+        return Claim(
+            "R1-E", claim, source, NO_DATA, f"needs >= 3 expert counts at one base, k and routing ({sizes or 'none'})"
+        )
     parts, outcomes = [], []
-    for (base, k), by_e in sorted(testable.items()):
+    for (base, k, variant), by_e in sorted(testable.items()):
         t = _trend_test(by_e)
         if t is None or t["min_p"] > ALPHA:
             why = "no seed has every E" if t is None else f"smallest attainable p = {t['min_p']:.2g} > {ALPHA}"
-            parts.append(f"{base} k{k}, E = {sorted(by_e)}: {why}")
+            parts.append(f"{base} k{k}{labels[variant]}, E = {sorted(by_e)}: {why}")
             outcomes.append(NO_DATA)
             continue
         parts.append(
-            f"{base} k{k}, E = {t['E']}, {t['seeds']} seeds: slope {t['slope']:+.4f} nats per doubling of E, "
+            f"{base} k{k}{labels[variant]}, E = {t['E']}, {t['seeds']} seeds: "
+            f"slope {t['slope']:+.4f} nats per doubling of E, "
             f"permutation p (gain grows) = {t['p_less']:.3g}, p (gain shrinks) = {t['p_greater']:.3g}"
         )
         outcomes.append(SUPPORTED if t["p_less"] < ALPHA else NOT_SUPPORTED if t["p_greater"] < ALPHA else NO_DATA)

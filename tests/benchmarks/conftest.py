@@ -23,6 +23,10 @@ def report_row(request):
 
 def pytest_terminal_summary(terminalreporter, config):
     rows = config.stash.get(ROWS, [])
+    steps = [r for r in rows if r.get("kind") == "cpu_training_step"]
+    rows = [r for r in rows if r.get("kind") != "cpu_training_step"]
+    if steps:
+        _training_step_summary(terminalreporter, steps)
     if not rows:
         return
     table = [
@@ -59,4 +63,37 @@ def pytest_terminal_summary(terminalreporter, config):
         "targets met",
     ]
     terminalreporter.section("MoE FFN forward+backward, median of per-round ratios")
+    terminalreporter.write_line(tabulate(table, headers=headers, disable_numparse=True))
+
+
+def _training_step_summary(terminalreporter, rows) -> None:
+    table = [
+        [
+            r["case"],
+            r["chosen"]["dtype"] + (" + compile" if r["chosen"]["compile"] else ""),
+            f"{r['tokens_per_s']['dense_eager']:,.0f}",
+            f"{r['tokens_per_s']['dense_chosen']:,.0f}",
+            f"{r['tokens_per_s']['moe_eager']:,.0f}",
+            f"{r['tokens_per_s']['moe_chosen']:,.0f}",
+            f"{r['speedup_dense']:.2f}",
+            f"{r['speedup_moe']:.2f}",
+            f"{r['moe_over_dense_chosen']:.2f}",
+            f"speed-up >= {r['goal_speedup']}: {'yes' if r['meets_goal_speedup'] else 'NO'}, "
+            f"MoE/dense <= {r['goal_moe_over_dense']}: {'yes' if r['meets_goal_moe_over_dense'] else 'NO'}",
+        ]
+        for r in rows
+    ]
+    headers = [
+        "models",
+        "study path",
+        "dense eager tok/s",
+        "dense study tok/s",
+        "MoE eager tok/s",
+        "MoE study tok/s",
+        "dense speed-up",
+        "MoE speed-up",
+        "MoE/dense step",
+        "goals met",
+    ]
+    terminalreporter.section("CPU training step: the study's path against eager float32, median of per-round ratios")
     terminalreporter.write_line(tabulate(table, headers=headers, disable_numparse=True))

@@ -22,7 +22,7 @@ rule microbench:
     output:
         json=f"{RESULTS}/microbench/moe_ffn.json",
     params:
-        suite=f"{workflow.basedir}/tests/benchmarks",
+        suite=f"{workflow.basedir}/tests/benchmarks/test_moe_ffn.py",
     threads: workflow.cores
     resources:
         gpu=1 if USE_GPU else 0,
