@@ -147,9 +147,15 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         "",
         "Each expectation from the literature this study can test, with the verdict its data gives.",
         "",
-        table("claims"),
-        "",
     ]
+    if len(seeds) == 1:
+        md += [
+            "**One seed shows the direction only.** The claims on loss need the spread of replicate seeds; "
+            "this study has none, so they get no verdict here. The shipped `cpu` study repeats the "
+            "comparison over three seeds, with the ablations and dense sizes the claims need.",
+            "",
+        ]
+    md += [table("claims"), ""]
     md += ["## Runs", "", table("runs"), ""]
     md += ["## Dense versus MoE, run by run", "", table("dense_vs_moe"), ""]
     md += ["## Dense versus MoE over seeds", ""]

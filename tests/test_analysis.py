@@ -143,7 +143,13 @@ def test_one_seed_ablation_arms_are_shown_but_do_not_decide():
     runs = _seeded({"m8": [-0.10, -0.12, -0.09]}) + [r for r in _seeded({"ablation": [0.4]}) if r["arm"] == "moe"]
     claim = iso_flop_gain(runs, seed_comparison(runs))
     assert claim.verdict == SUPPORTED
-    assert "+0.4000" in claim.evidence and "one seed, shown only" in claim.evidence
+    assert "ablation +0.4000" in claim.evidence and "ablation: one seed: shown only" in claim.evidence
+
+
+def test_an_arm_with_every_expert_active_is_shown_but_does_not_decide():
+    runs = _seeded({"m8": [-0.10, -0.12, -0.09], "e2": [0.01, -0.003, 0.004]}, {"m8": 8, "e2": 2})
+    claim = iso_flop_gain(runs, seed_comparison(runs))
+    assert claim.verdict == SUPPORTED and "e2: E = k, every expert active, not sparse" in claim.evidence
 
 
 def test_gain_grows_with_e_needs_a_test_that_can_reach_significance():

@@ -432,6 +432,8 @@ def test_report_tables(prepared):
     md = write_report(study, results, bench).read_text()
     assert "## Cost per run" in md and "absent (no NVML)" in md and "absent (no spec peak)" in md
     assert "moe/mixtral <= 0.8: not met" in md and "sampling overhead: +0.08%" in md
+    claims = md[md.index("## Claims") : md.index("## Runs")]
+    assert "One seed shows the direction only" in claims and "`cpu` study" in claims
     import csv
 
     rows = list(csv.DictReader((results / "tables" / "cost.csv").open()))

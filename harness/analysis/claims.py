@@ -94,7 +94,7 @@ def iso_flop_gain(records: list[dict[str, Any]], seed_rows: list[dict[str, Any]]
     for r in rows:
         p = "" if r["p_value"] is None else f", p = {r['p_value']:.2g}"
         seeds = f"{r['seeds']} seed{'s' * (r['seeds'] != 1)}"
-        parts.append(f"{r['arm']} {r['difference_mean']:+.4f}{_interval(r['difference_ci'])} ({seeds}{p})")
+        parts.append(f"{r['model']} {r['difference_mean']:+.4f}{_interval(r['difference_ci'])} ({seeds}{p})")
     evidence = "val loss MoE - dense at the largest budget, paired mean [95% t interval]: " + ", ".join(parts)
     tokens_per_param = max(r["tokens"] / r["params"]["active"] for r in records)
     caveat = (
@@ -103,12 +103,16 @@ def iso_flop_gain(records: list[dict[str, Any]], seed_rows: list[dict[str, Any]]
         if tokens_per_param < TOKENS_PER_ACTIVE_PARAM
         else ""
     )
-    replicated = [r for r in rows if r["seeds"] >= 2]
+    sparse = {r["model"]: r["experts"] > r["top_k"] for r in records if r["arm"] == "moe"}
+    dense_like = [r["model"] for r in rows if not sparse.get(r["model"], True)]
+    replicated = [r for r in rows if r["seeds"] >= 2 and sparse.get(r["model"], True)]
     if not replicated:
         return Claim("R1", claim, source, NO_DATA, evidence + "; one seed: no interval, so no verdict", caveat)
-    if len(replicated) < len(rows):
-        single = ", ".join(r["arm"] for r in rows if r["seeds"] < 2)
-        evidence += f"; judged on the arms with two or more seeds ({single}: one seed, shown only)"
+    single = [r["model"] for r in rows if r["seeds"] < 2]
+    if single or dense_like:
+        shown = [f"{', '.join(single)}: one seed"] if single else []
+        shown += [f"{', '.join(dense_like)}: E = k, every expert active, not sparse"] if dense_like else []
+        evidence += f"; judged on the sparse arms with two or more seeds ({'; '.join(shown)}: shown only)"
     sides = [_side(r["difference_ci"], 0.0) for r in replicated]
     verdict = _verdict(sides, "below", "above")
     if verdict == NO_DATA:
