@@ -398,7 +398,7 @@ def glance_table(
         rows.append(
             [
                 budget_label(budget),
-                arm_label(m0),
+                model,
                 d0["model"],
                 len(pairs),
                 f"{mean([m['final_val_loss'] - d['final_val_loss'] for m, d in pairs]):+.4f}",

@@ -239,6 +239,10 @@ def test_memory_claim_rests_on_measured_peaks():
     assert memory_follows_total(PAIR, flat).verdict == NOT_SUPPORTED
     unmeasured = {"d_1e+15_s0": dense, "m_1e+15_s0": _measure([80.0] * 5, None, 16 * 10**6)}
     assert memory_follows_total(PAIR, unmeasured).verdict == NO_DATA
+    # ten times the parameters' share: buffers and activations, which test neither side
+    swamped = {"d_1e+15_s0": dense, "m_1e+15_s0": _measure([80.0] * 5, 20 * 2**20 + 160 * 3 * 10**6, 16 * 10**6)}
+    claim = memory_follows_total(PAIR, swamped)
+    assert claim.verdict == NO_DATA and "activations and dispatch buffers" in claim.evidence
 
 
 def test_wall_clock_claim_carries_the_spread_of_the_throughput_windows():
