@@ -32,9 +32,10 @@ GOAL_SPEEDUP, GOAL_MOE_OVER_DENSE = 1.5, 1.15
 def _models(study_name: str):
     study = load_study(study_name)
     cfgs = resolve_models(study)
-    dense = next(c for c in cfgs if c.moe is None)
     twins = [c for c in cfgs if c.moe is not None and c.moe.load_balance_coef > 0]
     moe = max(twins, key=lambda c: c.moe.experts)
+    # its dense base: the dense model of the same width and depth (a study may hold several sizes)
+    dense = next(c for c in cfgs if c.moe is None and (c.d_model, c.n_layers) == (moe.d_model, moe.n_layers))
     return study, dense, moe
 
 
