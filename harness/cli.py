@@ -3,6 +3,10 @@
 harness count models/configs/moe-s-e8k2.yaml [--json] [--seq-len N]
 harness match models/configs/dense-s.yaml --experts 8 --top-k 2 [--out FILE]
 harness plan | data | tasks | train | measure | evaluate | export | routing | report STUDY [...]
+
+Every expected failure (a bad config, study or flag, a missing earlier step, a damaged file, a
+full disk, a run too large for the machine) is one line, ``harness VERB: error: ...``, and exit
+code 2; anything else is a defect and prints its traceback with a request to report it.
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
 from tabulate import tabulate
 
-from harness.study import budget_label, find_run, load_study, plan, plan_rows
+from harness.errors import HarnessError, MissingStep
+from harness.study import LOCAL_TASKS, budget_label, find_run, load_study, plan, plan_rows
 from models.accounting import summary
 from models.config import ConfigError, dump_config, load_config
 from models.matching import match_moe
@@ -105,13 +111,41 @@ def _results(args: argparse.Namespace, study) -> Path:
 
 
 def _trained_run(args: argparse.Namespace, study):
-    """(run, results folder, run folder) of --run, whose checkpoint must exist."""
+    """(run, results folder, run folder) of --run, which must have finished training."""
     run = find_run(study, args.run)
     results = _results(args, study)
     run_dir = results / "runs" / run.run_id
-    if not (run_dir / "checkpoint.pt").exists():
-        raise ConfigError("--run", f"{run_dir / 'checkpoint.pt'} does not exist; train the run first")
+    if not (run_dir / "record.json").is_file():
+        raise MissingStep(run_dir / "record.json", f"harness train {study.path} --run {run.run_id}", "not trained")
     return run, results, run_dir
+
+
+def _trained_state(study, run, run_dir: Path) -> dict:
+    """The verified final checkpoint of a trained run."""
+    from harness.checkpoint import load_checkpoint
+
+    train = f"harness train {study.path} --run {run.run_id}"
+    return load_checkpoint(run_dir / "checkpoint.pt", train, f"`{train} --restart` trains it again")
+
+
+def _data_ready(results: Path, study, verify: bool = True) -> Path:
+    """The study's prepared data folder, its shards checked against data.json (``verify``);
+    refused when `harness data` has not run or its output is damaged."""
+    from harness.data import read_meta, verify_shards
+
+    data_dir, made_by = results / "data", f"harness data {study.path}"
+    meta = read_meta(data_dir, made_by)
+    if verify:
+        verify_shards(data_dir, meta, made_by)
+    return data_dir
+
+
+def _cuda_visible(device: str | None) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device", "cuda requested but no CUDA device is visible")
 
 
 def _set_threads(threads: int | None) -> None:
@@ -122,9 +156,12 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from harness.data import read_meta
+
     study = load_study(args.study)
-    data_json = _results(args, study) / "data" / "data.json"
-    train_tokens = json.loads(data_json.read_text())["splits"]["train"]["tokens"] if data_json.exists() else None
+    data_dir = _results(args, study) / "data"
+    exists = (data_dir / "data.json").exists()
+    train_tokens = read_meta(data_dir, f"harness data {study.path}")["splits"]["train"]["tokens"] if exists else None
     runs = plan(study, train_tokens=train_tokens)
     rate = None
     if not args.json:
@@ -178,20 +215,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     study = load_study(args.study)
     run = find_run(study, args.run)
     results = _results(args, study)
+    data_dir = _data_ready(results, study, verify=False)  # the trainer verifies the shards
+    resume = "restart" if args.restart else "previous" if args.from_previous else "auto"
     try:
         record = train(
             run,
             study,
-            results / "data",
+            data_dir,
             results / "runs" / run.run_id,
             threads=args.threads,
             stop_after=args.stop_after,
             progress=not args.quiet,
+            resume=resume,
         )
     except Stopped as e:
         print(f"harness train: {e}", file=sys.stderr)
         return 3
-    except (NonFiniteLoss, ValueError) as e:
+    except NonFiniteLoss as e:
         print(f"harness train: error: {e}", file=sys.stderr)
         return 1
     print(
@@ -213,21 +253,18 @@ def cmd_measure(args: argparse.Namespace) -> int:
         **{k: v for k, v in vars(args).items() if k in MeasureSettings.__dataclass_fields__ and v is not None}
     )
     if args.config:
+        _cuda_visible(args.device)
         cfg, state, device, seed = load_config(args.config), None, torch.device(args.device or "cpu"), 0
         precision = None
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device", "cuda requested but no CUDA device is visible")
         out = Path(args.out or f"results/measure/{cfg.name}.json")
         label = {"config": args.config}
     else:
         if not args.study or not args.run:
             raise ConfigError("(command line)", "give STUDY --run RUN_ID, or --config MODEL.yaml")
         study = load_study(args.study)
-        run = find_run(study, args.run)
-        run_dir = _results(args, study) / "runs" / run.run_id
+        run, _, run_dir = _trained_run(args, study)
         device = pick_device(study)
-        ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
-        cfg, state, seed = run.model, ckpt["model"], run.seed
+        cfg, state, seed = run.model, _trained_state(study, run, run_dir)["model"], run.seed
         precision = resolve(study.recipe, device)
         # The run's own step shape (unless given): what it trained with, and compiled for.
         as_trained = {"seq_len": study.recipe.seq_len}
@@ -237,6 +274,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else run_dir / "measure.json"
         label = {"study": study.name, "run_id": run.run_id, "checkpoint": str(run_dir / "checkpoint.pt")}
     _set_threads(args.threads)
+    from harness.resources import check_memory
+
+    check_memory(cfg, settings.batch_size, settings.seq_len, device, "harness measure")
     result = label | measure(cfg, device, settings, state, seed, precision)
     write_json(out, result)
     t, m = result["train"], result["mfu"]["conventions"]
@@ -251,13 +291,12 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
 
     from harness.export import NotExportable, export
 
     study = load_study(args.study)
     run, results, run_dir = _trained_run(args, study)
-    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    state = _trained_state(study, run, run_dir)["model"]
     out = Path(args.out or results / "export" / run.run_id)
     try:
         cls = export(run.model, state, results / "data" / "tokenizer.json", out)
@@ -272,7 +311,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     from harness.tasks import write_tasks
 
     study = load_study(args.study)
-    data_dir = _results(args, study) / "data"
+    data_dir = _data_ready(_results(args, study), study)
     try:
         meta = write_tasks(data_dir, study.eval, study.recipe.seq_len)
     except ValueError as e:
@@ -295,12 +334,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         go_offline()  # before anything imports datasets or huggingface_hub
     from harness.evaluate import evaluate_run
-    from harness.io import write_json
+    from harness.io import read_json, write_json
     from harness.provenance import provenance
 
     run, results, run_dir = _trained_run(args, study)
+    _cuda_visible(args.device)
+    tasks_dir = results / "data" / "tasks"
+    if any(t in LOCAL_TASKS for t in study.eval.tasks):
+        read_json(tasks_dir / "tasks.json", made_by=f"harness tasks {study.path}")  # present and whole
     _set_threads(args.threads)
-    result = evaluate_run(run_dir, results / "data" / "tasks", study.eval, device=args.device, dtype=args.dtype)
+    result = evaluate_run(run_dir, tasks_dir, study.eval, device=args.device, dtype=args.dtype)
     import torch
 
     out = Path(args.out) if args.out else run_dir / "eval.json"
@@ -325,8 +368,10 @@ def cmd_routing(args: argparse.Namespace) -> int:
 
     study = load_study(args.study)
     run, results, run_dir = _trained_run(args, study)
+    _cuda_visible(args.device)
+    data_dir = _data_ready(results, study)
     _set_threads(args.threads)
-    result = routing_analysis(run_dir, results / "data", device=args.device, max_tokens=args.max_tokens)
+    result = routing_analysis(run_dir, data_dir, device=args.device, max_tokens=args.max_tokens)
     out = Path(args.out) if args.out else run_dir / "routing.json"
     write_json(out, {"run_id": run.run_id, "study": study.name} | result)
     if not result["moe"]:
@@ -353,6 +398,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(low: int):
+    """An argparse type: an integer >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+POSITIVE = _at_least(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -360,15 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("count", help="total/active parameters and FLOPs per token of model configs")
     p.add_argument("configs", nargs="+", metavar="CONFIG.yaml")
     p.add_argument("--json", action="store_true", help="exact numbers as JSON")
-    p.add_argument("--seq-len", type=int, default=None, help="context for attention FLOPs (default max_seq_len)")
+    p.add_argument("--seq-len", type=POSITIVE, default=None, help="context for attention FLOPs (default max_seq_len)")
     p.set_defaults(func=cmd_count)
 
     p = sub.add_parser("match", help="derive the compute-matched MoE of a dense config")
     p.add_argument("dense", metavar="DENSE.yaml")
-    p.add_argument("--experts", type=int, required=True, help="E, routed experts")
-    p.add_argument("--top-k", type=int, required=True, help="k, routed experts per token")
-    p.add_argument("--shared", type=int, default=0, help="shared (always-active) experts")
-    p.add_argument("--granularity", type=int, default=None, help="G = d_ff / d_expert; must equal k + shared")
+    p.add_argument("--experts", type=POSITIVE, required=True, help="E, routed experts")
+    p.add_argument("--top-k", type=POSITIVE, required=True, help="k, routed experts per token")
+    p.add_argument("--shared", type=_at_least(0), default=0, help="shared (always-active) experts")
+    p.add_argument("--granularity", type=POSITIVE, default=None, help="G = d_ff / d_expert; must equal k + shared")
     p.add_argument("--routing", default=None, help="softmax-topk, topk-softmax, noisy-topk or sigmoid-bias")
     p.add_argument("--dispatch", default=None, help="dropless or capacity")
     p.add_argument("--name", default=None, help="model id (default <dense>-e<E>k<k>)")
@@ -383,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = study_parser("plan", "the run matrix of a study")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--efficiency", type=float, default=0.3, help="assumed fraction of the matmul rate")
+    p.add_argument("--efficiency", type=_fraction, default=0.3, help="assumed fraction of the matmul rate")
     p.set_defaults(func=cmd_plan)
 
     p = study_parser("data", "read the corpus, train the tokenizer, write token shards")
@@ -391,9 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = study_parser("train", "train one run of a study (resumes from its checkpoint)")
     p.add_argument("--run", required=True, help="run id, as `harness plan` lists them")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--stop-after", type=int, default=None, help="stop after this step, leaving a checkpoint")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
+    p.add_argument("--stop-after", type=POSITIVE, default=None, help="stop after this step, leaving a checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--restart", action="store_true", help="discard the run's checkpoints and start over")
+    resume.add_argument(
+        "--from-previous", action="store_true", help="resume from checkpoint.prev.pt (when checkpoint.pt is damaged)"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("measure", help="throughput, MFU, memory and GPU energy of a run or a bare config")
@@ -403,10 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], help="with --config (default cpu)")
     p.add_argument("--results", default="results")
     p.add_argument("--out", help="where to write measure.json")
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--seq-len", dest="seq_len", type=int)
-    p.add_argument("--windows", type=int, help="timed windows (>= 5)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=POSITIVE)
+    p.add_argument("--seq-len", dest="seq_len", type=POSITIVE)
+    p.add_argument("--windows", type=_at_least(5), help="timed windows (>= 5)")
+    p.add_argument("--threads", type=POSITIVE)
     p.set_defaults(func=cmd_measure)
 
     p = study_parser("export", "write a trained run as a Hugging Face model directory")
@@ -421,15 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run id")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: CUDA when visible")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
     p.add_argument("--out", help="where to write eval.json (default: the run's folder)")
     p.add_argument("--download", action="store_true", help="let lm-eval fetch datasets (overrides eval.download)")
     p.set_defaults(func=cmd_evaluate)
 
     p = study_parser("routing", "what a trained MoE run's experts specialise in: token category or topic")
     p.add_argument("--run", required=True, help="run id")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--max-tokens", dest="max_tokens", type=int, default=65_536, help="held-out tokens to route")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
+    p.add_argument("--max-tokens", dest="max_tokens", type=POSITIVE, default=65_536, help="held-out tokens to route")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: CUDA when visible")
     p.add_argument("--out", help="where to write routing.json (default: the run's folder)")
     p.set_defaults(func=cmd_routing)
@@ -445,9 +525,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"harness {args.verb}: error: {e}", file=sys.stderr)
+    except (ConfigError, HarnessError) as e:
+        message = " ".join(str(e).split())  # one line, whatever a library put in the message
+        print(f"harness {args.verb}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"harness {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"harness {args.verb}: internal error: this is a defect in moe-harness, not in your input; "
+            "please report it with the command line and the traceback above",
+            file=sys.stderr,
+        )
+        return 70
 
 
 if __name__ == "__main__":

@@ -11,6 +11,16 @@ of their key, so adding a file never moves another one between splits. ``data.js
 fingerprint of exactly what was read, and the keys of the held-out (validation and test)
 documents in the order their shards hold them.
 
+One policy for unreadable input, whatever the format: a document that cannot be read exactly
+(bytes that are not valid UTF-8, or not valid in the encoding a ``.py`` file declares under
+PEP 263; a JSONL line that is not JSON; a Parquet file that does not open) is skipped, never
+repaired with replacement characters, and so is a file whose suffix is not a text, JSONL or
+Parquet suffix. Each skip is counted by reason, with examples, in ``data.json`` (``skipped``)
+and reported on stderr. A record without the configured text field is a configuration error.
+
+Each shard's size and SHA-256 are recorded in ``data.json``; :func:`verify_shards` checks them,
+and that every token id is inside the vocabulary, before a run trains on them.
+
     harness data tiny            # writes results/tiny/data/
 """
 
@@ -18,17 +28,21 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import site
 import sys
 import sysconfig
+import tokenize
+from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from harness.errors import DamagedFile
 from harness.io import atomic_write, read_json, write_json
 from harness.study import DataConfig, DataSource, Study
 from models.config import ConfigError
@@ -36,6 +50,27 @@ from models.config import ConfigError
 SPLITS = ("train", "validation", "test")
 EOS = "<|endoftext|>"
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".c", ".h", ".js", ".ts", ".json", ".yaml", ".yml", ".toml"}
+RECORD_SUFFIXES = {".jsonl", ".parquet"}
+SKIP_EXAMPLES = 5
+
+
+@dataclass
+class Skipped:
+    """What was skipped while reading a corpus, by reason: a count and the first few keys."""
+
+    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, reason: str, key: str) -> None:
+        self.counts[reason] += 1
+        if len(self.examples[reason]) < SKIP_EXAMPLES:
+            self.examples[reason].append(key)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {r: {"count": n, "examples": self.examples[r]} for r, n in sorted(self.counts.items())}
+
+    def lines(self) -> list[str]:
+        return [f"skipped {n} ({r}), e.g. {', '.join(self.examples[r])}" for r, n in sorted(self.counts.items())]
 
 
 @dataclass(frozen=True)
@@ -69,29 +104,50 @@ def _site_dirs() -> list[Path]:
     return sorted(dirs)
 
 
-def _read_text(path: Path) -> str:
-    return path.read_bytes().decode("utf-8", errors="replace")
+def _read_text(path: Path) -> str | None:
+    """The file's text, decoded exactly: UTF-8, or for ``.py`` the encoding it declares
+    (PEP 263); None when its bytes are not valid in that encoding."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        if path.suffix != ".py":
+            return None
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
+        return raw.decode(encoding)
+    except (UnicodeDecodeError, SyntaxError, LookupError):
+        return None
 
 
-def _records(path: Path, text_field: str, source: str) -> Iterator[tuple[int, str]]:
+def _jsonl_records(path: Path, text_field: str, source: str, skipped: Skipped) -> Iterator[tuple[int, str]]:
+    for i, raw in enumerate(path.read_bytes().splitlines()):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            skipped.add("not UTF-8", f"{path}:{i + 1}")
+            continue
+        except json.JSONDecodeError:
+            skipped.add("not JSON", f"{path}:{i + 1}")
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise ConfigError("data.text_field", f"{path}:{i + 1}: record has no string field '{text_field}'", source)
+        yield i, record[text_field]
+
+
+def _records(path: Path, text_field: str, source: str, skipped: Skipped) -> Iterator[tuple[int, str]]:
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError("data.paths", f"{path}:{i + 1}: not valid JSON ({e.msg})", source) from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise ConfigError(
-                        "data.text_field", f"{path}:{i + 1}: record has no string field '{text_field}'", source
-                    )
-                yield i, record[text_field]
+        yield from _jsonl_records(path, text_field, source, skipped)
     else:  # .parquet
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception:  # pyarrow raises ArrowInvalid, OSError and others for a damaged file
+            skipped.add("not a readable Parquet file", str(path))
+            return
         if text_field not in table.column_names:
             raise ConfigError(
                 "data.text_field",
@@ -154,9 +210,20 @@ def _hf_documents(cfg: DataConfig, source: str) -> Iterator[Document]:
             yield Document(f"{name}/{cfg.hf_split}/{i}", text)
 
 
-def iter_documents(cfg: DataConfig, source: str = "") -> Iterator[Document]:
-    """Every document of the source in a deterministic order, up to ``max_bytes``."""
+def _text_documents(files: list[tuple[str, Path]], skipped: Skipped) -> Iterator[Document]:
+    for key, path in files:
+        text = _read_text(path)
+        if text is None:
+            skipped.add("not valid in its encoding (UTF-8, or the PEP 263 declaration of a .py file)", key)
+        else:
+            yield Document(key, text)
+
+
+def iter_documents(cfg: DataConfig, source: str = "", skipped: Skipped | None = None) -> Iterator[Document]:
+    """Every document of the source in a deterministic order, up to ``max_bytes``; what cannot be
+    read is counted in ``skipped``."""
     budget = cfg.max_bytes
+    skipped = Skipped() if skipped is None else skipped
 
     def capped(docs: Iterator[Document]) -> Iterator[Document]:
         total = 0
@@ -171,18 +238,20 @@ def iter_documents(cfg: DataConfig, source: str = "") -> Iterator[Document]:
         if cfg.source is DataSource.PYTHON_SITE:
             for i, d in enumerate(_site_dirs()):
                 files.extend(_python_files(d, f"site{i}", skip_packages=False))
-        yield from capped(Document(key, _read_text(path)) for key, path in files)
+        yield from capped(_text_documents(files, skipped))
     elif cfg.source is DataSource.FILES:
         if not cfg.paths:
             raise ConfigError("data.paths", "required with source 'files'", source)
 
         def docs() -> Iterator[Document]:
             for key, path in _expand(cfg.paths, source):
-                if path.suffix in (".jsonl", ".parquet"):
-                    for i, text in _records(path, cfg.text_field, source):
+                if path.suffix in RECORD_SUFFIXES:
+                    for i, text in _records(path, cfg.text_field, source, skipped):
                         yield Document(f"{key}#{i}", text)
                 elif path.suffix in TEXT_SUFFIXES:
-                    yield Document(key, _read_text(path))
+                    yield from _text_documents([(key, path)], skipped)
+                else:
+                    skipped.add(f"suffix '{path.suffix}' is not a text, JSONL or Parquet suffix", key)
 
         yield from capped(docs())
     else:
@@ -213,17 +282,20 @@ def prepare(study: Study, out_dir: Path) -> dict[str, Any]:
     cfg, source = study.data, study.path
     docs: dict[str, list[Document]] = {s: [] for s in SPLITS}
     fingerprint = hashlib.sha256()
-    for doc in iter_documents(cfg, source):
+    skipped = Skipped()
+    for doc in iter_documents(cfg, source, skipped):
         fingerprint.update(doc.key.encode() + b"\0" + hashlib.sha256(doc.text.encode()).digest())
         docs[split_of(doc.key, cfg.validation_fraction, cfg.test_fraction)].append(doc)
     if not docs["train"] or not docs["validation"]:
         raise ConfigError(
             "data",
             f"the corpus gave {len(docs['train'])} train and {len(docs['validation'])} validation documents; "
-            "both must be non-empty (more data, or a larger validation_fraction)",
+            "both must be non-empty (more data, or a larger validation_fraction)"
+            + "".join(f"; {line}" for line in skipped.lines()),
             source,
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    for line in skipped.lines():
+        print(f"harness data: {line}", file=sys.stderr)
     train_texts = [d.text for d in docs["train"]]
     if cfg.tokenizer_file:
         path = Path(cfg.tokenizer_file)
@@ -254,13 +326,15 @@ def prepare(study: Study, out_dir: Path) -> dict[str, Any]:
             ids.extend(enc.ids)
             ids.append(eos)
         arr = np.asarray(ids, dtype=dtype)
-        atomic_write(out_dir / f"{split}.bin", lambda p, arr=arr: arr.tofile(p))
+        atomic_write(out_dir / f"{split}.bin", lambda p, arr=arr: arr.tofile(p), need_bytes=arr.nbytes)
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
         splits[split] = {
             "documents": len(texts),
             "bytes": n_bytes,
             "tokens": int(arr.size),
             "bytes_per_token": n_bytes / arr.size if arr.size else None,
+            "file_bytes": int(arr.nbytes),
+            "sha256": hashlib.sha256(arr.tobytes()).hexdigest(),
         }
     meta = {
         "study": study.name,
@@ -271,6 +345,7 @@ def prepare(study: Study, out_dir: Path) -> dict[str, Any]:
         "tokenizer": {"vocab_size": vocab, "eos_id": eos, "trained": cfg.tokenizer_file is None},
         "dtype": np.dtype(dtype).name,
         "splits": splits,
+        "skipped": skipped.as_dict(),
         # The held-out documents' keys in shard order, so analyses of the decoded documents
         # (harness.tasks.heldout_documents) know where each came from.
         "heldout_keys": {split: [d.key for d in docs[split]] for split in ("validation", "test")},
@@ -279,11 +354,53 @@ def prepare(study: Study, out_dir: Path) -> dict[str, Any]:
     return meta
 
 
+META_FIELDS = ("fingerprint", "dtype", "tokenizer", "splits")
+
+
+def read_meta(data_dir: Path, made_by: str) -> dict[str, Any]:
+    """``data.json`` of a prepared data folder, checked for the fields every reader needs."""
+    path = data_dir / "data.json"
+    meta = read_json(path, made_by=made_by)
+    remedy = f"run `{made_by}` again"
+    if not isinstance(meta, dict) or any(k not in meta for k in META_FIELDS):
+        raise DamagedFile(path, f"it lacks one of the fields {', '.join(META_FIELDS)}", remedy)
+    for split in SPLITS:
+        info = meta["splits"].get(split)
+        if not isinstance(info, dict) or not {"tokens", "sha256", "file_bytes"} <= info.keys():
+            raise DamagedFile(
+                path, f"split '{split}' has no token count and checksum (written by an older harness?)", remedy
+            )
+    return meta
+
+
+def verify_shards(data_dir: Path, meta: dict[str, Any], made_by: str) -> None:
+    """Each shard's size and SHA-256 against data.json, and every token id inside the vocabulary."""
+    remedy = f"run `{made_by}` again"
+    vocab = meta["tokenizer"]["vocab_size"]
+    for split in SPLITS:
+        info, path = meta["splits"][split], data_dir / f"{split}.bin"
+        if not path.is_file():
+            raise DamagedFile(path, "missing, though data.json lists it", remedy)
+        size = path.stat().st_size
+        if size != info["file_bytes"]:
+            raise DamagedFile(path, f"{size:,} bytes, data.json records {info['file_bytes']:,}", remedy)
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+        if digest.hexdigest() != info["sha256"]:
+            raise DamagedFile(path, "its SHA-256 does not match data.json (the tokens were changed)", remedy)
+        tokens = np.memmap(path, dtype=meta["dtype"], mode="r") if size else np.zeros(0)
+        top = int(tokens.max()) if tokens.size else -1
+        if top >= vocab:
+            raise DamagedFile(path, f"token id {top} is outside the vocabulary of {vocab}", remedy)
+
+
 class TokenShard:
     """One split's tokens, memory-mapped, served as (input, target) windows of seq_len."""
 
     def __init__(self, data_dir: Path, split: str, seq_len: int):
-        meta = read_json(data_dir / "data.json")
+        meta = read_json(data_dir / "data.json", made_by="harness data")
         self.tokens = np.memmap(data_dir / f"{split}.bin", dtype=meta["dtype"], mode="r")
         self.seq_len = seq_len
         self.windows = (len(self.tokens) - 1) // seq_len

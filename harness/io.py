@@ -1,20 +1,44 @@
 """Atomic outputs: write to a temporary name in the same folder, then rename.
 
-A killed job leaves at most a ``.*.tmp`` file behind, never something that looks finished.
+A killed job leaves at most a ``.*.tmp`` file behind, never something that looks finished; the
+step that owns the folder removes such leftovers (:func:`remove_leftovers`). Outputs get the
+permissions of the user's umask, as a plain ``open`` would give them. A write that runs out of
+disk says so (:class:`~harness.errors.DiskFull`); a JSON file that does not parse is named as
+damaged (:class:`~harness.errors.DamagedFile`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from harness.errors import DamagedFile, DiskFull, MissingStep
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` and move the result onto ``path``."""
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], need_bytes: int | None = None) -> Path:
+    """Call ``write(tmp_path)`` and move the result onto ``path``. ``need_bytes``: the expected
+    size, quoted if the disk fills up."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -22,11 +46,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        tmp_path.chmod(0o666 & ~_umask())
         os.replace(tmp_path, path)
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        if e.errno in NO_SPACE:
+            raise DiskFull(path, need_bytes, free_bytes(path.parent)) from None
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_leftovers(folder: Path, name: str) -> list[Path]:
+    """Delete the temporary files that interrupted writes of ``folder/name`` left behind."""
+    gone = sorted(folder.glob(f".{name}.*.tmp")) if folder.is_dir() else []
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -37,5 +75,37 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+def read_json(path: str | Path, made_by: str | None = None) -> Any:
+    """One JSON document. Absent: :class:`MissingStep` naming ``made_by`` (the command that
+    writes it) when given; not JSON: :class:`DamagedFile`."""
+    path = Path(path)
+    if made_by is not None and not path.is_file():
+        raise MissingStep(path, made_by)
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DamagedFile(path, f"not valid JSON ({e})", _remedy(made_by)) from None
+
+
+def read_jsonl(path: str | Path, made_by: str | None = None, partial_last: bool = False) -> list[Any]:
+    """Every line of a JSON-lines file; a line that does not parse is named by its number.
+    ``partial_last``: a last line cut short (a writer killed mid-line) is dropped, not an error."""
+    path = Path(path)
+    if made_by is not None and not path.is_file():
+        raise MissingStep(path, made_by)
+    lines = path.read_bytes().splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if partial_last and i == len(lines):
+                break
+            raise DamagedFile(path, f"line {i} is not valid JSON ({e})", _remedy(made_by)) from None
+    return rows
+
+
+def _remedy(made_by: str | None) -> str:
+    return f"delete it and run `{made_by}` again" if made_by else ""

@@ -37,6 +37,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from harness.checkpoint import load_checkpoint
 from harness.data import EOS
 from harness.io import read_json
 from models.config import ConfigError, load_config
@@ -63,11 +64,7 @@ def load_run_model(checkpoint: str | Path, device: torch.device):
     """The run's model with its trained weights (loaded with weights_only=True), in eval mode."""
     run_dir, ckpt = locate_run(checkpoint)
     cfg = load_config(run_dir / "config.yaml")
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        weights = state["model"]
-    except Exception as e:
-        raise ConfigError("checkpoint", f"not a moe-harness checkpoint: {type(e).__name__}: {e}", str(ckpt)) from None
+    weights = load_checkpoint(ckpt, "harness train", "train the run again (`harness train --restart`)")["model"]
     model = cfg.build()
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:

@@ -15,6 +15,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from harness.errors import HarnessError
 from harness.io import read_json, write_json, write_text
 from harness.study import Study, plan
 from harness.tables import (
@@ -66,6 +67,18 @@ FIGURES = {
 }
 
 
+def _records(study: Study, results: Path, runs) -> list[dict]:
+    """Every run's record.json; refused, naming the runs and how to train them, if any is missing."""
+    missing = [run.run_id for run in runs if not (results / "runs" / run.run_id / "record.json").is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise HarnessError(
+            f"{results / 'runs'}: {len(missing)} of {len(runs)} runs have no record.json ({shown}); "
+            f"train them with `snakemake --config study={study.name}` or `harness train {study.path} --run RUN`"
+        )
+    return [read_json(results / "runs" / run.run_id / "record.json") for run in runs]
+
+
 def write_report(study: Study, results: Path, microbench: Path | None = None) -> Path:
     """Read every run's record.json (and measure.json, eval.json, routing.json where present) and
     write report.md, summary.json, tables/ (CSV and HTML) and figures/ (PNG)."""
@@ -77,7 +90,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     from harness.analysis.stats import seed_comparison
 
     runs = plan(study)
-    records = [read_json(results / "runs" / run.run_id / "record.json") for run in runs]
+    records = _records(study, results, runs)
     measures = _load_all(results, runs, "measure.json")
     evals = _load_all(results, runs, "eval.json")
     routing = _load_all(results, runs, "routing.json")

@@ -114,8 +114,7 @@ def write_tasks(data_dir: Path, cfg: EvalConfig, seq_len: int, out_dir: Path | N
     ``seq_len`` is the study's training context: an answer line takes at most a quarter of it."""
     from tokenizers import Tokenizer
 
-    out_dir = out_dir or data_dir / "tasks"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = out_dir or data_dir / "tasks"  # made by the first write, once the tasks are known to exist
     tok = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
     split, docs = heldout_documents(data_dir, tok)
     kept, total = [], 0

@@ -19,18 +19,26 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from harness.data import TokenShard
+from harness import checkpoint
+from harness.data import TokenShard, verify_shards
 from harness.energy import open_meter
-from harness.io import atomic_write, read_json, write_json, write_text
+from harness.errors import DamagedFile, HarnessError, MissingStep
+from harness.io import read_json, read_jsonl, remove_leftovers, write_json, write_text
 from harness.precision import Precision, resolve
 from harness.provenance import provenance
+from harness.resources import check_memory
 from harness.study import Recipe, Run, Schedule, Study
 from models.accounting import FlopConvention, count_params, training_flops_per_token
-from models.config import dump_config
+from models.config import ConfigError, dump_config
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+TRAINING_OUTPUTS = ("config.yaml", "metrics.jsonl", checkpoint.NAME, checkpoint.PREVIOUS, "record.json")
+"""What a training job writes in its run folder; leftovers of interrupted writes of these are
+removed when it starts."""
 
 
 class Stopped(RuntimeError):
@@ -52,6 +60,8 @@ def lr_at(step: int, steps: int, r: Recipe) -> float:
 
 
 def pick_device(study: Study) -> torch.device:
+    if study.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "is 'cuda' but no CUDA device is visible here; use 'auto' or 'cpu'", study.path)
     if study.device == "cuda" or (study.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
@@ -117,17 +127,26 @@ class Trainer:
     """One run's state: model, optimizer, data, clock, checkpoint and log. ``fit()`` is the loop;
     the other methods are the hooks around it."""
 
-    def __init__(self, run: Run, study: Study, data_dir: Path, out_dir: Path, progress: bool = True):
+    def __init__(
+        self, run: Run, study: Study, data_dir: Path, out_dir: Path, progress: bool = True, resume: str = "auto"
+    ):
         self.run, self.study, self.r, self.out_dir = run, study, study.recipe, out_dir
-        self.data_meta = read_json(data_dir / "data.json")
+        self.data_meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
         self._check_data(data_dir)
         self.device = pick_device(study)
+        check_memory(run.model, self.r.batch_size, self.r.seq_len, self.device, run.run_id)
         self.precision = resolve(self.r, self.device)
         self.spec = run_spec(run, study, self.data_meta)
         self.spec_hash = _spec_hash(self.spec)
+        if resume == "previous" and not (out_dir / checkpoint.PREVIOUS).is_file():
+            raise MissingStep(out_dir / checkpoint.PREVIOUS, f"harness train {study.path} --run {run.run_id}")
         out_dir.mkdir(parents=True, exist_ok=True)
+        for name in TRAINING_OUTPUTS:
+            remove_leftovers(out_dir, name)
         write_text(out_dir / "config.yaml", dump_config(run.model))
-        self.ckpt_path, self.metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.jsonl"
+        self.ckpt_path, self.metrics_path = out_dir / checkpoint.NAME, out_dir / "metrics.jsonl"
+        if resume == "restart":
+            checkpoint.discard(out_dir)
 
         torch.manual_seed(run.seed)
         self.model = run.model.build().to(self.device)
@@ -138,7 +157,7 @@ class Trainer:
         # Compiled runs: the first step of each process compiles; its time is kept apart.
         self.compile_s, self.untimed_steps = 0.0, 0
         self.meter = open_meter(self.device)
-        self._resume()
+        self._resume(resume)
         self.resumed_at = self.elapsed
         self.step_model = torch.compile(self.model) if self.precision.compile else self.model
         self.val_loss: float | None = None
@@ -151,6 +170,7 @@ class Trainer:
                 f"{data_dir / 'data.json'}: tokenizer has {meta['tokenizer']['vocab_size']} tokens, "
                 f"model {run.model.name} expects {run.model.vocab_size}"
             )
+        verify_shards(data_dir, meta, f"harness data {self.study.path}")
         train_tokens = meta["splits"]["train"]["tokens"]
         if run.tokens > train_tokens and not self.study.data.allow_repetition:
             raise ValueError(
@@ -158,15 +178,24 @@ class Trainer:
                 f"{train_tokens:,}; set data.allow_repetition: true or use more data"
             )
 
-    def _resume(self) -> None:
-        """Load checkpoint.pt if there is one, and cut metrics.jsonl back to its step."""
+    def _damaged_remedy(self) -> str:
+        train = f"harness train {self.study.path} --run {self.run.run_id}"
+        prev = self.out_dir / checkpoint.PREVIOUS
+        keep = f"`{train} --from-previous` resumes from {prev.name}, " if checkpoint.problem(prev) is None else ""
+        return f"{keep}`{train} --restart` starts the run over"
+
+    def _resume(self, resume: str) -> None:
+        """Load the checkpoint (``resume``: auto, previous or restart), and cut metrics.jsonl back
+        to its step."""
         kept: list[str] = []
-        if self.ckpt_path.exists():
-            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        path = self.out_dir / checkpoint.PREVIOUS if resume == "previous" else self.ckpt_path
+        if resume == "previous" or path.exists():
+            state = checkpoint.load_checkpoint(path, "harness train", self._damaged_remedy(), self.device)
             if state.get("spec_hash") != self.spec_hash:
-                raise ValueError(
-                    f"{self.ckpt_path}: checkpoint belongs to another configuration of {self.run.run_id} "
-                    f"(spec {state.get('spec_hash')} vs {self.spec_hash}); delete it to start over"
+                raise HarnessError(
+                    f"{path}: checkpoint belongs to another configuration of {self.run.run_id} "
+                    f"(spec {state.get('spec_hash')} vs {self.spec_hash}); "
+                    f"`harness train {self.study.path} --run {self.run.run_id} --restart` starts over"
                 )
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
@@ -177,8 +206,8 @@ class Trainer:
             self.compile_s, self.untimed_steps = state.get("compile_s", 0.0), state.get("untimed_steps", 0)
             self.energy_j = state.get("gpu_energy_j")
             if self.metrics_path.exists():
-                lines = self.metrics_path.read_text().splitlines()
-                kept = [line + "\n" for line in lines if json.loads(line)["step"] <= self.step]
+                rows = read_jsonl(self.metrics_path, partial_last=True)
+                kept = [json.dumps(row) + "\n" for row in rows if row["step"] <= self.step]
         write_text(self.metrics_path, "".join(kept))
 
     def save(self) -> None:
@@ -195,7 +224,7 @@ class Trainer:
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
-        atomic_write(self.ckpt_path, lambda p: torch.save(state, p))
+        checkpoint.save_checkpoint(state, self.ckpt_path)
 
     def _energy_total(self, segment_j: float | None) -> float | None:
         """GPU energy of the whole run: earlier segments plus this one (None if unmeasured)."""
@@ -302,7 +331,10 @@ class Trainer:
 
     def record(self) -> dict[str, Any]:
         run, r = self.run, self.r
-        final = json.loads(self.metrics_path.read_text().splitlines()[-1])
+        rows = read_jsonl(self.metrics_path)
+        if not rows or rows[-1].get("step") != run.steps:
+            raise DamagedFile(self.metrics_path, f"its last row is not step {run.steps}", self._damaged_remedy())
+        final = rows[-1]
         if self.val_loss is None:  # resumed from the final checkpoint of a run killed before its record
             self.val_loss = final.get("val_loss") or evaluate(
                 self.model, self.val_shard, r, self.device, self.precision
@@ -350,11 +382,13 @@ def train(
     threads: int | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    resume: str = "auto",
 ) -> dict[str, Any]:
-    """Train ``run`` (resuming from its checkpoint) and write its record.json last."""
+    """Train ``run`` (resuming from its checkpoint: ``resume`` auto, previous or restart) and
+    write its record.json last."""
     if threads:
         torch.set_num_threads(threads)
-    trainer = Trainer(run, study, data_dir, out_dir, progress)
+    trainer = Trainer(run, study, data_dir, out_dir, progress, resume)
     trainer.fit(stop_after)
     record = trainer.record()
     write_json(out_dir / "record.json", record)

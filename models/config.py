@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 import types
 import typing
@@ -292,6 +293,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(name, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(name, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -348,7 +351,10 @@ def load_yaml(path: Path, what: str) -> dict[str, Any]:
     try:
         data = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
-        raise ConfigError("(file)", f"not valid YAML: {e}", str(path)) from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError("(file)", f"not valid YAML{where}: {problem}", str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError("(file)", f"must hold a mapping of {what} fields", str(path))
     return data

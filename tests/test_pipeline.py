@@ -18,6 +18,7 @@ import yaml
 from conftest import ROOT
 
 from harness.data import TokenShard, _python_files, _site_dirs, iter_documents, prepare, split_of
+from harness.errors import HarnessError
 from harness.io import read_json
 from harness.report import write_report
 from harness.study import DataConfig, DataSource, analysed, budget_label, find_run, load_study, plan
@@ -394,7 +395,7 @@ def test_checkpoint_of_another_configuration_is_refused(prepared):
     with pytest.raises(Stopped):
         train(run, study, data_dir, out, stop_after=5, progress=False)
     changed = dataclasses.replace(study, recipe=dataclasses.replace(study.recipe, lr=1e-2))
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(HarnessError, match=r"another configuration.*--restart"):
         train(find_run(changed, run.run_id), changed, data_dir, out, progress=False)
 
 
@@ -487,7 +488,7 @@ def test_cli_routing_of_a_trained_moe_run(prepared, tmp_path, capsys):
     assert result["tokens_with_eos"] == 600 and result["topics_known"] and result["note"] is None
     assert len(result["layers"]) == 2 and result["summary"]["specialises_by"] in ("category", "topic", "neither")
     assert main(["routing", str(study.path), "--run", "dense-pico_6e9_s0", "--results", str(tmp_path)]) == 2
-    assert "train the run first" in capsys.readouterr().err
+    assert "run `harness train" in capsys.readouterr().err
 
 
 def test_snakemake_refuses_a_bad_study_before_running(tmp_path):

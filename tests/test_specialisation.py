@@ -28,6 +28,7 @@ from harness.analysis.specialisation import (
     token_stream,
     topic_of,
 )
+from harness.checkpoint import save_checkpoint
 from harness.data import EOS, train_tokenizer
 from harness.io import write_json, write_text
 from models.config import dump_config
@@ -319,7 +320,7 @@ def test_routing_analysis_of_a_saved_run(corpus, tmp_path):
     model = _moe_model(tok, experts=4)
     run = tmp_path / "runs" / "moe"
     write_text(run / "config.yaml", dump_config(model.cfg))
-    torch.save({"model": model.state_dict()}, run / "checkpoint.pt")
+    save_checkpoint({"model": model.state_dict()}, run / "checkpoint.pt")
     keys = [f"stdlib/{'pq'[i % 2]}/m{i}.py" for i in range(10)]
     result = routing_analysis(run, _data_dir(tmp_path, tok, docs[:10], keys), "cpu", max_tokens=300, permutations=3)
     assert result["moe"] is True and result["split"] == "test" and result["note"] is None

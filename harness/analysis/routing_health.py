@@ -22,13 +22,14 @@ in both views: an expert's token share over its balanced share k/E.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from harness.io import read_jsonl
 
 END_FRACTION = 0.1  # the end state: the last tenth of logged steps
 COLLAPSE_MAX_OVER_MEAN = 3.0  # the busiest expert carries three times its balanced share of tokens
@@ -56,7 +57,7 @@ class LayerHealth:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return read_jsonl(path, made_by="harness train")
 
 
 def routing_series(metrics: list[dict[str, Any]]) -> dict[str, np.ndarray]:
