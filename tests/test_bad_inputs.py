@@ -572,3 +572,23 @@ def test_each_save_keeps_the_one_before(tmp_path):
     assert checkpoint.problem(prev) is None and checkpoint.problem(path) is None
     assert checkpoint.load_checkpoint(prev, "x")["model"]["w"][0] == 1.0
     assert (tmp_path / "checkpoint.pt.sha256").read_text().endswith("  checkpoint.pt\n")
+
+
+def test_snakemake_redoes_a_run_whose_record_was_deleted(study: Path):
+    """Snakemake reruns a job only for outputs it can see missing: the report needs every record."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def planned() -> str:
+        cmd = [sys.executable, "-m", "snakemake", "-n", "-s", str(ROOT / "Snakefile"), "--directory", str(study)]
+        cmd += ["--config", f"study={study / STUDY}"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    assert "rule train:" not in planned()
+    (study / RUNDIR / "record.json").unlink()
+    out = planned()
+    assert "rule train:" in out and f"Missing output files: results/pico/runs/{RUN}/record.json" in out
