@@ -10,7 +10,6 @@ checks the checksum first: a truncated, overwritten or unverifiable checkpoint i
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from harness.errors import DamagedFile, DiskFull, MissingStep
-from harness.io import atomic_write, free_bytes, write_text
+from harness.io import atomic_write, free_bytes, sha256_file, write_text
 
 NAME = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
@@ -33,14 +32,6 @@ def _pending_path(path: Path) -> Path:
     """The new checkpoint's checksum, written before the checkpoint replaces the old one: a save
     killed between the two renames leaves a checkpoint that this checksum (not the old) matches."""
     return path.with_name(path.name + ".sha256.new")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def state_bytes(obj: Any) -> int:
@@ -75,8 +66,9 @@ def problem(path: Path) -> str | None:
 
 
 def _keep_previous(path: Path) -> None:
-    """The verified checkpoint about to be replaced becomes checkpoint.prev.pt."""
-    if problem(path) is not None:
+    """The checkpoint about to be replaced, with its checksum, becomes checkpoint.prev.pt. It is
+    not hashed here: loading checkpoint.prev.pt verifies it, as every load does."""
+    if not (path.is_file() and checksum_path(path).is_file()):
         return
     prev = path.with_name(PREVIOUS)
     link = prev.with_name(f".{prev.name}.link.tmp")
@@ -131,8 +123,14 @@ def load_checkpoint(path: Path, made_by: str, remedy: str = "", map_location: An
     return state
 
 
+def discard_current(run_dir: Path) -> None:
+    """Remove checkpoint.pt and its checksums, keeping checkpoint.prev.pt (``--from-previous``)."""
+    for p in (run_dir / NAME, checksum_path(run_dir / NAME), _pending_path(run_dir / NAME)):
+        p.unlink(missing_ok=True)
+
+
 def discard(run_dir: Path) -> None:
     """Remove a run's checkpoints and their checksums (``harness train --restart``)."""
-    for name in (NAME, PREVIOUS):
-        for p in (run_dir / name, checksum_path(run_dir / name), _pending_path(run_dir / name)):
-            p.unlink(missing_ok=True)
+    discard_current(run_dir)
+    for p in (run_dir / PREVIOUS, checksum_path(run_dir / PREVIOUS), _pending_path(run_dir / PREVIOUS)):
+        p.unlink(missing_ok=True)

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from harness.errors import DamagedFile
-from harness.io import atomic_write, read_json, write_json
+from harness.io import atomic_write, read_json, sha256_file, write_json
 from harness.study import DataConfig, DataSource, Study
 from models.config import ConfigError
 
@@ -384,11 +384,7 @@ def verify_shards(data_dir: Path, meta: dict[str, Any], made_by: str) -> None:
         size = path.stat().st_size
         if size != info["file_bytes"]:
             raise DamagedFile(path, f"{size:,} bytes, data.json records {info['file_bytes']:,}", remedy)
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
-        if digest.hexdigest() != info["sha256"]:
+        if sha256_file(path) != info["sha256"]:
             raise DamagedFile(path, "its SHA-256 does not match data.json (the tokens were changed)", remedy)
         tokens = np.memmap(path, dtype=meta["dtype"], mode="r") if size else np.zeros(0)
         top = int(tokens.max()) if tokens.size else -1

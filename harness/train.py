@@ -190,13 +190,18 @@ class Trainer:
         kept: list[str] = []
         path = self.out_dir / checkpoint.PREVIOUS if resume == "previous" else self.ckpt_path
         if resume == "previous" or path.exists():
-            state = checkpoint.load_checkpoint(path, "harness train", self._damaged_remedy(), self.device)
+            try:
+                state = checkpoint.load_checkpoint(path, "harness train", map_location=self.device)
+            except DamagedFile as e:
+                raise DamagedFile(e.path, e.problem, self._damaged_remedy()) from None
             if state.get("spec_hash") != self.spec_hash:
                 raise HarnessError(
                     f"{path}: checkpoint belongs to another configuration of {self.run.run_id} "
                     f"(spec {state.get('spec_hash')} vs {self.spec_hash}); "
                     f"`harness train {self.study.path} --run {self.run.run_id} --restart` starts over"
                 )
+            if resume == "previous":  # the damaged checkpoint must not become the next "previous"
+                checkpoint.discard_current(self.out_dir)
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng_cpu"].cpu())

@@ -13,6 +13,18 @@ from models.config import ModelConfig, MoEConfig
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "models" / "configs"
 
+PICO_MODEL = {
+    "name": "dense-pico",
+    "vocab_size": 512,
+    "d_model": 32,
+    "n_layers": 2,
+    "n_heads": 2,
+    "d_ff": 64,
+    "max_seq_len": 32,
+    "tie_embeddings": True,
+}
+"""The dense model of the pipeline tests' study: trains in seconds on a CPU."""
+
 
 def tiny_config(moe: dict | None = None, **overrides) -> ModelConfig:
     """A 2-layer model; ``moe`` holds MoEConfig fields (experts 4, top_k 2, d_expert 24 default)."""

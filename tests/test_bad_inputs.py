@@ -18,20 +18,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import PICO_MODEL
 
 from harness import checkpoint
 from harness.cli import main
 
-MODEL = {
-    "name": "dense-pico",
-    "vocab_size": 512,
-    "d_model": 32,
-    "n_layers": 2,
-    "n_heads": 2,
-    "d_ff": 64,
-    "max_seq_len": 32,
-    "tie_embeddings": True,
-}
+MODEL = PICO_MODEL
 RUN = "dense-pico_6e9_s0"
 
 
@@ -501,18 +493,10 @@ def test_a_full_disk_says_so_with_the_size_needed(tmp_path, monkeypatch):
 def test_an_unexpected_failure_shows_its_traceback_and_asks_for_a_report(monkeypatch):
     import harness.cli as cli
 
-    def boom(args):
+    def boom(path):
         raise KeyError("internal")
 
-    monkeypatch.setattr(cli, "cmd_count", boom)
-    parser = cli.build_parser
-
-    def patched():
-        p = parser()
-        p._subparsers._group_actions[0].choices["count"].set_defaults(func=boom)
-        return p
-
-    monkeypatch.setattr(cli, "build_parser", patched)
+    monkeypatch.setattr(cli, "load_config", boom)
     code, err = _cli("count", "x.yaml")
     assert code == 70 and "Traceback" in err and "please report it" in err
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import PICO_MODEL, ROOT
 
 from harness.data import TokenShard, _python_files, _site_dirs, iter_documents, prepare, split_of
 from harness.errors import HarnessError
@@ -27,16 +27,7 @@ from models.config import ConfigError
 
 STUDIES = sorted((ROOT / "workflows" / "studies").glob("*.yaml"))
 
-MODEL = {
-    "name": "dense-pico",
-    "vocab_size": 512,
-    "d_model": 32,
-    "n_layers": 2,
-    "n_heads": 2,
-    "d_ff": 64,
-    "max_seq_len": 32,
-    "tie_embeddings": True,
-}
+MODEL = PICO_MODEL
 
 
 def _corpus(root: Path) -> Path:
