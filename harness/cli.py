@@ -140,6 +140,19 @@ def _data_ready(results: Path, study, verify: bool = True) -> Path:
     return data_dir
 
 
+def _up_to_date(out: Path, inputs: list[Path], args: argparse.Namespace) -> bool:
+    """True (and says so) when ``out`` exists, is newer than every input and neither --force nor
+    --out asks for it again: a step run by hand leaves an up-to-date output alone, as the
+    pipeline does."""
+    if getattr(args, "force", False) or getattr(args, "out", None) or not out.is_file():
+        return False
+    newest = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
+    if out.stat().st_mtime < newest:
+        return False
+    print(f"{out}: nothing to do, it is up to date; --force does it again")
+    return True
+
+
 def _cuda_visible(device: str | None) -> None:
     if device == "cuda":
         import torch
@@ -155,25 +168,89 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _plan_device(study, args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The device the study's runs will use ('cpu' or 'cuda'), and warnings about the plan."""
+    import torch
+
+    visible = torch.cuda.is_available()
+    device = args.device or ("cuda" if study.device == "cuda" or (study.device == "auto" and visible) else "cpu")
+    warnings = []
+    if device == "cuda" and not visible:
+        warnings.append(
+            f"no CUDA device is visible here: the times assume {args.gpus} x {args.gpu} at {args.mfu:.0%} MFU"
+        )
+    return device, warnings
+
+
+def _gpu_flops(args: argparse.Namespace) -> float:
+    import torch
+
+    from harness.measure import peak_flops
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else args.gpu
+    peak, why = peak_flops(name)
+    if peak is None:
+        raise ConfigError("--gpu", why)
+    return peak * args.mfu
+
+
+def _plan_estimates(study, runs, results: Path, device: str, args: argparse.Namespace) -> list:
+    from harness.estimate import estimate_run, finished_rates
+
+    rates, compile_s = finished_rates(results, runs)
+    gpu_flops = _gpu_flops(args) if device == "cuda" else None
+    cache: dict = {}
+    out = []
+    for run in runs:
+        measured = rates.get(run.model.name) if device == "cpu" or gpu_flops is None else None
+        out.append(estimate_run(run, device, cache, measured, gpu_flops, compile_s))
+    return out
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN: not estimated
+        return "-"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from harness.data import read_meta
+    from harness.workflow import run_states
 
     study = load_study(args.study)
-    data_dir = _results(args, study) / "data"
+    results = _results(args, study)
+    data_dir = results / "data"
     exists = (data_dir / "data.json").exists()
     train_tokens = read_meta(data_dir, f"harness data {study.path}")["splits"]["train"]["tokens"] if exists else None
     runs = plan(study, train_tokens=train_tokens)
-    rate = None
-    if not args.json:
-        import torch
-
-        from harness.measure import matmul_flops
-
-        rate = matmul_flops(torch.device("cpu"), torch.float32)["flops_per_s"] * args.efficiency
-    rows = plan_rows(runs, train_tokens, rate)
+    device, warnings = _plan_device(study, args)
+    states = run_states(study, runs, results)
+    estimates = _plan_estimates(study, runs, results, device, args)
+    rows = [
+        row | {"state": s.state, "changes": list(s.changes), "est_seconds": e.seconds, "est_basis": e.basis}
+        for row, s, e in zip(plan_rows(runs, train_tokens), states, estimates, strict=True)
+    ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    _print_plan(study, runs, rows, states, estimates, device, warnings, args)
+    return 0
+
+
+def _print_plan(study, runs, rows, states, estimates, device, warnings, args) -> None:
+    from harness.estimate import concurrent_runs
+
     table = [
         [
             r["run_id"],
@@ -185,24 +262,54 @@ def cmd_plan(args: argparse.Namespace) -> int:
             _human(r["tokens"]),
             r["steps"],
             "-" if r["epochs"] is None else f"{r['epochs']:.2f}",
-            f"{r['est_seconds'] / 60:.1f}",
+            r["state"] if s.step is None else f"{r['state']} (step {s.step})",
+            _duration(r["est_seconds"]),
         ]
-        for r in rows
+        for r, s in zip(rows, states, strict=True)
     ]
-    headers = ["run", "arm", "total", "active", "FLOPs/token", "budget", "tokens", "steps", "epochs", "est. min"]
-    print(f"study {study.name} ({study.path}): {len(runs)} runs, FLOP convention {study.recipe.flop_convention}")
+    headers = ["run", "arm", "total", "active", "FLOPs/token", "budget", "tokens", "steps", "epochs", "state", "est."]
+    convention = study.recipe.flop_convention
+    print(f"study {study.name} ({study.path}): {len(runs)} runs on {device}, FLOP convention {convention}")
     print(tabulate(table, headers=headers, disable_numparse=True))
-    if train_tokens is None:
+    todo = [i for i, s in enumerate(states) if s.state != "done"]
+    at_once = concurrent_runs(study.recipe, device, args.gpus)
+    left = sum(estimates[i].seconds for i in todo)
+    print(
+        f"\n{len(runs) - len(todo)} of {len(runs)} runs done. To do: {len(todo)} runs, "
+        f"{sum(runs[i].flops for i in todo):.3g} training FLOPs, about {_duration(left / at_once)} "
+        f"({at_once} at once; training only: evaluation, measurement and the report come after). "
+        f"Checkpoints: {_bytes(sum(e.checkpoint_bytes for e in estimates))} for the whole study."
+    )
+    bases = sorted({estimates[i].basis for i in todo})
+    if bases:
+        print("est. from: " + "; ".join(bases))
+    if rows and rows[0]["epochs"] is None:
         print("epochs: run `harness data` first to know the train split's size")
-    print(f"est. min: FLOPs / ({args.efficiency:.0%} of this host's measured fp32 matmul rate)")
-    return 0
+    from harness.workflow import data_changes
+
+    changed = data_changes(study, _results(args, study))
+    if changed:
+        print(f"data: prepared with other settings ({'; '.join(changed)}): `harness data` prepares it again")
+    for s in states:
+        if s.state == "stale":
+            print(f"stale: {s.run_id} would be trained again: {'; '.join(s.changes)}")
+    if device == "cpu" and study.device == "auto" and left / at_once > 86400:
+        warnings.append(
+            f"this study looks made for a GPU (device: auto, {_duration(left / at_once)} on this CPU); "
+            "`--device cuda` shows the GPU estimate"
+        )
+    for w in warnings:
+        print(f"warning: {w}")
 
 
 def cmd_data(args: argparse.Namespace) -> int:
     from harness.data import prepare
 
     study = load_study(args.study)
-    meta = prepare(study, _results(args, study) / "data")
+    data_dir = _results(args, study) / "data"
+    meta = prepare(study, data_dir, force=args.force)
+    if meta.get("unchanged"):
+        print(f"{data_dir}: nothing to do, the data is already prepared from this corpus with these settings")
     for split, info in meta["splits"].items():
         print(f"{split}: {info['documents']} documents, {info['bytes']:,} bytes, {info['tokens']:,} tokens")
     print(f"fingerprint {meta['fingerprint']}")
@@ -210,13 +317,21 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from harness.train import NonFiniteLoss, Stopped, train
+    from harness.train import AlreadyTrained, NonFiniteLoss, Stopped, train
 
     study = load_study(args.study)
     run = find_run(study, args.run)
     results = _results(args, study)
     data_dir = _data_ready(results, study, verify=False)  # the trainer verifies the shards
-    resume = "restart" if args.restart else "previous" if args.from_previous else "auto"
+    resume = (
+        "restart"
+        if args.restart
+        else "previous"
+        if args.from_previous
+        else "changed"
+        if args.restart_if_changed
+        else "auto"
+    )
     try:
         record = train(
             run,
@@ -228,6 +343,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             resume=resume,
         )
+    except AlreadyTrained as done:
+        r = done.record
+        print(
+            f"{run.run_id}: nothing to do, already trained with this configuration and data "
+            f"(val loss {r['final_val_loss']:.4f}); `--restart` trains it again"
+        )
+        return 0
     except Stopped as e:
         print(f"harness train: {e}", file=sys.stderr)
         return 3
@@ -263,13 +385,15 @@ def cmd_measure(args: argparse.Namespace) -> int:
             raise ConfigError("(command line)", "give STUDY --run RUN_ID, or --config MODEL.yaml")
         study = load_study(args.study)
         run, _, run_dir = _trained_run(args, study)
+        if _up_to_date(run_dir / "measure.json", [run_dir / "record.json"], args):
+            return 0
         device = pick_device(study)
         cfg, state, seed = run.model, _trained_state(study, run, run_dir)["model"], run.seed
-        precision = resolve(study.recipe, device)
+        precision = resolve(run.recipe, device)
         # The run's own step shape (unless given): what it trained with, and compiled for.
-        as_trained = {"seq_len": study.recipe.seq_len}
+        as_trained = {"seq_len": run.recipe.seq_len}
         if getattr(args, "batch_size", None) is None:
-            as_trained["batch_size"] = study.recipe.batch_size
+            as_trained["batch_size"] = run.recipe.batch_size
         settings = MeasureSettings(**(settings.__dict__ | as_trained))
         out = Path(args.out) if args.out else run_dir / "measure.json"
         label = {"study": study.name, "run_id": run.run_id, "checkpoint": str(run_dir / "checkpoint.pt")}
@@ -312,6 +436,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
     study = load_study(args.study)
     data_dir = _data_ready(_results(args, study), study)
+    if _up_to_date(data_dir / "tasks" / "tasks.json", [data_dir / "data.json"], args):
+        return 0
     try:
         meta = write_tasks(data_dir, study.eval, study.recipe.seq_len)
     except ValueError as e:
@@ -340,6 +466,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run, results, run_dir = _trained_run(args, study)
     _cuda_visible(args.device)
     tasks_dir = results / "data" / "tasks"
+    if _up_to_date(run_dir / "eval.json", [run_dir / "record.json", tasks_dir / "tasks.json"], args):
+        return 0
     if any(t in LOCAL_TASKS for t in study.eval.tasks):
         read_json(tasks_dir / "tasks.json", made_by=f"harness tasks {study.path}")  # present and whole
     _set_threads(args.threads)
@@ -369,6 +497,8 @@ def cmd_routing(args: argparse.Namespace) -> int:
     study = load_study(args.study)
     run, results, run_dir = _trained_run(args, study)
     _cuda_visible(args.device)
+    if _up_to_date(run_dir / "routing.json", [run_dir / "record.json", results / "data" / "data.json"], args):
+        return 0
     data_dir = _data_ready(results, study)
     _set_threads(args.threads)
     result = routing_analysis(run_dir, data_dir, device=args.device, max_tokens=args.max_tokens)
@@ -390,7 +520,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
 
     study = load_study(args.study)
-    path = write_report(study, _results(args, study), Path(args.microbench) if args.microbench else None)
+    results = _results(args, study)
+    # The pipeline's micro-benchmark, as the report rule passes it, unless another is named.
+    microbench = Path(args.microbench) if args.microbench else results / "microbench" / "moe_ffn.json"
+    path = write_report(study, results, microbench if microbench.is_file() else None)
     if args.print:
         print(path.read_text())
     else:
@@ -456,12 +589,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--results", default="results", help="results root (default: results)")
         return p
 
-    p = study_parser("plan", "the run matrix of a study")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--efficiency", type=_fraction, default=0.3, help="assumed fraction of the matmul rate")
+    p = study_parser("plan", "the run matrix of a study: sizes, tokens, what is done, time and disk")
+    p.add_argument("--json", action="store_true", help="one object per run, as JSON")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="estimate for this device (default: the one the runs use)")
+    p.add_argument("--gpu", default="H100", help="GPU to assume when none is visible (default H100)")
+    p.add_argument("--gpus", type=POSITIVE, default=1, help="GPUs training at once (default 1)")
+    p.add_argument("--mfu", type=_fraction, default=0.4, help="assumed model FLOP utilisation on a GPU (default 0.4)")
     p.set_defaults(func=cmd_plan)
 
     p = study_parser("data", "read the corpus, train the tokenizer, write token shards")
+    p.add_argument("--force", action="store_true", help="write the data again even when it is unchanged")
     p.set_defaults(func=cmd_data)
 
     p = study_parser("train", "train one run of a study (resumes from its checkpoint)")
@@ -473,6 +610,11 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--restart", action="store_true", help="discard the run's checkpoints and start over")
     resume.add_argument(
         "--from-previous", action="store_true", help="resume from checkpoint.prev.pt (when checkpoint.pt is damaged)"
+    )
+    resume.add_argument(
+        "--restart-if-changed",
+        action="store_true",
+        help="start over if the run's checkpoint or record is of another configuration, else resume",
     )
     p.set_defaults(func=cmd_train)
 
@@ -486,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="batch_size", type=POSITIVE)
     p.add_argument("--seq-len", dest="seq_len", type=POSITIVE)
     p.add_argument("--windows", type=_at_least(5), help="timed windows (>= 5)")
-    p.add_argument("--threads", type=POSITIVE)
+    p.add_argument("--threads", type=POSITIVE, help="torch CPU threads (default: all)")
+    p.add_argument("--force", action="store_true", help="measure again even when measure.json is up to date")
     p.set_defaults(func=cmd_measure)
 
     p = study_parser("export", "write a trained run as a Hugging Face model directory")
@@ -495,6 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = study_parser("tasks", "write the offline lm-eval tasks built from the held-out split")
+    p.add_argument("--force", action="store_true", help="write the tasks again even when they are up to date")
     p.set_defaults(func=cmd_tasks)
 
     p = study_parser("evaluate", "evaluate a trained run with lm-eval on the study's tasks (eval.json)")
@@ -504,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
     p.add_argument("--out", help="where to write eval.json (default: the run's folder)")
     p.add_argument("--download", action="store_true", help="let lm-eval fetch datasets (overrides eval.download)")
+    p.add_argument("--force", action="store_true", help="evaluate again even when eval.json is up to date")
     p.set_defaults(func=cmd_evaluate)
 
     p = study_parser("routing", "what a trained MoE run's experts specialise in: token category or topic")
@@ -512,11 +657,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", dest="max_tokens", type=POSITIVE, default=65_536, help="held-out tokens to route")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: CUDA when visible")
     p.add_argument("--out", help="where to write routing.json (default: the run's folder)")
+    p.add_argument("--force", action="store_true", help="analyse again even when routing.json is up to date")
     p.set_defaults(func=cmd_routing)
 
     p = study_parser("report", "write the study report from the run records")
     p.add_argument("--print", action="store_true", help="print the report instead of its path")
-    p.add_argument("--microbench", help="pytest-benchmark JSON of tests/benchmarks to include")
+    p.add_argument(
+        "--microbench",
+        help="pytest-benchmark JSON to include (default: the study's results/<study>/microbench/moe_ffn.json, if any)",
+    )
     p.set_defaults(func=cmd_report)
     return parser
 

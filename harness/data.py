@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.errors import DamagedFile
+from harness.errors import DamagedFile, HarnessError
 from harness.io import atomic_write, read_json, sha256_file, write_json
 from harness.study import DataConfig, DataSource, Study
 from models.config import ConfigError
@@ -275,8 +275,40 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return tok
 
 
-def prepare(study: Study, out_dir: Path) -> dict[str, Any]:
-    """Read the corpus, split it, build the tokenizer and write the shards and data.json."""
+WHERE = ("paths", "tokenizer_file")
+"""Data settings that say where files are, not what they hold (the fingerprint and the
+tokenizer file's hash say that)."""
+
+
+def _tokenizer_file_sha(cfg: DataConfig) -> str | None:
+    path = Path(cfg.tokenizer_file) if cfg.tokenizer_file else None
+    return sha256_file(path) if path is not None and path.is_file() else None
+
+
+def _unchanged(out_dir: Path, config: dict[str, Any], fingerprint: str, tok_sha: str | None) -> dict[str, Any] | None:
+    """The prepared data's data.json when it was made from this corpus with these settings and
+    this tokenizers version, and its shards are whole: then nothing is written again."""
+    import tokenizers
+
+    try:
+        meta = read_meta(out_dir, "harness data")
+        verify_shards(out_dir, meta, "harness data")
+    except (HarnessError, OSError):
+        return None
+    # Where the corpus was read from may differ (a copied project); what was read may not.
+    settings = {k: v for k, v in (meta.get("config") or {}).items() if k not in WHERE}
+    made = (settings, meta.get("fingerprint"), meta.get("tokenizers"), meta["tokenizer"].get("file_sha256"))
+    wanted = {k: v for k, v in config.items() if k not in WHERE}
+    if made != (wanted, fingerprint, tokenizers.__version__, tok_sha) or not (out_dir / "tokenizer.json").is_file():
+        return None
+    return meta | {"unchanged": True}
+
+
+def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
+    """Read the corpus, split it, build the tokenizer and write the shards and data.json. When
+    the folder already holds the same data (same corpus, settings and tokenizers version), it is
+    left untouched (``force``: write it again anyway) and the result says ``unchanged``."""
+    import tokenizers
     from tokenizers import Tokenizer
 
     cfg, source = study.data, study.path
@@ -296,6 +328,10 @@ def prepare(study: Study, out_dir: Path) -> dict[str, Any]:
         )
     for line in skipped.lines():
         print(f"harness data: {line}", file=sys.stderr)
+    config = {k: (v.value if hasattr(v, "value") else v) for k, v in cfg.__dict__.items()}
+    tok_sha = _tokenizer_file_sha(cfg)
+    if not force and (same := _unchanged(out_dir, config, fingerprint.hexdigest(), tok_sha)) is not None:
+        return same
     train_texts = [d.text for d in docs["train"]]
     if cfg.tokenizer_file:
         path = Path(cfg.tokenizer_file)
@@ -339,10 +375,16 @@ def prepare(study: Study, out_dir: Path) -> dict[str, Any]:
     meta = {
         "study": study.name,
         "source": cfg.source.value,
-        "config": {k: (v.value if hasattr(v, "value") else v) for k, v in cfg.__dict__.items()},
+        "config": config,
         "fingerprint": fingerprint.hexdigest(),
+        "tokenizers": tokenizers.__version__,
         "python": sys.version.split()[0],
-        "tokenizer": {"vocab_size": vocab, "eos_id": eos, "trained": cfg.tokenizer_file is None},
+        "tokenizer": {
+            "vocab_size": vocab,
+            "eos_id": eos,
+            "trained": cfg.tokenizer_file is None,
+            "file_sha256": tok_sha,
+        },
         "dtype": np.dtype(dtype).name,
         "splits": splits,
         "skipped": skipped.as_dict(),

@@ -12,6 +12,7 @@ each with its resolved model config, token count and step count.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,27 @@ from models.config import ConfigError, ModelConfig, from_dict, load_config, load
 from models.matching import match_moe
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ROOT / "workflows" / "studies"
+"""The checkout this package was loaded from (its schema is the one this code understands)."""
 SCHEMA = ROOT / "workflows" / "schemas" / "study.schema.yaml"
-MODEL_CONFIGS = ROOT / "models" / "configs"
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project the user works in: the nearest folder at or above ``start`` (default the
+    working directory) that holds ``workflows/studies``; this package's checkout otherwise. Study
+    names and model configs resolve from it, not from wherever the package was installed."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "workflows" / "studies").is_dir():
+            return folder
+    return ROOT
+
+
+def studies_dir() -> Path:
+    return project_root() / "workflows" / "studies"
+
+
+def model_configs_dir() -> Path:
+    return project_root() / "models" / "configs"
 
 
 class DataSource(enum.StrEnum):
@@ -82,6 +101,9 @@ class ModelSpec:
     """This model's seeds, in place of the study's (e.g. one seed for an ablation)."""
     budgets: list[float] | None = None
     """This model's FLOP budgets, in place of the study's."""
+    recipe: dict[str, Any] = field(default_factory=dict)
+    """This model's optimisation settings in place of the study's (``TUNABLE``: a scaling study
+    tunes learning rate and batch size by model size); recorded in each run's spec."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +139,28 @@ class Recipe:
     several runs at once; small models use cores better that way than with one run on all."""
     min_steps: int = 50
     """A budget that buys fewer steps is refused: FLOPs spent would miss it by > 1%."""
+
+
+TUNABLE = (
+    "batch_size",
+    "lr",
+    "min_lr_ratio",
+    "warmup_fraction",
+    "schedule",
+    "decay_fraction",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "grad_clip",
+)
+"""Recipe fields a study's model entry may set for itself. The context (``seq_len``: tasks and
+evaluation share it), precision and FLOP convention stay the study's, so its runs compare."""
+
+BOOKKEEPING = ("eval_every", "eval_batches", "checkpoint_every", "train_threads", "min_steps")
+"""Recipe fields that do not change what a run trains to: a guard, the validation cadence and
+sample, the checkpoint cadence and the CPU threads. Changing one never retrains a finished run.
+(``eval_batches`` sets the sample of the final validation loss; each record states the one it
+used.) Every other field is part of the run's identity (:func:`run_identity`)."""
 
 
 LOCAL_TASKS = ("heldout_ppl", "heldout_code_mc")
@@ -188,6 +232,8 @@ class Run:
     flops_per_token: float
     tokens_per_step: int
     steps: int
+    recipe: Recipe
+    """The study's recipe with the model entry's overrides."""
 
     @property
     def tokens(self) -> int:
@@ -199,17 +245,18 @@ class Run:
 
 
 def study_path(name_or_path: str | Path) -> Path:
+    """A path as given, or a study name looked up in the project's ``workflows/studies``."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         return p
-    return STUDIES / f"{name_or_path}.yaml"
+    return studies_dir() / f"{name_or_path}.yaml"
 
 
 def load_study(name_or_path: str | Path) -> Study:
     """Read, schema-check and type a study; errors name the file and the field."""
     path = study_path(name_or_path)
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in STUDIES.glob("*.yaml")))
+        known = ", ".join(sorted(p.stem for p in studies_dir().glob("*.yaml")))
         raise ConfigError("(file)", f"no such study file; shipped studies: {known}", str(path))
     data = load_yaml(path, "study")
     schema = yaml.safe_load(SCHEMA.read_text())
@@ -232,21 +279,40 @@ def load_study(name_or_path: str | Path) -> Study:
             raise ConfigError(f"models[{i}]", "give exactly one of 'config' or 'base'", str(path))
         if spec.base is not None and (spec.experts is None or spec.top_k is None):
             raise ConfigError(f"models[{i}]", "'base' needs 'experts' and 'top_k'", str(path))
+        model_recipe(study, spec, f"models[{i}]")  # refuses a field a model may not set
     return study
 
 
+def model_recipe(study: Study, spec: ModelSpec, where: str = "models") -> Recipe:
+    """The study's recipe with a model entry's ``recipe`` overrides."""
+    if not spec.recipe:
+        return study.recipe
+    for key in spec.recipe:
+        if key not in TUNABLE:
+            raise ConfigError(
+                f"{where}.recipe.{key}",
+                f"a model may set only {', '.join(TUNABLE)}; the rest of the recipe is the study's",
+                study.path,
+            )
+    merged = {k: getattr(v, "value", v) for k, v in study.recipe.__dict__.items()} | spec.recipe
+    try:
+        return from_dict(Recipe, merged, f"{where}.recipe")
+    except ConfigError as e:
+        raise e.with_source(study.path) from None
+
+
 def _config_file(name: str, source: str, field_name: str) -> list[Path]:
-    p = Path(name)
-    candidates = [p, MODEL_CONFIGS / p, ROOT / p]
+    p, configs = Path(name), model_configs_dir()
+    candidates = [p, configs / p, project_root() / p]
     if any(ch in name for ch in "*?["):
-        matches = sorted(MODEL_CONFIGS.glob(name))
+        matches = sorted(configs.glob(name))
         if not matches:
-            raise ConfigError(field_name, f"pattern matches no file in {MODEL_CONFIGS}", source)
+            raise ConfigError(field_name, f"pattern matches no file in {configs}", source)
         return matches
     for c in candidates:
         if c.is_file():
             return [c]
-    raise ConfigError(field_name, f"no model config '{name}' (looked in {MODEL_CONFIGS})", source)
+    raise ConfigError(field_name, f"no model config '{name}' (looked in {configs})", source)
 
 
 def resolve_models(study: Study, vocab_size: int | None = None) -> list[ModelConfig]:
@@ -297,10 +363,10 @@ def budget_label(budget: float) -> str:
 def plan(study: Study, vocab_size: int | None = None, train_tokens: int | None = None) -> list[Run]:
     """One run per model x budget x seed. With ``train_tokens`` (the train split's size),
     refuses runs that need more tokens than it holds unless the study allows repetition."""
-    r = study.recipe
-    tokens_per_step = r.batch_size * r.seq_len
     runs = []
     for spec, cfg in resolve_model_specs(study, vocab_size):
+        r = model_recipe(study, spec)
+        tokens_per_step = r.batch_size * r.seq_len
         fpt = training_flops_per_token(cfg, r.flop_convention)
         for budget in spec.budgets or study.budgets:
             steps = round(budget / fpt / tokens_per_step)
@@ -308,12 +374,13 @@ def plan(study: Study, vocab_size: int | None = None, train_tokens: int | None =
                 raise ConfigError(
                     "budgets",
                     f"{budget_label(budget)} FLOPs buys {steps} steps of {cfg.name} (recipe.min_steps is "
-                    f"{r.min_steps}); raise the budget or lower recipe.batch_size / seq_len",
+                    f"{r.min_steps}); raise the budget, lower recipe.batch_size / seq_len, or lower "
+                    "recipe.min_steps (a guard: changing it retrains nothing)",
                     study.path,
                 )
             for seed in spec.seeds or study.seeds:
                 run_id = f"{cfg.name}_{budget_label(budget)}_s{seed}"
-                runs.append(Run(run_id, cfg, budget, seed, fpt, tokens_per_step, steps))
+                runs.append(Run(run_id, cfg, budget, seed, fpt, tokens_per_step, steps, r))
     if train_tokens is not None and not study.data.allow_repetition:
         worst = max(runs, key=lambda run: run.tokens)
         if worst.tokens > train_tokens:
@@ -325,6 +392,96 @@ def plan(study: Study, vocab_size: int | None = None, train_tokens: int | None =
                 study.path,
             )
     return runs
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return getattr(value, "value", value)
+
+
+def essential_fields(obj: Any, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A dataclass as plain values, less the fields at their default (nested dataclasses too): a
+    field added to the code later, at its default, leaves every earlier run's identity as it was."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        if f.name in leave_out:
+            continue
+        value = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if value == default:
+            continue
+        out[f.name] = essential_fields(value) if dataclasses.is_dataclass(value) else _plain(value)
+    return out
+
+
+def run_identity(run: Run) -> dict[str, Any]:
+    """What determines a run's numbers, before the data: model, budget, seed and the recipe less
+    its ``BOOKKEEPING``. The train rule reruns on a change to it, and nothing else; the trainer
+    adds the data fingerprint to it to guard resumption."""
+    return {
+        "model": essential_fields(run.model),
+        "budget_flops": run.budget,
+        "seed": run.seed,
+        "recipe": essential_fields(run.recipe, leave_out=BOOKKEEPING),
+    }
+
+
+def recorded_identity(record: dict[str, Any]) -> dict[str, Any]:
+    """The identity of a finished run, from its record.json (the record's model config and recipe
+    read back through the same types, so an older record compares field by field)."""
+    from models.config import from_dict as typed
+
+    if "identity" in record:
+        return record["identity"]
+    recipe = {k: v for k, v in record["recipe"].items() if k in Recipe.__dataclass_fields__}
+    return {
+        "model": essential_fields(typed(ModelConfig, record["config"])),
+        "budget_flops": record["budget_flops"],
+        "seed": record["seed"],
+        "recipe": essential_fields(typed(Recipe, recipe), leave_out=BOOKKEEPING),
+    }
+
+
+def identity_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted fields where two identities differ, with both values (a field left out is at
+    its default, shown as such): ``recipe.lr 0.003 -> 0.001``."""
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        name = f"{prefix}{key}"
+        a, b = old.get(key, _default_of(name)), new.get(key, _default_of(name))
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += identity_changes(a, b, f"{name}.")
+        elif a != b:
+            changes.append(f"{name} {_shown(a)} -> {_shown(b)}")
+    return changes
+
+
+def _default_of(dotted: str) -> Any:
+    """The default of an identity field (None when it has none)."""
+    from models.config import MoEConfig
+
+    *owner, name = dotted.split(".")
+    cls = {"recipe": Recipe, "model": ModelConfig, "model.moe": MoEConfig}.get(".".join(owner))
+    f = cls.__dataclass_fields__.get(name) if cls else None
+    if f is None:
+        return None
+    if f.default is not dataclasses.MISSING:
+        return _plain(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return _plain(f.default_factory())
+    return None
+
+
+def _shown(value: Any) -> str:
+    return "(none)" if value is None else str(value)
 
 
 def analysed(study: Study, runs: list[Run]) -> list[Run]:
@@ -348,7 +505,7 @@ def find_run(study: Study, run_id: str, vocab_size: int | None = None) -> Run:
     return runs[run_id]
 
 
-def plan_rows(runs: list[Run], train_tokens: int | None, flops_per_s: float | None) -> list[dict[str, Any]]:
+def plan_rows(runs: list[Run], train_tokens: int | None) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
         p = count_params(run.model)
@@ -364,13 +521,14 @@ def plan_rows(runs: list[Run], train_tokens: int | None, flops_per_s: float | No
                 "steps": run.steps,
                 "epochs": None if not train_tokens else run.tokens / train_tokens,
                 "flops_vs_budget": run.flops / run.budget,
-                "est_seconds": None if not flops_per_s else run.flops / flops_per_s,
             }
         )
     return rows
 
 
 __all__ = [
+    "BOOKKEEPING",
+    "TUNABLE",
     "AnalysedRuns",
     "BudgetSelection",
     "DataConfig",
@@ -384,9 +542,14 @@ __all__ = [
     "analysed",
     "budget_label",
     "find_run",
+    "identity_changes",
     "load_study",
+    "model_recipe",
     "plan",
     "plan_rows",
+    "project_root",
+    "recorded_identity",
     "resolve_model_specs",
     "resolve_models",
+    "run_identity",
 ]

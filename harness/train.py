@@ -27,7 +27,7 @@ from harness.io import read_json, read_jsonl, remove_leftovers, write_json, writ
 from harness.precision import Precision, resolve
 from harness.provenance import provenance
 from harness.resources import check_memory
-from harness.study import Recipe, Run, Schedule, Study
+from harness.study import Recipe, Run, Schedule, Study, identity_changes, recorded_identity, run_identity
 from models.accounting import FlopConvention, count_params, training_flops_per_token
 from models.config import ConfigError, dump_config
 
@@ -36,7 +36,10 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-TRAINING_OUTPUTS = ("config.yaml", "metrics.jsonl", checkpoint.NAME, checkpoint.PREVIOUS, "record.json")
+SPEC = "spec.json"
+"""What a run in progress trains to (its identity and data); record.json repeats it when done."""
+
+TRAINING_OUTPUTS = ("config.yaml", SPEC, "metrics.jsonl", checkpoint.NAME, checkpoint.PREVIOUS, "record.json")
 """What a training job writes in its run folder; leftovers of interrupted writes of these are
 removed when it starts."""
 
@@ -75,16 +78,10 @@ def make_optimizer(model: torch.nn.Module, r: Recipe) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=r.lr, betas=(r.beta1, r.beta2), fused=False)
 
 
-def run_spec(run: Run, study: Study, data_meta: dict[str, Any]) -> dict[str, Any]:
-    """Everything that determines the run's numbers; its hash guards resumption."""
-    return {
-        "run_id": run.run_id,
-        "model": run.model.to_dict(),
-        "budget_flops": run.budget,
-        "seed": run.seed,
-        "recipe": {k: getattr(v, "value", v) for k, v in study.recipe.__dict__.items()},
-        "data_fingerprint": data_meta["fingerprint"],
-    }
+def run_spec(run: Run, data_meta: dict[str, Any]) -> dict[str, Any]:
+    """Everything that determines the run's numbers (``run_identity`` and the data); its hash
+    guards resumption."""
+    return run_identity(run) | {"data_fingerprint": data_meta["fingerprint"]}
 
 
 def _spec_hash(spec: dict[str, Any]) -> str:
@@ -130,13 +127,13 @@ class Trainer:
     def __init__(
         self, run: Run, study: Study, data_dir: Path, out_dir: Path, progress: bool = True, resume: str = "auto"
     ):
-        self.run, self.study, self.r, self.out_dir = run, study, study.recipe, out_dir
+        self.run, self.study, self.r, self.out_dir = run, study, run.recipe, out_dir
         self.data_meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
         self._check_data(data_dir)
         self.device = pick_device(study)
         check_memory(run.model, self.r.batch_size, self.r.seq_len, self.device, run.run_id)
         self.precision = resolve(self.r, self.device)
-        self.spec = run_spec(run, study, self.data_meta)
+        self.spec = run_spec(run, self.data_meta)
         self.spec_hash = _spec_hash(self.spec)
         if resume == "previous" and not (out_dir / checkpoint.PREVIOUS).is_file():
             raise MissingStep(out_dir / checkpoint.PREVIOUS, f"harness train {study.path} --run {run.run_id}")
@@ -146,7 +143,7 @@ class Trainer:
         write_text(out_dir / "config.yaml", dump_config(run.model))
         self.ckpt_path, self.metrics_path = out_dir / checkpoint.NAME, out_dir / "metrics.jsonl"
         if resume == "restart":
-            checkpoint.discard(out_dir)
+            self._start_over()
 
         torch.manual_seed(run.seed)
         self.model = run.model.build().to(self.device)
@@ -158,6 +155,7 @@ class Trainer:
         self.compile_s, self.untimed_steps = 0.0, 0
         self.meter = open_meter(self.device)
         self._resume(resume)
+        write_json(out_dir / SPEC, {"spec_hash": self.spec_hash, "spec": self.spec})
         self.resumed_at = self.elapsed
         self.step_model = torch.compile(self.model) if self.precision.compile else self.model
         self.val_loss: float | None = None
@@ -178,6 +176,11 @@ class Trainer:
                 f"{train_tokens:,}; set data.allow_repetition: true or use more data"
             )
 
+    def _start_over(self) -> None:
+        """Discard the checkpoints and the record of an earlier configuration of this run."""
+        checkpoint.discard(self.out_dir)
+        (self.out_dir / "record.json").unlink(missing_ok=True)
+
     def _damaged_remedy(self) -> str:
         train = f"harness train {self.study.path} --run {self.run.run_id}"
         prev = self.out_dir / checkpoint.PREVIOUS
@@ -185,8 +188,8 @@ class Trainer:
         return f"{keep}`{train} --restart` starts the run over"
 
     def _resume(self, resume: str) -> None:
-        """Load the checkpoint (``resume``: auto, previous or restart), and cut metrics.jsonl back
-        to its step."""
+        """Load the checkpoint (``resume``: auto, previous, restart, or changed: auto, but start
+        over from a checkpoint of another configuration), and cut metrics.jsonl back to its step."""
         kept: list[str] = []
         path = self.out_dir / checkpoint.PREVIOUS if resume == "previous" else self.ckpt_path
         if resume == "previous" or path.exists():
@@ -194,10 +197,15 @@ class Trainer:
                 state = checkpoint.load_checkpoint(path, "harness train", map_location=self.device)
             except DamagedFile as e:
                 raise DamagedFile(e.path, e.problem, self._damaged_remedy()) from None
+            if state.get("spec_hash") != self.spec_hash and resume == "changed":
+                self._start_over()  # asked for: a checkpoint of another configuration
+                write_text(self.metrics_path, "")
+                return
             if state.get("spec_hash") != self.spec_hash:
+                changed = identity_changes(state["spec"], self.spec) if "spec" in state else []
+                what = "; ".join(changed) or f"spec {state.get('spec_hash')} vs {self.spec_hash}"
                 raise HarnessError(
-                    f"{path}: checkpoint belongs to another configuration of {self.run.run_id} "
-                    f"(spec {state.get('spec_hash')} vs {self.spec_hash}); "
+                    f"{path}: checkpoint belongs to another configuration of {self.run.run_id} ({what}); "
                     f"`harness train {self.study.path} --run {self.run.run_id} --restart` starts over"
                 )
             if resume == "previous":  # the damaged checkpoint must not become the next "previous"
@@ -226,6 +234,7 @@ class Trainer:
             "gpu_energy_j": self._energy_total(self.meter.energy_so_far_j()),
             "rng_cpu": torch.get_rng_state(),
             "spec_hash": self.spec_hash,
+            "spec": self.spec,
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
@@ -353,7 +362,8 @@ class Trainer:
             "top_k": None if run.model.moe is None else run.model.moe.top_k,
             "seed": run.seed,
             "config": run.model.to_dict(),
-            "recipe": self.spec["recipe"],
+            "recipe": {k: getattr(v, "value", v) for k, v in r.__dict__.items()},
+            "identity": run_identity(run),
             "precision": self.precision.describe(self.device),
             "params": count_params(run.model).__dict__,
             "flop_convention": r.flop_convention.value,
@@ -379,6 +389,27 @@ class Trainer:
         }
 
 
+class AlreadyTrained(Exception):
+    """The run finished with this configuration and data: nothing to do."""
+
+    def __init__(self, record: dict[str, Any]):
+        super().__init__(record["run_id"])
+        self.record = record
+
+
+def finished_changes(out_dir: Path, run: Run, data_meta: dict[str, Any] | None) -> list[str] | None:
+    """None when the run has no record; else how its record differs from ``run`` on this data
+    (empty: finished as asked)."""
+    path = out_dir / "record.json"
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    changes = identity_changes(recorded_identity(record), run_identity(run))
+    if data_meta is not None and record.get("data_fingerprint") != data_meta["fingerprint"]:
+        changes.append(f"data fingerprint {record.get('data_fingerprint')} -> {data_meta['fingerprint']}")
+    return changes
+
+
 def train(
     run: Run,
     study: Study,
@@ -389,8 +420,19 @@ def train(
     progress: bool = True,
     resume: str = "auto",
 ) -> dict[str, Any]:
-    """Train ``run`` (resuming from its checkpoint: ``resume`` auto, previous or restart) and
-    write its record.json last."""
+    """Train ``run`` (resuming from its checkpoint: ``resume`` auto, previous, restart or changed)
+    and write its record.json last. A run already finished as asked raises :class:`AlreadyTrained`;
+    one finished with another configuration is refused unless ``resume`` says to start over."""
+    if resume in ("auto", "changed"):
+        meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
+        changes = finished_changes(out_dir, run, meta)
+        if changes == []:
+            raise AlreadyTrained(read_json(out_dir / "record.json"))
+        if changes and resume != "changed":
+            raise HarnessError(
+                f"{out_dir / 'record.json'}: {run.run_id} finished with another configuration "
+                f"({'; '.join(changes)}); `harness train {study.path} --run {run.run_id} --restart` trains it again"
+            )
     if threads:
         torch.set_num_threads(threads)
     trainer = Trainer(run, study, data_dir, out_dir, progress, resume)

@@ -1,6 +1,23 @@
-"""Helpers the Snakefile imports: which study to run, and why."""
+"""Helpers the Snakefile imports: which study to run, and which finished runs a change would
+train again.
+
+A run's identity (``harness.study.run_identity``) lives in ``runs/<run>/identity.json``, an
+input of its training that :func:`sync_identities` writes only when the identity changes:
+Snakemake then retrains the run, and only then (or when its data is prepared again). It needs no
+Snakemake metadata, so a study copied to another machine with its timestamps is not retrained.
+Before anything finished is deleted, the runs and what changed are named and the workflow stops,
+unless told to retrain them.
+"""
 
 from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.study import DataConfig, Run, Study, essential_fields, identity_changes, recorded_identity, run_identity
 
 
 def choose_study(requested: str | None) -> tuple[str, str]:
@@ -12,3 +29,166 @@ def choose_study(requested: str | None) -> tuple[str, str]:
     if torch.cuda.is_available():
         return "full", f"CUDA is visible ({torch.cuda.get_device_name()}); pick another with --config study=NAME"
     return "tiny", "no CUDA device visible, so the CPU-sized study; pick another with --config study=NAME"
+
+
+def essential_json(settings: Any) -> str:
+    """A rule parameter from a settings dataclass: canonical JSON, fields at their default left
+    out, so that a field added to the code later reruns nothing."""
+    return json.dumps(essential_fields(settings), sort_keys=True)
+
+
+def data_params(data: DataConfig) -> str:
+    """The data rule's parameter: the data section."""
+    return essential_json(data)
+
+
+@dataclass(frozen=True)
+class RunState:
+    run_id: str
+    state: str
+    """done, in progress, to run, or stale (finished or in progress, but the study now asks for
+    something else)."""
+    changes: tuple[str, ...] = ()
+    """For a stale run: what changed, ``field old -> new``."""
+    step: int | None = None
+    """For a run in progress: its last logged step."""
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def data_changes(study: Study, results: Path) -> list[str]:
+    """How the study's data section differs from the one the prepared data was made with (empty
+    when it does not, or when no data is prepared yet)."""
+    from models.config import from_dict
+
+    meta = _read(results / "data" / "data.json")
+    if not meta or "config" not in meta:
+        return []
+    try:
+        prepared = essential_fields(from_dict(DataConfig, meta["config"]))
+    except Exception:  # a data.json from another version: the data rule decides
+        return []
+    return [f"data.{c}" for c in identity_changes(prepared, essential_fields(study.data))]
+
+
+def _last_step(metrics: Path) -> int | None:
+    try:
+        lines = metrics.read_text().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def run_state(run: Run, results: Path) -> RunState:
+    run_dir = results / "runs" / run.run_id
+    record, data_json = run_dir / "record.json", results / "data" / "data.json"
+    if record.is_file():
+        content = _read(record)
+        if content is None:
+            return RunState(run.run_id, "to run", ("record.json does not parse",))
+        changes = identity_changes(recorded_identity(content), run_identity(run))
+        if data_json.is_file() and data_json.stat().st_mtime > record.stat().st_mtime:
+            changes.append("data/data.json was written again after the run finished")
+        return RunState(run.run_id, "stale" if changes else "done", tuple(changes))
+    spec = _read(run_dir / "spec.json")
+    if spec is None or not (run_dir / "checkpoint.pt").is_file():
+        return RunState(run.run_id, "to run")
+    current = run_identity(run)
+    trained = {k: v for k, v in spec["spec"].items() if k in current}
+    changes = identity_changes(trained, current)
+    step = _last_step(run_dir / "metrics.jsonl")
+    return RunState(run.run_id, "stale" if changes else "in progress", tuple(changes), step)
+
+
+def run_states(study: Study, runs: list[Run], results: Path) -> list[RunState]:
+    """Each run's state on disk against what the study now asks for. (A changed data section
+    reruns the data step first; the workflow's onstart check names the runs that follow it.)"""
+    return [run_state(run, results) for run in runs]
+
+
+def retrained_runs(study: Study, runs: list[Run], results: Path) -> list[RunState]:
+    """The finished or started runs that the workflow would train again, with the reasons."""
+    return [s for s in run_states(study, runs, results) if s.state == "stale"]
+
+
+def retrain_refusal(stale: list[RunState], study: Study, shown: int = 20) -> str:
+    """The message that stops the workflow before it deletes finished work."""
+    lines = [
+        f"moe-harness: with {study.path} as it is now, {len(stale)} finished or started run(s) would be trained again:"
+    ]
+    for s in stale[:shown]:
+        lines.append(f"  {s.run_id}: {'; '.join(s.changes)}")
+    if len(stale) > shown:
+        lines.append(f"  ... and {len(stale) - shown} more (`harness plan {study.path}` lists them all)")
+    lines.append(
+        "Revert the change to keep them, or run again with `--config retrain=stale` to replace them "
+        "(their checkpoints and records are deleted). A field in recipe.eval_every, eval_batches, "
+        "checkpoint_every, train_threads or min_steps never retrains anything."
+    )
+    return "\n".join(lines)
+
+
+IDENTITY = "identity.json"
+
+
+def sync_identities(study: Study, runs: list[Run], results: Path, retrain_stale: bool) -> None:
+    """Write each run's identity.json where it is missing or differs. A finished or started run
+    whose identity changed stops this (:class:`RetrainRefused`) unless ``retrain_stale``. A new
+    identity file of a run finished as asked gets its record's time, so that it reruns nothing."""
+    from harness.io import write_text
+
+    stale = {s.run_id: s for s in retrained_runs(study, runs, results)}
+    if stale and not retrain_stale:
+        raise RetrainRefused(retrain_refusal(list(stale.values()), study))
+    for run in runs:
+        run_dir = results / "runs" / run.run_id
+        path, text = run_dir / IDENTITY, json.dumps(run_identity(run), sort_keys=True, indent=1) + "\n"
+        try:
+            if path.read_text() == text:
+                continue
+        except OSError:
+            pass
+        write_text(path, text)
+        record = run_dir / "record.json"
+        if run.run_id not in stale and record.is_file():
+            when = record.stat().st_mtime - 1
+            os.utime(path, (when, when))
+
+
+class RetrainRefused(Exception):
+    """Raised in the workflow's onstart: finished runs would be trained again without consent."""
+
+
+def _scheduled_retrains(dag, results: Path) -> dict[str, str]:
+    """Train jobs Snakemake is about to run over a finished run (record.json present), with its
+    reason: this catches every trigger, not only a changed identity."""
+    out = {}
+    try:
+        jobs = list(dag.needrun_jobs())
+    except Exception:  # Snakemake's DAG API moved: the identity check still applies
+        return out
+    for job in jobs:
+        run_id = getattr(job, "wildcards_dict", {}).get("run")
+        if job.rule.name == "train" and run_id and (results / "runs" / run_id / "record.json").is_file():
+            out[run_id] = str(dag.reason(job)).replace("\n", "; ")
+    return out
+
+
+def guard_retraining(workflow, study: Study, runs: list[Run], results: Path, retrain: str | None) -> None:
+    """The workflow's onstart check: stop before a finished or started run is trained again,
+    unless the user said ``--config retrain=stale``."""
+    stale = {s.run_id: s for s in retrained_runs(study, runs, results)}
+    for run_id, reason in _scheduled_retrains(workflow.dag, results).items():
+        stale.setdefault(run_id, RunState(run_id, "stale", (f"Snakemake: {reason}",)))
+    if stale and retrain != "stale":
+        raise RetrainRefused(retrain_refusal(list(stale.values()), study))

@@ -48,6 +48,22 @@ def with_moe(cfg: ModelConfig, **changes) -> ModelConfig:
     return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **changes))
 
 
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """A prepared pico study folder (tests/pico_study.py), built once per module."""
+    from pico_study import make_pristine
+
+    return make_pristine(tmp_path_factory.mktemp("pristine"))
+
+
+@pytest.fixture
+def study(pristine, tmp_path) -> Path:
+    """A private copy of the pristine pico study."""
+    from pico_study import copy_study
+
+    return copy_study(pristine, tmp_path)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

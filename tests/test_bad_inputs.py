@@ -18,90 +18,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import PICO_MODEL
+from pico_study import MODEL_FILE, RUN, RUNDIR, STUDY
+from pico_study import cli as _cli
 
 from harness import checkpoint
-from harness.cli import main
-
-MODEL = PICO_MODEL
-RUN = "dense-pico_6e9_s0"
-
-
-def _study_dict(root: Path) -> dict:
-    return {
-        "name": "pico",
-        "description": "bad-input tests",
-        "device": "cpu",
-        "data": {
-            "source": "files",
-            "paths": [str(root / "corpus")],
-            "validation_fraction": 0.1,
-            "test_fraction": 0.2,
-            "vocab_size": 512,
-        },
-        "models": [{"config": str(root / "model.yaml")}],
-        "budgets": [6e9],
-        "seeds": [0],
-        "recipe": {
-            "batch_size": 4,
-            "seq_len": 32,
-            "eval_every": 20,
-            "eval_batches": 2,
-            "checkpoint_every": 10,
-            "min_steps": 20,
-        },
-        "eval": {"tasks": ["heldout_ppl"], "heldout_max_bytes": 30000, "mc_questions": 20, "batch_size": 8},
-    }
-
-
-def _corpus(root: Path) -> None:
-    rng = np.random.default_rng(0)
-    letters = list("abcdefghijklmnopqrstuvwxyz_")
-    names = ["".join(rng.choice(letters, size=rng.integers(2, 9))) for _ in range(300)]
-    words = ["def", "return", "self", "(", ")", ":", "=", "if", "else", "for", "in", *names]
-    (root / "corpus").mkdir(parents=True)
-    for i in range(80):
-        lines = [" ".join(rng.choice(words, size=rng.integers(3, 7))) for _ in range(30)]
-        (root / "corpus" / f"m{i:02d}.py").write_text("\n".join(lines) + "\n")
-
-
-def _cli(*argv: str) -> tuple[int, str]:
-    """Exit code and stderr of ``harness argv``, run in this process."""
-    import contextlib
-    import io
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = main(list(argv))
-        except SystemExit as e:  # argparse refusals
-            code = e.code
-    return code, err.getvalue()
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    """A study folder with data, one trained run (with a previous checkpoint) and its tasks."""
-    root = tmp_path_factory.mktemp("pristine")
-    _corpus(root)
-    (root / "model.yaml").write_text(yaml.safe_dump(MODEL))
-    (root / "study.yaml").write_text(yaml.safe_dump(_study_dict(root)))
-    threads = torch.get_num_threads()
-    for argv in (["data"], ["train", "--run", RUN, "--quiet", "--threads", "1"], ["tasks"]):
-        code, err = _cli(argv[0], str(root / "study.yaml"), "--results", str(root / "results"), *argv[1:])
-        assert code == 0, err
-    torch.set_num_threads(threads)
-    return root
-
-
-@pytest.fixture
-def study(pristine, tmp_path) -> Path:
-    """A private copy of the prepared study, its paths rewritten to the copy."""
-    shutil.copytree(pristine, tmp_path, dirs_exist_ok=True)
-    text = (tmp_path / "study.yaml").read_text().replace(str(pristine), str(tmp_path))
-    (tmp_path / "study.yaml").write_text(text)
-    return tmp_path
-
 
 # --- changes a case makes before its command --------------------------------------------------
 
@@ -220,8 +140,6 @@ class Case:
 
 
 DATA = "results/pico/data"
-RUNDIR = "results/pico/runs/" + RUN
-STUDY, MODEL_FILE = "study.yaml", "model.yaml"
 TRAIN = ["train", STUDY, "--run", RUN, "--quiet"]
 COUNT = ["count", MODEL_FILE]
 PLAN = ["plan", STUDY, "--json"]
@@ -311,7 +229,7 @@ CASES = [
     Case("flag-batch-zero", None, ["measure", STUDY, "--run", RUN, "--batch-size", "0"], ["--batch-size"]),
     Case("flag-seq-len-text", None, [*COUNT, "--seq-len", "long"], ["--seq-len", "integer"]),
     Case("flag-experts-zero", None, ["match", MODEL_FILE, "--experts", "0", "--top-k", "1"], ["--experts"]),
-    Case("flag-efficiency-2", None, ["plan", STUDY, "--efficiency", "2"], ["--efficiency", "(0, 1]"]),
+    Case("flag-mfu-2", None, ["plan", STUDY, "--mfu", "2"], ["--mfu", "(0, 1]"]),
     Case("flag-max-tokens-zero", None, ["routing", STUDY, "--run", RUN, "--max-tokens", "0"], ["--max-tokens"]),
     Case("flag-eval-threads-text", None, ["evaluate", STUDY, "--run", RUN, "--threads", "x"], ["--threads"]),
     Case("flag-cuda-measure", None, ["measure", "--config", MODEL_FILE, "--device", "cuda"], ["--device", "CUDA"]),
@@ -417,6 +335,8 @@ def test_bad_input_is_one_clear_error(case: Case, study: Path, monkeypatch):
     if "cuda" in case.id and torch.cuda.is_available():
         pytest.skip("CUDA is visible here")
     monkeypatch.chdir(study)
+    if case.argv[0] == "train":  # a run still to finish: a finished one has nothing to train
+        (study / RUNDIR / "record.json").unlink()
     if case.change is not None:
         case.change(study)
     before = _snapshot(study)
@@ -459,6 +379,7 @@ def test_interrupted_writes_are_cleaned_up_when_training_starts(study: Path, mon
     monkeypatch.chdir(study)
     leftover = study / RUNDIR / ".checkpoint.pt.abc123.tmp"
     leftover.write_bytes(b"partial")
+    (study / RUNDIR / "record.json").unlink()  # killed after its last checkpoint
     code, err = _cli(*TRAIN, "--results", "results")
     assert code == 0, err
     assert not leftover.exists()

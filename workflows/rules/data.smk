@@ -5,16 +5,15 @@ rule data:
         tokenizer=f"{RESULTS}/data/tokenizer.json",
         shards=expand(f"{RESULTS}/data/{{split}}.bin", split=["train", "validation", "test"]),
     params:
-        study=STUDY.path,
         # The study file is not an input: editing it to add a model must not redo the data.
         # A change to the data section does, through this parameter.
-        data=repr(STUDY.data),
+        data=data_params(STUDY.data),
     log:
         f"{RESULTS}/logs/data.log",
     benchmark:
         f"{RESULTS}/benchmarks/data.tsv"
     shell:
-        "{PY} -m harness data {params.study} > {log} 2>&1"
+        "{PY} -m harness data {STUDY_FILE} > {log} 2>&1"
 
 
 rule tasks:
@@ -24,7 +23,6 @@ rule tasks:
     output:
         meta=f"{RESULTS}/data/tasks/tasks.json",
     params:
-        study=STUDY.path,
         # What the task files depend on: the task-building fields of `eval` and the context.
         spec=repr(
             (
@@ -40,4 +38,4 @@ rule tasks:
     benchmark:
         f"{RESULTS}/benchmarks/tasks.tsv"
     shell:
-        "{PY} -m harness tasks {params.study} > {log} 2>&1"
+        "{PY} -m harness tasks {STUDY_FILE} > {log} 2>&1"

@@ -6,8 +6,7 @@ rule evaluate:
     output:
         eval=f"{RESULTS}/runs/{{run}}/eval.json",
     params:
-        study=STUDY.path,
-        settings=repr(STUDY.eval),
+        settings=essential_json(STUDY.eval),
         # `--config eval_download=true`: fetch hub datasets for the standard tasks
         download="--download" if str(config.get("eval_download", "false")).lower() in ("1", "true", "yes") else "",
     threads: workflow.cores
@@ -18,7 +17,7 @@ rule evaluate:
     benchmark:
         f"{RESULTS}/benchmarks/evaluate/{{run}}.tsv"
     shell:
-        "{PY} -m harness evaluate {params.study} --run {wildcards.run} --threads {threads} {params.download} > {log} 2>&1"
+        "{PY} -m harness evaluate {STUDY_FILE} --run {wildcards.run} --threads {threads} {params.download} > {log} 2>&1"
 
 
 rule routing:
@@ -28,8 +27,6 @@ rule routing:
         data=rules.data.output.meta,
     output:
         routing=f"{RESULTS}/runs/{{run}}/routing.json",
-    params:
-        study=STUDY.path,
     threads: workflow.cores
     resources:
         gpu=1 if USE_GPU else 0,
@@ -38,4 +35,4 @@ rule routing:
     benchmark:
         f"{RESULTS}/benchmarks/routing/{{run}}.tsv"
     shell:
-        "{PY} -m harness routing {params.study} --run {wildcards.run} --threads {threads} > {log} 2>&1"
+        "{PY} -m harness routing {STUDY_FILE} --run {wildcards.run} --threads {threads} > {log} 2>&1"

@@ -4,8 +4,6 @@ rule measure:
         record=f"{RESULTS}/runs/{{run}}/record.json",
     output:
         measure=f"{RESULTS}/runs/{{run}}/measure.json",
-    params:
-        study=STUDY.path,
     threads: workflow.cores
     resources:
         gpu=1 if USE_GPU else 0,
@@ -14,7 +12,7 @@ rule measure:
     benchmark:
         f"{RESULTS}/benchmarks/measure/{{run}}.tsv"
     shell:
-        "{PY} -m harness measure {params.study} --run {wildcards.run} --threads {threads} > {log} 2>&1"
+        "{PY} -m harness measure {STUDY_FILE} --run {wildcards.run} --threads {threads} > {log} 2>&1"
 
 
 rule microbench:

@@ -2,12 +2,12 @@ rule train:
     """One run (model x budget x seed) to its FLOP budget; resumes from its checkpoint."""
     input:
         data=rules.data.output.meta,
+        # What the run trains to (model, budget, seed, recipe less its bookkeeping fields),
+        # written when the workflow starts and only when it changes: a change to it reruns the
+        # run, a change to anything else does not (harness.workflow.sync_identities).
+        identity=f"{RESULTS}/runs/{{run}}/identity.json",
     output:
         record=f"{RESULTS}/runs/{{run}}/record.json",
-    params:
-        study=STUDY.path,
-        # The resolved run: a change to the model, budget, seed or recipe reruns it.
-        spec=lambda w: repr((RUNS[w.run].model, RUNS[w.run].budget, RUNS[w.run].seed, STUDY.recipe)),
     # A CPU study may ask for fewer threads per run, so that several runs train at once.
     threads: workflow.cores if USE_GPU else (STUDY.recipe.train_threads or workflow.cores)
     resources:
@@ -17,4 +17,4 @@ rule train:
     benchmark:
         f"{RESULTS}/benchmarks/train/{{run}}.tsv"
     shell:
-        "{PY} -m harness train {params.study} --run {wildcards.run} --threads {threads} > {log} 2>&1"
+        "{PY} -m harness train {STUDY_FILE} --run {wildcards.run} --threads {threads} {RESTART_FLAG} > {log} 2>&1"

@@ -1,0 +1,172 @@
+"""How long a study's runs will take, and how much they need, on the device they will use:
+``harness plan``'s estimate.
+
+* A model with a finished run of the same recipe: that run's own training rate.
+* CPU: a probe. A few training steps of the model in the study's precision are timed on this
+  machine, with the threads a run gets. A compiled study is probed eagerly in float32 and
+  divided by :data:`CPU_COMPILE_SPEEDUP`: compiling in a plan would cost more than the estimate
+  is worth.
+* CUDA: the FLOPs at ``mfu`` of the device's bf16 peak (``harness.measure.PEAK_FLOPS``); with no
+  GPU visible, of the GPU named with ``--gpu``.
+
+A run's time adds its validation passes (a forward pass, a third of a training step, per
+batch), its compilation and a process start-up; the study's wall time divides the total by the
+runs that train at once (CPU: cores / ``train_threads``; CUDA: ``--gpus``).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from harness.study import Recipe, Run
+from models.accounting import count_params
+
+CPU_COMPILE_SPEEDUP = 1.65
+"""bf16 autocast + torch.compile over eager float32, CPU training step at the tiny and cpu
+studies' shapes: 1.63-1.71x (tests/benchmarks/test_cpu_training_step.py, AMD EPYC, 2 threads)."""
+
+COMPILE_SECONDS = {"cpu": 60.0, "cuda": 60.0}
+"""The first compiled step of a run when no finished run of the study says: on CPU the tiny
+study's two runs took 56 s and 64 s (two compiling at once on 2 cores, empty inductor cache). No
+GPU run has recorded it yet; the CPU figure stands in."""
+
+STARTUP_SECONDS = 14.0
+"""Process start, imports, shard verification, checkpoints and the final record: the tiny study's
+train jobs took 13-15 s beyond training, validation and compile time."""
+
+PROBE_STEPS, PROBE_WARMUP = 4, 2
+PROBE_MAX_STEP_FLOPS = 2e12
+"""A model whose training step costs more is not probed on a CPU (a step would take many
+seconds); its estimate is its FLOPs at the probed rate of the largest probed model."""
+
+CHECKPOINT_COPIES = 2
+"""checkpoint.pt and checkpoint.prev.pt, each weights + AdamW's two moments in float32."""
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    seconds: float
+    basis: str
+    checkpoint_bytes: int
+
+
+def step_flops(run: Run) -> float:
+    return run.flops_per_token * run.tokens_per_step
+
+
+def _probe_step_seconds(run: Run, threads: int, dtype: torch.dtype) -> float:
+    """Median seconds of an eager training step of ``run``'s model on this CPU."""
+    from harness.train import make_optimizer
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = run.model.build()
+        opt = make_optimizer(model, run.recipe)
+        r = run.recipe
+        x = torch.randint(0, run.model.vocab_size, (r.batch_size, r.seq_len))
+        times = []
+        for i in range(PROBE_WARMUP + PROBE_STEPS):
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                out = model(x, x)
+            (out.loss + out.aux_loss).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= PROBE_WARMUP:
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(old)
+
+
+def cpu_step_seconds(run: Run, threads: int, cache: dict) -> tuple[float, str]:
+    """(seconds per training step, how it was found) on this CPU."""
+    r = run.recipe
+    compiled = r.compile
+    dtype = torch.float32 if compiled or r.dtype != "bfloat16" else torch.bfloat16
+    key = (run.model.name, r.batch_size, r.seq_len, threads, dtype)
+    if key not in cache:
+        if step_flops(run) > PROBE_MAX_STEP_FLOPS:
+            rates = [f / s for (f, s) in cache.get("_rates", [])]
+            if not rates:
+                return float("nan"), "too large to probe on this CPU"
+            cache[key] = (step_flops(run) / max(rates), "FLOPs at the largest probed model's rate")
+        else:
+            seconds = _probe_step_seconds(run, threads, dtype)
+            cache.setdefault("_rates", []).append((step_flops(run), seconds))
+            cache[key] = (seconds, f"probe, eager {str(dtype).removeprefix('torch.')}")
+    seconds, basis = cache[key]
+    if compiled:
+        return seconds / CPU_COMPILE_SPEEDUP, f"{basis} / {CPU_COMPILE_SPEEDUP} (compiled)"
+    return seconds, basis
+
+
+def evaluation_steps(run: Run) -> float:
+    """Validation passes of a run, in training-step equivalents."""
+    r: Recipe = run.recipe
+    passes = run.steps // r.eval_every + (run.steps % r.eval_every != 0)
+    return passes * r.eval_batches / 3
+
+
+def checkpoint_bytes(run: Run) -> int:
+    return CHECKPOINT_COPIES * 3 * 4 * count_params(run.model).total
+
+
+def estimate_run(
+    run: Run,
+    device: str,
+    cache: dict,
+    measured_tokens_per_s: float | None = None,
+    gpu_flops: float | None = None,
+    compile_s: float | None = None,
+) -> RunEstimate:
+    """One run's wall time on ``device`` ('cpu' or 'cuda'): ``measured_tokens_per_s`` from a
+    finished run of the same model, else the probe (CPU) or ``gpu_flops`` (CUDA: peak x MFU)."""
+    if measured_tokens_per_s:
+        step_s, basis = run.tokens_per_step / measured_tokens_per_s, "a finished run's rate"
+    elif device == "cuda":
+        step_s, basis = step_flops(run) / gpu_flops, "FLOPs at the assumed MFU of the GPU's peak"
+    else:
+        threads = run.recipe.train_threads or os.cpu_count() or 1
+        step_s, basis = cpu_step_seconds(run, threads, cache)
+    compiled = run.recipe.compile
+    compiling = (compile_s if compile_s is not None else COMPILE_SECONDS[device]) if compiled else 0.0
+    # Validation runs the eager model: on a CPU, at the uncompiled rate.
+    eager_step_s = step_s * CPU_COMPILE_SPEEDUP if compiled and device == "cpu" else step_s
+    seconds = run.steps * step_s + evaluation_steps(run) * eager_step_s + compiling + STARTUP_SECONDS
+    return RunEstimate(seconds, basis, checkpoint_bytes(run))
+
+
+def concurrent_runs(recipe: Recipe, device: str, gpus: int) -> int:
+    """How many runs train at once: CPU cores / train_threads, or one per GPU."""
+    if device == "cuda":
+        return gpus
+    cores = os.cpu_count() or 1
+    return max(1, cores // (recipe.train_threads or cores))
+
+
+def finished_rates(results: Path, runs: list[Run]) -> tuple[dict[str, float], float | None]:
+    """Training tokens/s of finished runs by model name (same recipe), and their median compile
+    seconds."""
+    import json
+
+    rates, compiles = {}, []
+    for run in runs:
+        path = results / "runs" / run.run_id / "record.json"
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("tokens_per_s"):
+            rates[run.model.name] = record["tokens_per_s"]
+        if record.get("compile_seconds"):
+            compiles.append(record["compile_seconds"])
+    return rates, (statistics.median(compiles) if compiles else None)

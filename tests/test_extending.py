@@ -1,0 +1,225 @@
+"""Extending and rerunning a study never damages finished work.
+
+A run's identity is its model, budget, seed and the recipe less its bookkeeping fields; only a
+change to it (or to the data) trains a finished run again, and the workflow names such runs and
+stops before deleting them. Steps run by hand leave up-to-date outputs alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+from pico_study import RUN, RUNDIR, STUDY
+from pico_study import cli as _cli
+from pico_study import cli_output
+
+from harness.study import (
+    BOOKKEEPING,
+    Recipe,
+    identity_changes,
+    load_study,
+    plan,
+    project_root,
+    recorded_identity,
+    run_identity,
+)
+from models.config import ConfigError
+
+
+def _edit(root: Path, change) -> None:
+    path = root / STUDY
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data))
+
+
+def _snakemake(root: Path, *config: str, dry: bool = True) -> subprocess.CompletedProcess:
+    """Snakemake on the study folder, asked only for what training makes: the runs' records."""
+    records = sorted((root / "results" / "pico" / "runs").glob("*/record.json"))
+    cmd = [sys.executable, "-m", "snakemake", *(["-n"] if dry else []), *(str(p.relative_to(root)) for p in records)]
+    cmd += ["-s", str(ROOT / "Snakefile"), "--directory", str(root), "--cores", "1"]
+    cmd += ["--config", f"study={root / STUDY}", *config]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def _second_model(root: Path, name: str) -> str:
+    """Another model file (the pico model renamed) for the study to add."""
+    data = yaml.safe_load((root / "model.yaml").read_text()) | {"name": name}
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    return str(root / f"{name}.yaml")
+
+
+def _mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in (root / "results").rglob("*") if p.is_file()}
+
+
+# --- identity -------------------------------------------------------------------------------
+
+
+def test_bookkeeping_fields_leave_the_identity_alone(study):
+    runs = plan(load_study(study / STUDY))
+    run = runs[0]
+    changed = {"eval_every": 7, "eval_batches": 3, "checkpoint_every": 5, "train_threads": 2, "min_steps": 1}
+    assert set(changed) == set(BOOKKEEPING)
+    other = dataclasses.replace(run, recipe=dataclasses.replace(run.recipe, **changed))
+    assert run_identity(other) == run_identity(run)
+    tuned = dataclasses.replace(run, recipe=dataclasses.replace(run.recipe, lr=1e-3))
+    assert identity_changes(run_identity(run), run_identity(tuned)) == ["recipe.lr 0.003 -> 0.001"]
+
+
+def test_fields_at_their_default_are_not_part_of_the_identity(study):
+    (run,) = plan(load_study(study / STUDY))
+    assert "weight_decay" not in run_identity(run)["recipe"]  # the study leaves it at its default
+    assert "moe" not in run_identity(run)["model"]  # a dense model
+    assert run.recipe.weight_decay == Recipe().weight_decay
+
+
+def test_an_older_record_compares_field_by_field(study):
+    import json
+
+    record = json.loads((study / RUNDIR / "record.json").read_text())
+    (run,) = plan(load_study(study / STUDY))
+    del record["identity"]  # as an earlier version wrote it: full config and recipe only
+    assert recorded_identity(record) == run_identity(run)
+
+
+def test_a_model_entry_tunes_its_own_recipe(study):
+    def tune(data):
+        data["models"].append({"config": _second_model(study, "dense-pico-b8")})
+        data["models"][1]["recipe"] = {"lr": 1e-3, "batch_size": 8}
+
+    _edit(study, tune)
+    s = load_study(study / STUDY)
+    base, tuned = plan(s)
+    assert (tuned.recipe.lr, tuned.recipe.batch_size, tuned.tokens_per_step) == (1e-3, 8, 8 * 32)
+    assert base.recipe == s.recipe and tuned.steps == pytest.approx(base.steps / 2, abs=1)
+    assert run_identity(tuned)["recipe"]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("field", ["seq_len", "dtype", "eval_every"])
+def test_a_model_entry_may_not_set_the_studys_own_fields(study, field):
+    def bad(data):
+        data["models"][0]["recipe"] = {field: 64 if field != "dtype" else "float32"}
+
+    _edit(study, bad)
+    with pytest.raises(ConfigError, match=rf"models\.0\.recipe.*{field}|models\[0\]\.recipe\.{field}"):
+        load_study(study / STUDY)
+
+
+def test_studies_and_configs_resolve_from_the_project(tmp_path, monkeypatch):
+    (tmp_path / "workflows" / "studies").mkdir(parents=True)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert project_root() == tmp_path
+
+
+# --- the workflow -----------------------------------------------------------------------------
+
+
+def test_a_bookkeeping_change_retrains_nothing_and_a_real_one_is_refused(study):
+    first = _snakemake(study)
+    assert first.returncode == 0, first.stderr
+    _edit(study, lambda d: d["recipe"].update(min_steps=5, eval_every=7, checkpoint_every=3, eval_batches=1))
+    quiet = _snakemake(study)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "rule train:" not in quiet.stdout and "would train again" not in quiet.stderr
+
+    _edit(study, lambda d: d["recipe"].update(lr=1e-3))
+    before = _mtimes(study)
+    dry = _snakemake(study)
+    assert f"{RUN}: recipe.lr 0.003 -> 0.001" in dry.stdout + dry.stderr
+    real = _snakemake(study, dry=False)
+    assert real.returncode != 0
+    said = real.stdout + real.stderr
+    assert "--config retrain=stale" in said and f"{RUN}: recipe.lr" in said
+    assert _mtimes(study) == before, "a refused change must leave every file as it was"
+
+
+def test_retrain_stale_replaces_the_changed_run(study):
+    _edit(study, lambda d: d["recipe"].update(lr=1e-3))
+    done = _snakemake(study, "retrain=stale", dry=False)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    record = json.loads((study / RUNDIR / "record.json").read_text())
+    assert record["recipe"]["lr"] == 1e-3 and record["identity"]["recipe"]["lr"] == 1e-3
+    again = _snakemake(study)
+    assert "rule train:" not in again.stdout, "a plain run after retrain=stale retrains nothing"
+
+
+def test_a_copied_study_is_not_retrained(study, tmp_path):
+    """Train on one machine, report on another: copy results/ with its timestamps (cp -a,
+    rsync -a, tar); Snakemake's own metadata (.snakemake/) need not travel."""
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(study, elsewhere, copy_function=shutil.copy2)
+    text = (elsewhere / STUDY).read_text().replace(str(study), str(elsewhere))
+    (elsewhere / STUDY).write_text(text)
+    os.utime(elsewhere / STUDY)
+    out = _snakemake(elsewhere)
+    assert out.returncode == 0, out.stderr
+    assert "rule train:" not in out.stdout and "rule data:" not in out.stdout
+
+
+# --- steps run by hand ------------------------------------------------------------------------
+
+
+def test_hand_run_steps_leave_up_to_date_outputs_alone(study, monkeypatch):
+    monkeypatch.chdir(study)
+    before = _mtimes(study)
+    for argv in (["data", STUDY], ["train", STUDY, "--run", RUN, "--quiet"], ["tasks", STUDY]):
+        code, err = _cli(*argv, "--results", "results")
+        assert code == 0, err
+    assert _mtimes(study) == before
+    (study / RUNDIR / "measure.json").write_text("{}")
+    code, err = _cli("measure", STUDY, "--run", RUN, "--results", "results")
+    assert code == 0 and (study / RUNDIR / "measure.json").read_text() == "{}", err
+
+
+def test_hand_run_train_says_there_is_nothing_to_do(study):
+    out = subprocess.run(
+        [sys.executable, "-m", "harness", "train", STUDY, "--run", RUN, "--results", "results", "--quiet"],
+        cwd=study,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "nothing to do" in out.stdout and "--restart" in out.stdout
+
+
+def test_hand_run_train_refuses_a_run_finished_with_another_configuration(study, monkeypatch):
+    monkeypatch.chdir(study)
+    _edit(study, lambda d: d["recipe"].update(lr=1e-3))
+    code, err = _cli("train", STUDY, "--run", RUN, "--quiet", "--results", "results")
+    assert code == 2 and "recipe.lr 0.003 -> 0.001" in err and "--restart" in err
+
+
+def test_plan_lists_states_totals_and_stale_runs(study, monkeypatch):
+    monkeypatch.chdir(study)
+    _edit(study, lambda d: d["models"].append({"config": _second_model(study, "dense-pico-b")}))
+    code, out, err = cli_output("plan", STUDY, "--results", "results")
+    assert code == 0, err
+    assert "done" in out and "to run" in out and "1 of 2 runs done" in out
+    assert "Checkpoints:" in out and "training FLOPs" in out
+    _edit(study, lambda d: d["recipe"].update(lr=1e-3))
+    out = cli_output("plan", STUDY, "--results", "results")[1]
+    assert f"stale: {RUN} would be trained again: recipe.lr 0.003 -> 0.001" in out
+
+
+def test_plan_warns_when_a_gpu_study_is_planned_without_a_gpu(study, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    monkeypatch.chdir(study)
+    code, out, err = cli_output("plan", STUDY, "--results", "results", "--device", "cuda", "--gpu", "H100")
+    assert code == 0, err
+    assert "no CUDA device is visible" in out and "H100" in out
