@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # On a machine whose system Python already has a CUDA torch: make VENV_FLAGS=--system-site-packages
 VENV_FLAGS ?=
 
-.PHONY: install test bench lint study clean
+.PHONY: install test bench lint study report-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -35,6 +35,20 @@ bench: install
 STUDY ?=
 study: install
 	$(BIN)/snakemake $(if $(STUDY),--config study=$(STUDY))
+
+# Open results/<study>/report.html in headless Chromium: every image loads, no table overflows,
+# and a screenshot next to it (report.png). Installs Debian's chromium where apt-get can.
+report-check: install
+	@$(BIN)/python -m harness.report_check --which >/dev/null 2>&1 || { \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+			sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		else \
+			echo "report-check needs Chromium: install Debian's chromium package (apt-get install chromium)" \
+				"or set CHROMIUM to a Chromium or Chrome executable" >&2; exit 1; \
+		fi; }
+	$(BIN)/python -m harness.report_check results/$(or $(STUDY),tiny)/report.html
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,10 +1,13 @@
-"""The report's figures (matplotlib, PNG): one function per figure, each returning its path.
+"""The report's figures (matplotlib, PNG): for each, a ``draw_*`` function that returns the
+matplotlib Figure and a function that saves it and returns its path.
 
-Arms are told apart the same way everywhere: dense in black squares, each MoE family (E, k) in
-its own colour (by E) with a marker by k. Parameter, FLOP, time and energy axes are
-logarithmic where the values span more than a factor of three. A figure whose data the study
-does not have says so on its canvas rather than being left out, so the report always has the
-same figures.
+Every model has its own style, the same in every figure, and one legend per figure names the
+models (``harness.figure_style``: dense sizes in a sequential blue palette, each MoE model its own
+colour). Parameter, FLOP, time and energy axes are logarithmic where the values span more than a
+factor of three, with ticks that do not collide; a linear axis over values a few percent apart
+is widened to at least ±5% of their centre, so a small spread does not fill the axis. A panel
+with nothing meaningful to draw shows "not enough data: <reason>" and no axes, so the report
+keeps the same figures. Titles say what is plotted, never what it is supposed to show.
 """
 
 from __future__ import annotations
@@ -19,53 +22,39 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
+from harness.analysis.fits import MIN_POINTS
 from harness.analysis.stats import arm_label, state_bytes, task_metric, training_memory
+from harness.figure_style import SERIES_LINE, legend, model_styles, not_enough, set_axis
 from harness.io import atomic_write
+from harness.plausibility import MARK, check_measure
 from harness.study import budget_label
 
-MARKER_BY_K = {1: "^", 2: "o", 4: "D"}
 
-
-def _families(records: list[dict[str, Any]]) -> list[tuple[int, int]]:
-    return sorted({(r["experts"], r["top_k"]) for r in records if r["arm"] == "moe"})
-
-
-def arm_style(rec: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
-    if rec["arm"] == "dense":
-        return {"color": "black", "marker": "s"}
-    experts = sorted({e for e, _ in _families(records)})
-    cmap = plt.get_cmap("viridis")
-    i = experts.index(rec["experts"])
-    return {
-        "color": cmap(0.12 + 0.75 * i / max(1, len(experts) - 1)),
-        "marker": MARKER_BY_K.get(rec["top_k"], "P"),
-    }
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+def _save(fig: Figure, path: Path) -> Path:
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
     return path
 
 
-def _note(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, transform=ax.transAxes, fontsize=9, color="dimgray")
-    ax.tick_params(left=False, bottom=False, labelleft=False, labelbottom=False)  # per axes, unlike set_*ticks
-
-
-def _scale(ax, axis: str, values) -> None:
-    """Logarithmic where the values span more than a factor of 3, else linear (a log axis over a
-    few percent only shows unreadable ticks)."""
-    v = np.asarray([x for x in values if x and x > 0], float)
-    log = v.size > 0 and v.max() / v.min() > 3
-    (ax.set_xscale if axis == "x" else ax.set_yscale)("log" if log else "linear")
+def _budgets_text(budgets) -> str:
+    return ", ".join(budget_label(b) for b in sorted(set(budgets))) + " FLOPs"
 
 
 def _budget_styles(records: list[dict[str, Any]]) -> dict[float, str]:
     styles = ["-", "--", ":", "-."]
     return {b: styles[i % len(styles)] for i, b in enumerate(sorted({r["budget_flops"] for r in records}))}
+
+
+def _series(rec: dict[str, Any]) -> tuple:
+    """Models drawn as one line along size: dense, or MoEs alike in everything but their size."""
+    if rec["arm"] == "dense":
+        return ("dense",)
+    moe = (rec.get("config") or {}).get("moe") or {}
+    rest = sorted((k, repr(v)) for k, v in moe.items() if k not in ("experts", "top_k", "d_expert", "name"))
+    return ("moe", rec["experts"], rec["top_k"], repr(rest))
 
 
 def _mean_over_seeds(records: list[dict[str, Any]], key) -> list[dict[str, Any]]:
@@ -84,162 +73,255 @@ def _mean_over_seeds(records: list[dict[str, Any]], key) -> list[dict[str, Any]]
     return out
 
 
-def loss_vs_params(records: list[dict[str, Any]], dense_fits: dict[float, Any], path: Path) -> Path:
-    """Validation loss against active and against total non-embedding parameters, one line per
-    arm and budget, with the dense power-law fit of each budget where there is one."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    budgets = _budget_styles(records)
-    for ax, key, title in [
-        (axes[0], "active_non_embedding", "active"),
-        (axes[1], "total_non_embedding", "total"),
-    ]:
-        seen = set()
+def _subplots(n: int, width: float, height: float, **kw) -> tuple[Figure, np.ndarray]:
+    fig, axes = plt.subplots(1, n, figsize=(width * n + 1.8, height), layout="constrained", squeeze=False, **kw)
+    return fig, axes[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss against parameters, IsoFLOP, loss against cost
+
+
+def draw_loss_vs_params(records: list[dict[str, Any]], dense_fits: dict[float, Any]) -> Figure:
+    """Validation loss against active and against total non-embedding parameters: a point per model
+    and budget, a grey line through the sizes of one series (dense, or MoEs alike but for size) at
+    one budget, and the dense power-law fit of each budget where there is one."""
+    fig, axes = _subplots(2, 5.2, 4.4, sharey=True)
+    styles, budgets = model_styles(records), _budget_styles(records)
+    fitted = joined = False
+    for ax, key, what in [(axes[0], "active_non_embedding", "active"), (axes[1], "total_non_embedding", "total")]:
         points = _mean_over_seeds(records, lambda r, key=key: r["params"][key])
-        lines: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
+        lines: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
         for p in points:
-            lines[(arm_label(p), p["budget_flops"])].append(p)
-        for (arm, budget), pts in sorted(lines.items()):
-            pts.sort(key=lambda p: p["_x"])
-            style = arm_style(pts[0], records)
-            label = arm if arm not in seen else None
-            seen.add(arm)
-            ax.plot([p["_x"] for p in pts], [p["_loss"] for p in pts], linestyle=budgets[budget], label=label, **style)
+            lines[(_series(p), p["budget_flops"])].append(p)
+        for (_, budget), pts in lines.items():
+            if len({p["_x"] for p in pts}) >= 2:
+                pts.sort(key=lambda p: p["_x"])
+                ax.plot([p["_x"] for p in pts], [p["_loss"] for p in pts], linestyle=budgets[budget], **SERIES_LINE)
+                joined = True
+        for p in sorted(points, key=lambda p: p["model"]):
+            ax.plot([p["_x"]], [p["_loss"]], linestyle="none", label=p["model"], zorder=3, **styles[p["model"]])
         if key == "active_non_embedding":
             for budget, fit in dense_fits.items():
                 if fit is None:
                     continue
-                lo, hi = fit.x_min, fit.x_max
-                n = np.geomspace(lo / 1.25, hi * 1.25, 100)  # the fitted range, not an extrapolation
-                ax.plot(n, fit.predict(n), color="grey", linewidth=0.8, linestyle=budgets[budget], alpha=0.7)
-        _scale(ax, "x", [p["_x"] for p in points])
-        ax.set_xlabel(f"{title} non-embedding parameters")
-        ax.set_title(f"loss vs {title} parameters")
-        ax.grid(alpha=0.3, which="both")
+                n = np.geomspace(fit.x_min / 1.25, fit.x_max * 1.25, 100)  # the fitted range, not an extrapolation
+                ax.plot(n, fit.predict(n), color="0.3", linewidth=0.8, linestyle=budgets[budget], alpha=0.7)
+                fitted = True
+        set_axis(ax, "x", [p["_x"] for p in points])
+        ax.set_xlabel(f"{what} non-embedding parameters")
+        ax.set_title(f"validation loss vs {what} non-embedding parameters", fontsize=10)
+        ax.grid(alpha=0.3, which="major")
     axes[0].set_ylabel("validation loss (nats/token)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    for budget, ls in budgets.items():
-        handles.append(plt.Line2D([], [], color="grey", linestyle=ls))
-        labels.append(f"budget {budget_label(budget)} FLOPs")
-    axes[1].legend(handles, labels, fontsize=8, loc="best")
-    return _save(fig, path)
+    fig.suptitle(f"one point per model and budget ({_budgets_text(budgets)}), seeds averaged", fontsize=9)
+    extra = [  # line styles, where a line is drawn
+        (Line2D([], [], linestyle=ls, **SERIES_LINE), f"budget {budget_label(b)} FLOPs")
+        for b, ls in budgets.items()
+        if joined or fitted
+    ]
+    if fitted:
+        extra.append((Line2D([], [], color="0.3", linewidth=0.8), "dense power-law fit"))
+    legend(fig, extra, order=list(styles))
+    return fig
 
 
-def isoflop_figure(records: list[dict[str, Any]], curves: list[dict[str, Any]], path: Path) -> Path:
-    """Chinchilla approach 2: loss against active parameters at each budget, a parabola in
-    log N per (arm, budget) with three or more sizes, its minimum marked."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.4))
+def loss_vs_params(records: list[dict[str, Any]], dense_fits: dict[float, Any], path: Path) -> Path:
+    return _save(draw_loss_vs_params(records, dense_fits), path)
+
+
+def _most_sizes(records: list[dict[str, Any]]) -> tuple[int, str]:
+    sizes: dict[tuple[str, float], set] = defaultdict(set)
+    for r in records:
+        sizes[(arm_label(r), r["budget_flops"])].add(r["params"]["active_non_embedding"])
+    (arm, budget), n = max(sizes.items(), key=lambda kv: len(kv[1]))
+    return len(n), f"{arm} at {budget_label(budget)} FLOPs"
+
+
+def draw_isoflop(records: list[dict[str, Any]], curves: list[dict[str, Any]]) -> Figure:
+    """Chinchilla approach 2: validation loss against active non-embedding parameters at each
+    budget, a parabola in log N per (arm, budget) with MIN_POINTS or more sizes, its minimum
+    marked with a star."""
+    fig, (ax,) = _subplots(1, 6.0, 4.4)
     if not curves:
-        _note(ax, "IsoFLOP curves need three or more model sizes at one budget;\nthis study has fewer.")
-        ax.set_title("IsoFLOP")
-        return _save(fig, path)
-    budgets = _budget_styles(records)
+        most, where = _most_sizes(records) if records else (0, "no run")
+        not_enough(
+            ax,
+            f"an IsoFLOP curve needs {MIN_POINTS} or more model sizes at one budget; "
+            f"the most this study has is {most} ({where})",
+        )
+        ax.set_title("IsoFLOP: validation loss vs active non-embedding parameters", fontsize=10)
+        return fig
+    styles, budgets = model_styles(records), _budget_styles(records)
     for c in curves:
-        rec = next(r for r in records if arm_label(r) == c["arm"])
-        style = arm_style(rec, records)
+        runs = [r for r in records if arm_label(r) == c["arm"] and r["budget_flops"] == c["budget_flops"]]
         n, loss = np.asarray(c["n"], float), np.asarray(c["loss"], float)
-        ax.scatter(n, loss, color=style["color"], marker=style["marker"], zorder=3)
+        key = c.get("param_key", "active_non_embedding")
+        models = [min(runs, key=lambda r, x=x: abs(r["params"][key] - x))["model"] for x in n]  # the model at each size
+        colour = styles[models[int(np.argmax(n))]]["color"]  # the largest size's: the darkest dense blue
+        for x, y, model in zip(n, loss, models, strict=True):
+            ax.plot([x], [y], linestyle="none", label=model, zorder=3, **styles[model])
         if c.get("coefficients") is not None:
             grid = np.geomspace(n.min() / 1.5, n.max() * 1.5, 100)
             ax.plot(
                 grid,
                 np.polyval(c["coefficients"], np.log(grid)),
-                color=style["color"],
+                color=colour,
                 linestyle=budgets[c["budget_flops"]],
-                label=f"{c['arm']}, {budget_label(c['budget_flops'])} FLOPs",
+                label=f"parabola: {c['arm']}, {budget_label(c['budget_flops'])} FLOPs",
             )
         if c.get("n_opt") is not None:
-            ax.scatter([c["n_opt"]], [c["loss_opt"]], color=style["color"], marker="*", s=160, edgecolor="k", zorder=4)
-    _scale(ax, "x", [n for c in curves for n in c["n"]])
+            ax.plot(
+                [c["n_opt"]],
+                [c["loss_opt"]],
+                marker="*",
+                markersize=14,
+                color=colour,
+                markeredgecolor="k",
+                linestyle="none",
+                zorder=4,
+                label="parabola minimum",
+            )
+    set_axis(ax, "x", [x for c in curves for x in c["n"]] + [c["n_opt"] for c in curves if c.get("n_opt")])
     ax.set_xlabel("active non-embedding parameters")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("IsoFLOP curves (star: fitted optimum)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    ax.set_title(
+        f"validation loss vs active non-embedding parameters at {_budgets_text(c['budget_flops'] for c in curves)}",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3, which="major")
+    legend(fig, order=list(styles))
+    return fig
 
 
-def loss_vs_cost(records: list[dict[str, Any]], path: Path) -> Path:
-    """Validation loss against training FLOPs, wall-clock seconds and GPU joules, side by side:
-    how much of a FLOP gain survives as a time and an energy gain."""
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharey=True)
+def isoflop_figure(records: list[dict[str, Any]], curves: list[dict[str, Any]], path: Path) -> Path:
+    return _save(draw_isoflop(records, curves), path)
+
+
+def _device(records: list[dict[str, Any]]) -> str:
+    devices = {((r.get("provenance") or {}).get("host") or {}).get("device") for r in records} - {None}
+    return ", ".join(sorted(devices)) or "this device"
+
+
+def draw_loss_vs_cost(records: list[dict[str, Any]]) -> Figure:
+    """Validation loss against training FLOPs, wall-clock seconds and GPU joules, side by side: how
+    much of a FLOP gain survives as a time and an energy gain. A line per model across budgets."""
+    fig, axes = _subplots(3, 4.4, 4.4, sharey=True)
+    styles = model_styles(records)
     panels = [
-        (axes[0], lambda r: r["flops_spent"], "training FLOPs"),
-        (axes[1], lambda r: r["train_seconds"], "training wall-clock (s)"),
-        (axes[2], lambda r: r.get("gpu_energy_j"), "GPU energy (J, NVML)"),
+        (axes[0], lambda r: r["flops_spent"], "training FLOPs", "no run has its FLOPs spent"),
+        (axes[1], lambda r: r["train_seconds"], "training wall-clock (s)", "no run has its training time"),
+        (
+            axes[2],
+            lambda r: r.get("gpu_energy_j"),
+            "GPU energy (J, NVML)",
+            f"no GPU energy was measured on {_device(records)} (no NVML): absent, not zero",
+        ),
     ]
-    for ax, key, label in panels:
+    for ax, key, label, why in panels:
+        ax.set_title(f"validation loss vs {label}", fontsize=10)
         points = _mean_over_seeds(records, key)
         if not points:
-            _note(ax, f"{label}: not measured on this device\n(no NVML: energy is absent, not zero)")
-            ax.set_xlabel(label)
+            not_enough(ax, why)
             continue
         by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for p in points:
             by_model[p["model"]].append(p)
-        seen = set()
-        for _model, pts in sorted(by_model.items()):
+        for model, pts in sorted(by_model.items()):
             pts.sort(key=lambda p: p["_x"])
-            arm = arm_label(pts[0])
-            ax.plot(
-                [p["_x"] for p in pts],
-                [p["_loss"] for p in pts],
-                label=None if arm in seen else arm,
-                **arm_style(pts[0], records),
-            )
-            seen.add(arm)
-        _scale(ax, "x", [p["_x"] for p in points])
+            ax.plot([p["_x"] for p in pts], [p["_loss"] for p in pts], label=model, **styles[model])
+        set_axis(ax, "x", [p["_x"] for p in points])
         ax.set_xlabel(label)
-        ax.grid(alpha=0.3, which="both")
+        ax.grid(alpha=0.3, which="major")
     axes[0].set_ylabel("validation loss (nats/token)")
-    axes[0].legend(fontsize=8)
-    return _save(fig, path)
+    axes[0].yaxis.set_tick_params(labelleft=True)
+    legend(fig, order=list(styles))
+    return fig
+
+
+def loss_vs_cost(records: list[dict[str, Any]], path: Path) -> Path:
+    return _save(draw_loss_vs_cost(records), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured cost
+
+
+def _flagged_handle() -> tuple[Any, str]:
+    handle = Line2D([], [], marker="o", linestyle="none", color="0.3", markerfacecolor="white")
+    return handle, f"hollow, {MARK}: flagged measurement (see the report)"
+
+
+def draw_cost_scaling(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> Figure:
+    """Training memory against total parameters and training throughput against active parameters
+    (from ``harness measure``), a point per measured run; throughput with the range of its timing
+    windows. A measurement flagged by ``harness.plausibility`` is drawn hollow and marked."""
+    fig, axes = _subplots(2, 5.2, 4.4)
+    titles = ["training memory vs total parameters", "training tokens/s vs active parameters"]
+    measured = [r for r in records if r["run_id"] in measures]
+    if not measured:
+        for ax, title in zip(axes, titles, strict=True):
+            ax.set_title(title, fontsize=10)
+            not_enough(ax, "no run was measured (`harness measure`)")
+        return fig
+    styles = model_styles(records)
+    device = measures[measured[0]["run_id"]]["device_name"]
+    peaks = all(training_memory(measures[r["run_id"]]) is not None for r in measured)
+    xs: list[list[float]] = [[], []]
+    ys: list[list[float]] = [[], []]
+    any_flagged = False
+    for r in measured:
+        m = measures[r["run_id"]]
+        flags = check_measure(m)
+        style = dict(styles[r["model"]])
+        mem = (training_memory(m) if peaks else state_bytes(m)) / 2**20
+        train = m["train"]
+        rate = train["tokens_per_s_median"]
+        bars = [[rate - train.get("tokens_per_s_min", rate)], [train.get("tokens_per_s_max", rate) - rate]]
+        for i, (ax, x, y, figure) in enumerate(
+            [(axes[0], r["params"]["total"], mem, "memory"), (axes[1], r["params"]["active"], rate, "train")]
+        ):
+            flagged = bool(flags.get(figure))
+            any_flagged |= flagged
+            s = style | ({"markerfacecolor": "white"} if flagged else {})
+            if figure == "train":
+                ax.errorbar([x], [y], yerr=bars, linestyle="none", capsize=3, label=r["model"], zorder=3, **s)
+            else:
+                ax.plot([x], [y], linestyle="none", label=r["model"], zorder=3, **s)
+            if flagged:
+                ax.annotate(MARK, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=10)
+            xs[i].append(x)
+            ys[i] += [y] if figure == "memory" else [y - bars[0][0], y + bars[1][0]]
+    for i, ax in enumerate(axes):
+        set_axis(ax, "x", xs[i])
+        set_axis(ax, "y", ys[i])
+        ax.set_title(titles[i], fontsize=10)
+        ax.grid(alpha=0.3, which="major")
+    axes[0].set_xlabel("total parameters")
+    axes[0].set_ylabel(f"training peak memory, measured (MiB, {device})" if peaks else "parameters + optimizer (MiB)")
+    axes[1].set_xlabel("active parameters")
+    axes[1].set_ylabel(f"training tokens/s ({device}; bars: slowest to fastest window)")
+    legend(fig, [_flagged_handle()] if any_flagged else [], order=list(styles))
+    return fig
 
 
 def cost_scaling(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Parameter + optimizer memory against total parameters, training throughput against
-    active parameters (from ``harness measure``)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    measured = [r for r in records if r["run_id"] in measures]
-    if not measured:
-        for ax in axes:
-            _note(ax, "no run was measured (harness measure)")
-        return _save(fig, path)
-    seen: set[str] = set()
-    device = measures[measured[0]["run_id"]]["device_name"]
-    peaks = all(training_memory(measures[r["run_id"]]) is not None for r in measured)
-    for r in measured:
-        m = measures[r["run_id"]]
-        arm = arm_label(r)
-        style = arm_style(r, records)
-        label = None if arm in seen else arm
-        seen.add(arm)
-        mem = (training_memory(m) if peaks else state_bytes(m)) / 2**20
-        axes[0].scatter(r["params"]["total"], mem, label=label, **style)
-        axes[1].scatter(r["params"]["active"], m["train"]["tokens_per_s_median"], label=label, **style)
-    axes[0].set_xlabel("total parameters")
-    axes[0].set_ylabel(f"training peak memory, measured (MiB, {device})" if peaks else "parameters + optimizer (MiB)")
-    axes[0].set_title("memory follows total parameters")
-    axes[1].set_xlabel("active parameters")
-    axes[1].set_ylabel(f"training tokens/s ({device})")
-    axes[1].set_title("throughput follows active parameters")
-    for ax in axes:
-        for axis, collection in (("x", ax.collections), ("y", ax.collections)):
-            values = [xy[0 if axis == "x" else 1] for c in collection for xy in c.get_offsets()]
-            _scale(ax, axis, values)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _save(draw_cost_scaling(records, measures), path)
 
 
-def routing_health_figure(series: dict[str, dict[str, np.ndarray]], experts: dict[str, int], path: Path) -> Path:
+# ---------------------------------------------------------------------------------------------
+# Routing, specialisation, downstream
+
+
+def draw_routing_health(series: dict[str, dict[str, np.ndarray]], experts: dict[str, int]) -> Figure:
     """Per MoE run (columns), each layer over training: load coefficient of variation, busiest
     expert over the mean, router entropy / log E and z-loss; experts without tokens in a step
     and the dropped fraction when any step has them."""
     runs = [run for run, s in series.items() if s]
     if not runs:
-        fig, ax = plt.subplots(figsize=(6, 3))
-        _note(ax, "no MoE run: no routing to show")
-        return _save(fig, path)
+        fig, (ax,) = _subplots(1, 6.0, 3.0)
+        ax.set_title("router statistics per layer over training", fontsize=10)
+        not_enough(ax, "no MoE run: no routing to show")
+        return fig
     panels = [
         ("load_cv", "load CV (std / mean tokens per expert)"),
         ("max_over_mean", "busiest expert / mean load"),
@@ -251,7 +333,12 @@ def routing_health_figure(series: dict[str, dict[str, np.ndarray]], experts: dic
     if any((series[r]["dropped_fraction"] > 0).any() for r in runs):
         panels.append(("dropped_fraction", "dropped fraction"))
     fig, axes = plt.subplots(
-        len(panels), len(runs), figsize=(3.6 * len(runs), 2.4 * len(panels)), squeeze=False, sharex="col"
+        len(panels),
+        len(runs),
+        figsize=(3.6 * len(runs) + 1.6, 2.4 * len(panels)),
+        squeeze=False,
+        sharex="col",
+        layout="constrained",
     )
     for j, run in enumerate(runs):
         s = series[run]
@@ -272,60 +359,78 @@ def routing_health_figure(series: dict[str, dict[str, np.ndarray]], experts: dic
                 axes[i, j].set_ylim(0, 1.05)
         axes[0, j].set_title(run, fontsize=8)
         axes[-1, j].set_xlabel("training step")
-    axes[0, 0].legend(fontsize=7)
-    return _save(fig, path)
+    fig.suptitle("router statistics per layer over training", fontsize=10)
+    legend(fig)
+    return fig
 
 
-def specialisation_figure(run: str | None, layer: dict[str, Any] | None, path: Path) -> Path:
+def routing_health_figure(series: dict[str, dict[str, np.ndarray]], experts: dict[str, int], path: Path) -> Path:
+    return _save(draw_routing_health(series, experts), path)
+
+
+def draw_specialisation(run: str | None, layer: dict[str, Any] | None) -> Figure:
     """Lift (expert's share of a token category over the category's overall share) per expert
     and category, for one layer of one MoE run: 1 means no preference."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (ax,) = _subplots(1, 5.6, 4.2)
     if layer is None:
-        _note(ax, "no routing analysis of an MoE run")
-        return _save(fig, path)
+        ax.set_title("token-category lift per expert", fontsize=10)
+        not_enough(ax, "no routing analysis of an MoE run (`harness routing`)")
+        return fig
     lift = np.asarray(layer["lift"], float)
     categories = layer["categories"]
     im = ax.imshow(np.log2(np.clip(lift, 1e-3, None)), cmap="RdBu_r", vmin=-2, vmax=2, aspect="auto")
     ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(lift.shape[0]), [f"expert {e}" for e in range(lift.shape[0])], fontsize=8)
-    ax.set_title(f"{run}, layer {layer['layer']}: token-category lift (log2)", fontsize=9)
+    ax.set_title(f"{run}, layer {layer['layer']}: token-category lift per expert (log2)", fontsize=9)
     fig.colorbar(im, ax=ax, label="log2(expert share / overall share)")
-    return _save(fig, path)
+    return fig
 
 
-def downstream_figure(
-    records: list[dict[str, Any]], evals: dict[str, dict[str, Any]], tasks: dict[str, str], path: Path
-) -> Path:
-    """Each task's primary metric against validation loss, one point per run, coloured by arm
+def specialisation_figure(run: str | None, layer: dict[str, Any] | None, path: Path) -> Path:
+    return _save(draw_specialisation(run, layer), path)
+
+
+def draw_downstream(records: list[dict[str, Any]], evals: dict[str, dict[str, Any]], tasks: dict[str, str]) -> Figure:
+    """Each task's primary metric against validation loss, one point per run, a style per model
     (the view of Abnar et al. 2025)."""
-    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.4 * max(1, len(tasks)), 3.8), squeeze=False)
+    fig, axes = _subplots(max(1, len(tasks)), 4.2, 3.8)
     if not tasks:
-        _note(axes[0, 0], "no lm-eval results")
-        return _save(fig, path)
-    for ax, (task, metric) in zip(axes[0], tasks.items(), strict=True):
-        seen = set()
+        axes[0].set_title("downstream metric vs validation loss", fontsize=10)
+        not_enough(axes[0], "no lm-eval results (`harness evaluate`)")
+        return fig
+    styles = model_styles(records)
+    for ax, (task, metric) in zip(axes, tasks.items(), strict=True):
+        ax.set_title(f"{task}: {metric} vs validation loss", fontsize=10)
+        drawn = 0
         for r in records:
             value = task_metric(evals.get(r["run_id"]), task, metric)
             if value is None:
                 continue
-            arm = arm_label(r)
             ax.errorbar(
                 r["final_val_loss"],
                 value,
                 yerr=task_metric(evals.get(r["run_id"]), task, f"{metric}_stderr"),
                 linestyle="none",
                 capsize=2,
-                label=None if arm in seen else arm,
+                label=r["model"],
                 zorder=3,
-                **arm_style(r, records),
+                **styles[r["model"]],
             )
-            seen.add(arm)
+            drawn += 1
+        if not drawn:
+            not_enough(ax, f"no run has {task} {metric}")
+            continue
         chance = next(iter(evals.values())).get("local_tasks", {}).get("tasks", {}).get(task, {}).get("chance_accuracy")
         if chance is not None and metric.startswith("acc"):
             ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set_xlabel("validation loss (nats/token)")
         ax.set_ylabel(metric)
-        ax.set_title(task)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return _save(fig, path)
+    legend(fig, order=list(styles))
+    return fig
+
+
+def downstream_figure(
+    records: list[dict[str, Any]], evals: dict[str, dict[str, Any]], tasks: dict[str, str], path: Path
+) -> Path:
+    return _save(draw_downstream(records, evals, tasks), path)

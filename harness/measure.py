@@ -33,6 +33,11 @@ training steps, on every device:
   model's parameters, gradients, optimizer state and activations. Where the high-water mark
   cannot be reset (no /proc, as on macOS) the peak is ``ru_maxrss`` over the whole process and
   ``peak_source`` says so; ``large_allocations_mapped`` says whether glibc took the setting.
+
+Plausibility (``result["flags"]`` and a ``flags`` list on each section, empty when clean): the
+rules of :mod:`harness.plausibility` flag a figure that cannot be right, such as timing windows
+spread beyond what one computation repeated gives (other work on the machine) or model FLOP/s
+above the large matmul measured here; the flag names the rule and carries the numbers.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from typing import Any
 import torch
 
 from harness.energy import MIN_WINDOW_S, open_meter
+from harness.plausibility import annotate
 from harness.precision import Precision, resolve
 from harness.provenance import provenance
 from harness.study import Recipe
@@ -134,7 +140,13 @@ def matmul_flops(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     seconds = time_windows(lambda: a @ b, MeasureSettings(windows=5, warmup_steps=2), device, reps=3)
-    return {"shape": [n, n, n], "dtype": str(dtype), "flops_per_s": 2 * n**3 / statistics.median(seconds)}
+    return {
+        "shape": [n, n, n],
+        "dtype": str(dtype),
+        "flops_per_s": 2 * n**3 / statistics.median(seconds),
+        # every window's rate, so that a reference measured under load is seen (harness.plausibility)
+        "flops_per_s_windows": [2 * n**3 / s for s in seconds],
+    }
 
 
 def _train_step(model, opt, x, y, precision: Precision, device: torch.device) -> None:
@@ -400,7 +412,7 @@ def measure(
     if device.type == "cpu":  # last: it changes how the process allocates, which would change the timings
         result["memory"] |= cpu_training_peak(cfg, model, x, y, settings.windows, precision)
     result["provenance"] = provenance(device)
-    return result
+    return annotate(result)  # a figure that cannot be right carries a flag (harness.plausibility)
 
 
 def mfu_table(cfg: ModelConfig, tokens_per_s: float, device_name: str, matmul: dict, seq_len: int) -> dict[str, Any]:

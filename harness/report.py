@@ -1,9 +1,10 @@
 """The study report: report.md, summary.json, tables/ (CSV and HTML) and figures/ of a study.
 
-    harness report tiny          # results/tiny/report.md, tables/*.{csv,html}, figures/*.png
+    harness report tiny          # results/tiny/report.md, tables/*.{csv,html}, figures/*.png, report.html
 
 The tables are built in ``harness.tables``, the analyses in ``harness.analysis``, the figures in
 ``harness.figures``; this module reads the runs' files, runs them and writes the report.
+report.html (``harness.report_html``) is report.md rendered for a browser, figures inline.
 """
 
 from __future__ import annotations
@@ -17,13 +18,17 @@ from tabulate import tabulate
 
 from harness.errors import HarnessError
 from harness.io import read_json, write_json, write_text
+from harness.plausibility import LABELS, MARK, mark, overhead_flags
+from harness.report_html import write_html
 from harness.study import Study, plan
 from harness.tables import (
+    claim_flags,
     claims_table,
     comparison_table,
     cost_table,
     eval_table,
     eval_tasks,
+    flag_notes,
     glance_table,
     health_table,
     main_table_intro,
@@ -79,9 +84,40 @@ def _records(study: Study, results: Path, runs) -> list[dict]:
     return [read_json(results / "runs" / run.run_id / "record.json") for run in runs]
 
 
+def overhead_lines(overhead: float | None) -> list[str]:
+    """The energy meter's overhead from the micro-benchmark, marked when it cannot be right."""
+    if overhead is None:
+        return []
+    bad = overhead_flags(overhead)
+    return [
+        f"Energy-meter sampling overhead: {mark(f'{overhead:+.2%}', bad)} of training-step time (micro-benchmark)."
+        + "".join(f" {MARK} {LABELS[f['figure']]}: {f['reason']}." for f in bad),
+        "",
+    ]
+
+
+def _marked(table: tuple[list[str], list[list[Any]]]) -> bool:
+    return any(MARK in str(cell) for row in table[1] for cell in row)
+
+
+def _flag_section(notes: list[str]) -> list[str]:
+    """The notes under the cost table: each flagged figure and why (``harness.plausibility``)."""
+    if not notes:
+        return []
+    return [
+        f"{MARK} Flagged measurements: shown, but not to be read as facts. Each breaks a plausibility rule "
+        "(`harness/plausibility.py`; the flags are also in each run's measure.json). A figure computed from "
+        f"a flagged one carries the {MARK} too; the 'vs dense' ratios divide the figures of two rows and are "
+        "as uncertain as the marked ones among them.",
+        "",
+        *notes,
+        "",
+    ]
+
+
 def write_report(study: Study, results: Path, microbench: Path | None = None) -> Path:
     """Read every run's record.json (and measure.json, eval.json, routing.json where present) and
-    write report.md, summary.json, tables/ (CSV and HTML) and figures/ (PNG)."""
+    write report.md, summary.json, tables/ (CSV and HTML), figures/ (PNG) and report.html."""
     from harness import figures
     from harness.analysis import scaling, scaling_report
     from harness.analysis.claims import evaluate_claims
@@ -124,13 +160,16 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         "cost": cost_table(records, measures),
         "routing_health": health_table(records, health),
         "specialisation": specialisation_table(routing),
-        "claims": claims_table(claims),
+        "claims": claims_table(claims, claim_flags(records, measures)),
         "reproduction": reproduction_table(repro),
         "microbench": microbench_table(microbench),
     }
     for name, (headers, rows) in tables.items():
         write_text(results / "tables" / f"{name}.csv", _csv(headers, rows))
-        write_text(results / "tables" / f"{name}.html", tabulate(rows, headers=headers, tablefmt="html") + "\n")
+        write_text(
+            results / "tables" / f"{name}.html",
+            tabulate(rows, headers=headers, tablefmt="html", disable_numparse=True) + "\n",
+        )
 
     fig = {k: results / v for k, v in FIGURES.items()}
     figures.loss_vs_params(records, analysis.dense_fits, fig["loss_vs_params"])
@@ -155,6 +194,8 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     seeds = sorted({r["seed"] for r in records})
     md = [f"# Study `{study.name}`", "", study.description.strip(), ""]
     md += ["## At a glance", "", main_table_intro(), "", table("main"), ""]
+    if _marked(tables["main"]):
+        md += [f"{MARK} Computed from a flagged measurement (see the notes under Cost per run): not a fact.", ""]
     md += [
         "## Claims",
         "",
@@ -169,6 +210,11 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
             "",
         ]
     md += [table("claims"), ""]
+    if _marked(tables["claims"]):
+        md += [
+            f"{MARK} The verdict rests on measurements flagged as disturbed or impossible (its caveat names them).",
+            "",
+        ]
     md += ["## Runs", "", table("runs"), ""]
     md += ["## Dense versus MoE, run by run", "", table("dense_vs_moe"), ""]
     md += ["## Dense versus MoE over seeds", ""]
@@ -194,12 +240,12 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
             "",
             table("cost"),
             "",
+            *_flag_section(flag_notes(records, measures)),
             image("cost_scaling", "memory against total parameters, throughput against active parameters"),
             "",
         ]
     overhead = _meter_overhead(microbench)
-    if overhead is not None:
-        md += [f"Energy-meter sampling overhead: {overhead:+.2%} of training-step time (micro-benchmark).", ""]
+    md += overhead_lines(overhead)
     if tables["microbench"][1]:
         md += [
             "## MoE FFN micro-benchmark",
@@ -275,7 +321,10 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
             "",
         ]
     md += manifest(records, data, evals)
-    return write_text(results / "report.md", "\n".join(md))
+    path = write_text(results / "report.md", "\n".join(md))
+    # report.html: the same text for a browser, figures inline (and the pages `snakemake --report` shows).
+    write_html(results)
+    return path
 
 
 def _specialisation_example(routing: dict[str, dict[str, Any]]) -> tuple[str | None, dict[str, Any] | None]:

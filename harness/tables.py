@@ -12,8 +12,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from harness.analysis.stats import arm_label, dense_peer, peer_pairs, state_bytes, task_metric, training_memory
+from harness.analysis.stats import (
+    arm_label,
+    dense_peer,
+    measured_pairs,
+    peer_pairs,
+    state_bytes,
+    task_metric,
+    training_memory,
+)
 from harness.io import read_json
+from harness.plausibility import LABELS, MARK, check_measure, flags_for, mark
 from harness.study import budget_label
 
 
@@ -156,7 +165,24 @@ def _fmt(value: float | None, spec: str, absent: str = "absent") -> str:
     return absent if value is None else format(value, spec)
 
 
+def measure_flags(measures: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """run id -> figure -> flags, the rules of ``harness.plausibility`` applied to each measure.json."""
+    return {run: check_measure(m) for run, m in measures.items()}
+
+
+def flag_notes(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> list[str]:
+    """One Markdown bullet per flagged figure of a measured run: run, figure and why."""
+    flags = measure_flags(measures)
+    notes = []
+    for r in sorted(records, key=lambda r: (r["budget_flops"], r["run_id"])):
+        for figure, fs in flags.get(r["run_id"], {}).items():
+            notes += [f"- {MARK} `{r['run_id']}` {LABELS.get(figure, figure)}: {f['reason']}" for f in fs]
+    return notes
+
+
 def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """One row per measured run; a figure flagged by ``harness.plausibility`` (or computed from one)
+    is followed by the mark, and ``flag_notes`` says why."""
     headers = [
         "budget FLOPs",
         "run",
@@ -174,15 +200,21 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
         "learned / balanced step time",
         "vs dense: total params, training memory, train tokens/s",
     ]
+    flags = measure_flags(measures)
     rows = []
     for r in sorted(records, key=lambda r: (r["budget_flops"], r["run_id"])):
         m = measures.get(r["run_id"])
         if m is None:
             continue
+        f = flags[r["run_id"]]
+
+        def flagged(*figures: str, f=f) -> list[dict[str, Any]]:
+            return [x for figure in figures for x in flags_for(f, figure)]
+
         d = dense_peer(r, records) if r["arm"] == "moe" else None
         dm = measures.get(d["run_id"]) if d else None
         versus = "-"
-        if d and dm:
+        if d and dm:  # unmarked: its ratios are as flagged as the two rows' figures they divide
             peaks = training_memory(m), training_memory(dm)
             memory = "-" if None in peaks else f"{peaks[0] / peaks[1]:.2f}"
             versus = (
@@ -194,6 +226,7 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
         # fallbacks read measure.json files written before peak_training_bytes existed.
         peak = mem.get("peak_training_bytes", mem.get("peak_allocated_bytes") or mem.get("peak_rss_bytes"))
         detailed = m["mfu"]["conventions"]["detailed"]
+        mfu = _fmt(detailed["mfu_vs_spec_peak"], ".1%", "absent (no spec peak)")
         rows.append(
             [
                 budget_label(r["budget_flops"]),
@@ -201,15 +234,16 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
                 arm_label(r),
                 _m(r["params"]["total"]),
                 f"{state_bytes(m) / 2**20:.1f}",
-                _fmt(None if peak is None else peak / 2**20, ".1f"),
-                f"{m['train']['tokens_per_s_median']:,.0f}",
-                _fmt(detailed["mfu_vs_spec_peak"], ".1%", "absent (no spec peak)"),
-                f"{detailed['fraction_of_measured_matmul']:.1%}",
-                f"{m['prefill']['tokens_per_s_median']:,.0f}",
-                f"{m['decode_batch1']['tokens_per_s_median']:,.0f}",
-                _fmt(m["energy_train"]["j_per_token"], ".3g", "absent (no NVML)"),
-                _fmt(m["energy_prefill"]["j_per_token"], ".3g", "absent (no NVML)"),
-                _fmt(m.get("imbalance_cost"), ".3f", "-"),
+                mark(_fmt(None if peak is None else peak / 2**20, ".1f"), flagged("memory")),
+                mark(f"{m['train']['tokens_per_s_median']:,.0f}", flagged("train")),
+                mfu if detailed["mfu_vs_spec_peak"] is None else mark(mfu, flagged("mfu.detailed")),
+                mark(f"{detailed['fraction_of_measured_matmul']:.1%}", flagged("mfu.detailed")),
+                mark(f"{m['prefill']['tokens_per_s_median']:,.0f}", flagged("prefill")),
+                mark(f"{m['decode_batch1']['tokens_per_s_median']:,.0f}", flagged("decode_batch1")),
+                mark(_fmt(m["energy_train"]["j_per_token"], ".3g", "absent (no NVML)"), flagged("energy_train")),
+                mark(_fmt(m["energy_prefill"]["j_per_token"], ".3g", "absent (no NVML)"), flagged("energy_prefill")),
+                _fmt(m.get("imbalance_cost"), ".3f", "-")
+                + ("" if m.get("imbalance_cost") is None else mark("", flagged("imbalance_cost"))),
                 versus,
             ]
         )
@@ -334,9 +368,45 @@ def specialisation_table(routing: dict[str, dict[str, Any]]) -> tuple[list[str],
     return headers, rows
 
 
-def claims_table(claims) -> tuple[list[str], list[list[Any]]]:
+CLAIM_FIGURES = {"R10": "train", "memory": "memory"}
+"""The claims (``harness.analysis.claims``) whose verdicts rest on a measured figure of each
+measured MoE-dense pair, and that figure."""
+
+
+def claim_flags(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Claim key -> the flagged measurements its verdict rests on ('run figure (rule)')."""
+    from harness.analysis.claims import MIN_EXTRA_TOTAL
+
+    flags = measure_flags(measures)
+    out: dict[str, list[str]] = {}
+    for key, figure in CLAIM_FIGURES.items():
+        runs = {
+            r["run_id"]
+            for m, d, _, _ in measured_pairs(records, measures)
+            # the memory claim leaves out MoEs with hardly more total parameters (E = k)
+            if key != "memory" or m["params"]["total"] >= MIN_EXTRA_TOTAL * d["params"]["total"]
+            for r in (m, d)
+        }
+        hits = [f"{run} {LABELS[figure]} ({f['rule']})" for run in sorted(runs) for f in flags[run].get(figure, [])]
+        if hits:
+            out[key] = hits
+    return out
+
+
+def claims_table(claims, flagged: dict[str, list[str]] | None = None) -> tuple[list[str], list[list[Any]]]:
+    """``flagged``: from ``claim_flags``. A verdict resting on a flagged measurement keeps its value
+    (one of the three, which readers of claims.csv filter on) and its caveat begins with the mark
+    and the measurements it rests on."""
+    flagged = flagged or {}
     headers = ["expectation", "source", "verdict", "evidence", "caveat"]
-    return headers, [[c.claim, c.source, c.verdict, c.evidence, c.caveat or "-"] for c in claims]
+    rows = []
+    for c in claims:
+        caveat = c.caveat or "-"
+        if c.key in flagged:
+            rests = f"{MARK} the verdict rests on flagged measurements: {', '.join(flagged[c.key])}"
+            caveat = rests if caveat == "-" else f"{rests}; {caveat}"
+        rows.append([c.claim, c.source, c.verdict, c.evidence, caveat])
+    return headers, rows
 
 
 def reproduction_table(repro: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -390,6 +460,11 @@ def glance_table(
         values = None if a is None or b is None else (get(a), get(b))
         return None if values is None or None in values else values[0] / values[1]
 
+    flags = measure_flags(measures)
+
+    def flagged(pairs: list[tuple[dict, dict]], figure: str) -> list[dict[str, Any]]:
+        return [f for pair in pairs for r in pair for f in flags.get(r["run_id"], {}).get(figure, [])]
+
     rows = []
     for (model, budget), pairs in peer_pairs(records).items():
         m0, d0 = pairs[0]
@@ -406,8 +481,15 @@ def glance_table(
                 _fmt(f.get("multiplier"), ".2f", "-") + ("*" if f.get("extrapolated") else ""),
                 _fmt(t.get("multiplier"), ".2f", "-") + ("*" if t.get("extrapolated") else ""),
                 f"{m0['params']['total'] / d0['params']['total']:.2f}",
-                _fmt(mean([ratio(m, d, training_memory) for m, d in pairs]), ".2f", "-"),
-                _fmt(mean([ratio(m, d, lambda x: x["train"]["tokens_per_s_median"]) for m, d in pairs]), ".2f", "-"),
+                mark(
+                    _fmt(mean([ratio(m, d, training_memory) for m, d in pairs]), ".2f", "-"), flagged(pairs, "memory")
+                ),
+                mark(
+                    _fmt(
+                        mean([ratio(m, d, lambda x: x["train"]["tokens_per_s_median"]) for m, d in pairs]), ".2f", "-"
+                    ),
+                    flagged(pairs, "train"),
+                ),
             ]
         )
     return headers, rows

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT
-from pico_study import RUN, RUNDIR, STUDY
+from pico_study import RUN, RUNDIR, STUDY, cli_output
 from pico_study import cli as _cli
-from pico_study import cli_output
 
 from harness.study import (
     BOOKKEEPING,

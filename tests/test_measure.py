@@ -184,3 +184,18 @@ def test_energy_window_gives_joules_per_token(monkeypatch):
     assert window["seconds"] >= 0.2
     assert window["j_per_token"] == pytest.approx(window["energy_j"] / window["tokens"])
     assert window["energy_j"] == pytest.approx(200.0 * window["seconds"], rel=0.05)
+
+
+def test_every_measured_figure_carries_its_plausibility_flags(moe_result):
+    """Each checked section has a ``flags`` list (empty when clean) and the top level lists them all;
+    the reference matmul keeps its windows so that one measured under load is seen."""
+    sections = ("train", "train_forced_balanced", "prefill", "decode_batch1", "decode_large_batch", "matmul")
+    for section in (*sections, "memory", "energy_train", "energy_prefill"):
+        assert isinstance(moe_result[section]["flags"], list)
+    assert all(isinstance(row["flags"], list) for row in moe_result["mfu"]["conventions"].values())
+    assert len(moe_result["matmul"]["flops_per_s_windows"]) == 5
+    nested = [f for s in sections for f in moe_result[s]["flags"]] + [
+        f for row in moe_result["mfu"]["conventions"].values() for f in row["flags"]
+    ]
+    assert sorted(map(str, moe_result["flags"])) == sorted(map(str, nested))
+    assert all(f["rule"] and f["reason"] and f["figure"] for f in moe_result["flags"])

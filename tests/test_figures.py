@@ -1,0 +1,267 @@
+"""The report's figures, read through matplotlib's object API on the returned Figure (no pixels):
+every model has its own style, tick labels do not overlap, a small spread does not fill an axis,
+a panel without data says so instead of drawing empty axes, and titles describe, not claim."""
+
+from __future__ import annotations
+
+import itertools
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from matplotlib.colors import to_rgba
+
+from harness import figures
+from harness.analysis import scaling
+from harness.study import budget_label
+
+SIZES = {"dense-d48": 1.43e5, "dense-d64": 2.46e5, "dense-d96": 5.5e5}
+MOES = {  # model: (E, k, active non-embedding, total non-embedding, moe settings beyond E and k)
+    "moe-d64-e2k2": (2, 2, 2.47e5, 2.47e5, {}),
+    "moe-d64-e4k2": (4, 2, 2.475e5, 4.44e5, {}),
+    "moe-d64-e8k2": (8, 2, 2.48e5, 8.38e5, {}),
+    "moe-d64-e8k2-auxfree": (8, 2, 2.48e5, 8.38e5, {"routing": "sigmoid-bias"}),
+    "moe-d64-e8k2-nobalance": (8, 2, 2.48e5, 8.38e5, {"load_balance_coef": 0.0}),
+    "moe-d64-e16k2": (16, 2, 2.49e5, 1.63e6, {}),
+}
+CLAIM_WORDS = ("follows", "grows", "better", "worse", "beats", "wins", "shows", "proves", "because", "saves")
+
+
+def _rec(model, arm, budget, active, total, loss, seed=0, experts=None, top_k=None, moe=None, **kw):
+    return {
+        "run_id": f"{model}_{budget_label(budget)}_s{seed}",
+        "model": model,
+        "arm": arm,
+        "experts": experts,
+        "top_k": top_k,
+        "seed": seed,
+        "budget_flops": budget,
+        "flops_spent": budget * (1 + 1e-5 * seed),
+        "train_seconds": budget / 7e10 * (1.3 if arm == "moe" else 1.0),
+        "final_val_loss": loss,
+        "tokens": int(budget / (6 * active)),
+        "params": {
+            "active": active + 1.3e5,
+            "active_non_embedding": active,
+            "total": total + 1.3e5,
+            "total_non_embedding": total,
+        },
+        "config": {"moe": None if arm == "dense" else {"experts": experts, "top_k": top_k, **(moe or {})}},
+        "flops_per_token": {"detailed": 6.0 * active},
+        "flop_convention": "detailed",
+        "provenance": {"host": {"device": "cpu"}},
+    } | kw
+
+
+def study_records() -> list[dict]:
+    """Like the cpu study: three dense sizes at 7e12 FLOPs, dense-d64 also at 2.5e12, six MoEs of
+    nearly the active parameters of dense-d64 (three of them E8 k2 variants)."""
+    records = [_rec(m, "dense", 7e12, n, n, 3.3 + n / 2e6) for m, n in SIZES.items()]
+    records.append(_rec("dense-d64", "dense", 2.5e12, SIZES["dense-d64"], SIZES["dense-d64"], 4.0))
+    for i, (model, (e, k, active, total, moe)) in enumerate(MOES.items()):
+        records.append(_rec(model, "moe", 7e12, active, total, 3.35 - 0.005 * i, experts=e, top_k=k, moe=moe))
+    return records
+
+
+def tiny_records() -> list[dict]:
+    """Like the tiny study: dense-d64 and its E8 k2 twin, 0.8% apart in active parameters."""
+    return [
+        _rec("dense-d64", "dense", 7e12, 2.463e5, 2.463e5, 2.761),
+        _rec("moe-d64-e8k2", "moe", 7e12, 2.483e5, 8.38e5, 2.727, experts=8, top_k=2),
+    ]
+
+
+def measure_of(rec: dict, windows: list[float] | None = None, fraction: float = 0.3) -> dict:
+    windows = windows or [40_000.0 + 500 * i for i in range(10)]
+    return {
+        "device_name": "cpu",
+        "train": {
+            "tokens_per_s_median": float(np.median(windows)),
+            "tokens_per_s_min": min(windows),
+            "tokens_per_s_max": max(windows),
+            "tokens_per_s_windows": windows,
+        },
+        "memory": {
+            "param_bytes": 4 * rec["params"]["total"],
+            "gradient_bytes": 4 * rec["params"]["total"],
+            "optimizer_state_bytes": 8 * rec["params"]["total"],
+            "peak_training_bytes": 100 * 2**20 + 16 * rec["params"]["total"],
+        },
+        "mfu": {"conventions": {"detailed": {"fraction_of_measured_matmul": fraction, "mfu_vs_spec_peak": None}}},
+    }
+
+
+def _data_lines(ax) -> list:
+    return [line for line in ax.get_lines() if len(line.get_xdata()) and line.get_marker() not in ("None", None, "")]
+
+
+def _texts(fig) -> list[str]:
+    """Every text drawn on the panels, line breaks of wrapping undone."""
+    return [" ".join(t.get_text().split()) for ax in fig.axes for t in ax.texts]
+
+
+@pytest.fixture(autouse=True)
+def _close():
+    yield
+    plt.close("all")
+
+
+def test_every_model_has_its_own_style_and_legend_entry():
+    records = study_records()
+    styles = figures.model_styles(records)
+    keys = {(to_rgba(s["color"]), s["marker"], str(s["markerfacecolor"])) for s in styles.values()}
+    assert len(keys) == len(styles) == len(SIZES) + len(MOES)
+    colours = {to_rgba(s["color"]) for s in styles.values()}
+    assert len(colours) == len(styles)  # colour alone tells them apart at this count
+    dense = [styles[m]["color"] for m in sorted(SIZES, key=SIZES.get)]
+    lightness = [sum(to_rgba(c)[:3]) for c in dense]
+    assert lightness == sorted(lightness, reverse=True)  # sequential: darker as the dense model grows
+
+    fig = figures.draw_loss_vs_cost(records)
+    ax = fig.axes[1]  # training wall-clock
+    by_label = {line.get_label(): to_rgba(line.get_color()) for line in _data_lines(ax)}
+    assert set(by_label) == set(SIZES) | set(MOES)
+    assert len(set(by_label.values())) == len(by_label)  # the three dense sizes are no longer all black
+    legend = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert set(SIZES) | set(MOES) <= legend
+
+
+def test_moe_variants_of_one_family_are_not_joined_into_a_line():
+    fig = figures.draw_loss_vs_params(study_records(), {})
+    grey = [line for line in fig.axes[0].get_lines() if line.get_label().startswith("_") and len(line.get_xdata()) > 1]
+    # only the dense sizes at 7e12 form a line; the E8 k2 variants differ in routing, not in size
+    assert len(grey) == 1 and len(grey[0].get_xdata()) == len(SIZES)
+
+
+def _overlaps(fig, axis: str) -> list[tuple[str, str]]:
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    out = []
+    for ax in fig.axes:
+        if not ax.axison:
+            continue
+        target = ax.xaxis if axis == "x" else ax.yaxis
+        lo, hi = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
+        ticks = [
+            t
+            for t in target.get_ticklabels(which="both")
+            if t.get_text() and t.get_visible() and lo <= (t.get_position()[0 if axis == "x" else 1]) <= hi
+        ]
+        boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in ticks]
+        out += [(a, b) for (a, ba), (b, bb) in itertools.combinations(boxes, 2) if ba.overlaps(bb)]
+    return out
+
+
+@pytest.mark.parametrize("records", [study_records(), tiny_records()], ids=["cpu-like", "tiny-like"])
+def test_tick_labels_do_not_collide(records):
+    measures = {r["run_id"]: measure_of(r) for r in records}
+    for fig in (
+        figures.draw_loss_vs_params(records, {}),
+        figures.draw_loss_vs_cost(records),
+        figures.draw_cost_scaling(records, measures),
+    ):
+        assert _overlaps(fig, "x") == [] and _overlaps(fig, "y") == []
+
+
+def test_a_small_spread_does_not_fill_the_axis():
+    records = tiny_records()  # active parameters 0.8% apart, FLOPs spent identical
+    fig = figures.draw_cost_scaling(records, {r["run_id"]: measure_of(r) for r in records})
+    lo, hi = fig.axes[1].get_xlim()
+    xs = [r["params"]["active"] for r in records]
+    assert (max(xs) - min(xs)) / (hi - lo) < 0.2 and hi - lo >= 0.1 * np.mean(xs)
+    fig = figures.draw_loss_vs_cost(records)
+    lo, hi = fig.axes[0].get_xlim()
+    assert hi - lo >= 0.1 * 7e12 and fig.axes[0].get_xscale() == "linear"
+
+
+def test_a_wide_spread_gets_a_log_axis():
+    fig = figures.draw_loss_vs_params(study_records(), {})
+    assert fig.axes[1].get_xscale() == "log"  # total parameters: 1.4e5 to 1.6e6
+
+
+def test_isoflop_with_one_size_says_not_enough_data_and_draws_no_axes():
+    records = tiny_records()
+    fig = figures.draw_isoflop(records, scaling.isoflop_curves(scaling.analyse(records, bootstrap=10)))
+    (ax,) = fig.axes
+    assert not ax.axison and ax.get_lines() == []
+    (text,) = _texts(fig)
+    assert text.startswith("not enough data:") and "3 or more model sizes" in text
+    assert "the most this study has is 1" in text
+
+
+def test_isoflop_with_three_dense_sizes_draws_the_parabola():
+    records = study_records()
+    curves = scaling.isoflop_curves(scaling.analyse(records, bootstrap=10))
+    fig = figures.draw_isoflop(records, curves)
+    (ax,) = fig.axes
+    assert ax.axison and "7e12 FLOPs" in ax.get_title()
+    labels = {line.get_label() for line in ax.get_lines()}
+    assert set(SIZES) <= labels and "parabola minimum" in labels
+
+
+def test_energy_on_a_cpu_is_not_an_empty_panel():
+    fig = figures.draw_loss_vs_cost(study_records())  # no gpu_energy_j: no NVML
+    energy = fig.axes[2]
+    assert not energy.axison and energy.get_lines() == []
+    (text,) = [" ".join(t.get_text().split()) for t in energy.texts]
+    assert text.startswith("not enough data:") and "no NVML" in text and "absent, not zero" in text
+    assert all(ax.axison for ax in fig.axes[:2])
+
+
+def test_unmeasured_study_and_missing_routing_say_not_enough_data():
+    for fig in (
+        figures.draw_cost_scaling(tiny_records(), {}),
+        figures.draw_routing_health({}, {}),
+        figures.draw_specialisation(None, None),
+        figures.draw_downstream(tiny_records(), {}, {}),
+    ):
+        assert all(not ax.axison for ax in fig.axes)
+        assert _texts(fig) and all(t.startswith("not enough data:") for t in _texts(fig))
+
+
+def test_titles_describe_what_is_plotted_not_a_claim():
+    records = study_records()
+    measures = {r["run_id"]: measure_of(r) for r in records}
+    drawn = [
+        figures.draw_loss_vs_params(records, {}),
+        figures.draw_isoflop(records, scaling.isoflop_curves(scaling.analyse(records, bootstrap=10))),
+        figures.draw_loss_vs_cost(records),
+        figures.draw_cost_scaling(records, measures),
+    ]
+    titles = [ax.get_title() for fig in drawn for ax in fig.axes] + [fig.get_suptitle() for fig in drawn]
+    assert all(" vs " in t for fig in drawn for ax in fig.axes if (t := ax.get_title()))
+    assert not [t for t in titles for w in CLAIM_WORDS if w in t.lower()]
+    assert "training memory vs total parameters" in titles and "training tokens/s vs active parameters" in titles
+
+
+def test_a_flagged_throughput_is_drawn_hollow_and_marked():
+    records = tiny_records()
+    measures = {r["run_id"]: measure_of(r) for r in records}
+    dense = records[0]["run_id"]
+    measures[dense] = measure_of(records[0], windows=[3.3, 27.7, 20.0, 21.0, 22.0])
+    fig = figures.draw_cost_scaling(records, measures)
+    ax = fig.axes[1]
+    marked = {c.get_label(): c.lines[0].get_markerfacecolor() for c in ax.containers}  # errorbars: window range
+    assert to_rgba(marked["dense-d64"]) == to_rgba("white") and to_rgba(marked["moe-d64-e8k2"]) != to_rgba("white")
+    assert [t.get_text() for t in ax.texts] == [figures.MARK]
+    assert any("flagged" in t.get_text() for t in fig.legends[0].get_texts())
+
+
+def test_figures_are_written_under_their_names(tmp_path):
+    records = tiny_records()
+    path = figures.loss_vs_cost(records, tmp_path / "figures" / "loss_vs_cost.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_downstream_points_are_styled_per_model_and_titled_by_metric():
+    records = tiny_records()
+    evals = {
+        r["run_id"]: {"tasks": {"heldout_ppl": {"bits_per_byte": 1.85 - 0.01 * i}}, "local_tasks": {"tasks": {}}}
+        for i, r in enumerate(records)
+    }
+    fig = figures.draw_downstream(records, evals, {"heldout_ppl": "bits_per_byte", "absent_task": "acc"})
+    drawn, absent = fig.axes
+    assert drawn.get_title() == "heldout_ppl: bits_per_byte vs validation loss"
+    colours = {c.get_label(): to_rgba(c.lines[0].get_color()) for c in drawn.containers}
+    assert set(colours) == {"dense-d64", "moe-d64-e8k2"} and len(set(colours.values())) == 2
+    assert not absent.axison and _texts(fig) == ["not enough data: no run has absent_task acc"]
