@@ -169,26 +169,41 @@ class RetrainRefused(Exception):
     """Raised in the workflow's onstart: finished runs would be trained again without consent."""
 
 
-def _scheduled_retrains(dag, results: Path) -> dict[str, str]:
+def _scheduled_retrains(dag, results: Path) -> tuple[dict[str, str], list[str]]:
     """Train jobs Snakemake is about to run over a finished run (record.json present), with its
-    reason: this catches every trigger, not only a changed identity."""
-    out = {}
+    reason, and the reasons of the other jobs they follow (the data step): this catches every
+    trigger, not only a changed identity."""
+    runs, upstream = {}, []
     try:
         jobs = list(dag.needrun_jobs())
     except Exception:  # Snakemake's DAG API moved: the identity check still applies
-        return out
+        return runs, upstream
     for job in jobs:
         run_id = getattr(job, "wildcards_dict", {}).get("run")
+        reason = str(dag.reason(job)).replace("\n", "; ")
         if job.rule.name == "train" and run_id and (results / "runs" / run_id / "record.json").is_file():
-            out[run_id] = str(dag.reason(job)).replace("\n", "; ")
-    return out
+            runs[run_id] = reason
+        elif job.rule.name == "data":
+            upstream.append(f"the data step runs again first (Snakemake: {reason})")
+    return runs, upstream
+
+
+METADATA_HINT = (
+    "If `harness plan` lists these runs as done, only Snakemake's own record of an earlier "
+    "parameter or rule changed: `snakemake --cleanup-metadata FILE...` on their outputs makes it "
+    "forget that record."
+)
 
 
 def guard_retraining(workflow, study: Study, runs: list[Run], results: Path, retrain: str | None) -> None:
     """The workflow's onstart check: stop before a finished or started run is trained again,
     unless the user said ``--config retrain=stale``."""
     stale = {s.run_id: s for s in retrained_runs(study, runs, results)}
-    for run_id, reason in _scheduled_retrains(workflow.dag, results).items():
+    scheduled, upstream = _scheduled_retrains(workflow.dag, results)
+    for run_id, reason in scheduled.items():
         stale.setdefault(run_id, RunState(run_id, "stale", (f"Snakemake: {reason}",)))
     if stale and retrain != "stale":
-        raise RetrainRefused(retrain_refusal(list(stale.values()), study))
+        message = retrain_refusal(list(stale.values()), study)
+        said = " ".join([*upstream, *scheduled.values()])
+        hint = METADATA_HINT if "have changed" in said or "has changed" in said else ""
+        raise RetrainRefused("\n".join(filter(None, [message, *upstream, hint])))

@@ -192,11 +192,9 @@ rule report:
             category="Figures",
             labels={"#": "07", "figure": "downstream vs validation loss"},
         ),
-    params:
-        study=STUDY.path,
     log:
         f"{RESULTS}/logs/report.log",
     benchmark:
         f"{RESULTS}/benchmarks/report.tsv"
     shell:
-        "{PY} -m harness report {params.study} --microbench {input.microbench} > {log} 2>&1"
+        "{PY} -m harness report {STUDY_FILE} --microbench {input.microbench} > {log} 2>&1"
