@@ -2,9 +2,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch is installed first and on its own: a bare `torch` requirement
-# resolved without an installed build pulls several GB of CUDA packages.
+# torch is installed first and on its own, so that the package's bare `torch` requirement finds
+# it. Which build is the user's choice, one variable away:
+#   TORCH_BUILD=default  whatever pip's configured index gives for TORCH_SPEC; on PyPI for Linux
+#                        x86_64 that is the CUDA build (several GB of CUDA libraries)
+#   TORCH_BUILD=cpu      the CPU-only build, from PyTorch's own index
+#   TORCH_BUILD=cu126    a CUDA build (cu118, cu124, cu126, ...), from PyTorch's own index
 TORCH_SPEC ?= torch==2.13.0
+TORCH_BUILD ?= default
+TORCH_INDEX := $(if $(filter default,$(TORCH_BUILD)),,--index-url https://download.pytorch.org/whl/$(TORCH_BUILD))
 STAMP := $(VENV)/.installed
 # On a machine whose system Python already has a CUDA torch: make VENV_FLAGS=--system-site-packages
 VENV_FLAGS ?=
@@ -14,7 +20,7 @@ VENV_FLAGS ?=
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 

@@ -14,6 +14,11 @@ include: "workflows/rules/evaluate.smk"
 include: "workflows/rules/report.smk"
 
 
+onsuccess:
+    # The first numbers, and where the rest is.
+    print(at_a_glance(Path(RESULTS)), file=sys.stderr)
+
+
 rule all:
     input:
         f"{RESULTS}/report.md",

@@ -91,14 +91,12 @@ def _last_step(metrics: Path) -> int | None:
 
 def run_state(run: Run, results: Path) -> RunState:
     run_dir = results / "runs" / run.run_id
-    record, data_json = run_dir / "record.json", results / "data" / "data.json"
+    record = run_dir / "record.json"
     if record.is_file():
         content = _read(record)
         if content is None:
             return RunState(run.run_id, "to run", ("record.json does not parse",))
         changes = identity_changes(recorded_identity(content), run_identity(run))
-        if data_json.is_file() and data_json.stat().st_mtime > record.stat().st_mtime:
-            changes.append("data/data.json was written again after the run finished")
         return RunState(run.run_id, "stale" if changes else "done", tuple(changes))
     spec = _read(run_dir / "spec.json")
     if spec is None or not (run_dir / "checkpoint.pt").is_file():
@@ -197,7 +195,10 @@ METADATA_HINT = (
 
 def guard_retraining(workflow, study: Study, runs: list[Run], results: Path, retrain: str | None) -> None:
     """The workflow's onstart check: stop before a finished or started run is trained again,
-    unless the user said ``--config retrain=stale``."""
+    unless the user said ``--config retrain=stale``. ``snakemake --touch`` retrains nothing: it
+    passes."""
+    if getattr(workflow, "touch", False):
+        return
     stale = {s.run_id: s for s in retrained_runs(study, runs, results)}
     scheduled, upstream = _scheduled_retrains(workflow.dag, results)
     for run_id, reason in scheduled.items():
@@ -207,3 +208,23 @@ def guard_retraining(workflow, study: Study, runs: list[Run], results: Path, ret
         said = " ".join([*upstream, *scheduled.values()])
         hint = METADATA_HINT if "have changed" in said or "has changed" in said else ""
         raise RetrainRefused("\n".join(filter(None, [message, *upstream, hint])))
+
+
+def at_a_glance(results: Path) -> str:
+    """What the end of a successful workflow prints: the report's at-a-glance table and where the
+    report is (empty when no report was written)."""
+    report = results / "report.md"
+    try:
+        text = report.read_text()
+    except OSError:
+        return ""
+    lines, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("## "):
+            if inside:
+                break
+            inside = line.strip() == "## At a glance"
+        if inside:
+            lines.append(line)
+    where = [f"report: {report}"] + [f"        {p}" for p in (results / "report.html",) if p.is_file()]
+    return "\n".join([*lines, "", *where]).strip() + "\n"
