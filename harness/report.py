@@ -212,7 +212,8 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     md += [table("claims"), ""]
     if _marked(tables["claims"]):
         md += [
-            f"{MARK} The verdict rests on measurements flagged as disturbed or impossible (its caveat names them).",
+            f"{MARK} No verdict: the claim rests on measurements flagged as disturbed or impossible "
+            "(its caveat names them, and the verdict they would give).",
             "",
         ]
     md += ["## Runs", "", table("runs"), ""]

@@ -394,18 +394,25 @@ def claim_flags(records: list[dict[str, Any]], measures: dict[str, dict[str, Any
 
 
 def claims_table(claims, flagged: dict[str, list[str]] | None = None) -> tuple[list[str], list[list[Any]]]:
-    """``flagged``: from ``claim_flags``. A verdict resting on a flagged measurement keeps its value
-    (one of the three, which readers of claims.csv filter on) and its caveat begins with the mark
-    and the measurements it rests on."""
+    """``flagged``: from ``claim_flags``. A claim resting on a flagged measurement gets no verdict
+    from it: 'not enough data', its caveat beginning with the mark, the measurements, and the
+    verdict those figures would have given."""
+    from harness.analysis.claims import NO_DATA
+
     flagged = flagged or {}
     headers = ["expectation", "source", "verdict", "evidence", "caveat"]
     rows = []
     for c in claims:
-        caveat = c.caveat or "-"
+        caveat, verdict = c.caveat or "-", c.verdict
         if c.key in flagged:
-            rests = f"{MARK} the verdict rests on flagged measurements: {', '.join(flagged[c.key])}"
+            verdict = NO_DATA
+            rests = (
+                f"{MARK} rests on measurements flagged as disturbed or impossible ({', '.join(flagged[c.key])}); "
+                f"taken at face value they would give '{c.verdict}'. `harness measure --force` on a quiet "
+                "machine measures them again"
+            )
             caveat = rests if caveat == "-" else f"{rests}; {caveat}"
-        rows.append([c.claim, c.source, c.verdict, c.evidence, caveat])
+        rows.append([c.claim, c.source, verdict, c.evidence, caveat])
     return headers, rows
 
 

@@ -143,8 +143,10 @@ def test_verdicts_and_ratios_resting_on_a_flagged_figure_say_so():
     headers, rows = claims_table(claims, flagged)
     by_key = {c.key: dict(zip(headers, row, strict=True)) for c, row in zip(claims, rows, strict=True)}
     r10 = by_key["R10"]
-    assert r10["caveat"].startswith(f"{MARK} the verdict rests on flagged measurements: dense-d64_7e12_s0")
-    assert r10["verdict"] in ("supported", "not supported", "not enough data")  # the value itself is kept
+    assert r10["caveat"].startswith(f"{MARK} rests on measurements flagged as disturbed or impossible (dense-d64")
+    assert r10["verdict"] == "not enough data"  # a disturbed figure carries no verdict
+    face_value = next(c.verdict for c in claims if c.key == "R10")
+    assert f"would give '{face_value}'" in r10["caveat"]
     assert not any(MARK in v for k, row in by_key.items() if k != "R10" for v in row.values())
     headers, (row,) = glance_table(records, {}, measures, scaling.analyse(records, bootstrap=10))
     glance = dict(zip(headers, row, strict=True))
