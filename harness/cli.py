@@ -1,18 +1,22 @@
-"""The ``harness`` command: one verb per pipeline step, each runnable by hand.
+"""The harness command: one verb per pipeline step, each runnable by hand.
 
-harness count models/configs/moe-s-e8k2.yaml [--json] [--seq-len N]
-harness match models/configs/dense-s.yaml --experts 8 --top-k 2 [--out FILE]
-harness plan | data | tasks | train | measure | evaluate | export | routing | report STUDY [...]
+    harness count models/configs/moe-s-e8k2.yaml [--json] [--seq-len N]
+    harness match models/configs/dense-s.yaml --experts 8 --top-k 2 [--moe KEY=VALUE ...] [--out FILE]
+    harness plan | data | tasks | train | measure | evaluate | routing | export | report STUDY [...]
+    harness --version
 
 Every expected failure (a bad config, study or flag, a missing earlier step, a damaged file, a
-full disk, a run too large for the machine) is one line, ``harness VERB: error: ...``, and exit
-code 2; anything else is a defect and prints its traceback with a request to report it.
+full disk, a run too large for the machine) is one line, "harness VERB: error: ...", and exit
+code 2; anything else is a defect and prints its traceback with a request to report it. The
+first line of this docstring and EPILOG are what --help shows, so they stay plain text.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import subprocess
 import sys
 import traceback
 from dataclasses import replace
@@ -23,8 +27,16 @@ from tabulate import tabulate
 from harness.errors import HarnessError, MissingStep
 from harness.study import LOCAL_TASKS, budget_label, find_run, load_study, plan, plan_rows
 from models.accounting import summary
-from models.config import ConfigError, dump_config, load_config
-from models.matching import match_moe
+from models.config import ConfigError, Dispatch, MoEConfig, Routing, dump_config, load_config
+from models.matching import OPTIONS, match_moe, non_defaults, parse_options
+
+VERBS = ("count", "match", "plan", "data", "tasks", "train", "measure", "evaluate", "routing", "export", "report")
+"""The verbs in pipeline order, as --help lists them."""
+EPILOG = """\
+The steps in pipeline order: count and match (model configs), then per study plan, data,
+tasks, train, measure, evaluate, routing, export and report. snakemake runs a whole study;
+each step runs alone too, and "harness VERB --help" says what it takes. An expected failure
+is one line, "harness VERB: error: ...", with exit code 2."""
 
 
 def _human(n: float) -> str:
@@ -75,19 +87,23 @@ def cmd_count(args: argparse.Namespace) -> int:
 
 def cmd_match(args: argparse.Namespace) -> int:
     dense = load_config(args.dense)
-    options = {}
-    if args.routing:
-        options["routing"] = args.routing
-    if args.dispatch:
-        options["dispatch"] = args.dispatch
+    flags = {
+        "routing": args.routing,
+        "dispatch": args.dispatch,
+        "load_balance_coef": args.load_balance_coef,
+        "z_loss_coef": args.z_loss_coef,
+    }
+    # Named after the file it is written to: models/configs/NAME.yaml holds model NAME.
+    name = args.name or (Path(args.out).stem if args.out else None)
     try:
+        options = parse_options(args.moe, {k: v for k, v in flags.items() if v is not None})
         cfg, report = match_moe(
             dense,
             experts=args.experts,
             top_k=args.top_k,
             shared_experts=args.shared,
             granularity=args.granularity,
-            name=args.name,
+            name=name,
             **options,
         )
     except ConfigError as e:
@@ -95,12 +111,20 @@ def cmd_match(args: argparse.Namespace) -> int:
     text = dump_config(cfg)
     for line in report.lines():
         print(f"# {line}", file=sys.stderr)
+    changed = non_defaults(cfg.moe)
+    if changed:
+        shown = ", ".join(f"{k} {v} (default {d})" for k, (v, d) in changed.items())
+        print(f"# moe fields not at MoEConfig's defaults: {shown}", file=sys.stderr)
+    else:
+        coefs = ", ".join(f"{k} {getattr(cfg.moe, k)}" for k in OPTIONS if k.endswith("_coef"))
+        print(f"# moe fields all at MoEConfig's defaults ({coefs}); --moe KEY=VALUE sets any", file=sys.stderr)
     if args.out:
         out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(text)
         tmp.replace(out)
-        print(f"# wrote {out}", file=sys.stderr)
+        print(f"# wrote {out} (model {cfg.name})", file=sys.stderr)
     else:
         print(text, end="")
     return 0
@@ -415,7 +439,6 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-
     from harness.export import NotExportable, export
 
     study = load_study(args.study)
@@ -423,7 +446,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     state = _trained_state(study, run, run_dir)["model"]
     out = Path(args.out or results / "export" / run.run_id)
     try:
-        cls = export(run.model, state, results / "data" / "tokenizer.json", out)
+        source = f"study {study.name}, run {run.run_id}"
+        cls = export(run.model, state, results / "data" / "tokenizer.json", out, source=source)
     except NotExportable as e:
         print(f"harness export: error: {e}", file=sys.stderr)
         return 2
@@ -561,48 +585,138 @@ def _fraction(text: str) -> float:
 POSITIVE = _at_least(1)
 
 
+def version_text() -> str:
+    """The package version, and the commit when run from a git checkout."""
+    try:
+        version = importlib.metadata.version("moe-harness")
+    except importlib.metadata.PackageNotFoundError:
+        from harness import __version__ as version
+    text = f"harness (moe-harness) {version}"
+    commit = _checkout_commit()
+    return f"{text}, commit {commit}" if commit else text
+
+
+def _checkout_commit() -> str | None:
+    """Short commit (+ "-dirty") of the checkout this package runs from, or None. A small
+    git call of its own: harness.provenance imports torch, too slow for --version."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if commit is None:
+        return None
+    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+class _Version(argparse.Action):
+    """--version, worked out only when asked for (it may call git)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
+def _moe_default(name: str):
+    return MoEConfig.__dataclass_fields__[name].default
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="verb", required=True)
+    parser = argparse.ArgumentParser(
+        prog="harness",
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action=_Version, help="print the version (and commit, in a checkout) and exit")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB", title="verbs, in pipeline order")
+    add = {}
 
-    p = sub.add_parser("count", help="total/active parameters and FLOPs per token of model configs")
-    p.add_argument("configs", nargs="+", metavar="CONFIG.yaml")
-    p.add_argument("--json", action="store_true", help="exact numbers as JSON")
-    p.add_argument("--seq-len", type=POSITIVE, default=None, help="context for attention FLOPs (default max_seq_len)")
-    p.set_defaults(func=cmd_count)
+    def verb(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        p.set_defaults(func=func)
+        add[name] = p
+        return p
 
-    p = sub.add_parser("match", help="derive the compute-matched MoE of a dense config")
-    p.add_argument("dense", metavar="DENSE.yaml")
-    p.add_argument("--experts", type=POSITIVE, required=True, help="E, routed experts")
-    p.add_argument("--top-k", type=POSITIVE, required=True, help="k, routed experts per token")
-    p.add_argument("--shared", type=_at_least(0), default=0, help="shared (always-active) experts")
-    p.add_argument("--granularity", type=POSITIVE, default=None, help="G = d_ff / d_expert; must equal k + shared")
-    p.add_argument("--routing", default=None, help="softmax-topk, topk-softmax, noisy-topk or sigmoid-bias")
-    p.add_argument("--dispatch", default=None, help="dropless or capacity")
-    p.add_argument("--name", default=None, help="model id (default <dense>-e<E>k<k>)")
-    p.add_argument("--out", default=None, help="write the YAML here instead of stdout")
-    p.set_defaults(func=cmd_match)
-
-    def study_parser(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
+    def study_verb(name: str, help: str, func) -> argparse.ArgumentParser:
+        p = verb(name, help, func)
         p.add_argument("study", help="a study name in workflows/studies/ or a path to a study YAML")
         p.add_argument("--results", default="results", help="results root (default: results)")
         return p
 
-    p = study_parser("plan", "the run matrix of a study: sizes, tokens, what is done, time and disk")
+    p = verb("count", "total/active parameters and FLOPs per token of model configs", cmd_count)
+    p.add_argument("configs", nargs="+", metavar="CONFIG.yaml", help="model configs, e.g. models/configs/*.yaml")
+    p.add_argument("--json", action="store_true", help="exact numbers as JSON")
+    p.add_argument("--seq-len", type=POSITIVE, default=None, help="context for attention FLOPs (default max_seq_len)")
+
+    p = verb("match", "derive the compute-matched MoE of a dense config", cmd_match)
+    p.add_argument("dense", metavar="DENSE.yaml", help="the dense model config to match")
+    p.add_argument("--experts", type=POSITIVE, required=True, metavar="E", help="E, routed experts")
+    p.add_argument("--top-k", type=POSITIVE, required=True, metavar="K", help="k, routed experts per token")
+    p.add_argument(
+        "--shared", type=_at_least(0), default=0, metavar="S", help="shared (always-active) experts (default 0)"
+    )
+    p.add_argument(
+        "--granularity", type=POSITIVE, default=None, metavar="G", help="G = d_ff / d_expert; must equal k + shared"
+    )
+    p.add_argument(
+        "--routing",
+        choices=[r.value for r in Routing],
+        help=f"how router scores pick experts (default {_moe_default('routing').value})",
+    )
+    p.add_argument(
+        "--dispatch",
+        choices=[d.value for d in Dispatch],
+        help=f"capacity drops tokens past each expert's capacity (default {_moe_default('dispatch').value})",
+    )
+    p.add_argument(
+        "--load-balance-coef",
+        type=float,
+        metavar="ALPHA",
+        help=f"weight of the Switch load-balance loss (default {_moe_default('load_balance_coef')})",
+    )
+    p.add_argument(
+        "--z-loss-coef",
+        type=float,
+        metavar="C",
+        help=f"weight of the router z-loss (default {_moe_default('z_loss_coef')})",
+    )
+    p.add_argument(
+        "--moe",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any further MoE field, as in a study's moe: mapping, the value read as YAML; repeatable. "
+        f"Keys: {', '.join(OPTIONS)}",
+    )
+    p.add_argument("--name", default=None, help="model name (default: the --out file's stem, else <dense>-e<E>k<k>)")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the YAML here instead of stdout")
+
+    p = study_verb("plan", "the run matrix of a study: sizes, tokens, what is done, time and disk", cmd_plan)
     p.add_argument("--json", action="store_true", help="one object per run, as JSON")
     p.add_argument("--device", choices=["cpu", "cuda"], help="estimate for this device (default: the one the runs use)")
     p.add_argument("--gpu", default="H100", help="GPU to assume when none is visible (default H100)")
     p.add_argument("--gpus", type=POSITIVE, default=1, help="GPUs training at once (default 1)")
     p.add_argument("--mfu", type=_fraction, default=0.4, help="assumed model FLOP utilisation on a GPU (default 0.4)")
-    p.set_defaults(func=cmd_plan)
 
-    p = study_parser("data", "read the corpus, train the tokenizer, write token shards")
+    p = study_verb("data", "read the corpus, train the tokenizer, write token shards", cmd_data)
     p.add_argument("--force", action="store_true", help="write the data again even when it is unchanged")
-    p.set_defaults(func=cmd_data)
 
-    p = study_parser("train", "train one run of a study (resumes from its checkpoint)")
-    p.add_argument("--run", required=True, help="run id, as `harness plan` lists them")
+    p = study_verb("tasks", "write the offline lm-eval tasks built from the held-out split", cmd_tasks)
+    p.add_argument("--force", action="store_true", help="write the tasks again even when they are up to date")
+
+    p = study_verb("train", "train one run of a study (resumes from its checkpoint)", cmd_train)
+    p.add_argument("--run", required=True, help="run id, as harness plan lists them")
     p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
     p.add_argument("--stop-after", type=POSITIVE, default=None, help="stop after this step, leaving a checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -616,32 +730,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start over if the run's checkpoint or record is of another configuration, else resume",
     )
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("measure", help="throughput, MFU, memory and GPU energy of a run or a bare config")
+    p = verb("measure", "throughput, MFU, memory and GPU energy of a run or a bare config", cmd_measure)
     p.add_argument("study", nargs="?", help="a study name or path (with --run)")
     p.add_argument("--run", help="run id whose checkpoint to measure")
     p.add_argument("--config", help="measure this model config with random weights instead")
     p.add_argument("--device", choices=["cpu", "cuda"], help="with --config (default cpu)")
-    p.add_argument("--results", default="results")
-    p.add_argument("--out", help="where to write measure.json")
-    p.add_argument("--batch-size", dest="batch_size", type=POSITIVE)
-    p.add_argument("--seq-len", dest="seq_len", type=POSITIVE)
+    p.add_argument("--results", default="results", help="results root (default: results)")
+    p.add_argument("--out", help="where to write measure.json (default: the run's folder)")
+    p.add_argument("--batch-size", dest="batch_size", type=POSITIVE, help="sequences per step (default: the run's)")
+    p.add_argument("--seq-len", dest="seq_len", type=POSITIVE, help="tokens per sequence (default: the run's)")
     p.add_argument("--windows", type=_at_least(5), help="timed windows (>= 5)")
     p.add_argument("--threads", type=POSITIVE, help="torch CPU threads (default: all)")
     p.add_argument("--force", action="store_true", help="measure again even when measure.json is up to date")
-    p.set_defaults(func=cmd_measure)
 
-    p = study_parser("export", "write a trained run as a Hugging Face model directory")
-    p.add_argument("--run", required=True, help="run id")
-    p.add_argument("--out", help="output directory (default results/<study>/export/<run>)")
-    p.set_defaults(func=cmd_export)
-
-    p = study_parser("tasks", "write the offline lm-eval tasks built from the held-out split")
-    p.add_argument("--force", action="store_true", help="write the tasks again even when they are up to date")
-    p.set_defaults(func=cmd_tasks)
-
-    p = study_parser("evaluate", "evaluate a trained run with lm-eval on the study's tasks (eval.json)")
+    p = study_verb("evaluate", "evaluate a trained run with lm-eval on the study's tasks (eval.json)", cmd_evaluate)
     p.add_argument("--run", required=True, help="run id")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: CUDA when visible")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
@@ -649,24 +752,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write eval.json (default: the run's folder)")
     p.add_argument("--download", action="store_true", help="let lm-eval fetch datasets (overrides eval.download)")
     p.add_argument("--force", action="store_true", help="evaluate again even when eval.json is up to date")
-    p.set_defaults(func=cmd_evaluate)
 
-    p = study_parser("routing", "what a trained MoE run's experts specialise in: token category or topic")
+    p = study_verb("routing", "what a trained MoE run's experts specialise in: token category or topic", cmd_routing)
     p.add_argument("--run", required=True, help="run id")
     p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
     p.add_argument("--max-tokens", dest="max_tokens", type=POSITIVE, default=65_536, help="held-out tokens to route")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: CUDA when visible")
     p.add_argument("--out", help="where to write routing.json (default: the run's folder)")
     p.add_argument("--force", action="store_true", help="analyse again even when routing.json is up to date")
-    p.set_defaults(func=cmd_routing)
 
-    p = study_parser("report", "write the study report from the run records")
+    p = study_verb("export", "write a trained run as a Hugging Face model directory", cmd_export)
+    p.add_argument("--run", required=True, help="run id")
+    p.add_argument("--out", help="output directory (default results/<study>/export/<run>)")
+
+    p = study_verb("report", "write the study report from the run records", cmd_report)
     p.add_argument("--print", action="store_true", help="print the report instead of its path")
     p.add_argument(
         "--microbench",
         help="pytest-benchmark JSON to include (default: the study's results/<study>/microbench/moe_ffn.json, if any)",
     )
-    p.set_defaults(func=cmd_report)
+    assert tuple(add) == VERBS, "verbs are added in pipeline order"
     return parser
 
 

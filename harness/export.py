@@ -14,6 +14,12 @@ equivalent is refused with the reason rather than exported approximately:
 
 Qwen's MoE classes place sparse layers as we do ((i + 1) % decoder_sparse_step == 0, with
 ``mlp_only_layers`` for leading dense blocks). The tokenizer is exported as a fast tokenizer.
+
+The run's balancing losses travel with the weights: the load-balance coefficient becomes the
+class's ``router_aux_loss_coef`` (rescaled to transformers' form of the loss), a coefficient
+with a field of its own in the class fills it, and every coefficient the run used that the
+class has no field for is named in the folder's README.md and under ``moe_harness`` in
+config.json, with the run's whole model config, rather than dropped.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from models.config import Dispatch, ModelConfig, QKNorm, Routing
+from models.config import Dispatch, ModelConfig, MoEConfig, QKNorm, Routing
 
 
 class NotExportable(ValueError):
@@ -73,7 +80,65 @@ def hf_family(cfg: ModelConfig) -> str:
     return family
 
 
-def hf_config(cfg: ModelConfig, family: str, eos_id: int | None):
+LOSSES = {
+    "z_loss_coef": ("router z-loss (ST-MoE)", "router_z_loss_coef"),
+    "importance_coef": ("CV(importance)^2 loss (Shazeer et al. 2017)", None),
+    "load_coef": ("smooth CV(load)^2 loss (Shazeer et al. 2017)", None),
+    "seq_balance_coef": ("sequence-wise balance loss (DeepSeek-V3)", None),
+}
+"""Our balancing coefficients besides load_balance_coef: what each weights, and the transformers
+config field that holds it where some class has one (Switch Transformers' router_z_loss_coef)."""
+
+CLASSES = {
+    "llama": "LlamaConfig",
+    "qwen3": "Qwen3Config",
+    "mixtral": "MixtralConfig",
+    "olmoe": "OlmoeConfig",
+    "qwen3_moe": "Qwen3MoeConfig",
+    "qwen2_moe": "Qwen2MoeConfig",
+}
+
+
+def hf_balancing(m: MoEConfig, config_class: type) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+    """The run's balancing losses for ``config_class``: (its config fields, how each was derived,
+    a note per coefficient the run used that it has no field for)."""
+    name = config_class.__name__
+    # transformers' load_balancing_loss_func counts all T*k assignments, so sum_i f_i = k, where
+    # ours normalises sum_i f_i = 1 (models/moe.py switch_balance_loss, Fedus et al. 2021 eq. 4):
+    # its loss is k times ours, and alpha / k applies the run's penalty.
+    fields: dict[str, Any] = {"router_aux_loss_coef": m.load_balance_coef / m.top_k}
+    carried = {
+        "router_aux_loss_coef": (
+            f"load_balance_coef {m.load_balance_coef} / top_k {m.top_k}: transformers' load-balancing "
+            "loss counts all k choices per token, so it is k times ours. It pools the counts and "
+            "probabilities over layers before the product where we average per-layer losses: the "
+            "two agree for one MoE layer and for uniform routing"
+        ),
+        # On, transformers cannot generate from a padded batch (the new token's router logits
+        # meet the whole attention mask), so the export is for inference as trained.
+        "output_router_logits": (
+            "false, so batched generation works; set it to true to fine-tune with the load-balance loss"
+        ),
+    }
+    fields["output_router_logits"] = False
+    defaults = config_class()
+    missing = {}
+    for coef, (what, field) in LOSSES.items():
+        value = getattr(m, coef)
+        if field is not None and hasattr(defaults, field):
+            fields[field] = value
+            carried[field] = f"{coef} {value}"
+        elif value:
+            missing[coef] = (
+                f"{coef} {value}: the run trained with the {what}; {name} has no field for it, so "
+                "transformers computes no such loss when training this model further"
+            )
+    return fields, carried, missing
+
+
+def hf_config(cfg: ModelConfig, family: str, eos_id: int | None, source: str | None = None):
+    """The transformers config of ``family`` for ``cfg``; ``moe_harness`` in it records the run's
+    model config, how its balancing losses were carried and which have no field."""
     import transformers
 
     common: dict[str, Any] = {
@@ -91,19 +156,18 @@ def hf_config(cfg: ModelConfig, family: str, eos_id: int | None):
         "eos_token_id": eos_id,
         "torch_dtype": "float32",
     }
+    cls = getattr(transformers, CLASSES[family])
+    common["moe_harness"] = {"source": source, "config": cfg.to_dict()}
     m = cfg.moe
-    if family in ("llama", "qwen3"):
-        cls = transformers.LlamaConfig if family == "llama" else transformers.Qwen3Config
+    if m is None:
         return cls(**common, intermediate_size=cfg.d_ff, attention_bias=False)
-    moe = {"num_experts_per_tok": m.top_k, "output_router_logits": False}
+    balancing, carried, missing = hf_balancing(m, cls)
+    common["moe_harness"] |= {"carried": carried, "not_carried": missing}
+    moe = {"num_experts_per_tok": m.top_k, **balancing}
     if family == "mixtral":
-        return transformers.MixtralConfig(
-            **common, **moe, intermediate_size=m.d_expert, num_local_experts=m.experts, router_jitter_noise=0.0
-        )
+        return cls(**common, **moe, intermediate_size=m.d_expert, num_local_experts=m.experts, router_jitter_noise=0.0)
     if family == "olmoe":
-        return transformers.OlmoeConfig(
-            **common, **moe, intermediate_size=m.d_expert, num_experts=m.experts, norm_topk_prob=m.renormalize
-        )
+        return cls(**common, **moe, intermediate_size=m.d_expert, num_experts=m.experts, norm_topk_prob=m.renormalize)
     sparse = {
         "num_experts": m.experts,
         "moe_intermediate_size": m.d_expert,
@@ -113,10 +177,8 @@ def hf_config(cfg: ModelConfig, family: str, eos_id: int | None):
         "mlp_only_layers": list(range(m.first_dense)),
     }
     if family == "qwen3_moe":
-        return transformers.Qwen3MoeConfig(**common, **moe, **sparse)
-    return transformers.Qwen2MoeConfig(
-        **common, **moe, **sparse, shared_expert_intermediate_size=m.shared_experts * m.d_expert
-    )
+        return cls(**common, **moe, **sparse)
+    return cls(**common, **moe, **sparse, shared_expert_intermediate_size=m.shared_experts * m.d_expert)
 
 
 def hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
@@ -151,8 +213,39 @@ def hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], family: str)
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
-def export(cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer_file: Path | None, out_dir: Path) -> str:
-    """Write ``out_dir`` (config, safetensors weights, fast tokenizer); returns the class name."""
+def readme(cfg: ModelConfig, class_name: str, hf_cfg) -> str:
+    """The exported folder's README.md: where the model comes from and what of its training
+    losses the transformers config holds."""
+    import transformers
+
+    meta = hf_cfg.moe_harness
+    source = meta["source"] or "a harness model"
+    lines = [
+        f"# {cfg.name}",
+        "",
+        f"Exported by harness export from {source} as {class_name} (transformers {transformers.__version__}),",
+        "whose logits equal the harness model's.",
+    ]
+    if cfg.moe is not None:
+        lines += ["", "## Balancing losses of the training run", ""]
+        lines += [f"- {field}: {how}" for field, how in meta["carried"].items()]
+        lines += [f"- not carried: {note}" for note in meta["not_carried"].values()]
+        if not meta["not_carried"]:
+            lines.append(f"- every balancing loss the run used has a field in {type(hf_cfg).__name__}")
+    config = yaml.safe_dump(meta["config"], sort_keys=False)
+    lines += ["", "## Model config (moe_harness.config in config.json)", "", "```yaml", config.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def export(
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    tokenizer_file: Path | None,
+    out_dir: Path,
+    source: str | None = None,
+) -> str:
+    """Write ``out_dir`` (config, safetensors weights, fast tokenizer, README.md); returns the
+    class name. ``source`` names the run, for the README and config.json."""
     import transformers
 
     family = hf_family(cfg)
@@ -161,7 +254,7 @@ def export(cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer_file: Pat
     if tokenizer_file is not None:
         tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token="<|endoftext|>")
         eos_id = tokenizer.eos_token_id
-    hf_cfg = hf_config(cfg, family, eos_id)
+    hf_cfg = hf_config(cfg, family, eos_id, source)
     model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
     missing, unexpected = model.load_state_dict(hf_state_dict(cfg, state, family), strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
@@ -174,6 +267,7 @@ def export(cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer_file: Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp)
+        (tmp / "README.md").write_text(readme(cfg, type(model).__name__, hf_cfg))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out_dir.exists():

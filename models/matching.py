@@ -16,8 +16,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from models.accounting import count_params, training_flops_per_token
-from models.config import ConfigError, ModelConfig, MoEConfig, from_dict
+from models.config import ConfigError, ModelConfig, MoEConfig, _Loader, from_dict
+
+MATCHED = ("experts", "top_k", "shared_experts", "d_expert")
+"""MoEConfig fields that matching sets itself: d_expert follows from d_ff / (top_k + shared_experts)."""
+OPTIONS = tuple(f.name for f in dataclasses.fields(MoEConfig) if f.name not in MATCHED)
+"""The further MoEConfig fields a matched variant takes (routing, dispatch, coefficients, ...)."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,9 @@ def match_moe(
     **moe_options: Any,
 ) -> tuple[ModelConfig, MatchReport]:
     """The MoE twin of ``dense`` with E=experts, k=top_k; ``moe_options`` are further
-    MoEConfig fields (routing, dispatch, coefficients, every, ...)."""
+    MoEConfig fields (``OPTIONS``: routing, dispatch, coefficients, every, ...)."""
+    for key in moe_options:
+        _check_option(key)
     if dense.moe is not None:
         raise ConfigError("moe", f"'{dense.name}' is already an MoE; matching starts from a dense config")
     active = top_k + shared_experts
@@ -100,3 +109,47 @@ def match_moe(
         moe_flops_per_token=training_flops_per_token(cfg, "detailed"),
     )
     return cfg, report
+
+
+def _check_option(key: str) -> None:
+    if key not in OPTIONS:
+        why = (
+            "set by matching itself: experts, top_k and shared_experts are its own arguments and "
+            "d_expert = d_ff / (top_k + shared_experts)"
+            if key in MATCHED
+            else "unknown key"
+        )
+        raise ConfigError(f"moe.{key}", f"{why}; allowed keys: {', '.join(sorted(OPTIONS))}")
+
+
+def parse_options(pairs: list[str], given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (the command line's --moe) as match_moe options, each value read as
+    a YAML scalar the way a study's ``moe:`` mapping reads it (1e-3 is a number, true a bool),
+    added to ``given``. A key outside ``OPTIONS`` or given twice is refused, naming the key."""
+    options = dict(given or {})
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError("moe", f"expected KEY=VALUE, got {pair!r}")
+        _check_option(key)
+        if key in options:
+            raise ConfigError(f"moe.{key}", "given more than once")
+        try:
+            options[key] = yaml.load(text, Loader=_Loader)
+        except yaml.YAMLError:
+            raise ConfigError(f"moe.{key}", f"not a YAML value: {text!r}") from None
+    return options
+
+
+def non_defaults(moe: MoEConfig) -> dict[str, tuple[Any, Any]]:
+    """The ``OPTIONS`` (and shared_experts) of ``moe`` that differ from MoEConfig's defaults, as
+    {field: (value, default)}, so a derived variant's choices can be shown rather than implied."""
+    out = {}
+    for f in dataclasses.fields(MoEConfig):
+        if f.default is dataclasses.MISSING:
+            continue
+        value = getattr(moe, f.name)
+        if value != f.default:
+            out[f.name] = (value, f.default)
+    return out
