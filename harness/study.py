@@ -139,6 +139,9 @@ class Recipe:
     several runs at once; small models use cores better that way than with one run on all."""
     min_steps: int = 50
     """A budget that buys fewer steps is refused: FLOPs spent would miss it by > 1%."""
+    tensorboard: bool = False
+    """Also write the training curves as TensorBoard event files in ``<run_dir>/tensorboard/``
+    (offline; needs ``pip install 'moe-harness[tensorboard]'``). Changes no number of the run."""
 
 
 TUNABLE = (
@@ -156,11 +159,12 @@ TUNABLE = (
 """Recipe fields a study's model entry may set for itself. The context (``seq_len``: tasks and
 evaluation share it), precision and FLOP convention stay the study's, so its runs compare."""
 
-BOOKKEEPING = ("eval_every", "eval_batches", "checkpoint_every", "train_threads", "min_steps")
+BOOKKEEPING = ("eval_every", "eval_batches", "checkpoint_every", "train_threads", "min_steps", "tensorboard")
 """Recipe fields that do not change what a run trains to: a guard, the validation cadence and
-sample, the checkpoint cadence and the CPU threads. Changing one never retrains a finished run.
-(``eval_batches`` sets the sample of the final validation loss; each record states the one it
-used.) Every other field is part of the run's identity (:func:`run_identity`)."""
+sample, the checkpoint cadence, the CPU threads and the TensorBoard curves. Changing one never
+retrains a finished run. (``eval_batches`` sets the sample of the final validation loss; each
+record states the one it used.) Every other field is part of the run's identity
+(:func:`run_identity`)."""
 
 
 LOCAL_TASKS = ("heldout_ppl", "heldout_code_mc")
@@ -374,7 +378,8 @@ def plan(study: Study, vocab_size: int | None = None, train_tokens: int | None =
                 raise ConfigError(
                     "budgets",
                     f"{budget_label(budget)} FLOPs buys {steps} steps of {cfg.name} (recipe.min_steps is "
-                    f"{r.min_steps}); raise the budget, lower recipe.batch_size / seq_len, or lower "
+                    f"{r.min_steps}); give this model its own budgets or a smaller batch (its entry's "
+                    "'budgets' or 'recipe: {batch_size: ...}', which leave the other runs alone), or lower "
                     "recipe.min_steps (a guard: changing it retrains nothing)",
                     study.path,
                 )

@@ -5,6 +5,8 @@
 Tokens = budget / training FLOPs per token (the study's convention); dense and MoE runs of a
 seed share the data order and recipe. A killed run resumes from ``checkpoint.pt`` and, on CPU,
 finishes with the same numbers as an uninterrupted one. ``record.json`` is written last.
+Progress shows as a bar on a terminal and as plain lines in a log file; ``recipe.tensorboard``
+adds TensorBoard curves (harness.progress).
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from harness import checkpoint
 from harness.data import TokenShard, verify_shards
@@ -25,6 +27,7 @@ from harness.energy import open_meter
 from harness.errors import DamagedFile, HarnessError, MissingStep
 from harness.io import read_json, read_jsonl, remove_leftovers, write_json, write_text
 from harness.precision import Precision, resolve
+from harness.progress import TENSORBOARD_DIR, TensorBoardLog, open_progress, require_tensorboard
 from harness.provenance import provenance
 from harness.resources import check_memory
 from harness.study import Recipe, Run, Schedule, Study, identity_changes, recorded_identity, run_identity
@@ -128,6 +131,8 @@ class Trainer:
         self, run: Run, study: Study, data_dir: Path, out_dir: Path, progress: bool = True, resume: str = "auto"
     ):
         self.run, self.study, self.r, self.out_dir = run, study, run.recipe, out_dir
+        if self.r.tensorboard:
+            require_tensorboard(study.path)
         self.data_meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
         self._check_data(data_dir)
         self.device = pick_device(study)
@@ -160,6 +165,7 @@ class Trainer:
         self.step_model = torch.compile(self.model) if self.precision.compile else self.model
         self.val_loss: float | None = None
         self.progress = progress
+        self.events: TensorBoardLog | None = None  # recipe.tensorboard: opened by fit()
 
     def _check_data(self, data_dir: Path) -> None:
         run, meta = self.run, self.data_meta
@@ -177,9 +183,10 @@ class Trainer:
             )
 
     def _start_over(self) -> None:
-        """Discard the checkpoints and the record of an earlier configuration of this run."""
+        """Discard the checkpoints, record and curves of an earlier configuration of this run."""
         checkpoint.discard(self.out_dir)
         (self.out_dir / "record.json").unlink(missing_ok=True)
+        shutil.rmtree(self.out_dir / TENSORBOARD_DIR, ignore_errors=True)
 
     def _damaged_remedy(self) -> str:
         train = f"harness train {self.study.path} --run {self.run.run_id}"
@@ -277,7 +284,7 @@ class Trainer:
         self.untimed_steps += 1
         self.segment_untimed = 1
 
-    def log(self, out, lr: float, grad_norm: torch.Tensor, evaluating: bool, sink) -> float:
+    def log(self, out, lr: float, grad_norm: torch.Tensor, evaluating: bool, sink) -> dict[str, Any]:
         run, done = self.run, self.step
         loss = out.loss.item()  # the one host sync of a logged step
         if not math.isfinite(loss):
@@ -301,39 +308,47 @@ class Trainer:
             self.val_loss = row["val_loss"] = evaluate(self.model, self.val_shard, self.r, self.device, self.precision)
         sink.write(json.dumps(row) + "\n")
         sink.flush()
-        return loss
+        if self.events is not None:
+            self.events.write(row)
+        return row
 
     def fit(self, stop_after: int | None = None) -> None:
         run = self.run
         log_every = max(1, run.steps // 200)
-        bar = tqdm(total=run.steps, initial=self.step, desc=run.run_id, disable=not self.progress, mininterval=5)
+        progress = open_progress(run.run_id, run.steps, self.step, self.progress)
+        if self.r.tensorboard and self.step < run.steps:
+            self.events = TensorBoardLog(self.out_dir / TENSORBOARD_DIR, self.step)
         self.start_step, self.mark = self.step, time.perf_counter()
         self.segment_untimed = 0
         self.model.train()
         self.meter.start()  # counter at start and end: the run's GPU energy, evaluation included
         try:
-            self._loop(stop_after, log_every, bar)
+            self._loop(stop_after, log_every, progress)
         except BaseException:
             self.meter.stop()  # ends the sampler; this segment's energy is in the checkpoint
             raise
+        finally:
+            progress.close()
+            if self.events is not None:
+                self.events.close()
         self.save()
         self.energy_window = self.meter.stop()
         self.energy_j = self._energy_total(self.energy_window.energy_j)
 
-    def _loop(self, stop_after: int | None, log_every: int, bar) -> None:
+    def _loop(self, stop_after: int | None, log_every: int, progress) -> None:
         run, r = self.run, self.r
-        with self.metrics_path.open("a") as sink, bar:
+        with self.metrics_path.open("a") as sink:
             while self.step < run.steps:
                 out, lr, grad_norm = self.train_step()
                 if self.precision.compile and self.segment_untimed == 0:
                     self._set_compilation_apart()
-                bar.update(1)
                 evaluating = self.step % r.eval_every == 0 or self.step == run.steps
+                row = None
                 if self.step % log_every == 0 or evaluating:
                     self.tick()
-                    loss = self.log(out, lr, grad_norm, evaluating, sink)
-                    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                    row = self.log(out, lr, grad_norm, evaluating, sink)
                     self.mark = time.perf_counter()  # logging and evaluation are not training time
+                progress.update(self.step, row)
                 if self.step < run.steps and (self.step % r.checkpoint_every == 0 or self.step == stop_after):
                     self.tick()
                     self.save()

@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.study import DataConfig, Run, Study, essential_fields, identity_changes, recorded_identity, run_identity
+from harness.study import (
+    BOOKKEEPING,
+    DataConfig,
+    Run,
+    Study,
+    essential_fields,
+    identity_changes,
+    recorded_identity,
+    run_identity,
+)
 
 
 def choose_study(requested: str | None) -> tuple[str, str]:
@@ -130,8 +139,9 @@ def retrain_refusal(stale: list[RunState], study: Study, shown: int = 20) -> str
         lines.append(f"  ... and {len(stale) - shown} more (`harness plan {study.path}` lists them all)")
     lines.append(
         "Revert the change to keep them, or run again with `--config retrain=stale` to replace them "
-        "(their checkpoints and records are deleted). A field in recipe.eval_every, eval_batches, "
-        "checkpoint_every, train_threads or min_steps never retrains anything."
+        "(their checkpoints and records are deleted). A change to "
+        + ", ".join(f"recipe.{f}" for f in BOOKKEEPING)
+        + " never retrains anything."
     )
     return "\n".join(lines)
 

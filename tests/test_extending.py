@@ -40,13 +40,16 @@ def _edit(root: Path, change) -> None:
     path.write_text(yaml.safe_dump(data))
 
 
-def _snakemake(root: Path, *config: str, dry: bool = True) -> subprocess.CompletedProcess:
+def _snakemake_cmd(root: Path, *config: str, dry: bool = True) -> list[str]:
     """Snakemake on the study folder, asked only for what training makes: the runs' records."""
     records = sorted((root / "results" / "pico" / "runs").glob("*/record.json"))
     cmd = [sys.executable, "-m", "snakemake", *(["-n"] if dry else []), *(str(p.relative_to(root)) for p in records)]
     cmd += ["-s", str(ROOT / "Snakefile"), "--directory", str(root), "--cores", "1"]
-    cmd += ["--config", f"study={root / STUDY}", *config]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return [*cmd, "--config", f"study={root / STUDY}", *config]
+
+
+def _snakemake(root: Path, *config: str, dry: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(_snakemake_cmd(root, *config, dry=dry), capture_output=True, text=True, timeout=600)
 
 
 def _second_model(root: Path, name: str) -> str:
@@ -67,6 +70,7 @@ def test_bookkeeping_fields_leave_the_identity_alone(study):
     runs = plan(load_study(study / STUDY))
     run = runs[0]
     changed = {"eval_every": 7, "eval_batches": 3, "checkpoint_every": 5, "train_threads": 2, "min_steps": 1}
+    changed |= {"tensorboard": True}
     assert set(changed) == set(BOOKKEEPING)
     other = dataclasses.replace(run, recipe=dataclasses.replace(run.recipe, **changed))
     assert run_identity(other) == run_identity(run)
@@ -165,6 +169,30 @@ def test_a_copied_study_is_not_retrained(study, tmp_path):
     out = _snakemake(elsewhere)
     assert out.returncode == 0, out.stderr
     assert "rule train:" not in out.stdout and "rule data:" not in out.stdout
+
+
+def test_timestamps_lost_in_a_copy_are_named_and_touch_mends_them(study):
+    """A copy that lost its timestamps: Snakemake would retrain from the 'newer' data; the
+    workflow stops naming Snakemake's reason, and `snakemake --touch` retrains nothing."""
+    for shard in (study / "results" / "pico" / "data").iterdir():
+        os.utime(shard) if shard.is_file() else None
+    refused = _snakemake(study, dry=False)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and f"{RUN}: Snakemake: Updated input files" in said
+    touched = subprocess.run(
+        [*_snakemake_cmd(study, dry=False), "--touch"], capture_output=True, text=True, timeout=600
+    )
+    assert touched.returncode == 0, touched.stderr
+    assert "rule train:" not in _snakemake(study).stdout
+
+
+def test_the_end_of_the_workflow_prints_the_first_numbers(tmp_path):
+    from harness.workflow import at_a_glance
+
+    (tmp_path / "report.md").write_text("# r\n\n## At a glance\n\n| a |\n|---|\n| -0.0343 |\n\n## Claims\n\nx\n")
+    shown = at_a_glance(tmp_path)
+    assert "| -0.0343 |" in shown and "Claims" not in shown and str(tmp_path / "report.md") in shown
+    assert at_a_glance(tmp_path / "missing") == ""
 
 
 # --- steps run by hand ------------------------------------------------------------------------
