@@ -300,7 +300,8 @@ def _print_plan(study, runs, rows, states, estimates, device, warnings, args) ->
     left = sum(estimates[i].seconds for i in todo)
     print(
         f"\n{len(runs) - len(todo)} of {len(runs)} runs done. To do: {len(todo)} runs, "
-        f"{sum(runs[i].flops for i in todo):.3g} training FLOPs, about {_duration(left / at_once)} "
+        f"{sum(runs[i].flops for i in todo):.3g} training FLOPs, "
+        f"{'time not estimated' if left != left else f'about {_duration(left / at_once)}'} "
         f"({at_once} at once; training only: evaluation, measurement and the report come after). "
         f"Checkpoints: {_bytes(sum(e.checkpoint_bytes for e in estimates))} for the whole study."
     )
@@ -317,10 +318,12 @@ def _print_plan(study, runs, rows, states, estimates, device, warnings, args) ->
     for s in states:
         if s.state == "stale":
             print(f"stale: {s.run_id} would be trained again: {'; '.join(s.changes)}")
-    if device == "cpu" and study.device == "auto" and left / at_once > 86400:
+    too_long = left != left or left / at_once > 86400  # NaN: a model too large to probe
+    if device == "cpu" and study.device == "auto" and too_long:
+        shown = "models too large for this CPU" if left != left else f"{_duration(left / at_once)} on this CPU"
         warnings.append(
-            f"this study looks made for a GPU (device: auto, {_duration(left / at_once)} on this CPU); "
-            "`--device cuda` shows the GPU estimate"
+            f"this study looks made for a GPU (device: auto, {shown}) but no GPU is visible: it would train "
+            "on this CPU; `--device cuda` shows the GPU estimate"
         )
     for w in warnings:
         print(f"warning: {w}")

@@ -250,3 +250,19 @@ def test_plan_warns_when_a_gpu_study_is_planned_without_a_gpu(study, monkeypatch
     code, out, err = cli_output("plan", STUDY, "--results", "results", "--device", "cuda", "--gpu", "H100")
     assert code == 0, err
     assert "no CUDA device is visible" in out and "H100" in out
+
+
+def test_plan_warns_when_an_auto_study_is_too_large_for_this_cpu(study, monkeypatch):
+    import torch
+
+    from harness import estimate
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    monkeypatch.chdir(study)
+    monkeypatch.setattr(estimate, "PROBE_MAX_STEP_FLOPS", 0.0)  # the pico model stands in for a large one
+    _edit(study, lambda d: d.update(device="auto"))
+    (study / "results" / "pico" / "runs" / RUN / "record.json").unlink()  # no finished rate to lean on
+    code, out, err = cli_output("plan", STUDY, "--results", "results")
+    assert code == 0, err
+    assert "time not estimated" in out and "looks made for a GPU" in out and "--device cuda" in out
