@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from harness import devices
 from harness.errors import HarnessError, MissingStep
 from harness.study import LOCAL_TASKS, budget_label, find_run, load_study, plan, plan_rows
 from models.accounting import summary
@@ -32,6 +33,8 @@ from models.matching import OPTIONS, match_moe, non_defaults, parse_options
 
 VERBS = ("count", "match", "plan", "data", "tasks", "train", "measure", "evaluate", "routing", "export", "report")
 """The verbs in pipeline order, as --help lists them."""
+GPU_VERBS = ("train", "measure", "evaluate", "routing")
+"""The verbs that run on a GPU when the study does: each takes its own device (harness.devices)."""
 EPILOG = """\
 The steps in pipeline order: count and match (model configs), then per study plan, data,
 tasks, train, measure, evaluate, routing, export and report. snakemake runs a whole study;
@@ -343,6 +346,26 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layout(study, run):
+    """This process's place in the run: torchrun's environment (one process without it), with
+    the study's expert-parallel degree for an MoE where the world size allows it."""
+    from harness.parallel import from_env
+
+    layout = from_env()
+    expert = study.parallel.expert if run.model.moe is not None else 1
+    if layout.world != study.parallel.data:
+        print(
+            f"harness train: {layout.world} process(es) where the study's parallel.data is {study.parallel.data}: "
+            "the run's numbers are the same up to floating-point sums, only its speed differs",
+            file=sys.stderr,
+        )
+    if run.recipe.batch_size % layout.world:
+        raise ConfigError(
+            "(torchrun)", f"{layout.world} processes cannot split {run.run_id}'s batch of {run.recipe.batch_size}"
+        )
+    return from_env(expert if layout.world % expert == 0 else 1)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from harness.train import AlreadyTrained, NonFiniteLoss, Stopped, train
 
@@ -369,20 +392,25 @@ def cmd_train(args: argparse.Namespace) -> int:
             stop_after=args.stop_after,
             progress=not args.quiet,
             resume=resume,
+            layout=(layout := _layout(study, run)),
         )
     except AlreadyTrained as done:
         r = done.record
-        print(
+        print_main = print if layout.main else (lambda *a, **k: None)
+        print_main(
             f"{run.run_id}: nothing to do, already trained with this configuration and data "
             f"(val loss {r['final_val_loss']:.4f}); `--restart` trains it again"
         )
         return 0
     except Stopped as e:
-        print(f"harness train: {e}", file=sys.stderr)
+        if layout.main:
+            print(f"harness train: {e}", file=sys.stderr)
         return 3
     except NonFiniteLoss as e:
         print(f"harness train: error: {e}", file=sys.stderr)
         return 1
+    if not layout.main:
+        return 0
     print(
         f"{record['run_id']}: val loss {record['final_val_loss']:.4f}, {record['tokens']:,} tokens, "
         f"{record['train_seconds']:.1f} s, FLOPs spent / budget {record['flops_spent_over_budget']:.4f}"
@@ -781,7 +809,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        # A GPU job of the workflow (MOE_HARNESS_GPUS) gets devices of its own, before CUDA starts.
+        with devices.pinned(devices.requested() if args.verb in GPU_VERBS else 0):
+            return args.func(args)
     except (ConfigError, HarnessError) as e:
         message = " ".join(str(e).split())  # one line, whatever a library put in the message
         print(f"harness {args.verb}: error: {message}", file=sys.stderr)

@@ -210,6 +210,20 @@ class AnalysedRuns:
 
 
 @dataclass(frozen=True)
+class Parallel:
+    """How many processes train each run (torchrun), and how experts are split among them. A
+    layout is not part of a run's identity: the batch, data order, tokens and steps are the
+    study's whatever the world size (harness.parallel)."""
+
+    data: int = 1
+    """Data-parallel degree = world size: each rank trains on an equal slice of every global
+    batch (recipe.batch_size must divide by it). On CUDA, one GPU per rank."""
+    expert: int = 1
+    """Expert-parallel degree (divides ``data``): each MoE's routed experts are sharded over
+    groups of this many ranks, tokens sent to their experts' ranks. Dense runs ignore it."""
+
+
+@dataclass(frozen=True)
 class Study:
     name: str
     data: DataConfig
@@ -223,6 +237,7 @@ class Study:
     device: str = "auto"
     """auto (CUDA when visible), cpu or cuda."""
     analysed_runs: AnalysedRuns = field(default_factory=AnalysedRuns)
+    parallel: Parallel = field(default_factory=Parallel)
     path: str = ""
     """The file it was loaded from (set by load_study)."""
 
@@ -386,6 +401,7 @@ def plan(study: Study, vocab_size: int | None = None, train_tokens: int | None =
             for seed in spec.seeds or study.seeds:
                 run_id = f"{cfg.name}_{budget_label(budget)}_s{seed}"
                 runs.append(Run(run_id, cfg, budget, seed, fpt, tokens_per_step, steps, r))
+        _check_parallel(study, cfg, r)
     if train_tokens is not None and not study.data.allow_repetition:
         worst = max(runs, key=lambda run: run.tokens)
         if worst.tokens > train_tokens:
@@ -489,6 +505,25 @@ def _shown(value: Any) -> str:
     return "(none)" if value is None else str(value)
 
 
+def _check_parallel(study: Study, cfg: ModelConfig, r: Recipe) -> None:
+    """The layout must split every run evenly: batches over ranks, experts over expert groups."""
+    p = study.parallel
+    if p.data % p.expert:
+        raise ConfigError("parallel.expert", f"must divide parallel.data ({p.data}), got {p.expert}", study.path)
+    if r.batch_size % p.data:
+        raise ConfigError(
+            "parallel.data",
+            f"{cfg.name}'s batch of {r.batch_size} does not split over {p.data} ranks; use a degree that divides it",
+            study.path,
+        )
+    if cfg.moe is not None and cfg.moe.experts % p.expert:
+        raise ConfigError(
+            "parallel.expert",
+            f"{cfg.name}'s {cfg.moe.experts} experts do not split over {p.expert} ranks; use a degree that divides it",
+            study.path,
+        )
+
+
 def analysed(study: Study, runs: list[Run]) -> list[Run]:
     """The runs that are evaluated, measured and routing-analysed (``study.analysed_runs``)."""
     sel = study.analysed_runs
@@ -540,6 +575,7 @@ __all__ = [
     "DataSource",
     "EvalConfig",
     "ModelSpec",
+    "Parallel",
     "Recipe",
     "Run",
     "Schedule",

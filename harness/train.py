@@ -11,7 +11,9 @@ adds TensorBoard curves (harness.progress).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import shutil
@@ -21,11 +23,12 @@ from typing import Any
 
 import torch
 
-from harness import checkpoint
+from harness import checkpoint, parallel
 from harness.data import TokenShard, verify_shards
-from harness.energy import open_meter
+from harness.energy import combine_across_ranks, open_meter
 from harness.errors import DamagedFile, HarnessError, MissingStep
 from harness.io import read_json, read_jsonl, remove_leftovers, write_json, write_text
+from harness.parallel import ALONE, Layout
 from harness.precision import Precision, resolve
 from harness.progress import TENSORBOARD_DIR, TensorBoardLog, open_progress, require_tensorboard
 from harness.provenance import provenance
@@ -92,26 +95,41 @@ def _spec_hash(spec: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, shard: TokenShard, r: Recipe, device: torch.device, precision: Precision) -> float:
+def evaluate(
+    model, shard: TokenShard, r: Recipe, device: torch.device, precision: Precision, layout: Layout = ALONE
+) -> float:
+    """Mean validation loss per token over the fixed sample; with several ranks, each takes every
+    world-th batch and the sums are added up."""
     model.eval()
     total, count = 0.0, 0
-    for x, y in shard.eval_batches(r.eval_batches, r.batch_size):
+    # Expert-parallel layers run collectively: then every rank evaluates every batch.
+    split = layout.world if layout.expert == 1 else 1
+    for i, (x, y) in enumerate(shard.eval_batches(r.eval_batches, r.batch_size)):
+        if i % split != layout.rank % split:
+            continue
         with precision.autocast(device):
             out = model(x.to(device), y.to(device))
         total += float(out.loss) * y.numel()
         count += y.numel()
     model.train()
+    if split > 1:
+        total, count = parallel.total([total, float(count)], layout)
     return total / count
 
 
-def routing_summary(model) -> list[dict[str, Any]]:
-    """Per MoE layer, on the host (call at log steps only: it synchronises)."""
+def routing_summary(
+    model, layout: Layout = ALONE, replicas=None, expert_parallel: bool = False
+) -> list[dict[str, Any]]:
+    """Per MoE layer, on the host (call at log steps only: it synchronises). Token counts are
+    the whole global batch's; the losses and entropy those of this rank's batch (of its
+    expert-parallel group's, with expert parallelism)."""
     rows = []
     for s in model.routing_stats():
-        load = s.tokens_per_expert.float()
+        load = s.tokens_per_expert.float().clone()
+        parallel.all_reduce(load, layout, replicas, expert_parallel)
         rows.append(
             {
-                "tokens_per_expert": s.tokens_per_expert.tolist(),
+                "tokens_per_expert": [int(n) for n in load.tolist()],
                 "load_max_over_mean": float(load.max() / load.mean().clamp_min(1e-9)),
                 "load_cv": float(load.std(unbiased=False) / load.mean().clamp_min(1e-9)),
                 "dropped_fraction": float(s.dropped_fraction),
@@ -128,27 +146,38 @@ class Trainer:
     the other methods are the hooks around it."""
 
     def __init__(
-        self, run: Run, study: Study, data_dir: Path, out_dir: Path, progress: bool = True, resume: str = "auto"
+        self,
+        run: Run,
+        study: Study,
+        data_dir: Path,
+        out_dir: Path,
+        progress: bool = True,
+        resume: str = "auto",
+        layout: Layout = ALONE,
+        device: torch.device | None = None,
     ):
         self.run, self.study, self.r, self.out_dir = run, study, run.recipe, out_dir
+        self.layout = layout
         if self.r.tensorboard:
             require_tensorboard(study.path)
         self.data_meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
         self._check_data(data_dir)
-        self.device = pick_device(study)
+        self.device = device or pick_device(study)
         check_memory(run.model, self.r.batch_size, self.r.seq_len, self.device, run.run_id)
         self.precision = resolve(self.r, self.device)
         self.spec = run_spec(run, self.data_meta)
         self.spec_hash = _spec_hash(self.spec)
         if resume == "previous" and not (out_dir / checkpoint.PREVIOUS).is_file():
             raise MissingStep(out_dir / checkpoint.PREVIOUS, f"harness train {study.path} --run {run.run_id}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name in TRAINING_OUTPUTS:
-            remove_leftovers(out_dir, name)
-        write_text(out_dir / "config.yaml", dump_config(run.model))
         self.ckpt_path, self.metrics_path = out_dir / checkpoint.NAME, out_dir / "metrics.jsonl"
-        if resume == "restart":
-            self._start_over()
+        if layout.main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for name in TRAINING_OUTPUTS:
+                remove_leftovers(out_dir, name)
+            write_text(out_dir / "config.yaml", dump_config(run.model))
+            if resume == "restart":
+                self._start_over()
+        parallel.barrier(layout)  # no rank reads the folder before the first has tidied it
 
         torch.manual_seed(run.seed)
         self.model = run.model.build().to(self.device)
@@ -160,12 +189,43 @@ class Trainer:
         self.compile_s, self.untimed_steps = 0.0, 0
         self.meter = open_meter(self.device)
         self._resume(resume)
-        write_json(out_dir / SPEC, {"spec_hash": self.spec_hash, "spec": self.spec})
+        self.replicas, self.expert_parallel = self._shard_experts()
+        if layout.main:
+            write_json(out_dir / SPEC, {"spec_hash": self.spec_hash, "spec": self.spec})
         self.resumed_at = self.elapsed
-        self.step_model = torch.compile(self.model) if self.precision.compile else self.model
+        wrapped = parallel.wrap(self.model, self.device, layout, ignored=self._sharded_names())
+        self.step_model = torch.compile(wrapped) if self.precision.compile else wrapped
         self.val_loss: float | None = None
-        self.progress = progress
+        self.progress = progress and layout.main
         self.events: TensorBoardLog | None = None  # recipe.tensorboard: opened by fit()
+
+    def _shard_experts(self) -> tuple[Any, bool]:
+        """Expert parallelism (an MoE, layout.expert > 1): each rank keeps its shard of every
+        layer's experts, and the optimizer is rebuilt over the shards with the loaded state cut
+        to them. Returns the replica group (ranks holding the same shards) and whether sharded."""
+        if self.layout.expert == 1 or self.run.model.moe is None:
+            return None, False
+        from models.expert_parallel import expert_groups, shard_experts
+
+        full = self.opt.state_dict()
+        group, replicas = expert_groups(self.layout.expert)
+        shard_experts(self.model, group)
+        self.opt = make_optimizer(self.model, self.r)
+        self.opt.load_state_dict(parallel.shard_optimizer_state(full, self.model))
+        return replicas, True
+
+    def _expert_layout(self) -> dict[str, Any] | None:
+        from models.expert_parallel import describe
+
+        return describe(self.model)
+
+    def _sharded_names(self) -> list[str]:
+        """Parameters DDP must leave alone: the expert shards, reduced by their own group."""
+        if not self.expert_parallel:
+            return []
+        from models.expert_parallel import expert_parameter_names
+
+        return expert_parameter_names(self.model)
 
     def _check_data(self, data_dir: Path) -> None:
         run, meta = self.run, self.data_meta
@@ -205,8 +265,10 @@ class Trainer:
             except DamagedFile as e:
                 raise DamagedFile(e.path, e.problem, self._damaged_remedy()) from None
             if state.get("spec_hash") != self.spec_hash and resume == "changed":
-                self._start_over()  # asked for: a checkpoint of another configuration
-                write_text(self.metrics_path, "")
+                parallel.barrier(self.layout)  # every rank has read it before it goes
+                if self.layout.main:
+                    self._start_over()  # asked for: a checkpoint of another configuration
+                    write_text(self.metrics_path, "")
                 return
             if state.get("spec_hash") != self.spec_hash:
                 changed = identity_changes(state["spec"], self.spec) if "spec" in state else []
@@ -215,7 +277,7 @@ class Trainer:
                     f"{path}: checkpoint belongs to another configuration of {self.run.run_id} ({what}); "
                     f"`harness train {self.study.path} --run {self.run.run_id} --restart` starts over"
                 )
-            if resume == "previous":  # the damaged checkpoint must not become the next "previous"
+            if resume == "previous" and self.layout.main:  # the damaged one must not become "previous"
                 checkpoint.discard_current(self.out_dir)
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
@@ -228,24 +290,39 @@ class Trainer:
             if self.metrics_path.exists():
                 rows = read_jsonl(self.metrics_path, partial_last=True)
                 kept = [json.dumps(row) + "\n" for row in rows if row["step"] <= self.step]
-        write_text(self.metrics_path, "".join(kept))
+        parallel.barrier(self.layout)  # every rank has read the log before it is cut
+        if self.layout.main:
+            write_text(self.metrics_path, "".join(kept))
 
     def save(self) -> None:
+        if self.expert_parallel:  # the single-process checkpoint: shards gathered (collective)
+            from models.expert_parallel import full_state_dict
+
+            model_state, opt_state = full_state_dict(self.model), parallel.full_optimizer_state(self.opt, self.model)
+        else:
+            model_state, opt_state = self.model.state_dict(), self.opt.state_dict()
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            "model": model_state,
+            "optimizer": opt_state,
             "step": self.step,
             "elapsed_s": self.elapsed,
             "compile_s": self.compile_s,
             "untimed_steps": self.untimed_steps,
-            "gpu_energy_j": self._energy_total(self.meter.energy_so_far_j()),
+            "gpu_energy_j": self._energy_total(self._energy_so_far()),
             "rng_cpu": torch.get_rng_state(),
             "spec_hash": self.spec_hash,
             "spec": self.spec,
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
-        checkpoint.save_checkpoint(state, self.ckpt_path)
+        if self.layout.main:  # the ranks hold one model: the first writes it
+            checkpoint.save_checkpoint(state, self.ckpt_path)
+        parallel.barrier(self.layout)
+
+    def _energy_so_far(self) -> float | None:
+        """GPU energy of this segment so far, summed over ranks (None if any rank has none)."""
+        values = parallel.gather(self.meter.energy_so_far_j(), self.layout)
+        return None if None in values else sum(values)
 
     def _energy_total(self, segment_j: float | None) -> float | None:
         """GPU energy of the whole run: earlier segments plus this one (None if unmeasured)."""
@@ -264,15 +341,33 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         x, y = self.train_shard.train_batch(self.step, self.r.batch_size, self.run.seed)
+        rows = parallel.local_rows(self.r.batch_size, self.layout)  # this rank's slice of the batch
+        x, y = x[rows], y[rows]
         with self.precision.autocast(self.device):
             out = self.step_model(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
         (out.loss + out.aux_loss).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.r.grad_clip)
+        if self.expert_parallel:
+            from models import expert_parallel
+
+            expert_parallel.reduce_expert_gradients(self.model, self.replicas)
+            grad_norm = expert_parallel.clip_grad_norm_(self.model, self.r.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.r.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        self._sum_router_loads()
         self.model.update_router_biases()
         self.step += 1
         return out, lr, grad_norm
+
+    def _sum_router_loads(self) -> None:
+        """Aux-loss-free routers update their bias from the load of the whole global batch, so
+        every rank keeps the same bias."""
+        if not self.layout.distributed:
+            return
+        for m in self.model.moe_layers:
+            if m.router.bias is not None:  # expert-parallel layers hold their group's load already
+                parallel.all_reduce(m.router.load_accum, self.layout, self.replicas, self.expert_parallel)
 
     def _set_compilation_apart(self) -> None:
         """The first compiled step of a process: its time goes to compile_s, not training time."""
@@ -286,7 +381,7 @@ class Trainer:
 
     def log(self, out, lr: float, grad_norm: torch.Tensor, evaluating: bool, sink) -> dict[str, Any]:
         run, done = self.run, self.step
-        loss = out.loss.item()  # the one host sync of a logged step
+        loss = parallel.mean(out.loss.item(), self.layout)  # the one host sync of a logged step
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"{run.run_id}: loss is {loss} at step {done}; the run is stopped")
         row = {
@@ -295,7 +390,7 @@ class Trainer:
             "flops": done * run.tokens_per_step * run.flops_per_token,
             "lr": lr,
             "loss": loss,
-            "aux_loss": out.aux_loss.item(),
+            "aux_loss": parallel.mean(out.aux_loss.item(), self.layout),
             "grad_norm": float(grad_norm),
             "elapsed_s": self.elapsed,
             "tokens_per_s": (done - self.start_step - self.segment_untimed)
@@ -303,9 +398,11 @@ class Trainer:
             / max(self.elapsed - self.resumed_at, 1e-9),
         }
         if run.model.moe is not None:
-            row["routing"] = routing_summary(self.model)
+            row["routing"] = routing_summary(self.model, self.layout, self.replicas, self.expert_parallel)
         if evaluating:
-            self.val_loss = row["val_loss"] = evaluate(self.model, self.val_shard, self.r, self.device, self.precision)
+            self.val_loss = row["val_loss"] = evaluate(
+                self.model, self.val_shard, self.r, self.device, self.precision, self.layout
+            )
         sink.write(json.dumps(row) + "\n")
         sink.flush()
         if self.events is not None:
@@ -316,7 +413,7 @@ class Trainer:
         run = self.run
         log_every = max(1, run.steps // 200)
         progress = open_progress(run.run_id, run.steps, self.step, self.progress)
-        if self.r.tensorboard and self.step < run.steps:
+        if self.r.tensorboard and self.step < run.steps and self.layout.main:
             self.events = TensorBoardLog(self.out_dir / TENSORBOARD_DIR, self.step)
         self.start_step, self.mark = self.step, time.perf_counter()
         self.segment_untimed = 0
@@ -332,12 +429,13 @@ class Trainer:
             if self.events is not None:
                 self.events.close()
         self.save()
-        self.energy_window = self.meter.stop()
+        self.energy_window = combine_across_ranks(self.meter.stop())
         self.energy_j = self._energy_total(self.energy_window.energy_j)
 
     def _loop(self, stop_after: int | None, log_every: int, progress) -> None:
         run, r = self.run, self.r
-        with self.metrics_path.open("a") as sink:
+        opened = self.metrics_path.open("a") if self.layout.main else contextlib.nullcontext(io.StringIO())
+        with opened as sink:
             while self.step < run.steps:
                 out, lr, grad_norm = self.train_step()
                 if self.precision.compile and self.segment_untimed == 0:
@@ -366,7 +464,7 @@ class Trainer:
         final = rows[-1]
         if self.val_loss is None:  # resumed from the final checkpoint of a run killed before its record
             self.val_loss = final.get("val_loss") or evaluate(
-                self.model, self.val_shard, r, self.device, self.precision
+                self.model, self.val_shard, r, self.device, self.precision, self.layout
             )
         return {
             "run_id": run.run_id,
@@ -380,6 +478,7 @@ class Trainer:
             "recipe": {k: getattr(v, "value", v) for k, v in r.__dict__.items()},
             "identity": run_identity(run),
             "precision": self.precision.describe(self.device),
+            "parallel": parallel.describe(self.layout, self.device) | {"experts": self._expert_layout()},
             "params": count_params(run.model).__dict__,
             "flop_convention": r.flop_convention.value,
             "flops_per_token": {c.value: training_flops_per_token(run.model, c) for c in FlopConvention},
@@ -434,10 +533,12 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     resume: str = "auto",
+    layout: Layout | None = None,
 ) -> dict[str, Any]:
     """Train ``run`` (resuming from its checkpoint: ``resume`` auto, previous, restart or changed)
     and write its record.json last. A run already finished as asked raises :class:`AlreadyTrained`;
-    one finished with another configuration is refused unless ``resume`` says to start over."""
+    one finished with another configuration is refused unless ``resume`` says to start over.
+    ``layout``: this process's place among torchrun's (harness.parallel; default alone)."""
     if resume in ("auto", "changed"):
         meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
         changes = finished_changes(out_dir, run, meta)
@@ -450,8 +551,12 @@ def train(
             )
     if threads:
         torch.set_num_threads(threads)
-    trainer = Trainer(run, study, data_dir, out_dir, progress, resume)
-    trainer.fit(stop_after)
-    record = trainer.record()
-    write_json(out_dir / "record.json", record)
+    layout = layout or ALONE
+    with parallel.process_group(layout, pick_device(study)) as device:
+        trainer = Trainer(run, study, data_dir, out_dir, progress, resume, layout, device)
+        trainer.fit(stop_after)
+        record = trainer.record()
+        if layout.main:
+            write_json(out_dir / "record.json", record)
+        parallel.barrier(layout)
     return record

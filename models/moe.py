@@ -234,6 +234,36 @@ class Experts(nn.Module):
         h_ECF = F.silu(torch.bmm(x_ECD, w1.transpose(1, 2))) * torch.bmm(x_ECD, w3.transpose(1, 2))
         return torch.bmm(h_ECF, w2.transpose(1, 2))
 
+    # The two dispatch paths below are shared by MoE and the expert-parallel layer
+    # (models/expert_parallel.py), whose owner rank runs them on the rows it received.
+
+    def forward_grouped(self, x_ND: Tensor, experts_sorted_N: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        """Dropless: rows of x_ND sorted by expert (expert ids experts_sorted_N, tokens_per_expert_E
+        rows each), block-padded where rows_per_block asks for it."""
+        if x_ND.shape[0] == 0:
+            # Only an expert-parallel rank that received no rows gets here. One ignored zero row
+            # keeps the weights in the graph (zero gradients, as in the single-process layer) and
+            # avoids _grouped_mm's backward, which rejects empty inputs; concatenated to x_ND, so
+            # that the collective that brought x_ND still runs its backward on this rank.
+            padded_1D = torch.cat([x_ND, x_ND.new_zeros(1, x_ND.shape[1])])
+            return self.forward_sorted(padded_1D, tokens_per_expert_E)[:0]
+        block = self.rows_per_block(x_ND)
+        if block == 1:
+            return self.forward_sorted(x_ND, tokens_per_expert_E)
+        rows_N, rows_per_expert_E, R = block_rows(experts_sorted_N, tokens_per_expert_E, block)
+        x_RD = x_ND.new_zeros(R, x_ND.shape[1]).index_copy(0, rows_N, x_ND)
+        return self.forward_sorted(x_RD, rows_per_expert_E).index_select(0, rows_N)
+
+    def forward_slots(self, x_ND: Tensor, slot_N: Tensor, capacity: int) -> Tensor:
+        """Capacity dispatch: row n goes to slot slot_N[n] of the E * capacity slots (expert
+        slot // capacity); slot E * capacity means dropped, and such rows come back as zeros."""
+        E, D, C = self.w1.shape[0], x_ND.shape[1], capacity
+        trash = E * C  # one extra row takes every dropped assignment and is discarded
+        slots_XD = x_ND.new_zeros(E * C + 1, D).index_copy(0, slot_N, x_ND)
+        y_ECD = self.forward_padded(slots_XD[:trash].view(E, C, D))
+        y_XD = torch.cat([y_ECD.reshape(E * C, D), y_ECD.new_zeros(1, D)])
+        return y_XD.index_select(0, slot_N)
+
 
 def block_rows(experts_sorted_N: Tensor, tokens_per_expert_E: Tensor, block: int) -> tuple[Tensor, Tensor, int]:
     """Rows of a block-padded layout: expert e's assignments start at a multiple of ``block``.
@@ -283,16 +313,20 @@ class MoE(nn.Module):
             capacity = math.ceil(cf * B * S * K / E)
             y_TD, dropped = self._with_capacity(x_TD, r, tokens_per_expert_E, capacity)
 
-        if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
-            y_TD = y_TD + shared_TD
+        y_TD = self._add_shared(x_TD, y_TD)
 
         if self.training and self.router.bias is not None:
             self.router.load_accum.add_(tokens_per_expert_E.float())
         self.stats = self._losses(r, tokens_per_expert_E, dropped, B, S)
         return y_TD.view(B, S, D)
+
+    def _add_shared(self, x_TD: Tensor, y_TD: Tensor) -> Tensor:
+        if self.shared is None:
+            return y_TD
+        shared_TD = self.shared(x_TD)
+        if self.shared_gate is not None:
+            shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
+        return y_TD + shared_TD
 
     def _dropless(self, x_TD: Tensor, r: RouterOutput, tokens_per_expert_E: Tensor) -> Tensor:
         K = self.cfg.top_k
@@ -300,13 +334,7 @@ class MoE(nn.Module):
         order_N = torch.argsort(experts_N, stable=True)  # group assignments by expert
         token_N = order_N // K
         x_ND = x_TD.index_select(0, token_N)
-        block = self.experts.rows_per_block(x_TD)
-        if block == 1:
-            y_ND = self.experts.forward_sorted(x_ND, tokens_per_expert_E)
-        else:
-            rows_N, rows_per_expert_E, R = block_rows(experts_N[order_N], tokens_per_expert_E, block)
-            x_RD = x_ND.new_zeros(R, x_ND.shape[1]).index_copy(0, rows_N, x_ND)
-            y_ND = self.experts.forward_sorted(x_RD, rows_per_expert_E).index_select(0, rows_N)
+        y_ND = self.experts.forward_grouped(x_ND, experts_N[order_N], tokens_per_expert_E)
         gates_N1 = r.gates_TK.reshape(-1)[order_N].unsqueeze(-1).to(y_ND.dtype)
         return y_ND.new_zeros(x_TD.shape).index_add_(0, token_N, y_ND * gates_N1)
 
@@ -316,21 +344,18 @@ class MoE(nn.Module):
         """GShard-style dispatch: slots are filled in priority order (all first choices by token
         position, then all second choices, ...); assignments past an expert's capacity are
         dropped and contribute nothing, so the token passes on through the residual only."""
-        E, T, D, C = self.cfg.experts, x_TD.shape[0], x_TD.shape[1], capacity
+        E, T, C = self.cfg.experts, x_TD.shape[0], capacity
         experts_P = r.experts_TK.t().reshape(-1)  # priority order: p = j * T + t
         order_P = torch.argsort(experts_P, stable=True)
         expert_sorted_P = experts_P[order_P]
         start_E = tokens_per_expert_E.cumsum(0) - tokens_per_expert_E
         position_P = torch.arange(order_P.numel(), device=x_TD.device) - start_E[expert_sorted_P]
         keep_P = position_P < C
-        trash = E * C  # one extra row takes every dropped assignment and is discarded
-        slot_P = torch.where(keep_P, expert_sorted_P * C + position_P, trash)
+        slot_P = torch.where(keep_P, expert_sorted_P * C + position_P, E * C)
         token_P = order_P % T
-        slots_XD = x_TD.new_zeros(E * C + 1, D).index_copy(0, slot_P, x_TD.index_select(0, token_P))
-        y_ECD = self.experts.forward_padded(slots_XD[:trash].view(E, C, D))
-        y_XD = torch.cat([y_ECD.reshape(E * C, D), y_ECD.new_zeros(1, D)])
-        gate_P1 = r.gates_TK.t().reshape(-1)[order_P].unsqueeze(-1).to(y_XD.dtype)
-        y_TD = y_XD.new_zeros(x_TD.shape).index_add_(0, token_P, y_XD.index_select(0, slot_P) * gate_P1)
+        y_PD = self.experts.forward_slots(x_TD.index_select(0, token_P), slot_P, C)
+        gate_P1 = r.gates_TK.t().reshape(-1)[order_P].unsqueeze(-1).to(y_PD.dtype)
+        y_TD = y_PD.new_zeros(x_TD.shape).index_add_(0, token_P, y_PD * gate_P1)
         dropped = 1.0 - keep_P.float().mean()
         return y_TD, dropped
 
@@ -340,24 +365,11 @@ class MoE(nn.Module):
         zero = probs_TE.new_zeros(())
         lb = switch_balance_loss(probs_TE.mean(0), tokens_per_expert_E.float())
         z = torch.logsumexp(r.logits_TE, dim=-1).square().mean()  # ST-MoE eq. 5
-        # Shazeer et al. 2017 eq. 6: Importance(X) = sum_x G(x), G the (sparse) gate values.
-        importance_E = torch.zeros_like(probs_TE).scatter(-1, r.experts_TK, r.gates_TK).sum(0)
-        importance = cv_squared(importance_E)
+        importance = cv_squared(gate_matrix(r).sum(0))
         load = cv_squared(r.smooth_load_TE.sum(0)) if r.smooth_load_TE is not None else zero
-        # DeepSeek-V3 eq. 17-20: the same form computed within each sequence, then averaged.
-        E = cfg.experts
-        counts_BE = probs_TE.new_zeros(B, E).scatter_add_(
-            1, r.experts_TK.view(B, S * cfg.top_k), probs_TE.new_ones(B, S * cfg.top_k)
-        )
-        seq = switch_balance_loss(probs_TE.view(B, S, E).mean(1), counts_BE)
-        aux = (
-            cfg.load_balance_coef * lb
-            + cfg.z_loss_coef * z
-            + cfg.importance_coef * importance
-            + cfg.load_coef * load
-            + cfg.seq_balance_coef * seq
-        )
-        entropy = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
+        seq = sequence_balance_loss(r, B, S)
+        aux = weighted_aux(cfg, lb, z, importance, load, seq)
+        entropy = token_entropy(probs_TE).mean()
         d = Tensor.detach
         return RoutingStats(
             tokens_per_expert=d(tokens_per_expert_E),
@@ -370,6 +382,37 @@ class MoE(nn.Module):
             seq_balance_loss=d(seq),
             aux_loss=aux,
         )
+
+
+def gate_matrix(r: RouterOutput) -> Tensor:
+    """(T, E) gate values, zero for unchosen experts: Shazeer et al. 2017 eq. 6's Importance(X)
+    = sum_x G(x) is its column sum."""
+    return torch.zeros_like(r.probs_TE).scatter(-1, r.experts_TK, r.gates_TK)
+
+
+def sequence_balance_loss(r: RouterOutput, B: int, S: int) -> Tensor:
+    """DeepSeek-V3 eq. 17-20: the Switch form computed within each of the B sequences, then
+    averaged over them."""
+    probs_TE, K = r.probs_TE, r.experts_TK.shape[1]
+    E = probs_TE.shape[-1]
+    counts_BE = probs_TE.new_zeros(B, E).scatter_add_(1, r.experts_TK.view(B, S * K), probs_TE.new_ones(B, S * K))
+    return switch_balance_loss(probs_TE.view(B, S, E).mean(1), counts_BE)
+
+
+def token_entropy(probs_TE: Tensor) -> Tensor:
+    """(T,) entropy in nats of each token's router distribution."""
+    return -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1)
+
+
+def weighted_aux(cfg: MoEConfig, lb: Tensor, z: Tensor, importance: Tensor, load: Tensor, seq: Tensor) -> Tensor:
+    """The coefficient-weighted sum of the balance losses that a layer adds to the loss."""
+    return (
+        cfg.load_balance_coef * lb
+        + cfg.z_loss_coef * z
+        + cfg.importance_coef * importance
+        + cfg.load_coef * load
+        + cfg.seq_balance_coef * seq
+    )
 
 
 def _count(ids_N: Tensor, n: int) -> Tensor:

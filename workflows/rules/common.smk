@@ -13,7 +13,17 @@ RUNS = {run.run_id: run for run in plan(STUDY)}
 ANALYSED = [run.run_id for run in analysed(STUDY, list(RUNS.values()))]
 RESULTS = f"results/{STUDY.name}"
 PY = sys.executable
-USE_GPU = pick_device(STUDY).type == "cuda"
+# Whether the study's jobs use GPUs. On a cluster the submitting host may have none: there,
+# `--config device=cuda` says the jobs' nodes do (each job still picks its device itself).
+if config.get("device") not in (None, "cuda"):
+    raise ValueError(f"--config device={config['device']}: the only value is 'cuda'")
+USE_GPU = STUDY.device == "cuda" or (
+    STUDY.device == "auto" and (config.get("device") == "cuda" or pick_device(STUDY).type == "cuda")
+)
+# GPU jobs at once (`--resources gpu=N` or the profile's), each on devices of its own
+# (harness.devices); each takes its share of the cores, so that they run side by side.
+GPUS = workflow.global_resources.get("gpu").value or 1
+GPU_THREADS = max(1, workflow.cores // GPUS)
 print(f"moe-harness: study '{STUDY.name}' ({STUDY_REASON}); {len(RUNS)} runs", file=sys.stderr)
 
 
@@ -28,6 +38,22 @@ RETRAIN = config.get("retrain")
 if RETRAIN not in (None, "stale"):
     raise ValueError(f"--config retrain={RETRAIN}: the only value is 'stale'")
 STUDY_FILE = STUDY.path
+# One process per run, or torchrun with parallel.data of them (harness.parallel).
+WORLD = STUDY.parallel.data
+LAUNCH = (
+    f"{PY} -m harness"
+    if WORLD == 1
+    else f"{PY} -m torch.distributed.run --standalone --nproc-per-node {WORLD} -m harness --"
+)
+# Threads of a training job: all cores on a GPU host or without recipe.train_threads, else
+# train_threads per process (so that several runs train at once on a CPU).
+TRAIN_THREADS = (
+    min(workflow.cores, GPU_THREADS * WORLD)
+    if USE_GPU
+    else workflow.cores
+    if not STUDY.recipe.train_threads
+    else min(workflow.cores, STUDY.recipe.train_threads * WORLD)
+)
 # Not a parameter of the train rule: it must not make the next plain run retrain anything.
 RESTART_FLAG = "--restart-if-changed" if RETRAIN == "stale" else ""
 sync_identities(STUDY, list(RUNS.values()), Path(RESULTS), RETRAIN == "stale")

@@ -9,7 +9,7 @@ rule evaluate:
         settings=essential_json(STUDY.eval),
         # `--config eval_download=true`: fetch hub datasets for the standard tasks
         download="--download" if str(config.get("eval_download", "false")).lower() in ("1", "true", "yes") else "",
-    threads: workflow.cores
+    threads: GPU_THREADS if USE_GPU else workflow.cores
     resources:
         gpu=1 if USE_GPU else 0,
     log:
@@ -17,7 +17,8 @@ rule evaluate:
     benchmark:
         f"{RESULTS}/benchmarks/evaluate/{{run}}.tsv"
     shell:
-        "{PY} -m harness evaluate {STUDY_FILE} --run {wildcards.run} --threads {threads} {params.download} > {log} 2>&1"
+        "MOE_HARNESS_GPUS={resources.gpu} {PY} -m harness evaluate {STUDY_FILE} --run {wildcards.run}"
+        " --threads {threads} {params.download} > {log} 2>&1"
 
 
 rule routing:
@@ -27,7 +28,7 @@ rule routing:
         data=rules.data.output.meta,
     output:
         routing=f"{RESULTS}/runs/{{run}}/routing.json",
-    threads: workflow.cores
+    threads: GPU_THREADS if USE_GPU else workflow.cores
     resources:
         gpu=1 if USE_GPU else 0,
     log:
@@ -35,4 +36,5 @@ rule routing:
     benchmark:
         f"{RESULTS}/benchmarks/routing/{{run}}.tsv"
     shell:
-        "{PY} -m harness routing {STUDY_FILE} --run {wildcards.run} --threads {threads} > {log} 2>&1"
+        "MOE_HARNESS_GPUS={resources.gpu} {PY} -m harness routing {STUDY_FILE} --run {wildcards.run}"
+        " --threads {threads} > {log} 2>&1"

@@ -4,7 +4,7 @@ rule measure:
         record=f"{RESULTS}/runs/{{run}}/record.json",
     output:
         measure=f"{RESULTS}/runs/{{run}}/measure.json",
-    threads: workflow.cores
+    threads: GPU_THREADS if USE_GPU else workflow.cores
     resources:
         gpu=1 if USE_GPU else 0,
     log:
@@ -12,7 +12,8 @@ rule measure:
     benchmark:
         f"{RESULTS}/benchmarks/measure/{{run}}.tsv"
     shell:
-        "{PY} -m harness measure {STUDY_FILE} --run {wildcards.run} --threads {threads} > {log} 2>&1"
+        "MOE_HARNESS_GPUS={resources.gpu} {PY} -m harness measure {STUDY_FILE} --run {wildcards.run}"
+        " --threads {threads} > {log} 2>&1"
 
 
 rule microbench:
@@ -21,7 +22,7 @@ rule microbench:
         json=f"{RESULTS}/microbench/moe_ffn.json",
     params:
         suite=f"{workflow.basedir}/tests/benchmarks/test_moe_ffn.py",
-    threads: workflow.cores
+    threads: GPU_THREADS if USE_GPU else workflow.cores
     resources:
         gpu=1 if USE_GPU else 0,
     log:
@@ -29,5 +30,6 @@ rule microbench:
     benchmark:
         f"{RESULTS}/benchmarks/microbench.tsv"
     shell:
-        "{PY} -m pytest {params.suite} -o addopts='' -p no:cacheprovider --benchmark-only --no-targets"
+        "{PY} -m harness.devices {resources.gpu} {PY} -m pytest {params.suite} -o addopts='' -p no:cacheprovider"
+        " --benchmark-only --no-targets"
         " --benchmark-json={output.json} > {log} 2>&1"

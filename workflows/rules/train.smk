@@ -8,13 +8,17 @@ rule train:
         identity=f"{RESULTS}/runs/{{run}}/identity.json",
     output:
         record=f"{RESULTS}/runs/{{run}}/record.json",
-    # A CPU study may ask for fewer threads per run, so that several runs train at once.
-    threads: workflow.cores if USE_GPU else (STUDY.recipe.train_threads or workflow.cores)
+    # A CPU study may ask for fewer threads per run, so that several runs train at once; a run
+    # over WORLD processes (parallel.data) takes that many times the threads, or GPUs.
+    threads: TRAIN_THREADS
     resources:
-        gpu=1 if USE_GPU else 0,
+        gpu=WORLD if USE_GPU else 0,
+        # torch threads of each of the WORLD processes
+        rank_threads=lambda wildcards, threads: max(1, threads // WORLD),
     log:
         f"{RESULTS}/logs/train/{{run}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train/{{run}}.tsv"
     shell:
-        "{PY} -m harness train {STUDY_FILE} --run {wildcards.run} --threads {threads} {RESTART_FLAG} > {log} 2>&1"
+        "{PY} -m harness.devices {resources.gpu} {LAUNCH} train {STUDY_FILE} --run {wildcards.run}"
+        " --threads {resources.rank_threads} {RESTART_FLAG} > {log} 2>&1"
