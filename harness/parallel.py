@@ -17,8 +17,10 @@ weights, gradients and optimizer state do not fit on one device.
 Balance losses and routing statistics of a data-parallel MoE are computed on each rank's local
 batch (Megatron-Core's default); with expert parallelism they are reduced over the expert-
 parallel group (``models.expert_parallel``). Every record states which (``parallel`` in
-record.json). Checkpoints are written by rank 0 in the single-process format (expert shards
-gathered first), so a run resumes on any number of ranks.
+record.json). Noisy top-k routing draws its noise per rank from the same seeded generator, so ranks share a
+noise pattern where one process would draw fresh noise for every token: the same distribution
+per token, correlated across ranks. Checkpoints are written by rank 0 in the single-process
+format (expert shards gathered first), so a run resumes on any number of ranks.
 """
 
 from __future__ import annotations
