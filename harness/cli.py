@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import subprocess
 import sys
 import traceback
 from dataclasses import replace
@@ -396,11 +395,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     except AlreadyTrained as done:
         r = done.record
-        print_main = print if layout.main else (lambda *a, **k: None)
-        print_main(
-            f"{run.run_id}: nothing to do, already trained with this configuration and data "
-            f"(val loss {r['final_val_loss']:.4f}); `--restart` trains it again"
-        )
+        if layout.main:
+            print(
+                f"{run.run_id}: nothing to do, already trained with this configuration and data "
+                f"(val loss {r['final_val_loss']:.4f}); `--restart` trains it again"
+            )
         return 0
     except Stopped as e:
         if layout.main:
@@ -628,23 +627,13 @@ def version_text() -> str:
 
 
 def _checkout_commit() -> str | None:
-    """Short commit (+ "-dirty") of the checkout this package runs from, or None. A small
-    git call of its own: harness.provenance imports torch, too slow for --version."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / ".git").exists():
-        return None
+    """Short commit (+ "-dirty") of the checkout this package runs from, or None."""
+    from harness.provenance import git_state
 
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    commit = git("rev-parse", "--short=12", "HEAD")
-    if commit is None:
+    state = git_state()
+    if state["commit"] is None:
         return None
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return state["commit"][:12] + ("-dirty" if state["dirty"] else "")
 
 
 class _Version(argparse.Action):

@@ -16,7 +16,7 @@ however it ends, a SIGKILL included, so a killed job frees its device at once.
     MOE_HARNESS_DEVICES    the devices to share out, comma-separated (default: every GPU NVML
                            lists, by UUID; a MIG-enabled GPU by its MIG instances)
     MOE_HARNESS_GPU_LOCKS  the lock folder (default $XDG_RUNTIME_DIR/moe-harness-gpus, else
-                           /tmp/moe-harness-gpus-<uid>): on this host's own disk, one per user,
+                           <temp folder>/moe-harness-gpus-<uid>): on this host's own disk, one per user,
                            so that every workflow the user runs on the host shares it
 
 Where ``CUDA_VISIBLE_DEVICES`` is already set, a scheduler or the user has chosen (SLURM sets it

@@ -189,11 +189,11 @@ def optimizer_names(model: torch.nn.Module) -> list[str]:
 
 def _expert_slices(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """Sharded expert parameter name -> (first expert, experts on this rank)."""
-    from models.expert_parallel import expert_parallel_layers
+    from models.expert_parallel import ExpertParallelMoE
 
     out = {}
     for prefix, module in model.named_modules():
-        if module in expert_parallel_layers(model):
+        if isinstance(module, ExpertParallelMoE):
             for name, _ in module.experts.named_parameters():
                 out[f"{prefix}.experts.{name}"] = (module.first_expert, module.local_experts)
     return out

@@ -7,9 +7,11 @@ import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: `harness --version` stays quick
+    import torch
+
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "moe-harness", "snakemake", "tokenizers", "datasets", "lm_eval", "transformers", "numpy")
@@ -51,6 +53,8 @@ def cpu_name() -> str:
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
+    import torch
+
     info: dict[str, Any] = {
         "device": str(device),
         "cpu": cpu_name(),

@@ -46,11 +46,6 @@ def essential_json(settings: Any) -> str:
     return json.dumps(essential_fields(settings), sort_keys=True)
 
 
-def data_params(data: DataConfig) -> str:
-    """The data rule's parameter: the data section."""
-    return essential_json(data)
-
-
 @dataclass(frozen=True)
 class RunState:
     run_id: str

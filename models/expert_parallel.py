@@ -57,6 +57,7 @@ from models.moe import (
     _count,
     cv_squared,
     gate_matrix,
+    routing_stats,
     sequence_balance_loss,
     switch_balance_loss,
     token_entropy,
@@ -256,18 +257,8 @@ class ExpertParallelMoE(MoE):
         load = cv_squared(total["load"]) if "load" in total else probs_TE.new_zeros(())
         seq = total["seq"][0] / B_all.float()
         aux = weighted_aux(cfg, lb, z, importance, load, seq)
-        d = Tensor.detach
-        return RoutingStats(
-            tokens_per_expert=d(tokens_per_expert_E),
-            dropped_fraction=d(dropped),
-            router_entropy=total["entropy"][0] / T_all,
-            load_balance_loss=d(lb),
-            z_loss=d(z),
-            importance_loss=d(importance),
-            load_loss=d(load),
-            seq_balance_loss=d(seq),
-            aux_loss=aux,
-        )
+        entropy = total["entropy"][0] / T_all
+        return routing_stats(tokens_per_expert_E, dropped, entropy, lb, z, importance, load, seq, aux)
 
 
 def _local_experts(experts: Experts, first: int, count: int) -> Experts:

@@ -370,18 +370,33 @@ class MoE(nn.Module):
         seq = sequence_balance_loss(r, B, S)
         aux = weighted_aux(cfg, lb, z, importance, load, seq)
         entropy = token_entropy(probs_TE).mean()
-        d = Tensor.detach
-        return RoutingStats(
-            tokens_per_expert=d(tokens_per_expert_E),
-            dropped_fraction=d(dropped),
-            router_entropy=d(entropy),
-            load_balance_loss=d(lb),
-            z_loss=d(z),
-            importance_loss=d(importance),
-            load_loss=d(load),
-            seq_balance_loss=d(seq),
-            aux_loss=aux,
-        )
+        return routing_stats(tokens_per_expert_E, dropped, entropy, lb, z, importance, load, seq, aux)
+
+
+def routing_stats(
+    tokens_per_expert_E: Tensor,
+    dropped: Tensor,
+    entropy: Tensor,
+    lb: Tensor,
+    z: Tensor,
+    importance: Tensor,
+    load: Tensor,
+    seq: Tensor,
+    aux: Tensor,
+) -> RoutingStats:
+    """A layer's statistics, detached; only ``aux`` keeps its graph (it is trained on)."""
+    d = Tensor.detach
+    return RoutingStats(
+        tokens_per_expert=d(tokens_per_expert_E),
+        dropped_fraction=d(dropped),
+        router_entropy=d(entropy),
+        load_balance_loss=d(lb),
+        z_loss=d(z),
+        importance_loss=d(importance),
+        load_loss=d(load),
+        seq_balance_loss=d(seq),
+        aux_loss=aux,
+    )
 
 
 def gate_matrix(r: RouterOutput) -> Tensor:

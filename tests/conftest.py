@@ -64,6 +64,15 @@ def study(pristine, tmp_path) -> Path:
     return copy_study(pristine, tmp_path)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one thread is much faster than several on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

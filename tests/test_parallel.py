@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import PICO_MODEL, ROOT
 from pico_study import RUN, RUNDIR, STUDY, cli_output
 
 from models.config import ConfigError
@@ -113,15 +113,8 @@ def test_the_train_rule_launches_torchrun_with_the_layout(study):
     assert "torch.distributed.run --standalone --nproc-per-node 2 -m harness -- train" in out.stdout
 
 
-MOE_MODEL = {
+MOE_MODEL = PICO_MODEL | {
     "name": "moe-pico",
-    "vocab_size": 512,
-    "d_model": 32,
-    "n_layers": 2,
-    "n_heads": 2,
-    "d_ff": 64,
-    "max_seq_len": 32,
-    "tie_embeddings": True,
     "moe": {"experts": 4, "top_k": 2, "d_expert": 32, "load_balance_coef": 0.01, "z_loss_coef": 0.001},
 }
 EARLY = 20

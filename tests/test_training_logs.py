@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from pico_study import MODEL, study_dict, write_corpus
 
@@ -49,12 +48,7 @@ def pico(tmp_path_factory):
     return root, study
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def with_tensorboard(study, on: bool = True):

@@ -53,7 +53,7 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
 fi
 say "$(slurmctld -V), $(munged -V 2>&1 | awk '{print $1; exit}')"
 
-TMP=$(mktemp -d /tmp/moe-slurm.XXXXXX)
+TMP=$(mktemp -d -t moe-slurm.XXXXXX)
 chmod 755 "$TMP"
 mkdir -p "$TMP"/{bin,munge,state,spool,work}
 export SLURM_CONF=$TMP/slurm.conf

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from harness.study import analysed, load_study, plan
 from harness.train import pick_device
-from harness.workflow import at_a_glance, choose_study, data_params, essential_json, guard_retraining, sync_identities
+from harness.workflow import at_a_glance, choose_study, essential_json, guard_retraining, sync_identities
 
 STUDY_NAME, STUDY_REASON = choose_study(config.get("study"))
 STUDY = load_study(STUDY_NAME)  # schema + typed validation: a bad study stops here

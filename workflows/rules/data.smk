@@ -7,7 +7,7 @@ rule data:
     params:
         # The study file is not an input: editing it to add a model must not redo the data.
         # A change to the data section does, through this parameter.
-        data=data_params(STUDY.data),
+        data=essential_json(STUDY.data),
     log:
         f"{RESULTS}/logs/data.log",
     benchmark:
