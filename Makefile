@@ -14,8 +14,12 @@ TORCH_BUILD ?= default
 TORCH_URL := $(if $(filter default none,$(TORCH_BUILD)),,https://download.pytorch.org/whl/$(TORCH_BUILD))
 TORCH_INDEX := $(if $(TORCH_URL),--index-url $(TORCH_URL))
 STAMP := $(VENV)/.installed
-# On a machine whose system Python already has a CUDA torch: make VENV_FLAGS=--system-site-packages
+# On a machine whose Python already has a CUDA torch, the venv can use it (and whatever else that
+# Python has, pip included: no ensurepip needed) instead of installing its own: SITE_FROM=python3
+# (harness/host_site.py; this works where that Python is itself a venv), or
+# VENV_FLAGS=--system-site-packages for a system Python.
 VENV_FLAGS ?=
+SITE_FROM ?=
 EXTRAS ?= dev,tensorboard
 # A node without network: `make install WHEELS=DIR` installs from a folder that `make wheelhouse
 # WHEELS=DIR` filled elsewhere, checked against its SHA256SUMS first; torch from it too, if there.
@@ -23,14 +27,15 @@ WHEELS ?=
 PIP_FROM := $(if $(WHEELS),--no-index --find-links $(abspath $(WHEELS)))
 TORCH_REQ := $(if $(WHEELS),torch,"$(TORCH_SPEC)" $(TORCH_INDEX))
 
-.PHONY: install wheelhouse check-offline test bench lint study report-check test-cluster clean
+.PHONY: install wheelhouse check-offline test bench lint study report-check test-cluster gpu-wheelhouse gpu-check gpu-check-rehearsal clean
 
 $(STAMP): pyproject.toml
 	$(if $(WHEELS),cd $(WHEELS) && sha256sum --check --quiet SHA256SUMS)
-	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PYTHON) -m venv $(VENV_FLAGS) $(if $(SITE_FROM),--without-pip) $(VENV)
+	$(if $(SITE_FROM),$(PYTHON) -m harness.host_site $(BIN)/python $(SITE_FROM))
 	$(BIN)/python -m pip install --quiet --upgrade $(PIP_FROM) pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(PIP_FROM) $(TORCH_REQ)
-	$(BIN)/python -m pip install --quiet $(PIP_FROM) -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install --quiet $(PIP_FROM) -e '.$(if $(EXTRAS),[$(EXTRAS)])'
 	touch $@
 
 install: $(STAMP)
@@ -52,7 +57,8 @@ wheelhouse:
 # CI: a wheelhouse for this host, torch included, then `make install` from it into a new venv
 # with no index, no pip configuration and no reachable proxy: a wheel missing from the folder
 # fails here, not on a node without network. No bytecode compiling: it would double the time and
-# proves nothing here.
+# proves nothing here. Then a venv on top of that one's packages, as `make gpu-check` makes on a
+# GPU machine (SITE_FROM), and the GPU machine's wheelhouse (make gpu-wheelhouse), built to fit.
 OFFLINE ?= $(or $(TMPDIR),/tmp)/moe-harness-offline
 NOWHERE := http://127.0.0.1:9
 check-offline:
@@ -64,11 +70,20 @@ check-offline:
 	$(OFFLINE)/venv/bin/harness --version
 	$(OFFLINE)/venv/bin/python -c "import snakemake, lm_eval, torch; print('snakemake, lm_eval, torch', torch.__version__)"
 	$(OFFLINE)/venv/bin/python -m pip check
+	@echo "== a second venv on top of the first's packages (make gpu-check's install): nothing reinstalled"
+	env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 PIP_NO_COMPILE=1 \
+		$(MAKE) --no-print-directory install WHEELS=$(OFFLINE)/wheels VENV=$(OFFLINE)/on-host SITE_FROM=$(OFFLINE)/venv/bin/python EXTRAS=
+	$(OFFLINE)/on-host/bin/python -c "import torch, snakemake, sys; \
+		assert torch.__file__.startswith('$(OFFLINE)/venv/'), torch.__file__; print('torch from', torch.__file__)"
+	test -z "$$(ls $(OFFLINE)/on-host/lib/python*/site-packages | grep -i -E '^(torch|snakemake|numpy)')"
+	@echo "== the GPU machine's wheelhouse resolves for its Python and fits the transfer"
+	$(MAKE) --no-print-directory gpu-wheelhouse GPU_WHEELS=$(OFFLINE)/gpu-wheels
 	rm -rf $(OFFLINE)
 
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/actionlint
 	$(BIN)/python -m pytest
 
 # Micro-benchmarks (pytest-benchmark), kept out of `make test`.
@@ -100,8 +115,55 @@ report-check: install
 # started on this machine, as root (Debian's slurm-wlm and munge installed where missing), the
 # tiny study's data step and two training runs through profiles/slurm with sbatch, their losses
 # checked against a local run's; then SLURM is shut down (workflows/cluster/test_cluster.sh).
+# Not root, but with passwordless sudo (a GitHub runner): through sudo.
 test-cluster: install
-	VENV=$(VENV) workflows/cluster/test_cluster.sh
+	@if [ "$$(id -u)" != 0 ] && sudo -n true 2>/dev/null; then as_root="sudo -n"; fi; \
+		echo "$${as_root:+$$as_root }env VENV=$(VENV) workflows/cluster/test_cluster.sh"; \
+		$${as_root:-} env VENV=$(VENV) workflows/cluster/test_cluster.sh
+
+# A GPU machine without network (harness/gpu_check.py). `make gpu-wheelhouse` (here, with network)
+# fills GPU_WHEELS with what such a machine lacks: the project and its dependencies for its Python
+# and platform, less torch and the packages it has already (workflows/gpu/preinstalled.txt), at
+# most GPU_WHEELS_MIB so that it travels with the checkout. `make gpu-check` (there) installs
+# from that folder, when it exists, into a venv on top of the machine's own Python and its CUDA
+# torch, then runs every check and writes results/reference/<device>/gpu-check/.
+GPU_WHEELS ?= .gpu-wheels
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PLATFORM ?= manylinux_2_28_x86_64
+GPU_WHEELS_MIB ?= 48
+GPU_CHECK_ARGS ?=
+gpu-wheelhouse:
+	$(PYTHON) -m harness.wheelhouse $(GPU_WHEELS) --extras '' --torch none \
+		--python-version $(GPU_PYTHON_VERSION) --platform $(GPU_PLATFORM) \
+		--exclude-from workflows/gpu/preinstalled.txt --max-mib $(GPU_WHEELS_MIB)
+
+gpu-check:
+	$(MAKE) --no-print-directory install SITE_FROM=$(PYTHON) EXTRAS= \
+		$(if $(wildcard $(GPU_WHEELS)/SHA256SUMS),WHEELS=$(GPU_WHEELS))
+	$(BIN)/python -m harness.gpu_check $(GPU_CHECK_ARGS)
+
+# The same stages on this CPU at the tiny study's size (run by .ci/run): the script, the pipeline
+# slice and the summary work before a GPU is lent.
+gpu-check-rehearsal: install
+	$(BIN)/python -m harness.gpu_check --rehearse
+
+# CI's steps (.ci/run and .github/workflows/ci.yml run the same targets in the same order;
+# tests/test_ci.py checks it). check-studies: every shipped study parses and plans (snakemake -n).
+# summary: the at-a-glance table and claims of results/<study>/report.md as Markdown, with any
+# python3 (harness/report_summary.py). snakemake-report: Snakemake's one-file HTML report.
+.PHONY: check-studies summary snakemake-report
+check-studies: install
+	@for study in workflows/studies/*.yaml; do \
+		name=$$(basename "$$study" .yaml); \
+		echo "== snakemake -n --config study=$$name"; \
+		$(BIN)/snakemake -n --quiet rules --config study="$$name" || exit 1; \
+	done
+
+summary:
+	@$(PYTHON) -m harness.report_summary results/$(or $(STUDY),tiny)/report.md
+
+snakemake-report: install
+	$(BIN)/snakemake --config study=$(or $(STUDY),tiny) --report results/$(or $(STUDY),tiny)/snakemake_report.html
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -25,7 +25,7 @@ from tabulate import tabulate
 
 from harness import devices
 from harness.errors import HarnessError, MissingStep
-from harness.study import LOCAL_TASKS, budget_label, find_run, load_study, plan, plan_rows
+from harness.study import LOCAL_TASKS, Recipe, budget_label, find_run, load_study, plan, plan_rows
 from models.accounting import summary
 from models.config import ConfigError, Dispatch, MoEConfig, Routing, dump_config, load_config
 from models.matching import OPTIONS, match_moe, non_defaults, parse_options
@@ -431,12 +431,15 @@ def cmd_measure(args: argparse.Namespace) -> int:
     if args.config:
         _cuda_visible(args.device)
         cfg, state, device, seed = load_config(args.config), None, torch.device(args.device or "cpu"), 0
-        precision = None
+        # As a recipe with these settings would train it (dtype auto: bf16 on CUDA, fp32 on a CPU).
+        precision = resolve(Recipe(dtype=args.dtype or "auto", compile=args.compile), device)
         out = Path(args.out or f"results/measure/{cfg.name}.json")
         label = {"config": args.config}
     else:
         if not args.study or not args.run:
             raise ConfigError("(command line)", "give STUDY --run RUN_ID, or --config MODEL.yaml")
+        if args.dtype or args.compile:
+            raise ConfigError("--dtype/--compile", "a run is measured as it trained; these go with --config")
         study = load_study(args.study)
         run, _, run_dir = _trained_run(args, study)
         if _up_to_date(run_dir / "measure.json", [run_dir / "record.json"], args):
@@ -469,17 +472,22 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from harness.export import NotExportable, export
+    from harness.export import NotExportable, export, hf_family
 
     study = load_study(args.study)
     run, results, run_dir = _trained_run(args, study)
-    state = _trained_state(study, run, run_dir)["model"]
     out = Path(args.out or results / "export" / run.run_id)
+    tokenizer = results / "data" / "tokenizer.json"
     try:
+        hf_family(run.model)  # a model with no faithful class is refused before anything is read
+        if not tokenizer.is_file():
+            raise MissingStep(tokenizer, f"harness data {study.path}")
+        state = _trained_state(study, run, run_dir)["model"]
         source = f"study {study.name}, run {run.run_id}"
-        cls = export(run.model, state, results / "data" / "tokenizer.json", out, source=source)
+        cls = export(run.model, state, tokenizer, out, source=source)
     except NotExportable as e:
-        print(f"harness export: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line
+        print(f"harness export: error: {message}", file=sys.stderr)
         return 2
     print(f"{run.run_id} -> {out} ({cls})")
     return 0
@@ -756,6 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="run id whose checkpoint to measure")
     p.add_argument("--config", help="measure this model config with random weights instead")
     p.add_argument("--device", choices=["cpu", "cuda"], help="with --config (default cpu)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="with --config, as recipe.dtype (auto)")
+    p.add_argument("--compile", action="store_true", help="with --config: torch.compile the training step")
     p.add_argument("--results", default="results", help="results root (default: results)")
     p.add_argument("--out", help="where to write measure.json (default: the run's folder)")
     p.add_argument("--batch-size", dest="batch_size", type=POSITIVE, help="sequences per step (default: the run's)")

@@ -1,6 +1,6 @@
 """Export a trained model to a Hugging Face directory that ``transformers`` loads as is.
 
-    harness export tiny --run moe-d64-e8k2_7e12_s0 --out exported/
+    harness export tiny --run moe-d64-e8k2_7e12_s0 --out exported/moe-d64-e8k2
 
 The target class is the one whose computation equals ours; a variant with no faithful
 equivalent is refused with the reason rather than exported approximately:
@@ -9,11 +9,26 @@ equivalent is refused with the reason rather than exported approximately:
   dense, per-head QK-norm                   -> Qwen3ForCausalLM
   MoE softmax-topk + renorm, every block    -> MixtralForCausalLM   (no QK-norm, no shared experts)
   MoE softmax-topk, per-head QK-norm        -> Qwen3MoeForCausalLM  (norm_topk_prob = renormalize)
-  MoE softmax-topk, full QK-norm            -> OlmoeForCausalLM     (every block MoE)
+  MoE softmax-topk, full QK-norm            -> OlmoeForCausalLM     (every block MoE, n_heads * head_dim = d_model)
   MoE softmax-topk, gated shared experts    -> Qwen2MoeForCausalLM  (no QK-norm)
 
-Qwen's MoE classes place sparse layers as we do ((i + 1) % decoder_sparse_step == 0, with
-``mlp_only_layers`` for leading dense blocks). The tokenizer is exported as a fast tokenizer.
+Every class takes head_dim, num_key_value_heads (grouped-query attention), the RoPE base
+(rope_parameters), rms_norm_eps and tie_word_embeddings from its config, so those fields map one
+to one, head_dim given explicitly (Qwen3-MoE, OLMoE and Qwen2-MoE read it through
+``getattr(config, "head_dim", ...)``). The exception is OLMoE's full-width QK-norm: OlmoeAttention
+sizes q_norm from hidden_size and k_norm from hidden_size // n_heads * n_kv_heads, which are our
+n_heads * head_dim and n_kv_heads * head_dim only when head_dim = d_model / n_heads; any other
+head_dim is refused. Qwen's MoE classes place sparse layers as we do ((i + 1) % decoder_sparse_step
+== 0, with ``mlp_only_layers`` for leading dense blocks); Mixtral and OLMoE have an MoE in every
+block, so a model with dense blocks is refused there. Also refused: a dense model with full QK-norm
+(OLMo 2 has one, but normalises after attention and FFN, Olmo2DecoderLayer), routing other than
+softmax over E then top-k, capacity dispatch, route_scale other than 1, forced-balanced routing,
+and shared experts other than Qwen2-MoE's (gated, no QK-norm). The tokenizer is exported as a fast
+tokenizer.
+
+Should transformers still build something other than the mapping expects, the export stops with
+the tensors that do not fit, naming the run, before anything is written; the folder is written
+under a temporary name and moved into place, so it is either absent or complete.
 
 The run's balancing losses travel with the weights: the load-balance coefficient becomes the
 class's ``router_aux_loss_coef`` (rescaled to transformers' form of the loss), a coefficient
@@ -24,6 +39,7 @@ config.json, with the run's whole model config, rather than dropped.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +48,8 @@ from typing import Any
 import torch
 import yaml
 
+from harness.errors import DiskFull, HarnessError
+from harness.io import NO_SPACE, free_bytes
 from models.config import Dispatch, ModelConfig, MoEConfig, QKNorm, Routing
 
 
@@ -47,7 +65,10 @@ def hf_family(cfg: ModelConfig) -> str:
             return "llama"
         if cfg.qk_norm is QKNorm.PER_HEAD:
             return "qwen3"
-        raise NotExportable(f"{cfg.name}: a dense model with full-width QK-norm has no transformers class")
+        raise NotExportable(
+            f"{cfg.name}: qk_norm '{cfg.qk_norm.value}' on a dense model has no transformers class "
+            "(OLMo 2's full-width QK-norm comes with norms after attention and FFN, not before)"
+        )
     problems = []
     if m.routing is not Routing.SOFTMAX_TOPK:
         problems.append(f"routing '{m.routing.value}' (transformers' MoE classes use softmax over E, then top-k)")
@@ -68,6 +89,13 @@ def hf_family(cfg: ModelConfig) -> str:
         family = "olmoe"
         if dense_blocks:
             problems.append("OLMoE has an MoE in every block")
+        # OlmoeAttention sizes q_norm from hidden_size and k_norm from hidden_size // n_heads *
+        # n_kv_heads: ours span n_heads * head_dim and n_kv_heads * head_dim, equal only here.
+        if cfg.n_heads * cfg.head_dim != cfg.d_model:
+            problems.append(
+                f"head_dim {cfg.head_dim} with qk_norm 'full': the norms span n_heads * head_dim = "
+                f"{cfg.n_heads * cfg.head_dim}, but OLMoE sizes them from hidden_size (d_model {cfg.d_model})"
+            )
     else:
         family = "mixtral" if m.renormalize and not dense_blocks else "qwen3_moe"
         if family == "qwen3_moe":
@@ -237,6 +265,71 @@ def readme(cfg: ModelConfig, class_name: str, hf_cfg) -> str:
     return "\n".join(lines)
 
 
+def hf_model(
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    family: str,
+    eos_id: int | None = None,
+    source: str | None = None,
+):
+    """The transformers model of ``family`` holding ``state``. Should transformers build something
+    other than the mapping expects, NotExportable names the run (``source``) and what does not fit,
+    rather than a RuntimeError from load_state_dict."""
+    import transformers
+
+    who, name = source or cfg.name, CLASSES[family].replace("Config", "ForCausalLM")
+    try:
+        weights = hf_state_dict(cfg, state, family)
+    except KeyError as e:
+        raise NotExportable(f"{who}: the checkpoint has no tensor {e.args[0]}, which {cfg.name} needs") from None
+    try:
+        hf_cfg = hf_config(cfg, family, eos_id, source)
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    except Exception as e:
+        raise NotExportable(f"{who}: transformers cannot build {name}: {_one_line(e)}") from e
+    theirs = model.state_dict()
+    wrong = [
+        f"{k} is {tuple(w.shape)} in the run, {tuple(theirs[k].shape)} in {name}"
+        for k, w in weights.items()
+        if k in theirs and theirs[k].shape != w.shape
+    ]
+    if wrong:
+        raise NotExportable(f"{who}: the weights do not fit {name}: {_some(wrong)}")
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except Exception as e:
+        raise NotExportable(f"{who}: the weights do not load into {name}: {_one_line(e)}") from e
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        which = f"{name} has no {_some(unexpected)}" if unexpected else f"nothing fills {_some(missing)}"
+        raise NotExportable(f"{who}: the weight mapping to {name} is incomplete: {which}")
+    return model
+
+
+def _one_line(e: BaseException, limit: int = 400) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _some(items: list[str], shown: int = 3) -> str:
+    more = f" (and {len(items) - shown} more)" if len(items) > shown else ""
+    return "; ".join(items[:shown]) + more
+
+
+def _replaceable(out_dir: Path) -> bool:
+    """Absent, empty, or an earlier export (its config.json has ``moe_harness``)."""
+    if not out_dir.exists():
+        return True
+    if not out_dir.is_dir():
+        return False
+    if not any(out_dir.iterdir()):
+        return True
+    try:
+        return "moe_harness" in json.loads((out_dir / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def export(
     cfg: ModelConfig,
     state: dict[str, torch.Tensor],
@@ -245,35 +338,41 @@ def export(
     source: str | None = None,
 ) -> str:
     """Write ``out_dir`` (config, safetensors weights, fast tokenizer, README.md); returns the
-    class name. ``source`` names the run, for the README and config.json."""
+    class name. ``source`` names the run, for the README, config.json and errors. An earlier
+    export in ``out_dir`` is replaced; a folder holding anything else is refused."""
     import transformers
 
     family = hf_family(cfg)
+    out_dir = Path(out_dir)
+    if not _replaceable(out_dir):
+        raise HarnessError(f"{out_dir} exists and is not an earlier export: remove it or choose another --out")
     eos_id = None
     tokenizer = None
     if tokenizer_file is not None:
         tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token="<|endoftext|>")
         eos_id = tokenizer.eos_token_id
-    hf_cfg = hf_config(cfg, family, eos_id, source)
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
-    missing, unexpected = model.load_state_dict(hf_state_dict(cfg, state, family), strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise NotExportable(
-            f"{cfg.name}: weight mapping to {type(model).__name__} is incomplete: {missing or unexpected}"
-        )
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    model = hf_model(cfg, state, family, eos_id, source)
+    tmp = old = None
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
         model.save_pretrained(tmp)
-        (tmp / "README.md").write_text(readme(cfg, type(model).__name__, hf_cfg))
+        (tmp / "README.md").write_text(readme(cfg, type(model).__name__, model.config))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        if out_dir.exists():  # aside, not deleted, until the new folder is in place
+            old = out_dir.rename(tmp.with_name(tmp.name + ".old"))
         tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out_dir.exists():
+            old.rename(out_dir)  # the earlier export stays as it was
+        if isinstance(e, OSError):
+            if e.errno in NO_SPACE:
+                raise DiskFull(out_dir, None, free_bytes(out_dir.parent)) from None
+            raise HarnessError(f"{out_dir}: cannot write the export: {e.strerror or e}") from None
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return type(model).__name__

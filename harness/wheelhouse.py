@@ -202,7 +202,8 @@ def build(
     dest.mkdir(parents=True, exist_ok=True)
     own = build_local(dest)
     build_requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
-    roots = ["pip", *build_requires, *EDITABLE_REQUIRES, f"moe-harness[{extras}] @ {own.resolve().as_uri()}"]
+    project = f"moe-harness[{extras}]" if extras else "moe-harness"
+    roots = ["pip", *build_requires, *EDITABLE_REQUIRES, f"{project} @ {own.resolve().as_uri()}"]
     roots += [torch] if torch else []
     skip = {canonical(n) for n in exclude} | (set() if torch else {"torch"})
     extra: list[str] = []
@@ -231,7 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-index", help="an index to take torch from too (PyTorch's, for a CPU or CUDA build)")
     parser.add_argument("--extras", default="dev,tensorboard", help="the project's extras to include")
     parser.add_argument("--exclude", nargs="*", default=[], metavar="NAME", help="packages to leave out")
+    parser.add_argument(
+        "--exclude-from", type=Path, metavar="FILE", help="more packages to leave out, from a file (# comments)"
+    )
+    parser.add_argument("--max-mib", type=float, help="fail if the wheels come to more than this (MiB)")
     args = parser.parse_args(argv)
+    if args.exclude_from:
+        try:
+            text = args.exclude_from.read_text()
+        except OSError as e:
+            parser.error(f"--exclude-from {args.exclude_from}: {e.strerror}")
+        args.exclude += [w for line in text.splitlines() for w in line.split("#")[0].split()]
     try:
         here = Target.host() if not (args.python_version and args.platform) else None
         version = ".".join((args.python_version or here.python_version).split(".")[:2])  # 3.12.7 too
@@ -245,11 +256,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wheelhouse: error: pip {e.cmd[4]} failed (its message is above)", file=sys.stderr)
         return 1
     size = sum(f.stat().st_size for f in files)
+    left_out = f", leaving out {len(args.exclude)} packages" if args.exclude else ""
     print(
         f"{args.dest}: {len(files)} wheels, {size / 2**20:,.1f} MiB, for Python {target.python_version} on "
-        f"{target.platform}{'' if torch else ', without torch'}"
-        f"{', without ' + ' '.join(args.exclude) if args.exclude else ''}; manifest in requirements.txt and SHA256SUMS"
+        f"{target.platform}{'' if torch else ', without torch'}{left_out}; manifest in requirements.txt and SHA256SUMS"
     )
+    if args.max_mib is not None and size > args.max_mib * 2**20:
+        largest = sorted(files, key=lambda f: f.stat().st_size, reverse=True)[:3]
+        names = ", ".join(f"{f.name.split('-')[0]} {f.stat().st_size / 2**20:.1f} MiB" for f in largest)
+        print(
+            f"wheelhouse: error: {size / 2**20:.1f} MiB is over --max-mib {args.max_mib:g} (largest: {names})",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -3,27 +3,56 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 
 import pytest
 import torch
-from conftest import tiny_config, with_moe
+import yaml
+from conftest import PICO_MODEL, tiny_config, with_moe
+from pico_study import cli_output, study_dict
 
+from harness.checkpoint import save_checkpoint
 from harness.export import NotExportable, export, hf_balancing, hf_family
+from harness.study import load_study, plan
 from models.config import Dispatch, QKNorm, Routing
 
+
+def sensitive(moe: dict | None = None, **overrides):
+    """tiny_config: 4 query heads over 2 key/value heads (GQA), d_model 32, untied embeddings; a
+    RoPE base, RMSNorm epsilon and init spread far enough from the defaults that a field the
+    export dropped moves the logits beyond the tolerance."""
+    return tiny_config(moe, **{"rope_theta": 100.0, "norm_eps": 0.01, "init_std": 0.1, **overrides})
+
+
+FAMILIES = {
+    "llama": (sensitive(), "LlamaForCausalLM"),
+    "qwen3": (sensitive(qk_norm=QKNorm.PER_HEAD), "Qwen3ForCausalLM"),
+    "mixtral": (sensitive(moe={}, d_ff=None), "MixtralForCausalLM"),
+    "qwen3-moe": (sensitive(moe={"renormalize": False}, qk_norm=QKNorm.PER_HEAD), "Qwen3MoeForCausalLM"),
+    "olmoe": (sensitive(moe={"renormalize": False}, qk_norm=QKNorm.FULL), "OlmoeForCausalLM"),
+    "qwen2-moe": (sensitive(moe={"shared_experts": 1, "shared_gate": True}), "Qwen2MoeForCausalLM"),
+}
+"""One model per target class, each with grouped-query attention."""
+
+
+def variant(family: str, moe: dict | None = None, **changes):
+    cfg, cls = FAMILIES[family]
+    cfg = dataclasses.replace(cfg, **changes)
+    return (cfg if moe is None else with_moe(cfg, **moe)), cls
+
+
+HEAD_DIM = {"head_dim": 12}  # n_heads * head_dim = 48, not d_model = 32
+# Blocks 0-2 dense, block 3 MoE: without mlp_only_layers block 1 would be an MoE, without
+# decoder_sparse_step block 2.
+INTERLEAVED = {"n_layers": 4, "d_ff": 48, "moe": {"every": 2, "first_dense": 2}}
+
 CASES = {
-    "llama": (tiny_config(), "LlamaForCausalLM"),
-    "llama-untied": (tiny_config(tie_embeddings=False), "LlamaForCausalLM"),
-    "qwen3": (tiny_config(qk_norm=QKNorm.PER_HEAD), "Qwen3ForCausalLM"),
-    "mixtral": (tiny_config(moe={"experts": 4, "top_k": 2}, d_ff=None), "MixtralForCausalLM"),
-    "qwen3-moe": (tiny_config(moe={"renormalize": False}, qk_norm=QKNorm.PER_HEAD), "Qwen3MoeForCausalLM"),
-    "qwen3-moe-interleaved": (
-        tiny_config(moe={"every": 2, "first_dense": 1}, qk_norm=QKNorm.PER_HEAD, n_layers=4),
-        "Qwen3MoeForCausalLM",
-    ),
-    "olmoe": (tiny_config(moe={"renormalize": False}, qk_norm=QKNorm.FULL), "OlmoeForCausalLM"),
-    "qwen2-moe": (tiny_config(moe={"shared_experts": 1, "shared_gate": True}), "Qwen2MoeForCausalLM"),
+    **FAMILIES,
+    **{f"{f}-head-dim": variant(f, **HEAD_DIM) for f in FAMILIES if f != "olmoe"},  # olmoe: refused
+    **{f"{f}-tied": variant(f, tie_embeddings=True) for f in FAMILIES},
+    # Mixtral and OLMoE have an MoE in every block: refused below.
+    **{f"{f}-interleaved": variant(f, **INTERLEAVED) for f in ("qwen3-moe", "qwen2-moe")},
 }
 
 
@@ -33,13 +62,18 @@ def test_exported_logits_equal_ours(name, tmp_path):
 
     cfg, expected_class = CASES[name]
     model = cfg.build().eval()
-    with torch.no_grad():  # give routers enough spread that top-k choices are not ties
-        for m in model.moe_layers:
+    with torch.no_grad():
+        for m in model.moe_layers:  # give routers enough spread that top-k choices are not ties
             m.router.weight.normal_(std=0.5)
+        for key, w in model.named_parameters():  # norms that differ, so each must land in its place
+            if "norm" in key:
+                w.normal_(1.0, 0.3)
     cls = export(cfg, model.state_dict(), None, tmp_path / "hf")
     assert cls == expected_class
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(theirs).__name__ == expected_class
+    tied = theirs.lm_head.weight is theirs.model.embed_tokens.weight
+    assert tied == cfg.tie_embeddings, "fine-tuning the export keeps the embeddings tied, or untied, as ours"
     idx = torch.randint(0, cfg.vocab_size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, model(idx).logits, rtol=1e-4, atol=1e-4)
@@ -51,9 +85,33 @@ def test_exported_logits_equal_ours(name, tmp_path):
         ({"routing": Routing.SIGMOID_BIAS}, {}, "routing 'sigmoid-bias'"),
         ({"routing": Routing.TOPK_SOFTMAX}, {}, "routing 'topk-softmax'"),
         ({"dispatch": Dispatch.CAPACITY}, {}, "capacity dispatch"),
+        ({"route_scale": 2.5}, {}, "route_scale 2.5"),
+        ({"force_balanced": True}, {}, "force_balanced"),
         ({"shared_experts": 1}, {}, "shared_gate"),
+        ({"shared_experts": 1, "shared_gate": True}, {"qk_norm": QKNorm.PER_HEAD}, "without QK-norm"),
         ({"renormalize": False}, {}, "only Mixtral matches"),
         ({"every": 2}, {"n_layers": 4}, "only Mixtral matches"),
+        ({"first_dense": 1}, {"d_ff": 48}, "only Mixtral matches"),
+        ({"first_dense": 1}, {"qk_norm": QKNorm.FULL, "d_ff": 48}, "OLMoE has an MoE in every block"),
+        ({}, {"qk_norm": QKNorm.FULL, "head_dim": 12}, "head_dim 12 with qk_norm 'full'.* = 48.*d_model 32"),
+        ({}, {"qk_norm": QKNorm.FULL, "head_dim": 4}, "head_dim 4 with qk_norm 'full'.* = 16.*d_model 32"),
+        (None, {"qk_norm": QKNorm.FULL}, "qk_norm 'full' on a dense model"),
+    ],
+    ids=[
+        "sigmoid-bias",
+        "topk-softmax",
+        "capacity",
+        "route-scale",
+        "force-balanced",
+        "ungated-shared",
+        "qwen2-moe-qk-norm",
+        "mixtral-no-renorm",
+        "mixtral-interleaved",
+        "mixtral-first-dense",
+        "olmoe-interleaved",
+        "olmoe-head-dim-wider",
+        "olmoe-head-dim-narrower",
+        "dense-full-qk-norm",
     ],
 )
 def test_variants_without_an_equivalent_are_refused(moe, overrides, fragment):
@@ -61,9 +119,8 @@ def test_variants_without_an_equivalent_are_refused(moe, overrides, fragment):
         hf_family(tiny_config(moe=moe, **overrides))
 
 
-def test_export_writes_a_fast_tokenizer(tmp_path):
+def write_tokenizer(path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -71,13 +128,121 @@ def test_export_writes_a_fast_tokenizer(tmp_path):
         vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 50, trainer=trainer)
-    tok.save(str(tmp_path / "tokenizer.json"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return tok
+
+
+def test_export_writes_a_fast_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = write_tokenizer(tmp_path / "tokenizer.json")
     cfg = tiny_config(vocab_size=tok.get_vocab_size())
     export(cfg, cfg.build().state_dict(), tmp_path / "tokenizer.json", tmp_path / "hf")
     loaded = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert loaded.is_fast and loaded.eos_token == "<|endoftext|>"
     assert loaded("return x")["input_ids"] == tok.encode("return x").ids
     assert not list(tmp_path.glob(".hf.*")), "no temporary directory left behind"
+
+
+def test_an_earlier_export_is_replaced_and_any_other_folder_kept(tmp_path):
+    from harness.errors import HarnessError
+
+    cfg = tiny_config()
+    state = cfg.build().state_dict()
+    export(cfg, state, None, tmp_path / "hf")
+    (tmp_path / "hf" / "stale.txt").write_text("from the earlier export")
+    export(cfg, state, None, tmp_path / "hf")
+    assert not (tmp_path / "hf" / "stale.txt").exists(), "the earlier export was replaced, not merged"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"], "nothing set aside is left behind"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not an export")
+    with pytest.raises(HarnessError, match="not an earlier export"):
+        export(cfg, state, None, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "not an export"
+
+
+def test_a_failed_write_leaves_the_earlier_export_and_no_temporary_folder(tmp_path, monkeypatch):
+    from harness.errors import DiskFull
+
+    cfg = tiny_config()
+    state = cfg.build().state_dict()
+    export(cfg, state, None, tmp_path / "hf", source="first")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("harness.export.readme", full)  # fails after the weights are written
+    with pytest.raises(DiskFull, match="disk is full"):
+        export(cfg, state, None, tmp_path / "hf", source="second")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+
+
+def trained_study(root, model_fields: dict, tokenizer: bool = True) -> tuple[str, str, str]:
+    """A study folder whose one run of ``model_fields`` has finished: record.json, a checkpoint
+    of freshly initialised weights and (``tokenizer``) the tokenizer. (study file, results root,
+    run id)."""
+    (root / "model.yaml").write_text(yaml.safe_dump(model_fields))
+    (root / "study.yaml").write_text(yaml.safe_dump(study_dict(root)))
+    (run,) = plan(load_study(root / "study.yaml"))
+    results = root / "results" / "pico"
+    run_dir = results / "runs" / run.run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "record.json").write_text("{}")
+    save_checkpoint({"model": run.model.build().state_dict()}, run_dir / "checkpoint.pt")
+    if tokenizer:
+        write_tokenizer(results / "data" / "tokenizer.json")
+    return str(root / "study.yaml"), str(root / "results"), run.run_id
+
+
+FULL_QK_NORM_HEAD_DIM = {
+    "name": "moe-hd",
+    "vocab_size": 97,
+    "d_model": 32,
+    "n_layers": 2,
+    "n_heads": 4,
+    "head_dim": 12,
+    "max_seq_len": 16,
+    "qk_norm": "full",
+    "moe": {"experts": 4, "top_k": 2, "d_expert": 24},
+}
+"""MoE with full QK-norm and head_dim 12 != d_model / n_heads = 8."""
+
+
+def assert_one_line_error(code: int, out: str, err: str, *fragments: str) -> None:
+    assert code == 2, err
+    assert out == "" and "Traceback" not in err and "internal error" not in err
+    assert err.startswith("harness export: error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_cli_refuses_full_qk_norm_with_another_head_dim_in_one_line(tmp_path):
+    study, results, run_id = trained_study(tmp_path, FULL_QK_NORM_HEAD_DIM)
+    code, out, err = cli_output("export", study, "--results", results, "--run", run_id)
+    assert_one_line_error(code, out, err, "moe-hd", "head_dim 12", "qk_norm 'full'", "OLMoE", "d_model 32")
+    assert not (tmp_path / "results" / "pico" / "export").exists(), "nothing written"
+
+
+def test_cli_names_the_run_and_the_tensors_when_transformers_builds_another_shape(tmp_path, monkeypatch):
+    """Should a mapping miss an assumption of its class, the export stops with the tensors that
+    differ, not a RuntimeError from load_state_dict, and writes nothing."""
+    study, results, run_id = trained_study(tmp_path, FULL_QK_NORM_HEAD_DIM)
+    monkeypatch.setattr("harness.export.hf_family", lambda cfg: "olmoe")  # as before the refusal
+    code, out, err = cli_output("export", study, "--results", results, "--run", run_id)
+    assert_one_line_error(
+        code, out, err, f"run {run_id}", "OlmoeForCausalLM", "q_norm.weight is (48,) in the run, (32,) in"
+    )
+    assert not (tmp_path / "results" / "pico" / "export").exists(), "nothing written"
+
+
+def test_cli_asks_for_the_tokenizer_when_the_data_folder_is_gone(tmp_path):
+    study, results, run_id = trained_study(tmp_path, PICO_MODEL, tokenizer=False)
+    code, out, err = cli_output("export", study, "--results", results, "--run", run_id)
+    assert_one_line_error(code, out, err, "tokenizer.json does not exist", "harness data")
+    assert not (tmp_path / "results" / "pico" / "export").exists(), "nothing written"
 
 
 MOE_FAMILIES = ["mixtral", "qwen3-moe", "olmoe", "qwen2-moe"]

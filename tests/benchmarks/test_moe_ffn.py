@@ -1,4 +1,5 @@
-"""MoE FFN speed against the FLOP-matched dense SwiGLU and transformers' MixtralSparseMoeBlock.
+"""MoE FFN speed against the FLOP-matched dense SwiGLU and transformers' MixtralSparseMoeBlock
+(eager and grouped_mm), and in bf16 against our own expert loop.
 
 Forward + backward of each implementation at one shape, interleaved round by round (this
 machine drifts), and the median of the per-round ratios. Run with ``make bench``; the
@@ -11,6 +12,7 @@ cases run in bf16 and report ratios only.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -78,6 +80,9 @@ def _implementations(case: Case) -> dict[str, torch.nn.Module]:
         "mixtral": _mixtral_block(moe, case, "eager"),
         "mixtral_grouped_mm": _mixtral_block(moe, case, "grouped_mm"),
     }
+    if case.dtype == torch.bfloat16:  # grouped by default in bf16: our expert loop beside it
+        impls["moe_loop"] = copy.deepcopy(moe)
+        impls["moe_loop"].experts.use_grouped_mm = False
     return {k: m.to(case.device) for k, m in impls.items()}
 
 
@@ -147,6 +152,8 @@ def test_moe_ffn_against_dense_and_mixtral(benchmark, report_row, request, case:
         "ratio_mixtral_to_dense": ratio("mixtral", "dense"),
         "ratio_mixtral_grouped_mm_to_dense": ratio("mixtral_grouped_mm", "dense"),
     }
+    if "moe_loop" in times:
+        info["ratio_moe_to_moe_loop"] = ratio("moe", "moe_loop")
     for peer, target in (("dense", case.target_vs_dense), ("mixtral", case.target_vs_mixtral)):
         if target is not None:
             info[f"target_moe_to_{peer}"] = target

@@ -1,0 +1,80 @@
+"""The report's at-a-glance table and claims as Markdown: what a CI run shows of a study.
+
+    python -m harness.report_summary results/tiny/report.md   # what `make summary STUDY=tiny` prints
+    make summary STUDY=tiny >> "$GITHUB_STEP_SUMMARY"          # a GitHub job's summary page
+
+The sections are cut from report.md as ``harness.report`` wrote them, each from its ``## ``
+heading up to the next heading of level 1 or 2, so that the CI page shows the report's own text
+and not a second rendering of it. A report that lacks one of them is an error naming the file and
+the section: a summary that silently lost its table would read like a pass. Needs only the
+standard library, so it runs with any Python >= 3.11, without the project's environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+SECTIONS = ("At a glance", "Claims")
+"""The headings (level 2) of report.md that make the summary, in this order."""
+
+_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+_FENCE = re.compile(r"^\s*(```|~~~)")
+
+
+def _headings(lines: Sequence[str]) -> list[tuple[int, int, str]]:
+    """(line index, level, title) of each ATX heading outside fenced code blocks."""
+    out, in_fence = [], False
+    for i, line in enumerate(lines):
+        if _FENCE.match(line):
+            in_fence = not in_fence
+        elif not in_fence and (m := _HEADING.match(line)):
+            out.append((i, len(m.group(1)), m.group(2)))
+    return out
+
+
+def sections(text: str, titles: Sequence[str] = SECTIONS, source: str | Path = "report.md") -> str:
+    """The ``## TITLE`` sections of the Markdown ``text``, in the order of ``titles``, joined by
+    a blank line; the first of each title counts. Raises HarnessError naming ``source`` and every
+    missing title."""
+    lines = text.splitlines()
+    top = [h for h in _headings(lines) if h[1] <= 2]  # a section ends at the next of these
+    found: dict[str, str] = {}
+    for (start, level, title), (end, _, _) in zip(top, [*top[1:], (len(lines), 0, "")], strict=True):
+        if level == 2 and title in titles and title not in found:
+            found[title] = "\n".join(lines[start:end]).strip()
+    missing = [t for t in titles if t not in found]
+    if missing:
+        have = ", ".join(title for _, level, title in top if level == 2) or "none"
+        raise HarnessError(
+            f"{source}: no section {', '.join(f'`## {t}`' for t in missing)} (its level-2 headings: {have}); "
+            "rewrite it with `harness report STUDY`"
+        )
+    return "\n\n".join(found[t] for t in titles) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harness.report_summary", description=__doc__.split("\n\n")[0])
+    p.add_argument("report", type=Path, help="the study's report.md, e.g. results/tiny/report.md")
+    p.add_argument(
+        "--section", action="append", metavar="TITLE", help=f"a level-2 heading to print (default: {SECTIONS})"
+    )
+    args = p.parse_args(argv)
+    try:
+        if not args.report.is_file():
+            raise HarnessError(f"{args.report} does not exist; write it with `make study STUDY=...`")
+        text = args.report.read_text(encoding="utf-8")
+        sys.stdout.write(sections(text, args.section or SECTIONS, args.report))
+    except HarnessError as e:
+        print(f"report_summary: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

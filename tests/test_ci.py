@@ -1,0 +1,279 @@
+"""The two CIs run one recipe, the GitHub artifact holds the results but no checkpoints or token
+data, and the job summary is the report's at-a-glance table and claims (harness.report_summary).
+
+The workflow itself is linted by actionlint in `make test`; here, what actionlint cannot know.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.errors import HarnessError
+from harness.report_summary import main as summary_main
+from harness.report_summary import sections
+
+ROOT = Path(__file__).resolve().parents[1]
+CI_RUN = ROOT / ".ci" / "run"
+WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
+RUN = "moe-d64-e8k2_7e12_s0"
+
+
+def make_commands(script: str) -> list[str]:
+    """Each `make TARGET [VAR=VALUE ...]` of a shell script, one per line, options and whatever
+    follows a redirection or another command left out: `make summary STUDY=tiny >> FILE` gives
+    "summary STUDY=tiny"."""
+    out = []
+    for line in script.splitlines():
+        words = shlex.split(line, comments=True)
+        if not words or words[0] != "make":
+            continue
+        args = []
+        for word in words[1:]:
+            if re.match(r"\d*[<>|&;]", word):
+                break
+            if not word.startswith("-"):
+                args.append(word)
+        out.append(" ".join(args))
+    return out
+
+
+def workflow() -> dict:
+    return yaml.safe_load(WORKFLOW.read_text())
+
+
+def steps() -> list[dict]:
+    (job,) = workflow()["jobs"].values()
+    return job["steps"]
+
+
+def upload_step() -> dict:
+    (step,) = [s for s in steps() if s.get("uses", "").startswith("actions/upload-artifact@")]
+    return step
+
+
+# --- one recipe -----------------------------------------------------------------------------
+
+
+def test_workflow_runs_the_make_targets_of_ci_run_in_the_same_order():
+    local = make_commands(CI_RUN.read_text())
+    github = [cmd for step in steps() if "run" in step for cmd in make_commands(step["run"])]
+    assert local[0] == "test" and "study STUDY=tiny" in local and "test-cluster" in local, local
+    assert github == local
+
+
+def test_every_target_ci_calls_is_in_the_makefile():
+    makefile = (ROOT / "Makefile").read_text()
+    defined = set(re.findall(r"^([A-Za-z][\w-]*):", makefile, flags=re.M))
+    called = {cmd.split()[0] for cmd in make_commands(CI_RUN.read_text())}
+    assert called <= defined, f"not in the Makefile: {sorted(called - defined)}"
+
+
+def test_summary_step_appends_to_the_job_summary():
+    (step,) = [s for s in steps() if "run" in s and "summary STUDY=tiny" in make_commands(s["run"])]
+    assert re.search(r'make summary STUDY=tiny >> "\$GITHUB_STEP_SUMMARY"', step["run"])
+
+
+# --- the artifact ---------------------------------------------------------------------------
+# upload-artifact reads `path:` with @actions/glob, and so does this matcher, within what the
+# workflow uses: one pattern a line, `#` lines are comments, `!` excludes; the patterns apply in
+# order, the last one that matches a file decides; a pattern also matches everything below what
+# it names (implicit descendants), and one with a trailing `/` names a directory only. Within a
+# pattern (minimatch with dot: true), `**` as a whole segment matches any number of segments,
+# none included, `*` any run of characters but `/`, and `?` one such character. Anything else
+# special to minimatch (brackets, braces, extglobs) is refused rather than guessed. Hidden files
+# and folders are left out, as upload-artifact does unless include-hidden-files is set.
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    segments = pattern.split("/")
+    rx = ""
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        if seg == "**":
+            rx += ".*" if last else "(?:[^/]+/)*"
+            continue
+        if re.search(r"[\[\]{}()+@!]", seg):
+            raise ValueError(f"{pattern!r}: this matcher knows only *, ? and **")
+        rx += "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in seg)
+        rx += "" if last else "/"
+    return re.compile(rx + r"\Z")
+
+
+def uploaded(path_input: str, files: list[str]) -> set[str]:
+    """The files (paths relative to the workspace) that `path: path_input` uploads."""
+    rules = []
+    for line in path_input.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line.removeprefix("!")
+        directory_only = pattern.endswith("/")
+        pattern = pattern.rstrip("/")
+        itself = [] if directory_only else [glob_regex(pattern)]
+        below = [] if pattern.endswith("/**") else [glob_regex(pattern + "/**")]
+        rules.append((negate, itself + below))
+    kept = set()
+    for f in files:
+        if any(part.startswith(".") for part in f.split("/")):
+            continue
+        state = False
+        for negate, regexes in rules:
+            if any(rx.match(f) for rx in regexes):
+                state = not negate
+        if state:
+            kept.add(f)
+    return kept
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "matches"),
+    [
+        ("a/**/*.pt", "a/x.pt", True),
+        ("a/**/*.pt", "a/b/c/x.pt", True),
+        ("a/**/*.pt", "a/x.pth", False),
+        ("a/**/*.pt", "b/a/x.pt", False),
+        ("a/*.json", "a/b/x.json", False),
+        ("a/?.md", "a/r.md", True),
+        ("a/*", "a/.hidden", True),
+    ],
+)
+def test_glob_matcher(pattern, path, matches):
+    assert bool(glob_regex(pattern).match(path)) is matches
+
+
+# The names of a results/<study> folder after `make study` and `make snakemake-report`, as in
+# results/tiny.
+KEEP = [
+    "report.md",
+    "report.html",
+    "report.png",
+    "snakemake_report.html",
+    "summary.json",
+    "tables/main.csv",
+    "tables/main.html",
+    "tables/claims.csv",
+    "figures/isoflop.png",
+    "figures/loss_vs_params.png",
+    "report_sections/01-at-a-glance.html",
+    "report_sections/front.html",
+    "microbench/moe_ffn.json",
+    "benchmarks/report.tsv",
+    f"benchmarks/train/{RUN}.tsv",
+    f"logs/train/{RUN}.log",
+    "logs/report.log",
+    *(f"runs/{RUN}/{name}" for name in ("record.json", "measure.json", "eval.json", "metrics.jsonl")),
+    *(f"runs/{RUN}/{name}" for name in ("routing.json", "identity.json", "config.yaml")),
+]
+LEAVE = [
+    f"runs/{RUN}/checkpoint.pt",
+    f"runs/{RUN}/checkpoint.pt.sha256",
+    f"runs/{RUN}/checkpoint.prev.pt",
+    f"runs/{RUN}/checkpoint.prev.pt.sha256",
+    "data/train.bin",
+    "data/validation.bin",
+    "data/test.bin",
+    "data/tokenizer.json",
+    "data/data.json",
+    "data/tasks/heldout_ppl.jsonl",
+    "data/tasks/tasks.json",
+]
+
+
+def test_artifact_holds_the_results_but_no_checkpoints_or_data(tmp_path):
+    results = tmp_path / "results"
+    for name in KEEP + LEAVE:
+        (results / "tiny" / name).parent.mkdir(parents=True, exist_ok=True)
+        (results / "tiny" / name).write_text("x")
+    elsewhere = ["results/cpu/report.md", "results/reference/cpu/tiny/report.md"]
+    for name in elsewhere:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+
+    got = uploaded(upload_step()["with"]["path"], files)
+    assert got == {f"results/tiny/{name}" for name in KEEP}
+    assert not any(f.endswith((".pt", ".sha256")) or "/data/" in f for f in got)
+
+
+def test_artifact_settings_and_readme():
+    step = upload_step()
+    assert step["with"]["if-no-files-found"] == "error"
+    assert int(step["with"]["retention-days"]) > 0
+    assert "steps.study.outcome" in step["if"] and "!cancelled()" in step["if"]
+    assert f"`{step['with']['name']}`" in (ROOT / "README.md").read_text(), "the README names the artifact"
+
+
+# --- the job summary ------------------------------------------------------------------------
+
+REPORT = """# Study `tiny`
+
+A study.
+
+## At a glance
+
+Each MoE against its dense run.
+
+| MoE | vs dense |
+|---|---|
+| moe-d64-e8k2 | dense-d64 |
+
+```
+## Runs (in a code block: not a heading)
+```
+
+## Claims
+
+### Protocol
+
+| expectation | verdict |
+|---|---|
+| MoE is better | supported |
+
+## Runs
+
+| run |
+|---|
+"""
+
+
+def test_summary_is_the_two_sections():
+    got = sections(REPORT)
+    assert got.startswith("## At a glance\n\nEach MoE")
+    assert re.findall(r"^##? .*", got, flags=re.M) == [
+        "## At a glance",
+        "## Runs (in a code block: not a heading)",
+        "## Claims",
+    ]
+    assert "\n\n## Claims\n\n### Protocol\n" in got
+    assert "| moe-d64-e8k2 | dense-d64 |" in got and "| MoE is better | supported |" in got
+    assert "## Runs (in a code block" in got, "a fenced block is part of its section"
+    assert "| run |" not in got and "# Study" not in got and "A study." not in got
+    assert got.endswith("| MoE is better | supported |\n")
+
+
+def test_summary_names_the_file_and_the_missing_section(tmp_path, capsys):
+    report = tmp_path / "results" / "tiny" / "report.md"
+    report.parent.mkdir(parents=True)
+    report.write_text(REPORT.replace("## Claims", "## Verdicts"))
+    with pytest.raises(HarnessError, match=r"report\.md: no section `## Claims` .*: At a glance, Verdicts, Runs\)"):
+        sections(report.read_text(), source=report)
+
+    assert summary_main([str(report)]) == 2
+    err = capsys.readouterr().err
+    assert str(report) in err and "`## Claims`" in err
+
+    assert summary_main([str(tmp_path / "nowhere.md")]) == 2
+    assert "nowhere.md does not exist" in capsys.readouterr().err
+
+
+def test_summary_command_prints_markdown(tmp_path, capsys):
+    report = tmp_path / "report.md"
+    report.write_text(REPORT)
+    assert summary_main([str(report)]) == 0
+    assert capsys.readouterr().out == sections(REPORT)
