@@ -13,7 +13,9 @@ any venv exists, so it needs only the standard library, pip (22.2 or newer) and 
    ``install --dry-run --report`` (which reads metadata and downloads no wheel where the index
    serves metadata).
 3. Keep what the roots need without passing through an excluded package: leaving out torch
-   (TORCH_BUILD=none) leaves out the CUDA libraries and triton that only torch needs.
+   (TORCH_BUILD=none) leaves out the CUDA libraries and triton that only torch needs. The build
+   tools (hatchling, editables) keep all they need: pip installs them into an isolated build
+   environment, which sees none of the node's own packages.
    Markers are evaluated for the target: pip evaluates them for the Python that runs it, so a
    requirement only the target's Python has is resolved in one more round.
 4. Download those files, hashes checked, and delete the folder's other wheels.
@@ -165,6 +167,14 @@ def needed(report: dict, roots: list[str], exclude: set[str], env: dict[str, str
     return kept, sorted(set(missing))
 
 
+def keep(report: dict, roots: list[str], tools: list[str], exclude: set[str], env: dict[str, str]) -> tuple[dict, list]:
+    """``needed`` for the roots, plus everything the build tools need, excluded or not: pip
+    installs those into an isolated build environment, which sees none of the node's packages."""
+    kept, missing = needed(report, roots, exclude, env)
+    for_tools, missing_for_tools = needed(report, tools, set(), env)
+    return kept | for_tools, sorted(set(missing) | set(missing_for_tools))
+
+
 def _file(item: dict) -> Path:
     """Where pip found an item of the report (a file:// or https:// address), as a path."""
     return Path(unquote(urlparse(item["download_info"]["url"]).path))
@@ -202,14 +212,15 @@ def build(
     dest.mkdir(parents=True, exist_ok=True)
     own = build_local(dest)
     build_requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    tools = [*build_requires, *EDITABLE_REQUIRES]
     project = f"moe-harness[{extras}]" if extras else "moe-harness"
-    roots = ["pip", *build_requires, *EDITABLE_REQUIRES, f"{project} @ {own.resolve().as_uri()}"]
+    roots = ["pip", *tools, f"{project} @ {own.resolve().as_uri()}"]
     roots += [torch] if torch else []
     skip = {canonical(n) for n in exclude} | (set() if torch else {"torch"})
     extra: list[str] = []
     for _ in range(3):  # the rounds of step 3
         report = resolve(roots + extra, target, dest, torch_index)
-        kept, missing = needed(report, roots, skip, target.markers())
+        kept, missing = keep(report, roots, tools, skip, target.markers())
         if not missing:
             break
         extra += missing

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.wheelhouse import Target, needed, platforms
+from harness.wheelhouse import Target, keep, needed, platforms
 
 
 def _item(name: str, *requires: str) -> dict:
@@ -66,3 +66,16 @@ def test_a_target_is_a_python_version_and_a_linux_platform():
         Target("312", "manylinux_2_28_x86_64")
     with pytest.raises(ValueError, match="PLATFORM=macosx_14_0_arm64"):
         Target("3.12", "macosx_14_0_arm64")
+
+
+def test_build_tools_keep_what_they_need_though_it_is_left_out():
+    """pip installs hatchling into an isolated build environment that sees none of the node's
+    packages: what the tools need travels even when the node has it."""
+    report = {"install": [*REPORT["install"], _item("hatchling", "filelock", "mpmath")]}
+    env = Target("3.12", "manylinux_2_28_x86_64").markers()
+    kept, missing = keep(report, ["app", "hatchling"], ["hatchling"], {"torch", "filelock", "mpmath"}, env)
+    assert {"hatchling", "filelock", "mpmath"} <= set(kept) and "torch" not in kept and not missing
+    # without the tools' exemption, filelock and mpmath would be left out
+    assert not {"filelock", "mpmath"} & set(
+        needed(report, ["app", "hatchling"], {"torch", "filelock", "mpmath"}, env)[0]
+    )
