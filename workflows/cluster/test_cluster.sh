@@ -55,7 +55,7 @@ say "$(slurmctld -V), $(munged -V 2>&1 | awk '{print $1; exit}')"
 
 TMP=$(mktemp -d -t moe-slurm.XXXXXX)
 chmod 755 "$TMP"
-mkdir -p "$TMP"/{bin,munge,state,spool,work}
+mkdir -p "$TMP"/{bin,munge,state,spool,project}
 export SLURM_CONF=$TMP/slurm.conf
 
 # The test's own daemons and job steps, alive (not zombies): they carry its SLURM_CONF in their
@@ -125,9 +125,9 @@ cleanup() {
         say "SLURM shut down; no slurmctld, slurmd, slurmstepd or munged of the test is left"
     fi
     if [ "$rc" != 0 ]; then
-        for log in "$TMP"/slurmctld.log "$TMP"/slurmd.log "$TMP"/work/.snakemake/slurm_logs/*/*.log \
-            "$TMP"/work/.snakemake/slurm_logs/*/*/*.log \
-            "$TMP"/work/results/$STUDY/logs/*.log "$TMP"/work/results/$STUDY/logs/*/*.log; do
+        for log in "$TMP"/slurmctld.log "$TMP"/slurmd.log "$TMP"/project/.snakemake/slurm_logs/*/*.log \
+            "$TMP"/project/.snakemake/slurm_logs/*/*/*.log \
+            "$TMP"/project/results/$STUDY/logs/*.log "$TMP"/project/results/$STUDY/logs/*/*.log; do
             [ -f "$log" ] && { echo "--- ${log#"$TMP"/}"; tail -n 25 "$log"; }
         done
     fi
@@ -207,7 +207,7 @@ targets=("results/$STUDY/data/data.json")
 for run in "${RUNS[@]}"; do targets+=("results/$STUDY/runs/$run/record.json"); done
 # In the background, so that a signal to this script stops it at once (cleanup ends it first).
 (
-    cd "$TMP/work"
+    cd "$TMP/project"
     for var in $(compgen -e | grep -E '^(SBATCH|SLURM|SRUN|SALLOC)_' | grep -vx SLURM_CONF); do unset "$var"; done
     SBATCH_PARTITION=$PARTITION exec "$VENV/bin/snakemake" --snakefile "$ROOT/Snakefile" \
         --workflow-profile "$ROOT/profiles/slurm" --config study=$STUDY \
@@ -244,17 +244,17 @@ EOF
 # `make study STUDY=tiny`), the shipped reference otherwise. Same code, data and threads on the
 # same machine give the same bits; 1e-6 relative leaves room for nothing more than printing.
 say "losses against a local run"
-"$PY" - "$ROOT" "$TMP/work" "$STUDY" "${RUNS[@]}" <<'EOF'
+"$PY" - "$ROOT" "$TMP/project" "$STUDY" "${RUNS[@]}" <<'EOF'
 import json
 import math
 import sys
 from pathlib import Path
 
-root, work, study, *runs = sys.argv[1:]
+root, project, study, *runs = sys.argv[1:]
 summary = Path(root, "results/reference/cpu", study, "summary.json")
 failed = []
 for run in runs:
-    got = json.loads(Path(work, "results", study, "runs", run, "record.json").read_text())
+    got = json.loads(Path(project, "results", study, "runs", run, "record.json").read_text())
     local = Path(root, "results", study, "runs", run, "record.json")
     if local.exists():
         want, source = json.loads(local.read_text()), local.relative_to(root)
