@@ -73,7 +73,7 @@ check-offline:
 	@echo "== a second venv on top of the first's packages (make gpu-check's install): nothing reinstalled"
 	env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 PIP_NO_COMPILE=1 \
 		$(MAKE) --no-print-directory install WHEELS=$(OFFLINE)/wheels VENV=$(OFFLINE)/on-host SITE_FROM=$(OFFLINE)/venv/bin/python EXTRAS=
-	$(OFFLINE)/on-host/bin/python -c "import torch, snakemake, sys; \
+	$(OFFLINE)/on-host/bin/python -c "import torch, snakemake; \
 		assert torch.__file__.startswith('$(OFFLINE)/venv/'), torch.__file__; print('torch from', torch.__file__)"
 	test -z "$$(ls $(OFFLINE)/on-host/lib/python*/site-packages | grep -i -E '^(torch|snakemake|numpy)')"
 	@echo "== the GPU machine's wheelhouse resolves for its Python and fits the transfer"

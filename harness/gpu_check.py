@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -46,6 +45,7 @@ from typing import Any
 
 import yaml
 
+from harness.analysis.reproduce import device_folder
 from harness.io import read_json, write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,11 +162,6 @@ def environment(ctx: Context) -> list[Check]:
         )
     )
     return checks
-
-
-def device_slug(name: str) -> str:
-    """'NVIDIA H200' -> 'nvidia-h200': the folder under results/reference/."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 # 2. gpu tests
@@ -297,14 +292,14 @@ def slice_budget(matmul_flops_per_s: float, seconds: float) -> float:
 
 def write_slice(ctx: Context) -> tuple[Path, list]:
     """The slice's study file (with its models resolved from the base study's folder) and runs."""
-    from harness.study import load_study, plan, study_path
+    from harness.study import load_study, model_configs_dir, plan, study_path
 
     base_path = study_path(ctx.base_study)
     base = yaml.safe_load(base_path.read_text())
     name = "gpu-check-rehearsal" if ctx.rehearse else "gpu-check"
     budget = slice_budget(ctx.facts["matmul"]["flops_per_s"], ctx.train_seconds)
     study = slice_study(base, name, budget, ctx.rehearse)
-    configs = ROOT / "models" / "configs"
+    configs = model_configs_dir()
     for m in study["models"]:
         key = "config" if "config" in m else "base"
         if not Path(m[key]).is_absolute():
@@ -528,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx.work.mkdir(parents=True)
     checks = run_stages(ctx)
     host = ctx.facts.get("provenance", {}).get("host", {})
-    slug = device_slug(host.get("gpu") or "unknown-gpu")
+    slug = device_folder(host.get("gpu") or "unknown-gpu")
     out = args.out or (ctx.work if args.rehearse else ROOT / "results" / "reference" / slug / "gpu-check")
     print(write_summary(out, checks, ctx.facts))
     print(f"gpu-check: summary in {out}/summary.md and summary.json")

@@ -251,8 +251,8 @@ def test_main_without_cuda_refuses_and_writes_nothing(tmp_path, monkeypatch, cap
 
 
 def test_device_folder_name():
-    assert gc.device_slug("NVIDIA H200") == "nvidia-h200"
-    assert gc.device_slug("NVIDIA A100-SXM4-80GB") == "nvidia-a100-sxm4-80gb"
+    assert gc.device_folder("NVIDIA H200") == "nvidia-h200"
+    assert gc.device_folder("NVIDIA A100-SXM4-80GB") == "nvidia-a100-sxm4-80gb"
 
 
 # the offline install on top of the machine's Python

@@ -25,11 +25,14 @@ TOLERANCE = {
 }
 
 
+def device_folder(gpu: str | None) -> str:
+    """The folder under results/reference/ of a device: ``cpu``, or the GPU's name in lower case
+    with dashes ('NVIDIA H200' -> 'nvidia-h200')."""
+    return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") if gpu else "cpu"
+
+
 def device_class(record: dict[str, Any]) -> str:
-    host = record["provenance"]["host"]
-    if host.get("gpu"):
-        return re.sub(r"[^a-z0-9]+", "-", host["gpu"].lower()).strip("-")
-    return "cpu"
+    return device_folder(record["provenance"]["host"].get("gpu"))
 
 
 def summary(
