@@ -224,6 +224,42 @@ class Parallel:
 
 
 @dataclass(frozen=True)
+class PrimaryContrast:
+    """The one comparison a confirmatory study's iso-FLOP verdict (R1) rests on, registered in the
+    study file before any reported run (SCIENCE.md, "Statistics and design"). The gain is
+    dense - MoE validation loss, paired by seed; the claim is that it is positive."""
+
+    moe: str
+    """Model name of the MoE arm (as in run ids)."""
+    dense: str
+    """Model name of the dense arm it is compared with."""
+    budget: float
+    """The FLOP budget of the comparison."""
+    alpha: float = 0.05
+    """Level of the one-sided test (and 1 - alpha is the one-sided confidence of the futility bound)."""
+    delta_min: float = 0.01
+    """Smallest gain of interest, nats: 'not supported' only when the upper confidence bound of the
+    gain lies below it."""
+    test: str = "paired-t"
+    """paired-t (one-sided paired t over seeds); the exact Wilcoxon signed-rank test is reported
+    beside it as a robustness check."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a confirmatory study commits to before its runs: the primary contrast and what is
+    secondary or exploratory. The report prints it beside the result."""
+
+    primary: PrimaryContrast | None = None
+    secondary: list[str] = field(default_factory=list)
+    """Secondary estimands, in words (e.g. 'theta of the joint law with its 95% interval')."""
+    exploratory: list[str] = field(default_factory=list)
+    """Outputs read as exploration, not confirmation."""
+    diverged_runs: str = ""
+    """What happens to a run whose loss diverges (decided in advance)."""
+
+
+@dataclass(frozen=True)
 class Study:
     name: str
     data: DataConfig
@@ -238,6 +274,8 @@ class Study:
     """auto (CUDA when visible), cpu or cuda."""
     analysed_runs: AnalysedRuns = field(default_factory=AnalysedRuns)
     parallel: Parallel = field(default_factory=Parallel)
+    registration: Registration | None = None
+    """A confirmatory study's registered design (None: exploratory; R1 then uses a stated default)."""
     path: str = ""
     """The file it was loaded from (set by load_study)."""
 
