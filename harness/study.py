@@ -101,6 +101,9 @@ class ModelSpec:
     """This model's seeds, in place of the study's (e.g. one seed for an ablation)."""
     budgets: list[float] | None = None
     """This model's FLOP budgets, in place of the study's."""
+    seeds_per_budget: dict[float, list[int]] | None = None
+    """Seeds of one budget in place of ``seeds`` ({3.5e12: [200], 7.0e12: [200, 201]}): a design
+    may replicate its primary budget more than the others. Budgets not named take ``seeds``."""
     recipe: dict[str, Any] = field(default_factory=dict)
     """This model's optimisation settings in place of the study's (``TUNABLE``: a scaling study
     tunes learning rate and batch size by model size); recorded in each run's spec."""
@@ -309,6 +312,18 @@ def study_path(name_or_path: str | Path) -> Path:
     return studies_dir() / f"{name_or_path}.yaml"
 
 
+def _check_seeds_per_budget(study: Study, spec: ModelSpec, where: str, path: str) -> None:
+    """Every budget named in ``seeds_per_budget`` is one of the entry's budgets, with distinct seeds."""
+    budgets = spec.budgets or study.budgets
+    for budget, seeds in (spec.seeds_per_budget or {}).items():
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or float(budget) not in budgets:
+            allowed = ", ".join(budget_label(b) for b in budgets)
+            shown = budget_label(budget) if isinstance(budget, (int, float)) else repr(budget)
+            raise ConfigError(where, f"budget {shown} is not one of this model's budgets ({allowed})", path)
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"{where}.{budget_label(budget)}", f"seeds repeat: {seeds}", path)
+
+
 def load_study(name_or_path: str | Path) -> Study:
     """Read, schema-check and type a study; errors name the file and the field."""
     path = study_path(name_or_path)
@@ -336,6 +351,7 @@ def load_study(name_or_path: str | Path) -> Study:
             raise ConfigError(f"models[{i}]", "give exactly one of 'config' or 'base'", str(path))
         if spec.base is not None and (spec.experts is None or spec.top_k is None):
             raise ConfigError(f"models[{i}]", "'base' needs 'experts' and 'top_k'", str(path))
+        _check_seeds_per_budget(study, spec, f"models[{i}].seeds_per_budget", str(path))
         model_recipe(study, spec, f"models[{i}]")  # refuses a field a model may not set
     return study
 
@@ -417,6 +433,12 @@ def budget_label(budget: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+def seeds_of(study: Study, spec: ModelSpec, budget: float) -> list[int]:
+    """The seeds a model entry trains at one budget: its ``seeds_per_budget`` entry, else its
+    ``seeds``, else the study's."""
+    return (spec.seeds_per_budget or {}).get(budget) or spec.seeds or study.seeds
+
+
 def plan(study: Study, vocab_size: int | None = None, train_tokens: int | None = None) -> list[Run]:
     """One run per model x budget x seed. With ``train_tokens`` (the train split's size),
     refuses runs that need more tokens than it holds unless the study allows repetition."""
@@ -436,7 +458,7 @@ def plan(study: Study, vocab_size: int | None = None, train_tokens: int | None =
                     "recipe.min_steps (a guard: changing it retrains nothing)",
                     study.path,
                 )
-            for seed in spec.seeds or study.seeds:
+            for seed in seeds_of(study, spec, budget):
                 run_id = f"{cfg.name}_{budget_label(budget)}_s{seed}"
                 runs.append(Run(run_id, cfg, budget, seed, fpt, tokens_per_step, steps, r))
         _check_parallel(study, cfg, r)

@@ -107,6 +107,35 @@ def test_a_model_entry_tunes_its_own_recipe(study):
     assert run_identity(tuned)["recipe"]["lr"] == 1e-3
 
 
+def test_a_model_entry_may_give_each_budget_its_own_seeds(study):
+    def replicate(data):
+        data["budgets"] = [6e9, 1.2e10]
+        data["models"][0]["seeds"] = [200]
+        data["models"][0]["seeds_per_budget"] = {1.2e10: [200, 201, 202]}
+
+    _edit(study, replicate)
+    runs = plan(load_study(study / STUDY))
+    by_budget = {b: sorted(r.seed for r in runs if r.budget == b) for b in (6e9, 1.2e10)}
+    assert by_budget == {6e9: [200], 1.2e10: [200, 201, 202]}
+
+
+@pytest.mark.parametrize(
+    ("seeds", "message"),
+    [
+        ({3e9: [1]}, r"'models\[0\]\.seeds_per_budget': budget 3e9 is not one of this model's budgets \(6e9\)"),
+        ({6e9: [1, 1]}, r"seeds repeat"),
+        ({6e9: []}, r"seeds_per_budget"),
+    ],
+)
+def test_seeds_per_budget_name_a_budget_of_the_model(study, seeds, message):
+    def bad(data):
+        data["models"][0]["seeds_per_budget"] = seeds
+
+    _edit(study, bad)
+    with pytest.raises(ConfigError, match=message):
+        load_study(study / STUDY)
+
+
 @pytest.mark.parametrize("field", ["seq_len", "dtype", "eval_every"])
 def test_a_model_entry_may_not_set_the_studys_own_fields(study, field):
     def bad(data):
