@@ -25,9 +25,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from harness.analysis.fits import MIN_POINTS
+from harness.analysis.isoflop import MIN_SIZES, seed_adjusted
 from harness.analysis.stats import arm_label, state_bytes, task_metric, training_memory
-from harness.figure_style import SERIES_LINE, legend, model_styles, not_enough, set_axis
+from harness.figure_style import legend, model_styles, not_enough, set_axis
 from harness.io import atomic_write
 from harness.plausibility import MARK, check_measure
 from harness.study import budget_label
@@ -46,15 +46,6 @@ def _budgets_text(budgets) -> str:
 def _budget_styles(records: list[dict[str, Any]]) -> dict[float, str]:
     styles = ["-", "--", ":", "-."]
     return {b: styles[i % len(styles)] for i, b in enumerate(sorted({r["budget_flops"] for r in records}))}
-
-
-def _series(rec: dict[str, Any]) -> tuple:
-    """Models drawn as one line along size: dense, or MoEs alike in everything but their size."""
-    if rec["arm"] == "dense":
-        return ("dense",)
-    moe = (rec.get("config") or {}).get("moe") or {}
-    rest = sorted((k, repr(v)) for k, v in moe.items() if k not in ("experts", "top_k", "d_expert", "name"))
-    return ("moe", rec["experts"], rec["top_k"], repr(rest))
 
 
 def _mean_over_seeds(records: list[dict[str, Any]], key) -> list[dict[str, Any]]:
@@ -82,51 +73,66 @@ def _subplots(n: int, width: float, height: float, **kw) -> tuple[Figure, np.nda
 # Loss against parameters, IsoFLOP, loss against cost
 
 
-def draw_loss_vs_params(records: list[dict[str, Any]], dense_fits: dict[float, Any]) -> Figure:
+def _adjusted_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per (model, budget): its loss seed-adjusted by the two-way fit model + seed over the
+    budget's runs (``harness.analysis.isoflop.seed_adjusted``), with the standard error over its
+    seeds (None with one seed)."""
+    by_budget: dict[float, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r.get("final_val_loss") is not None and math.isfinite(r["final_val_loss"]):
+            by_budget[r["budget_flops"]].append(r)
+    out = []
+    for runs in by_budget.values():
+        adjusted, fitted = seed_adjusted(runs)
+        for model, mu in adjusted.items():
+            idx = [i for i, r in enumerate(runs) if r["model"] == model]
+            shifted = [runs[i]["final_val_loss"] - fitted[i] + float(mu) for i in idx]  # residuals about mu
+            se = float(np.std(shifted, ddof=1) / math.sqrt(len(idx))) if len(idx) > 1 else None
+            out.append(runs[idx[0]] | {"_loss": float(mu), "_se": se, "_seeds": len(idx)})
+    return out
+
+
+def draw_loss_vs_params(records: list[dict[str, Any]]) -> Figure:
     """Validation loss against active and against total non-embedding parameters: a point per model
-    and budget, a grey line through the sizes of one series (dense, or MoEs alike but for size) at
-    one budget, and the dense power-law fit of each budget where there is one."""
+    and budget, seed-adjusted, with a standard-error bar over its seeds; a one-seed point hollow.
+    No line joins sizes: along one budget a larger model sees fewer tokens (an IsoFLOP slice)."""
     fig, axes = _subplots(2, 5.2, 4.4, sharey=True)
-    styles, budgets = model_styles(records), _budget_styles(records)
-    fitted = joined = False
+    styles, budgets = model_styles(records), sorted({r["budget_flops"] for r in records})
+    points = sorted(_adjusted_points(records), key=lambda p: (p["model"], p["budget_flops"]))
+    one_seed = False
     for ax, key, what in [(axes[0], "active_non_embedding", "active"), (axes[1], "total_non_embedding", "total")]:
-        points = _mean_over_seeds(records, lambda r, key=key: r["params"][key])
-        lines: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
         for p in points:
-            lines[(_series(p), p["budget_flops"])].append(p)
-        for (_, budget), pts in lines.items():
-            if len({p["_x"] for p in pts}) >= 2:
-                pts.sort(key=lambda p: p["_x"])
-                ax.plot([p["_x"] for p in pts], [p["_loss"] for p in pts], linestyle=budgets[budget], **SERIES_LINE)
-                joined = True
-        for p in sorted(points, key=lambda p: p["model"]):
-            ax.plot([p["_x"]], [p["_loss"]], linestyle="none", label=p["model"], zorder=3, **styles[p["model"]])
-        if key == "active_non_embedding":
-            for budget, fit in dense_fits.items():
-                if fit is None:
-                    continue
-                n = np.geomspace(fit.x_min / 1.25, fit.x_max * 1.25, 100)  # the fitted range, not an extrapolation
-                ax.plot(n, fit.predict(n), color="0.3", linewidth=0.8, linestyle=budgets[budget], alpha=0.7)
-                fitted = True
-        set_axis(ax, "x", [p["_x"] for p in points])
+            style = dict(styles[p["model"]])
+            if p["_se"] is None:
+                style["markerfacecolor"], one_seed = "white", True
+            x = p["params"][key]
+            ax.errorbar(
+                [x],
+                [p["_loss"]],
+                yerr=None if p["_se"] is None else [[p["_se"]], [p["_se"]]],
+                linestyle="none",
+                label=p["model"],
+                zorder=3,
+                capsize=2,
+                **style,
+            )
+        set_axis(ax, "x", [p["params"][key] for p in points])
         ax.set_xlabel(f"{what} non-embedding parameters")
-        ax.set_title(f"validation loss vs {what} non-embedding parameters", fontsize=10)
+        ax.set_title(f"seed-adjusted validation loss vs {what} non-embedding parameters", fontsize=10)
         ax.grid(alpha=0.3, which="major")
     axes[0].set_ylabel("validation loss (nats/token)")
-    fig.suptitle(f"one point per model and budget ({_budgets_text(budgets)}), seeds averaged", fontsize=9)
-    extra = [  # line styles, where a line is drawn
-        (Line2D([], [], linestyle=ls, **SERIES_LINE), f"budget {budget_label(b)} FLOPs")
-        for b, ls in budgets.items()
-        if joined or fitted
-    ]
-    if fitted:
-        extra.append((Line2D([], [], color="0.3", linewidth=0.8), "dense power-law fit"))
+    fig.suptitle(
+        f"one point per model and budget ({_budgets_text(budgets)}); bars: standard error over seeds", fontsize=9
+    )
+    extra = []
+    if one_seed:
+        extra.append((Line2D([], [], marker="o", markerfacecolor="white", color="0.3", linestyle="none"), "one seed"))
     legend(fig, extra, order=list(styles))
     return fig
 
 
-def loss_vs_params(records: list[dict[str, Any]], dense_fits: dict[float, Any], path: Path) -> Path:
-    return _save(draw_loss_vs_params(records, dense_fits), path)
+def loss_vs_params(records: list[dict[str, Any]], path: Path) -> Path:
+    return _save(draw_loss_vs_params(records), path)
 
 
 def _most_sizes(records: list[dict[str, Any]]) -> tuple[int, str]:
@@ -138,30 +144,27 @@ def _most_sizes(records: list[dict[str, Any]]) -> tuple[int, str]:
 
 
 def draw_isoflop(records: list[dict[str, Any]], curves: list[dict[str, Any]]) -> Figure:
-    """Chinchilla approach 2: validation loss against active non-embedding parameters at each
-    budget, a parabola in log N per (arm, budget) with MIN_POINTS or more sizes, its minimum
-    marked with a star."""
+    """Chinchilla approach 2: seed-adjusted validation loss against active non-embedding parameters
+    at each budget, a parabola in log N per (arm, budget) with MIN_SIZES or more sizes drawn only
+    over the sampled sizes, its minimum (a star, where it lies within them) and the N_opt interval."""
     fig, (ax,) = _subplots(1, 6.0, 4.4)
     if not curves:
         most, where = _most_sizes(records) if records else (0, "no run")
         not_enough(
             ax,
-            f"an IsoFLOP curve needs {MIN_POINTS} or more model sizes at one budget; "
+            f"an IsoFLOP curve needs {MIN_SIZES} or more model sizes at one budget; "
             f"the most this study has is {most} ({where})",
         )
         ax.set_title("IsoFLOP: validation loss vs active non-embedding parameters", fontsize=10)
         return fig
     styles, budgets = model_styles(records), _budget_styles(records)
     for c in curves:
-        runs = [r for r in records if arm_label(r) == c["arm"] and r["budget_flops"] == c["budget_flops"]]
         n, loss = np.asarray(c["n"], float), np.asarray(c["loss"], float)
-        key = c.get("param_key", "active_non_embedding")
-        models = [min(runs, key=lambda r, x=x: abs(r["params"][key] - x))["model"] for x in n]  # the model at each size
-        colour = styles[models[int(np.argmax(n))]]["color"]  # the largest size's: the darkest dense blue
-        for x, y, model in zip(n, loss, models, strict=True):
+        colour = styles[c["models"][int(np.argmax(n))]]["color"]  # the largest size's: the darkest dense blue
+        for x, y, model in zip(n, loss, c["models"], strict=True):
             ax.plot([x], [y], linestyle="none", label=model, zorder=3, **styles[model])
         if c.get("coefficients") is not None:
-            grid = np.geomspace(n.min() / 1.5, n.max() * 1.5, 100)
+            grid = np.geomspace(n.min(), n.max(), 100)  # the sampled sizes only: no extrapolation
             ax.plot(
                 grid,
                 np.polyval(c["coefficients"], np.log(grid)),
@@ -169,7 +172,7 @@ def draw_isoflop(records: list[dict[str, Any]], curves: list[dict[str, Any]]) ->
                 linestyle=budgets[c["budget_flops"]],
                 label=f"parabola: {c['arm']}, {budget_label(c['budget_flops'])} FLOPs",
             )
-        if c.get("n_opt") is not None:
+        if c.get("n_opt") is not None and c.get("bracketed"):
             ax.plot(
                 [c["n_opt"]],
                 [c["loss_opt"]],
@@ -181,9 +184,20 @@ def draw_isoflop(records: list[dict[str, Any]], curves: list[dict[str, Any]]) ->
                 zorder=4,
                 label="parabola minimum",
             )
-    set_axis(ax, "x", [x for c in curves for x in c["n"]] + [c["n_opt"] for c in curves if c.get("n_opt")])
+            if c.get("n_opt_ci") is not None:
+                lo, hi = (min(max(v, n.min() / 2), n.max() * 2) for v in c["n_opt_ci"])
+                ax.plot(
+                    [lo, hi],
+                    [c["loss_opt"]] * 2,
+                    color=colour,
+                    linewidth=2.5,
+                    alpha=0.5,
+                    zorder=2,
+                    label="N_opt 95% interval (clipped to 2x the sizes)",
+                )
+    set_axis(ax, "x", [x for c in curves for x in c["n"]])
     ax.set_xlabel("active non-embedding parameters")
-    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_ylabel("seed-adjusted validation loss (nats/token)")
     ax.set_title(
         f"validation loss vs active non-embedding parameters at {_budgets_text(c['budget_flops'] for c in curves)}",
         fontsize=10,

@@ -150,11 +150,11 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         "runs": run_table(records, evals),
         "dense_vs_moe": comparison_table(records, evals),
         "seeds": seed_table(seed_rows),
-        "dense_fits": scaling_report.fit_table(analysis),
-        "dense_equivalent": scaling_report.equivalent_table(analysis),
+        "joint_law": scaling_report.law_table(analysis),
         "effective_params": scaling_report.effective_table(analysis),
         "compute_multiplier": scaling_report.multiplier_table(analysis),
         "isoflop": scaling_report.isoflop_table(analysis),
+        "published_laws": scaling_report.published_table(analysis),
         "krajewski": scaling_report.krajewski_table(analysis),
         "eval": (eval_headers, eval_rows),
         "cost": cost_table(records, measures),
@@ -172,7 +172,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         )
 
     fig = {k: results / v for k, v in FIGURES.items()}
-    figures.loss_vs_params(records, analysis.dense_fits, fig["loss_vs_params"])
+    figures.loss_vs_params(records, fig["loss_vs_params"])
     figures.isoflop_figure(records, scaling.isoflop_curves(analysis), fig["isoflop"])
     figures.loss_vs_cost(records, fig["loss_vs_cost"])
     figures.cost_scaling(records, measures, fig["cost_scaling"])

@@ -126,13 +126,6 @@ def test_every_model_has_its_own_style_and_legend_entry():
     assert set(SIZES) | set(MOES) <= legend
 
 
-def test_moe_variants_of_one_family_are_not_joined_into_a_line():
-    fig = figures.draw_loss_vs_params(study_records(), {})
-    grey = [line for line in fig.axes[0].get_lines() if line.get_label().startswith("_") and len(line.get_xdata()) > 1]
-    # only the dense sizes at 7e12 form a line; the E8 k2 variants differ in routing, not in size
-    assert len(grey) == 1 and len(grey[0].get_xdata()) == len(SIZES)
-
-
 def _overlaps(fig, axis: str) -> list[tuple[str, str]]:
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -156,7 +149,7 @@ def _overlaps(fig, axis: str) -> list[tuple[str, str]]:
 def test_tick_labels_do_not_collide(records):
     measures = {r["run_id"]: measure_of(r) for r in records}
     for fig in (
-        figures.draw_loss_vs_params(records, {}),
+        figures.draw_loss_vs_params(records),
         figures.draw_loss_vs_cost(records),
         figures.draw_cost_scaling(records, measures),
     ):
@@ -175,7 +168,7 @@ def test_a_small_spread_does_not_fill_the_axis():
 
 
 def test_a_wide_spread_gets_a_log_axis():
-    fig = figures.draw_loss_vs_params(study_records(), {})
+    fig = figures.draw_loss_vs_params(study_records())
     assert fig.axes[1].get_xscale() == "log"  # total parameters: 1.4e5 to 1.6e6
 
 
@@ -185,18 +178,41 @@ def test_isoflop_with_one_size_says_not_enough_data_and_draws_no_axes():
     (ax,) = fig.axes
     assert not ax.axison and ax.get_lines() == []
     (text,) = _texts(fig)
-    assert text.startswith("not enough data:") and "3 or more model sizes" in text
+    assert text.startswith("not enough data:") and "4 or more model sizes" in text
     assert "the most this study has is 1" in text
 
 
-def test_isoflop_with_three_dense_sizes_draws_the_parabola():
-    records = study_records()
+def _four_sizes() -> list[dict]:
+    """Four dense sizes at 7e12 FLOPs on a parabola in ln N with its minimum at 3e5, three seeds each."""
+    sizes = {"dense-d40": 1e5, "dense-d48": 2e5, "dense-d64": 4e5, "dense-d96": 8e5}
+    return [
+        _rec(m, "dense", 7e12, n, n, 3.3 + 0.05 * np.log(n / 3e5) ** 2 + 0.01 * s, seed=s)
+        for m, n in sizes.items()
+        for s in range(3)
+    ]
+
+
+def test_isoflop_with_four_dense_sizes_draws_the_parabola_only_over_the_sampled_sizes():
+    records = _four_sizes()
     curves = scaling.isoflop_curves(scaling.analyse(records, bootstrap=10))
     fig = figures.draw_isoflop(records, curves)
     (ax,) = fig.axes
     assert ax.axison and "7e12 FLOPs" in ax.get_title()
     labels = {line.get_label() for line in ax.get_lines()}
-    assert set(SIZES) <= labels and "parabola minimum" in labels
+    assert "dense-d40" in labels and "parabola minimum" in labels
+    (parabola,) = [line for line in ax.get_lines() if line.get_label().startswith("parabola:")]
+    assert min(parabola.get_xdata()) >= 1e5 * (1 - 1e-9) and max(parabola.get_xdata()) <= 8e5 * (1 + 1e-9)
+
+
+def test_loss_vs_params_joins_no_sizes_and_marks_one_seed_points():
+    extra = _rec("dense-d64", "dense", 7e12, SIZES["dense-d64"], SIZES["dense-d64"], 3.4, seed=1)
+    records = [*study_records(), extra]
+    fig = figures.draw_loss_vs_params(records)
+    for ax in fig.axes[:2]:
+        assert all(len(line.get_xdata()) <= 1 for line in ax.get_lines())  # no line through an IsoFLOP slice
+        faces = {c.get_label(): to_rgba(c.lines[0].get_markerfacecolor()) for c in ax.containers}
+        assert faces["dense-d48"] == to_rgba("white") and faces["dense-d64"] != to_rgba("white")
+    assert any(t.get_text() == "one seed" for t in fig.legends[0].get_texts())
 
 
 def test_energy_on_a_cpu_is_not_an_empty_panel():
@@ -223,7 +239,7 @@ def test_titles_describe_what_is_plotted_not_a_claim():
     records = study_records()
     measures = {r["run_id"]: measure_of(r) for r in records}
     drawn = [
-        figures.draw_loss_vs_params(records, {}),
+        figures.draw_loss_vs_params(records),
         figures.draw_isoflop(records, scaling.isoflop_curves(scaling.analyse(records, bootstrap=10))),
         figures.draw_loss_vs_cost(records),
         figures.draw_cost_scaling(records, measures),

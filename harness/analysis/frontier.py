@@ -1,0 +1,208 @@
+"""Compute multipliers against the dense frontier the joint law implies (SCIENCE.md: compare an MoE
+with the dense *frontier* at equal FLOPs, not with one fixed dense size).
+
+    rows = frontier_multipliers(records, law)                   # FLOPs
+    rows = cost_multipliers(records, rows, "train_seconds")     # wall-clock, from the FLOP rows
+
+The dense frontier at compute C is min over N of the dense law at D = C / fpt(N) (Hoffmann et al.
+2022's compute-optimal frontier), fpt(N) the training FLOPs per token of a dense model of N active
+non-embedding parameters, fitted from the dense records (``dense_flops_per_token``). For an MoE
+(model, budget) the dense compute C* whose frontier loss equals the MoE's seed-adjusted loss
+(its runs' mean less their fitted seed effects) gives multiplier = C* / C, the MoE's FLOPs.
+Each bootstrap draw of the law refits the frontier and redraws the MoE's adjusted loss, so the
+interval carries both. ``extrapolated``: C* outside the study's budgets, or the frontier's
+optimal N at C* outside the dense sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from harness.analysis.fits import interval
+from harness.analysis.law import LawFit
+from harness.analysis.stats import arm_label, finite_runs
+
+FRONTIER = "dense frontier (joint law)"
+GRID_N, GRID_C = 500, 240  # points of the size and compute grids
+SPAN_N, SPAN_C = 100.0, 1000.0  # the grids reach this factor beyond the sampled sizes and budgets
+
+
+def flops_per_token(rec: dict[str, Any]) -> float:
+    """A run's training FLOPs per token under its convention, else FLOPs spent / tokens."""
+    fpt = (rec.get("flops_per_token") or {}).get(rec.get("flop_convention"))
+    return float(fpt) if fpt else float(rec["flops_spent"]) / float(rec["tokens"])
+
+
+def dense_flops_per_token(records: list[dict[str, Any]]) -> tuple[float, float, str]:
+    """fpt(N) = intercept + slope * N over the dense models (least squares); with one dense size,
+    proportional to N through it (6N-like). Returns (intercept, slope, how)."""
+    sizes: dict[float, list[float]] = defaultdict(list)
+    for r in records:
+        if r["arm"] == "dense":
+            sizes[float(r["params"]["active_non_embedding"])].append(flops_per_token(r))
+    n = np.array(sorted(sizes))
+    fpt = np.array([np.mean(sizes[k]) for k in n])
+    if len(n) >= 2:
+        slope, intercept = np.polyfit(n, fpt, 1)
+        if slope > 0:
+            return float(intercept), float(slope), f"linear in N through {len(n)} dense sizes"
+    return 0.0, float(fpt[0] / n[0]), "proportional to N through the one dense size (6N-like)"
+
+
+def frontier(law: LawFit, ln_c: np.ndarray, fpt: tuple[float, float], p: np.ndarray | None = None):
+    """(loss, ln N_opt) of the dense frontier at each ln C, minimised over a log grid of N."""
+    n_all = law.data.n_ref * np.exp(law.data.ln_na[law.data.routed == 0])
+    n = np.geomspace(n_all.min() / SPAN_N, n_all.max() * SPAN_N, GRID_N)
+    tokens = np.exp(ln_c)[:, None] / (fpt[0] + fpt[1] * n)[None, :]
+    loss = law.dense_loss(n[None, :], tokens, p)
+    best = np.argmin(loss, axis=1)
+    return loss[np.arange(len(ln_c)), best], np.log(n[best])
+
+
+def _invert(loss_c: np.ndarray, ln_c: np.ndarray, target: float) -> float:
+    """ln C at which the (falling) frontier reaches ``target``; +inf below its reach, -inf above."""
+    if target <= loss_c[-1]:
+        return math.inf
+    if target >= loss_c[0]:
+        return -math.inf
+    return float(np.interp(-target, -loss_c, ln_c))
+
+
+def _grid(law: LawFit, records: list[dict[str, Any]]) -> np.ndarray:
+    budgets = [r["flops_spent"] for r in records]
+    return np.linspace(math.log(min(budgets) / SPAN_C), math.log(max(budgets) * SPAN_C), GRID_C)
+
+
+def frontier_multipliers(
+    records: list[dict[str, Any]], law: LawFit | None, law_reason: str = ""
+) -> list[dict[str, Any]]:
+    """Per MoE (model, budget): multiplier = C* / C against the dense frontier (see the module)."""
+    groups: dict[tuple[str, float], list[int]] = defaultdict(list)
+    runs = law.data.runs if law is not None else finite_runs(records)
+    for i, r in enumerate(runs):
+        if r["arm"] == "moe":
+            groups[(r["model"], r["budget_flops"])].append(i)
+    rows = []
+    fpt = dense_flops_per_token(records) if law is not None else None
+    ln_c = _grid(law, records) if law is not None else None
+    curves = None
+    if law is not None:
+        curves = [frontier(law, ln_c, fpt[:2])] + [frontier(law, ln_c, fpt[:2], p) for p in law.draws]
+    for (model, budget), index in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        first = runs[index[0]]
+        row = {
+            "model": model,
+            "arm": arm_label(first),
+            "budget_flops": budget,
+            "seeds": len(index),
+            "dense_model": FRONTIER,
+            "method": None,
+            "multiplier": None,
+            "multiplier_ci": None,
+            "extrapolated": None,
+            "dense_compute": None,
+            "dense_n_opt": None,
+            "loss_adjusted": None,
+            "reason": law_reason if law is None else "",
+            "interval_note": "",
+        }
+        rows.append(row)
+        if law is None:
+            continue
+        _fill(row, law, index, curves, ln_c, fpt, records)
+    return rows
+
+
+def _fill(row, law, index, curves, ln_c, fpt, records) -> None:
+    cost = float(np.mean([law.data.runs[i]["flops_spent"] for i in index]))
+    target = law.adjusted(index)
+    loss_c, ln_n = curves[0]
+    at = _invert(loss_c, ln_c, target)
+    row.update(loss_adjusted=target, method=f"joint law; dense FLOPs/token {fpt[2]}")
+    if not math.isfinite(at):
+        row["reason"] = (
+            "the MoE's loss is below every dense frontier loss the law reaches"
+            if at > 0
+            else "the MoE's loss is above the dense frontier at every compute considered"
+        )
+        return
+    n_opt = float(np.exp(np.interp(at, ln_c, ln_n)))
+    dense = [r for r in records if r["arm"] == "dense"]
+    sizes = [r["params"]["active_non_embedding"] for r in dense]
+    budgets = [r["flops_spent"] for r in records]
+    c_star = math.exp(at)
+    row.update(
+        dense_compute=c_star,
+        dense_n_opt=n_opt,
+        multiplier=c_star / cost,
+        extrapolated=not (min(budgets) <= c_star <= max(budgets) and min(sizes) <= n_opt <= max(sizes)),
+    )
+    if not len(law.draws):
+        row["interval_note"] = "no interval: the variance components need 2 or more degrees of freedom"
+        return
+    found = [
+        _invert(curves[b + 1][0], ln_c, law.adjusted(index, draw=b)) for b in range(len(law.draws))
+    ]  # a draw beyond the grid counts as unbounded
+    row["multiplier_ci"] = interval(np.exp(np.array(found)) / cost)
+    row["interval_note"] = f"95% bootstrap interval over {len(found)} refits of the law with seed effects"
+
+
+# ---------------------------------------------------------------------------------------------
+# Wall-clock and energy: the FLOP multiplier times the MoE's FLOPs per second (or joule) over its base's
+
+
+def _rate(rec: dict[str, Any], cost_key: str) -> float | None:
+    cost = rec.get(cost_key)
+    return None if not cost else float(rec["flops_spent"]) / float(cost)
+
+
+def _base(moe: list[dict[str, Any]], records: list[dict[str, Any]]) -> str | None:
+    """The dense model of the same budget with the closest active parameter count."""
+    dense = [r for r in records if r["arm"] == "dense" and r["budget_flops"] == moe[0]["budget_flops"]]
+    if not dense:
+        return None
+    target = moe[0]["params"]["active_non_embedding"]
+    return min(dense, key=lambda r: (abs(r["params"]["active_non_embedding"] - target), r["model"]))["model"]
+
+
+def cost_multipliers(
+    records: list[dict[str, Any]], flop_rows: list[dict[str, Any]], cost_key: str = "train_seconds"
+) -> list[dict[str, Any]]:
+    """Per FLOP row: its multiplier times (MoE FLOPs per ``cost_key``) / (its matched dense base's),
+    the rate ratio taken per seed the two share (same budget) and averaged in logs over them."""
+    what = {"train_seconds": "FLOP/s", "gpu_energy_j": "FLOP/J"}.get(cost_key, f"FLOPs per {cost_key}")
+    rows = []
+    for f in flop_rows:
+        row = dict(f, cost_key=cost_key, multiplier=None, multiplier_ci=None, reason=f["reason"])
+        rows.append(row)
+        moe = [r for r in records if r["model"] == f["model"] and r["budget_flops"] == f["budget_flops"]]
+        base = _base(moe, records)
+        if base is None:
+            row["reason"] = row["reason"] or f"no dense run at this budget to take the {what} ratio from"
+            continue
+        dense = {r["seed"]: r for r in records if r["model"] == base and r["budget_flops"] == f["budget_flops"]}
+        logs = [
+            math.log(_rate(m, cost_key) / _rate(dense[m["seed"]], cost_key))
+            for m in moe
+            if m["seed"] in dense and _rate(m, cost_key) and _rate(dense[m["seed"]], cost_key)
+        ]
+        if not logs:
+            row["reason"] = row["reason"] or f"no seed shared with {base} that has {cost_key}"
+            continue
+        ratio = math.exp(float(np.mean(logs)))
+        row["method"] = f"FLOP multiplier x {what} ratio to {base} (geometric mean over {len(logs)} shared seed(s))"
+        row["rate_ratio"] = ratio
+        if f["multiplier"] is not None:
+            row["multiplier"] = f["multiplier"] * ratio
+            ci = f["multiplier_ci"]
+            row["multiplier_ci"] = None if ci is None else (ci[0] * ratio, ci[1] * ratio)
+            row["interval_note"] = (
+                f["interval_note"] + f"; the {what} ratio is taken as measured (not resampled)"
+                if ci is not None
+                else f["interval_note"]
+            )
+    return rows
