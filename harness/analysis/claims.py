@@ -143,7 +143,7 @@ def _test_text(t: dict[str, Any], c: PrimaryContrast) -> str:
 
 
 def _other_arms(seed_rows: list[dict[str, Any]], c: PrimaryContrast) -> str:
-    rows = [r for r in seed_rows if r["budget_flops"] == c.budget and r["model"] != c.moe]
+    rows = [r for r in seed_rows if math.isclose(r["budget_flops"], c.budget, rel_tol=1e-9) and r["model"] != c.moe]
     parts = [
         f"{r['model']}{'' if r['sparse'] else ' (E = k)'} {r['difference_mean']:+.4f}{_interval(r['difference_ci'])} "
         f"({_seeds(r['seed_ids'])})"

@@ -18,8 +18,9 @@ the busiest expert is at least halfway from its balanced share to taking every t
 cap on max/mean (3, say) would be halfway at E/k = 5 but 29% of the way at E/k = 8. Layers with
 E <= k are never judged: every expert gets every token. Shazeer et al. 2017 (Table 6) saw
 max/mean load 17.8 without a balancing loss against about 1.1 with one; Fedus et al. 2022
-(sec. 2.2) and Wang et al. 2024 (aux-loss-free bias) balance for the same reason. Dead experts are counted and shown; they decide nothing on their own (one
-idle expert of 16 leaves the rest balanced).
+(sec. 2.2) and Wang et al. 2024 (aux-loss-free bias) balance for the same reason. Dead experts
+are counted and shown; they decide nothing on their own (one idle expert of 16 leaves the rest
+balanced).
 
 Collapse is judged on tokens, not on the T*k assignments: an expert can take at most one of a
 token's k slots, so its share of assignments is at most 1/k and a rule such as "one expert takes
