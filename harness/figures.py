@@ -326,10 +326,17 @@ def cost_scaling(records: list[dict[str, Any]], measures: dict[str, dict[str, An
 # Routing, specialisation, downstream
 
 
-def draw_routing_health(series: dict[str, dict[str, np.ndarray]], experts: dict[str, int]) -> Figure:
-    """Per MoE run (columns), each layer over training: load coefficient of variation, busiest
-    expert over the mean, router entropy / log E and z-loss; experts without tokens in a step
-    and the dropped fraction when any step has them."""
+def draw_routing_health(
+    series: dict[str, dict[str, np.ndarray]], experts: dict[str, int], top_k: dict[str, int] | None = None
+) -> Figure:
+    """Per MoE run (columns), each layer over training: the normalised load imbalance
+    (max/mean - 1) / (E/k - 1) on one 0-1 scale for every run, with the collapse threshold
+    (``harness.analysis.routing_health``), then load coefficient of variation, router entropy /
+    log E and z-loss; experts without tokens in a step and the dropped fraction when any step has
+    them. A run with E <= k (or unknown k) has no imbalance to draw and says so in its panel."""
+    from harness.analysis.routing_health import COLLAPSE_IMBALANCE, normalised_imbalance
+
+    top_k = top_k or {}
     runs = [run for run, s in series.items() if s]
     if not runs:
         fig, (ax,) = _subplots(1, 6.0, 3.0)
@@ -337,8 +344,8 @@ def draw_routing_health(series: dict[str, dict[str, np.ndarray]], experts: dict[
         not_enough(ax, "no MoE run: no routing to show")
         return fig
     panels = [
+        ("imbalance", "normalised imbalance\n(max/mean - 1) / (E/k - 1)"),
         ("load_cv", "load CV (std / mean tokens per expert)"),
-        ("max_over_mean", "busiest expert / mean load"),
         ("entropy", "router entropy / log E"),
         ("z_loss", "router z-loss"),
     ]
@@ -356,21 +363,38 @@ def draw_routing_health(series: dict[str, dict[str, np.ndarray]], experts: dict[
     )
     for j, run in enumerate(runs):
         s = series[run]
+        k = top_k.get(run)
         derived = {
             "entropy": s["router_entropy"] / math.log(max(experts[run], 2)),
             "idle": (s["tokens_per_expert"] == 0).sum(-1),
+            "imbalance": None if k is None else normalised_imbalance(s["max_over_mean"], experts[run], k),
         }
         layers = s["load_cv"].shape[1]
         colours = plt.get_cmap("plasma")(np.linspace(0.1, 0.85, layers))
         for i, (key, label) in enumerate(panels):
-            values = derived.get(key, s.get(key))
-            for layer in range(layers):
-                axes[i, j].plot(s["step"], values[:, layer], color=colours[layer], label=f"layer {layer}")
-            axes[i, j].grid(alpha=0.3)
+            ax = axes[i, j]
+            values = derived[key] if key in derived else s.get(key)
+            if values is not None:
+                for layer in range(layers):
+                    ax.plot(s["step"], values[:, layer], color=colours[layer], label=f"layer {layer}")
+            ax.grid(alpha=0.3)
             if j == 0:
-                axes[i, j].set_ylabel(label, fontsize=8)
+                ax.set_ylabel(label, fontsize=8)
             if key == "entropy":
-                axes[i, j].set_ylim(0, 1.05)
+                ax.set_ylim(0, 1.05)
+            if key == "imbalance":
+                ax.set_ylim(0, 1)
+                ax.axhline(COLLAPSE_IMBALANCE, color="black", linestyle="--", linewidth=0.8)
+                ax.text(
+                    0.02,
+                    COLLAPSE_IMBALANCE + 0.02,
+                    f"collapse threshold {COLLAPSE_IMBALANCE:g}",
+                    transform=ax.get_yaxis_transform(),
+                    fontsize=7,
+                )
+                if values is None:
+                    why = "k unknown" if k is None else "E <= k: every expert gets every token"
+                    ax.text(0.5, 0.25, f"not drawn: {why}", ha="center", transform=ax.transAxes, fontsize=7)
         axes[0, j].set_title(run, fontsize=8)
         axes[-1, j].set_xlabel("training step")
     fig.suptitle("router statistics per layer over training", fontsize=10)
@@ -378,8 +402,10 @@ def draw_routing_health(series: dict[str, dict[str, np.ndarray]], experts: dict[
     return fig
 
 
-def routing_health_figure(series: dict[str, dict[str, np.ndarray]], experts: dict[str, int], path: Path) -> Path:
-    return _save(draw_routing_health(series, experts), path)
+def routing_health_figure(
+    series: dict[str, dict[str, np.ndarray]], experts: dict[str, int], path: Path, top_k: dict[str, int] | None = None
+) -> Path:
+    return _save(draw_routing_health(series, experts, top_k), path)
 
 
 def draw_specialisation(run: str | None, layer: dict[str, Any] | None) -> Figure:

@@ -120,10 +120,16 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     write report.md, summary.json, tables/ (CSV and HTML), figures/ (PNG) and report.html."""
     from harness import figures
     from harness.analysis import scaling, scaling_report
-    from harness.analysis.claims import evaluate_claims
+    from harness.analysis.claims import evaluate_claims, routing_penalty_text
     from harness.analysis.reproduce import reproduction, summary
-    from harness.analysis.routing_health import health_dicts, read_metrics, routing_health, routing_series
-    from harness.analysis.stats import seed_comparison
+    from harness.analysis.routing_health import (
+        COLLAPSE_IMBALANCE,
+        health_dicts,
+        read_metrics,
+        routing_health,
+        routing_series,
+    )
+    from harness.analysis.stats import seed_comparison, seed_components
 
     runs = plan(study)
     records = _records(study, results, runs)
@@ -131,16 +137,17 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     evals = _load_all(results, runs, "eval.json")
     routing = _load_all(results, runs, "routing.json")
     data = read_json(results / "data" / "data.json")
-    series, health, experts = {}, {}, {}
+    series, health, experts, top_k = {}, {}, {}, {}
     for r in records:
         if r["arm"] == "moe":
             metrics = read_metrics(results / "runs" / r["run_id"] / "metrics.jsonl")
             series[r["run_id"]] = routing_series(metrics)
             health[r["run_id"]] = health_dicts(routing_health(metrics, r["experts"], r["top_k"]))
             experts[r["run_id"]] = r["experts"]
+            top_k[r["run_id"]] = r["top_k"]
     seed_rows = seed_comparison(records)
     analysis = scaling.analyse(records)
-    claims = evaluate_claims(records, measures, seed_rows, health, routing)
+    claims = evaluate_claims(records, measures, seed_rows, health, routing, registration=study.registration)
     ours = summary(records, measures, evals)
     repro = reproduction(results.parent, ours)
 
@@ -176,7 +183,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     figures.isoflop_figure(records, scaling.isoflop_curves(analysis), fig["isoflop"])
     figures.loss_vs_cost(records, fig["loss_vs_cost"])
     figures.cost_scaling(records, measures, fig["cost_scaling"])
-    figures.routing_health_figure(series, experts, fig["routing_health"])
+    figures.routing_health_figure(series, experts, fig["routing_health"], top_k)
     spec_run, spec_layer = _specialisation_example(routing)
     figures.specialisation_figure(spec_run, spec_layer, fig["specialisation"])
     figures.downstream_figure(records, evals, eval_tasks(evals), fig["downstream_vs_loss"])
@@ -196,10 +203,32 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     md += ["## At a glance", "", main_table_intro(), "", table("main"), ""]
     if _marked(tables["main"]):
         md += [f"{MARK} Computed from a flagged measurement (see the notes under Cost per run): not a fact.", ""]
+    primary = study.registration.primary if study.registration else None
     md += [
         "## Claims",
         "",
-        "Each expectation from the literature this study can test, with the verdict its data gives.",
+        "Each expectation from the literature this study can test, with the verdict its data gives: supported, "
+        "not supported, inconclusive (the data cannot tell) or not enough data (too few seeds or runs). "
+        "Comparisons are within seed (a seed fixes the data order for every model).",
+        "",
+        "- Iso-FLOP gain (R1) rests on one contrast: "
+        + (
+            f"the study's registered primary contrast, {primary.moe} against {primary.dense}"
+            if primary
+            else "no contrast is registered, so the stated default: the sparse (E > k) arm at the largest budget "
+            "with the most seeds (ties: the largest E) against its dense peer, alpha 0.05, smallest gain of "
+            "interest 0.01 nats"
+        )
+        + ". Gain = dense - MoE validation loss paired by seed; supported when the one-sided paired t-test "
+        "rejects 'no gain' at alpha, not supported when the one-sided upper confidence bound of the gain is "
+        "below the smallest gain of interest, inconclusive otherwise. The evidence gives the exact Wilcoxon "
+        "signed-rank p beside it and the power of the rule; other arms appear with their intervals only.",
+        "- The gain's growth with E is tested on sparse arms (E > k) only; the E = k gap is the routing "
+        "penalty, reported under Dense versus MoE over seeds.",
+        "- Routing collapse is two claims (without balancing it collapses; with balancing it does not), "
+        "each judged on its own runs by the normalised imbalance described under Routing health.",
+        "- Specialisation is judged on runs with E > k by the per-layer permutation p-values of the routing "
+        "analysis (Holm over layers) and the excess NMI by category against topic.",
         "",
     ]
     if len(seeds) == 1:
@@ -218,10 +247,17 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         ]
     md += ["## Runs", "", table("runs"), ""]
     md += ["## Dense versus MoE, run by run", "", table("dense_vs_moe"), ""]
-    md += ["## Dense versus MoE over seeds", ""]
+    md += [
+        "## Dense versus MoE over seeds",
+        "",
+        "Each row pairs an MoE run with its dense peer of the same seed and averages over the seeds both have "
+        "(named in the seeds column); the interval is the two-sided 95% paired t interval of MoE - dense. "
+        "Seed effects are shared by every model: " + seed_components(records).text() + ".",
+        "",
+    ]
     if len(seeds) == 1:
         md += ["With one seed per run no claim of significance is made.", ""]
-    md += [table("seeds"), ""]
+    md += [table("seeds"), "", routing_penalty_text(seed_rows), ""]
     md += [
         *scaling_report.markdown(analysis, table),
         "",
@@ -260,14 +296,15 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     md += [
         "## Routing health",
         "",
-        "Per MoE layer over the final tenth of training. A layer has collapsed when an expert received no "
-        "tokens in that window or the busiest expert carried at least three times its balanced share of the "
-        "tokens (max/mean load over the window >= 3, or (1 + E/k) / 2 where that is lower). Balanced: each "
-        "expert sees k/E of the tokens.",
+        "Per MoE layer over the final tenth of training. Balanced, each expert sees k/E of the tokens and "
+        "max/mean load is 1; at most it is E/k (every token on the same k experts). The collapse rule is the "
+        "same at every E and k: normalised imbalance = (max/mean load - 1) / (E/k - 1), from 0 (balanced) to "
+        f"1, and a layer has collapsed at {COLLAPSE_IMBALANCE:g} or more. Runs with E <= k are not judged "
+        "(every expert gets every token). Dead experts are shown; they do not decide collapse on their own.",
         "",
         table("routing_health"),
         "",
-        image("routing_health", "load CV and router entropy over training"),
+        image("routing_health", "normalised load imbalance, load CV and router entropy over training"),
         "",
         "## Expert specialisation",
         "",

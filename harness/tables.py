@@ -287,6 +287,9 @@ def microbench_table(path: Path | None) -> tuple[list[str], list[list[Any]]]:
 
 
 def seed_table(seed_rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """One row per (MoE model, budget): means over the seeds the MoE and its dense peer share (named
+    in 'seeds'), the within-seed difference and its two-sided paired t interval. E = k rows are the
+    routing penalty (no sparsity)."""
     headers = [
         "budget FLOPs",
         "MoE",
@@ -297,24 +300,28 @@ def seed_table(seed_rows: list[dict[str, Any]]) -> tuple[list[str], list[list[An
         "MoE - dense",
         "95% t interval",
         "p (paired t)",
-        "verdict",
+        "note",
     ]
 
     def pm(mean: float, std: float | None) -> str:
         return f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
+
+    def seeds(r: dict[str, Any]) -> str:
+        used = f"{r['seeds']} ({', '.join(map(str, r['seed_ids']))})"
+        return used + (f"; excluded {', '.join(map(str, r['excluded_seeds']))}" if r["excluded_seeds"] else "")
 
     rows = [
         [
             budget_label(r["budget_flops"]),
             r["model"],
             r["dense_model"],
-            r["seeds"],
+            seeds(r),
             pm(r["moe_mean"], r["moe_std"]),
             pm(r["dense_mean"], r["dense_std"]),
             pm(r["difference_mean"], r["difference_std"]),
             "-" if r["difference_ci"] is None else f"[{r['difference_ci'][0]:+.4f}, {r['difference_ci'][1]:+.4f}]",
             _fmt(r["p_value"], ".3g", "-"),
-            r["verdict"],
+            r["verdict"] if r["sparse"] else f"routing penalty (E = k, not sparse); {r['verdict']}",
         ]
         for r in seed_rows
     ]
@@ -324,12 +331,17 @@ def seed_table(seed_rows: list[dict[str, Any]]) -> tuple[list[str], list[list[An
 def health_table(
     records: list[dict[str, Any]], health: dict[str, list[dict[str, Any]]]
 ) -> tuple[list[str], list[list[Any]]]:
+    """Per MoE layer over the last tenth of training, with the normalised imbalance the collapse
+    rule reads (``harness.analysis.routing_health``; '-' for E <= k, never judged)."""
+    from harness.analysis.routing_health import COLLAPSE_IMBALANCE
+
     headers = [
         "run",
         "layer",
         "load CV",
         "max / mean load",
         "busiest expert's token share",
+        f"normalised imbalance (collapsed >= {COLLAPSE_IMBALANCE:g})",
         "dead experts",
         "dropped",
         "entropy / log E",
@@ -339,6 +351,7 @@ def health_table(
     rows = []
     for r in records:
         for h in health.get(r["run_id"], []):
+            imbalance = h.get("imbalance")
             rows.append(
                 [
                     r["run_id"],
@@ -346,25 +359,41 @@ def health_table(
                     f"{h['load_cv']:.3f}",
                     f"{h['max_over_mean']:.2f}",
                     f"{h['busiest_token_share']:.1%}",
+                    "- (E <= k)" if imbalance is None else f"{imbalance:.3f}",
                     h["dead_experts"],
                     f"{h['dropped_fraction']:.2%}",
                     f"{h['entropy_over_log_e']:.3f}",
                     f"{h['z_loss']:.3g}",
-                    h["reason"] or "no",
+                    "not judged" if imbalance is None else h["reason"] or "no",
                 ]
             )
     return headers, rows
 
 
 def specialisation_table(routing: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    headers = ["run", "tokens", "NMI(expert; category) - shuffled", "NMI(expert; topic) - shuffled", "verdict"]
+    """Per analysed MoE run: excess NMI by category and topic and the smallest Holm-adjusted
+    category p over layers (the specialisation claim's test); E <= k runs are marked, not judged."""
+    from harness.analysis.stats import holm
+
+    headers = [
+        "run",
+        "tokens",
+        "NMI(expert; category) - shuffled",
+        "NMI(expert; topic) - shuffled",
+        "category p (Holm over layers)",
+        "verdict",
+    ]
     rows = []
     for run, r in sorted(routing.items()):
         if not r.get("moe") or not r.get("summary"):
             continue
         s = r["summary"]
         topic = "unknown" if s["topic_nmi_excess"] is None else f"{s['topic_nmi_excess']:.4f}"
-        rows.append([run, f"{r.get('tokens', 0):,}", f"{s['category_nmi_excess']:.4f}", topic, s["verdict"]])
+        ps = [layer["category"]["p_value"] for layer in r.get("layers", []) if layer.get("category")]
+        p = f"{min(holm(ps)):.3g}" if ps else "-"
+        dense_like = r.get("experts", 2) <= r.get("top_k", 1)
+        verdict = "E <= k: every token goes to every expert, not judged" if dense_like else s["verdict"]
+        rows.append([run, f"{r.get('tokens', 0):,}", f"{s['category_nmi_excess']:.4f}", topic, p, verdict])
     return headers, rows
 
 

@@ -281,3 +281,41 @@ def test_downstream_points_are_styled_per_model_and_titled_by_metric():
     colours = {c.get_label(): to_rgba(c.lines[0].get_color()) for c in drawn.containers}
     assert set(colours) == {"dense-d64", "moe-d64-e8k2"} and len(set(colours.values())) == 2
     assert not absent.axison and _texts(fig) == ["not enough data: no run has absent_task acc"]
+
+
+def _series(loads_per_step: list[list[int]]) -> dict[str, np.ndarray]:
+    """routing_series of one layer with the given tokens per expert at each step."""
+    tokens = np.array(loads_per_step, dtype=float)[:, None, :]  # (S, L=1, E)
+    mean = tokens.mean(-1)
+    return {
+        "step": np.arange(1, len(loads_per_step) + 1),
+        "tokens_per_expert": tokens,
+        "load_cv": tokens.std(-1) / mean,
+        "max_over_mean": tokens.max(-1) / mean,
+        "dropped_fraction": np.zeros_like(mean),
+        "router_entropy": np.ones_like(mean),
+        "z_loss": np.zeros_like(mean),
+    }
+
+
+def test_routing_health_draws_the_normalised_imbalance_on_one_scale_with_the_threshold():
+    series = {
+        "e4k1": _series([[40, 8, 8, 8], [64, 0, 0, 0]]),  # max/mean 2.5, 4: normalised 0.5, 1
+        "e16k2": _series([[100] + [20] * 15, [50] * 16]),  # max/mean 100/25 = 4: normalised 3/7
+        "e2k2": _series([[64, 64], [64, 64]]),  # E = k: no imbalance
+    }
+    fig = figures.draw_routing_health(series, {"e4k1": 4, "e16k2": 16, "e2k2": 2}, {"e4k1": 1, "e16k2": 2, "e2k2": 2})
+    top = fig.axes[:3]  # the first row: one panel per run
+    assert all(ax.get_ylim() == (0, 1) for ax in top)
+    for ax in top:  # the collapse threshold, the same line in every panel
+        assert any(np.allclose(line.get_ydata(), 0.5) for line in ax.get_lines())
+    drawn = {ax.get_title(): [line.get_ydata() for line in _layer_lines(ax)] for ax in top}
+    assert np.allclose(drawn["e4k1"][0], [0.5, 1.0]) and np.allclose(drawn["e16k2"][0], [3 / 7, 0.0])
+    assert drawn["e2k2"] == [] and any("E <= k" in t.get_text() for t in top[2].texts)
+    assert "imbalance" in top[0].get_ylabel()
+    titles = [ax.get_title() for ax in fig.axes] + [fig.get_suptitle()]
+    assert not [t for t in titles for w in CLAIM_WORDS if w in t.lower()]
+
+
+def _layer_lines(ax) -> list:
+    return [line for line in ax.get_lines() if line.get_label().startswith("layer")]

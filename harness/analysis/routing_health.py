@@ -6,13 +6,21 @@ Each logged training step holds, per MoE layer, the tokens each expert received 
 batch, the dropped fraction, router entropy and the balance and z losses (``harness.train``).
 Over the final tenth of training (the end state) this gives per layer: the load coefficient of
 variation, the busiest expert's load over the mean, dead experts (no tokens in any logged step
-of that window), dropped fraction, router entropy relative to log E, and z-loss. A layer has
-**collapsed** when an expert is dead or the busiest expert carries a large multiple of its
-balanced share of the tokens: max/mean load over the window at least 3, or, where E/k is small,
-halfway from balanced (1) to every token on the same k experts (E/k), whichever is lower. This is
-the failure balancing losses exist to prevent (Shazeer et al. 2017 sec. 4 and Table 6: max/mean
-load 17.8 without a balancing loss against about 1.1 with one; Fedus et al. 2022 sec. 2.2);
-balanced runs at small scale reach about 2 in single steps.
+of that window), dropped fraction, router entropy relative to log E, and z-loss.
+
+**Collapse** has one rule at every E and k, normalised by what is attainable there. Max/mean load
+is 1 when balanced and at most E/k (every token on the same k experts), so
+
+    normalised imbalance = (max/mean load - 1) / (E/k - 1)   in [0, 1]
+
+over the window's token totals, and a layer has collapsed at COLLAPSE_IMBALANCE = 0.5 or more:
+the busiest expert is at least halfway from its balanced share to taking every token. A fixed
+cap on max/mean (3, say) would be halfway at E/k = 5 but 29% of the way at E/k = 8. Layers with
+E <= k are never judged: every expert gets every token. Shazeer et al. 2017 (Table 6) saw
+max/mean load 17.8 without a balancing loss against about 1.1 with one; Fedus et al. 2022
+(sec. 2.2) and Wang et al. 2024 (aux-loss-free bias) balance for the same reason. Dead experts
+are counted and shown; they decide nothing on their own (one idle expert of 16 leaves the rest
+balanced).
 
 Collapse is judged on tokens, not on the T*k assignments: an expert can take at most one of a
 token's k slots, so its share of assignments is at most 1/k and a rule such as "one expert takes
@@ -32,13 +40,22 @@ import numpy as np
 from harness.io import read_jsonl
 
 END_FRACTION = 0.1  # the end state: the last tenth of logged steps
-COLLAPSE_MAX_OVER_MEAN = 3.0  # the busiest expert carries three times its balanced share of tokens
+COLLAPSE_IMBALANCE = 0.5  # halfway from balanced (max/mean 1) to every token on k experts (E/k)
 
 
-def collapse_threshold(experts: int, top_k: int) -> float:
-    """Max/mean load at and above which a layer counts as collapsed: 3, or halfway to its maximum
-    E/k where that is lower, so that it can be reached for any E > k."""
-    return min(COLLAPSE_MAX_OVER_MEAN, (1 + experts / top_k) / 2)
+def normalised_imbalance(max_over_mean: float | np.ndarray, experts: int, top_k: int) -> float | np.ndarray | None:
+    """(max/mean load - 1) / (E/k - 1): 0 balanced, 1 every token on the same k experts; None for
+    E <= k, where every expert gets every token."""
+    if experts <= top_k:
+        return None
+    return (max_over_mean - 1) / (experts / top_k - 1)
+
+
+def run_imbalance(layers: list[dict[str, Any]]) -> float | None:
+    """The largest normalised imbalance over a run's layers (``health_dicts``); None when no layer
+    is judged."""
+    values = [layer["imbalance"] for layer in layers if layer.get("imbalance") is not None]
+    return max(values) if values else None
 
 
 @dataclass(frozen=True)
@@ -47,12 +64,13 @@ class LayerHealth:
     load_cv: float  # std / mean of tokens per expert, mean over the window's steps
     max_over_mean: float  # busiest expert's tokens over the mean, mean over the window's steps
     busiest_token_share: float  # fraction of the window's tokens the busiest expert received (balanced: k/E)
-    window_max_over_mean: float  # busiest expert's tokens over the mean, window totals (the collapse test)
+    window_max_over_mean: float  # busiest expert's tokens over the mean, window totals
+    imbalance: float | None  # (window_max_over_mean - 1) / (E/k - 1), the collapse test; None for E <= k
     dead_experts: int  # experts with no tokens in any step of the window
     dropped_fraction: float
     entropy_over_log_e: float  # router entropy / log E: 1 is uniform routing probabilities
     z_loss: float
-    collapsed: bool
+    collapsed: bool  # imbalance >= COLLAPSE_IMBALANCE
     reason: str  # why it counts as collapsed ('' when it does not)
 
 
@@ -94,15 +112,14 @@ def routing_health(metrics: list[dict[str, Any]], experts: int, top_k: int) -> l
         total = max(int(per_expert.sum()), 1)
         token_share = float(per_expert.max() * top_k / total)  # each token holds k assignments
         window_max_over_mean = float(per_expert.max() * experts / total)
-        threshold = collapse_threshold(experts, top_k)
-        reasons = []
-        if dead:
-            reasons.append(f"{dead} dead expert{'s' * (dead > 1)}")
-        if experts > top_k and window_max_over_mean >= threshold:
-            reasons.append(
-                f"one expert takes {token_share:.0%} of tokens (balanced {top_k / experts:.0%}; "
-                f"max/mean load {window_max_over_mean:.2f} >= {threshold:.2f})"
-            )
+        imbalance = normalised_imbalance(window_max_over_mean, experts, top_k)
+        collapsed = imbalance is not None and imbalance >= COLLAPSE_IMBALANCE
+        reason = (
+            f"one expert takes {token_share:.0%} of tokens (balanced {top_k / experts:.0%}; "
+            f"normalised imbalance {imbalance:.2f} >= {COLLAPSE_IMBALANCE})"
+            if collapsed
+            else ""
+        )
         rows.append(
             LayerHealth(
                 layer=layer,
@@ -110,14 +127,15 @@ def routing_health(metrics: list[dict[str, Any]], experts: int, top_k: int) -> l
                 max_over_mean=float(s["max_over_mean"][window, layer].mean()),
                 busiest_token_share=token_share,
                 window_max_over_mean=window_max_over_mean,
+                imbalance=None if imbalance is None else float(imbalance),
                 dead_experts=dead,
                 dropped_fraction=float(s["dropped_fraction"][window, layer].mean()),
                 entropy_over_log_e=float(s["router_entropy"][window, layer].mean() / math.log(experts))
                 if experts > 1
                 else 1.0,
                 z_loss=float(s["z_loss"][window, layer].mean()),
-                collapsed=bool(reasons),
-                reason="; ".join(reasons),
+                collapsed=collapsed,
+                reason=reason,
             )
         )
     return rows
