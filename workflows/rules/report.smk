@@ -61,17 +61,17 @@ rule report:
             category="Tables (CSV)",
             labels={"#": "05", "table": "dense vs MoE over seeds"},
         ),
-        dense_fits_csv=report(
-            f"{RESULTS}/tables/dense_fits.csv",
-            caption="../report/dense_fits.rst",
+        joint_law_csv=report(
+            f"{RESULTS}/tables/joint_law.csv",
+            caption="../report/joint_law.rst",
             category="Tables (CSV)",
-            labels={"#": "06", "table": "dense scaling fits"},
+            labels={"#": "06", "table": "joint law: active versus total"},
         ),
-        dense_equivalent_csv=report(
-            f"{RESULTS}/tables/dense_equivalent.csv",
-            caption="../report/dense_equivalent.rst",
+        published_laws_csv=report(
+            f"{RESULTS}/tables/published_laws.csv",
+            caption="../report/published_laws.rst",
             category="Tables (CSV)",
-            labels={"#": "07", "table": "dense-equivalent size at equal FLOPs"},
+            labels={"#": "07", "table": "published laws (Clark et al. 2022)"},
         ),
         effective_params_csv=report(
             f"{RESULTS}/tables/effective_params.csv",
@@ -138,8 +138,8 @@ rule report:
         runs_html=f"{RESULTS}/tables/runs.html",
         dense_vs_moe_html=f"{RESULTS}/tables/dense_vs_moe.html",
         seeds_html=f"{RESULTS}/tables/seeds.html",
-        dense_fits_html=f"{RESULTS}/tables/dense_fits.html",
-        dense_equivalent_html=f"{RESULTS}/tables/dense_equivalent.html",
+        joint_law_html=f"{RESULTS}/tables/joint_law.html",
+        published_laws_html=f"{RESULTS}/tables/published_laws.html",
         effective_params_html=f"{RESULTS}/tables/effective_params.html",
         compute_multiplier_html=f"{RESULTS}/tables/compute_multiplier.html",
         isoflop_html=f"{RESULTS}/tables/isoflop.html",
