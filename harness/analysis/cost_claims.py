@@ -37,6 +37,7 @@ from scipy import stats as sps
 
 from harness.analysis.claims import NO_DATA, NOT_SUPPORTED, SUPPORTED, Claim
 from harness.analysis.stats import ALPHA, measured_pairs, peer_pairs, training_memory
+from harness.study import budget_label
 
 INCONCLUSIVE = "inconclusive"
 MEMORY_FRACTION = 0.5
@@ -147,7 +148,7 @@ def wall_clock_below_flop_gain(records: list[dict[str, Any]], measures: dict[str
         return Claim("R10", claim, source, NO_DATA, "no MoE run with a dense peer of the same budget and seed")
     parts, sides = [], []
     for (model, budget), r in sorted(trained.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        name = f"{model} vs {r['dense_model']} at {budget:.3g} FLOPs"
+        name = f"{model} vs {r['dense_model']} at {budget_label(budget)} FLOPs"
         away = f"; {r['other_device']} pair(s) on different devices left out" if r["other_device"] else ""
         if r["ci"] is None:
             why = "one seed" if r["n"] < 2 else "identical ratios"
@@ -167,7 +168,8 @@ def wall_clock_below_flop_gain(records: list[dict[str, Any]], measures: dict[str
     second, measured_sides = [], []
     for (model, budget), r in sorted(measured.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         interval = "" if r["ci"] is None else f" [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
-        second.append(f"{model} at {budget:.3g}: x{r['ratio']:.2f}{interval} over {r['n']} separately measured pairs")
+        pairs = f"over {r['n']} separately measured pairs"
+        second.append(f"{model} at {budget_label(budget)}: x{r['ratio']:.2f}{interval} {pairs}")
         measured_sides.append(_outcome(r["ci"], 1.0, "below"))
     if second:
         evidence += "; harness measure, median tokens/s x FLOPs per token: " + "; ".join(second)
@@ -241,9 +243,14 @@ def memory_follows_total(records: list[dict[str, Any]], measures: dict[str, dict
     for (base, k, _device), f in sorted(families.items()):
         routed = f["routed"]
         totals = sorted({p["total"] for p in routed})
-        models = sorted({p["model"] for p in routed}, key=lambda mod: min(p["total"] for p in routed if p["model"] == mod))
+        size = {p["model"]: p["total"] for p in routed}
+        models = sorted(size, key=lambda mod: (size[mod], mod))
         name = f"{base} and its k = {k} twins ({', '.join(models)})"
-        count = f"{len(routed)} measured routed runs, {len(totals)} distinct total sizes"
+        replicates = len(routed) - len(models)
+        count = (
+            f"{len(routed)} measured routed runs of {len(models)} models ({replicates} replicate a model: "
+            f"other seeds or budgets, each a process of its own), {len(totals)} distinct total sizes"
+        )
         if len(totals) < MIN_TOTAL_SIZES:
             parts.append(f"{name}: {count}; a slope with an interval needs >= {MIN_TOTAL_SIZES} total sizes")
             sides.append(NO_DATA)
@@ -251,7 +258,7 @@ def memory_follows_total(records: list[dict[str, Any]], measures: dict[str, dict
         fit = _ols(np.array([p["total"] for p in routed], float), np.array([p["peak"] for p in routed], float))
         predicted = float(np.median([p["per_param"] for p in routed]))
         text = (
-            f"{name}: {count} ({len(routed) - len(set(p['model'] for p in routed))} replicate measurements), "
+            f"{name}: {count}, "
             f"slope {fit['slope']:.1f} bytes per parameter [{fit['ci'][0]:.1f}, {fit['ci'][1]:.1f}] "
             f"(OLS, 95% t, {fit['dof']} residual dof) against {predicted:.1f} predicted by parameters, gradients "
             "and optimizer state"
