@@ -417,13 +417,19 @@ def claims_table(claims, flagged: dict[str, list[str]] | None = None) -> tuple[l
 
 
 def reproduction_table(repro: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """One row per compared number: first each seed's MoE - dense validation loss (the effect under
+    study, to an absolute tolerance below it), then the per-run metrics."""
     headers = ["run", "metric", "this run", "reference", "tolerance", "reproduced"]
+
+    def value(row: dict[str, Any], key: str) -> str:
+        return f"{row[key]:+.4f}" if row.get("difference") else f"{row[key]:.4g}"
+
     rows = [
         [
             r["run"],
             r["metric"],
-            f"{r['this run']:.4g}",
-            f"{r['reference']:.4g}",
+            value(r, "this run"),
+            value(r, "reference"),
             r["tolerance"],
             "yes" if r["reproduced"] else "NO",
         ]
