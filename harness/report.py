@@ -1,10 +1,14 @@
 """The study report: report.md, summary.json, tables/ (CSV and HTML) and figures/ of a study.
 
     harness report tiny          # results/tiny/report.md, tables/*.{csv,html}, figures/*.png, report.html
+    harness report tiny --reference                      # keep it: results/reference/<device>/tiny/
+    harness report tiny --results results/reference/cpu  # rebuild that reference from its records alone
 
 The tables are built in ``harness.tables``, the analyses in ``harness.analysis``, the figures in
 ``harness.figures``; this module reads the runs' files, runs them and writes the report.
 report.html (``harness.report_html``) is report.md rendered for a browser, figures inline.
+A reference folder holds the small records the report reads (``harness.analysis.reproduce``):
+the report needs no checkpoint, token shard or tokenizer.
 """
 
 from __future__ import annotations

@@ -151,3 +151,44 @@ def test_memory_verdicts_flat_noisy_and_too_few_sizes():
     claim = memory_follows_total(records, measures)
     assert claim.verdict == NO_DATA and "2 distinct total sizes" in claim.evidence
     assert memory_follows_total(records, {}).verdict == NO_DATA
+
+
+def test_glance_table_compares_within_seed_and_says_over_what():
+    from types import SimpleNamespace
+
+    from harness.tables import glance_table, main_table_intro
+
+    records = _pairs([100.0, 130.0, 90.0], [141.0, 180.0, 128.0])
+    for r, loss in zip(records, [3.00, 3.10, 2.95, 2.96, 3.07, 2.90], strict=True):
+        r["final_val_loss"] = loss
+    evals = {
+        r["run_id"]: {"tasks": {"heldout_ppl": {"bits_per_byte": 2.0 - 0.1 * (r["arm"] == "moe")}}}
+        for r in records
+        if r["seed"] == 0
+    }
+    measures = {
+        r["run_id"]: {
+            "device_name": "cpu",
+            "train": {"tokens_per_s_median": 1000.0 if r["arm"] == "dense" else 600.0},
+            "memory": {"peak_training_bytes": 100 if r["arm"] == "dense" else 150},
+        }
+        for r in records
+        if r["seed"] == 0
+    }
+    row = {"model": "moe-e8k2", "budget_flops": BUDGET, "multiplier": 1.5, "multiplier_ci": None, "extrapolated": True}
+    analysis = SimpleNamespace(
+        multiplier_flops=[row], multiplier_seconds=[row | {"multiplier": 1.1, "extrapolated": False}]
+    )
+    headers, (cells,) = glance_table(records, evals, measures, analysis)
+    g = dict(zip(headers, cells, strict=True))
+    assert g["seeds (both arms)"] == 3
+    assert g["val loss MoE - dense (mean over seeds)"] == "-0.0400"  # (-0.04 - 0.03 - 0.05) / 3
+    assert g["bits/byte MoE - dense (mean over seeds with lm-eval)"] == "-0.1000 (1 of 3 seeds)"
+    assert g["train tokens/s x (harness measure, measured seeds)"] == "0.60 (1 of 3 seeds)"
+    assert g["training memory x (harness measure, measured seeds)"] == "1.50 (1 of 3 seeds)"
+    assert g["training FLOP/s x (training runs, 95% t over seeds)"].startswith("0.71 [0.69, 0.7")
+    assert (
+        g["compute multiplier (vs dense frontier)"] == "1.50*"
+        and g["wall-clock multiplier (vs dense frontier)"] == "1.10"
+    )
+    assert "within a seed" in main_table_intro() and main_table_intro().startswith("Each MoE")
