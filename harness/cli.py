@@ -827,8 +827,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference",
         action="store_true",
         help="keep the finished study as its reference: copy each run's small records (no checkpoints or "
-        "data) into <results>/reference/<device class>/<study>/ and write the report there from them; "
-        "`--results results/reference/<device class>` rebuilds it later",
+        "data) into RESULTS/reference/DEVICE/STUDY/ and write the report there from them; "
+        "--results RESULTS/reference/DEVICE rebuilds it later",
     )
     p.add_argument(
         "--microbench",
