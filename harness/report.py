@@ -1,10 +1,14 @@
 """The study report: report.md, summary.json, tables/ (CSV and HTML) and figures/ of a study.
 
     harness report tiny          # results/tiny/report.md, tables/*.{csv,html}, figures/*.png, report.html
+    harness report tiny --reference                      # keep it: results/reference/<device>/tiny/
+    harness report tiny --results results/reference/cpu  # rebuild that reference from its records alone
 
 The tables are built in ``harness.tables``, the analyses in ``harness.analysis``, the figures in
 ``harness.figures``; this module reads the runs' files, runs them and writes the report.
 report.html (``harness.report_html``) is report.md rendered for a browser, figures inline.
+A reference folder holds the small records the report reads (``harness.analysis.reproduce``):
+the report needs no checkpoint, token shard or tokenizer.
 """
 
 from __future__ import annotations
@@ -149,7 +153,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     analysis = scaling.analyse(records)
     claims = evaluate_claims(records, measures, seed_rows, health, routing, registration=study.registration)
     ours = summary(records, measures, evals)
-    repro = reproduction(results.parent, ours)
+    repro = reproduction(results, ours)
 
     eval_headers, eval_rows, not_run = eval_table(records, evals)
     tables = {
@@ -346,23 +350,41 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
             image("downstream_vs_loss", "downstream metrics against validation loss"),
             "",
         ]
-    md += ["## Reproduction", ""]
-    if repro["reference"] is None:
-        md += [f"No committed reference for `{study.name}` on `{ours['device_class']}` under results/reference/.", ""]
-    else:
-        good = sum(r["reproduced"] for r in repro["rows"])
-        md += [
-            f"Against `{repro['reference']}` (commit {repro['reference_commit']}): {good} of {len(repro['rows'])} "
-            f"numbers reproduced within tolerance. {repro['note']}",
-            "",
-            table("reproduction"),
-            "",
-        ]
+    md += ["## Reproduction", "", *reproduction_lines(repro, study.name, ours["device_class"], table)]
     md += manifest(records, data, evals)
     path = write_text(results / "report.md", "\n".join(md))
     # report.html: the same text for a browser, figures inline (and the pages `snakemake --report` shows).
     write_html(results)
     return path
+
+
+def reproduction_lines(repro: dict[str, Any], study: str, device_class: str, table) -> list[str]:
+    """The Reproduction section's text: this folder is the reference, or has none, or how many
+    numbers reproduced (the per-seed MoE - dense differences counted apart)."""
+    from harness.analysis.reproduce import DIFFERENCE_TOLERANCE
+
+    if repro["is_reference"]:
+        return [
+            f"This is the committed reference for `{study}` on `{device_class}`, built from the small records "
+            "kept in this folder (runs/, data/): it is compared with nothing. A new run's report is compared "
+            "with its summary.json.",
+            "",
+        ]
+    if repro["reference"] is None:
+        return [f"No committed reference for `{study}` on `{device_class}` under results/reference/.", ""]
+    rows = repro["rows"]
+    diffs, per_run = [r for r in rows if r["difference"]], [r for r in rows if not r["difference"]]
+    good = sum(r["reproduced"] for r in rows)
+    text = (
+        f"Against `{repro['reference']}` (commit {repro['reference_commit']}): {good} of {len(rows)} numbers "
+        f"reproduced within tolerance: {sum(r['reproduced'] for r in diffs)} of {len(diffs)} per-seed MoE - dense "
+        f"validation-loss differences (the effect under study, to {DIFFERENCE_TOLERANCE} nats absolute, below "
+        f"the effect) and {sum(r['reproduced'] for r in per_run)} of {len(per_run)} per-run numbers (a 1% "
+        "tolerance on a loss is about as large as the effect: these alone do not show it reproduced)."
+    )
+    if not repro["has_differences"]:
+        text += " The reference predates per-seed differences: it is compared on its per-run numbers only."
+    return [" ".join(f"{text} {repro['note']}".split()), "", table("reproduction"), ""]
 
 
 def _specialisation_example(routing: dict[str, dict[str, Any]]) -> tuple[str | None, dict[str, Any] | None]:

@@ -9,6 +9,7 @@ non-embedding parameter count is closest (its matched base in a matched study).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -446,13 +447,19 @@ def claims_table(claims, flagged: dict[str, list[str]] | None = None) -> tuple[l
 
 
 def reproduction_table(repro: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """One row per compared number: first each seed's MoE - dense validation loss (the effect under
+    study, to an absolute tolerance below it), then the per-run metrics."""
     headers = ["run", "metric", "this run", "reference", "tolerance", "reproduced"]
+
+    def value(row: dict[str, Any], key: str) -> str:
+        return f"{row[key]:+.4f}" if row.get("difference") else f"{row[key]:.4g}"
+
     rows = [
         [
             r["run"],
             r["metric"],
-            f"{r['this run']:.4g}",
-            f"{r['reference']:.4g}",
+            value(r, "this run"),
+            value(r, "reference"),
             r["tolerance"],
             "yes" if r["reproduced"] else "NO",
         ]
@@ -467,65 +474,87 @@ def glance_table(
     measures: dict[str, dict[str, Any]],
     analysis,
 ) -> tuple[list[str], list[list[Any]]]:
-    """What each MoE bought and cost against its compute-matched dense run: the main table."""
+    """What each MoE bought and cost against its compute-matched dense run: the main table. Every
+    measured column is a within-seed comparison (a difference or ratio of the MoE and its dense peer
+    of the same seed), summarised over the seeds both arms share that have the figure: differences
+    by their mean, ratios by their geometric mean; a cell says when fewer seeds than the pair count
+    have it. The multipliers are read from ``analysis.multiplier_flops`` / ``multiplier_seconds``."""
+    from harness.analysis.cost_claims import training_rate_ratios
+
     headers = [
         "budget FLOPs",
         "MoE",
         "vs dense",
-        "seeds",
-        "val loss MoE - dense",
-        "bits/byte MoE - dense",
-        "compute multiplier",
-        "wall-clock multiplier",
-        "total params x",
-        "training memory x",
-        "train tokens/s x",
+        "seeds (both arms)",
+        "val loss MoE - dense (mean over seeds)",
+        "bits/byte MoE - dense (mean over seeds with lm-eval)",
+        "compute multiplier (vs dense frontier)",
+        "wall-clock multiplier (vs dense frontier)",
+        "total params x (config)",
+        "training memory x (harness measure, measured seeds)",
+        "train tokens/s x (harness measure, measured seeds)",
+        "training FLOP/s x (training runs, 95% t over seeds)",
     ]
     flops = {(r["model"], r["budget_flops"]): r for r in analysis.multiplier_flops}
     secs = {(r["model"], r["budget_flops"]): r for r in analysis.multiplier_seconds}
-
-    def mean(values: list[float | None]) -> float | None:
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else None
+    rates = training_rate_ratios(records)
 
     def bpb(rec: dict[str, Any]) -> float | None:
         return task_metric(evals.get(rec["run_id"]), "heldout_ppl", "bits_per_byte")
 
+    def measured(rec: dict[str, Any], get) -> float | None:
+        m = measures.get(rec["run_id"])
+        return None if m is None else get(m)
+
+    def over(values: list[float | None], seeds: int, spec: str, geometric: bool = False) -> str:
+        """Mean (geometric for ratios) of the seeds that have the figure, and how many when not all."""
+        have = [v for v in values if v is not None and (v > 0 or not geometric)]
+        if not have:
+            return "-"
+        mean = math.exp(sum(map(math.log, have)) / len(have)) if geometric else sum(have) / len(have)
+        return format(mean, spec) + ("" if len(have) == seeds else f" ({len(have)} of {seeds} seeds)")
+
     def ratio(m: dict[str, Any], d: dict[str, Any], get) -> float | None:
-        a, b = measures.get(m["run_id"]), measures.get(d["run_id"])
-        values = None if a is None or b is None else (get(a), get(b))
-        return None if values is None or None in values else values[0] / values[1]
+        a, b = measured(m, get), measured(d, get)
+        return None if a is None or b is None or not b else a / b
+
+    def multiplier(row: dict[str, Any]) -> str:
+        return _fmt(row.get("multiplier"), ".2f", "-") + ("*" if row.get("extrapolated") else "")
 
     flags = measure_flags(measures)
 
     def flagged(pairs: list[tuple[dict, dict]], figure: str) -> list[dict[str, Any]]:
         return [f for pair in pairs for r in pair for f in flags.get(r["run_id"], {}).get(figure, [])]
 
+    def tokens_per_s(m: dict[str, Any]) -> float:
+        return m["train"]["tokens_per_s_median"]
+
     rows = []
     for (model, budget), pairs in peer_pairs(records).items():
         m0, d0 = pairs[0]
-        f, t = flops.get((model, budget), {}), secs.get((model, budget), {})
-        bpb_diff = mean([None if bpb(m) is None or bpb(d) is None else bpb(m) - bpb(d) for m, d in pairs])
+        n = len(pairs)
+        bpb_diffs = [None if bpb(m) is None or bpb(d) is None else bpb(m) - bpb(d) for m, d in pairs]
+        rate = rates.get((model, budget))
+        flop_s = "-"
+        if rate is not None:
+            flop_s = f"{rate['ratio']:.2f}" + (
+                "" if rate["ci"] is None else f" [{rate['ci'][0]:.2f}, {rate['ci'][1]:.2f}]"
+            )
+            flop_s += "" if rate["n"] == n else f" ({rate['n']} of {n} seeds)"
         rows.append(
             [
                 budget_label(budget),
                 model,
                 d0["model"],
-                len(pairs),
-                f"{mean([m['final_val_loss'] - d['final_val_loss'] for m, d in pairs]):+.4f}",
-                _fmt(bpb_diff, "+.4f", "-"),
-                _fmt(f.get("multiplier"), ".2f", "-") + ("*" if f.get("extrapolated") else ""),
-                _fmt(t.get("multiplier"), ".2f", "-") + ("*" if t.get("extrapolated") else ""),
+                n,
+                over([m["final_val_loss"] - d["final_val_loss"] for m, d in pairs], n, "+.4f"),
+                over(bpb_diffs, n, "+.4f"),
+                multiplier(flops.get((model, budget), {})),
+                multiplier(secs.get((model, budget), {})),
                 f"{m0['params']['total'] / d0['params']['total']:.2f}",
-                mark(
-                    _fmt(mean([ratio(m, d, training_memory) for m, d in pairs]), ".2f", "-"), flagged(pairs, "memory")
-                ),
-                mark(
-                    _fmt(
-                        mean([ratio(m, d, lambda x: x["train"]["tokens_per_s_median"]) for m, d in pairs]), ".2f", "-"
-                    ),
-                    flagged(pairs, "train"),
-                ),
+                mark(over([ratio(m, d, training_memory) for m, d in pairs], n, ".2f", True), flagged(pairs, "memory")),
+                mark(over([ratio(m, d, tokens_per_s) for m, d in pairs], n, ".2f", True), flagged(pairs, "train")),
+                flop_s,
             ]
         )
     return headers, rows
@@ -533,8 +562,13 @@ def glance_table(
 
 def main_table_intro() -> str:
     return (
-        "Each MoE against its compute-matched dense run (same budget and seed, closest active parameter count), "
-        "averaged over seeds. Negative differences: the MoE reached lower loss. Multipliers: the dense FLOPs "
-        "(seconds) that would reach the MoE's loss over the MoE's own (* extrapolated beyond the dense budgets). "
-        "Ratios x are MoE over dense."
+        "Each MoE against its compute-matched dense run (same budget and seed, closest active parameter count). "
+        "Every measured column compares the two arms within a seed, then summarises over the seeds both have "
+        "(differences by their mean, ratios x, MoE over dense, by their geometric mean); a cell names the seeds "
+        "it rests on when fewer have the figure. Negative differences: the MoE reached lower loss (validation "
+        "loss from the training runs, bits/byte from lm-eval). Memory and tokens/s come from `harness measure`; "
+        "training FLOP/s from the training runs' FLOPs over their training seconds (at equal FLOPs the "
+        "wall-clock gain is the FLOP gain times this), with a 95% t interval over seeds. Multipliers: the "
+        "FLOPs (seconds) the dense frontier needs to reach the MoE's loss over the MoE's own "
+        "(* extrapolated beyond the dense budgets)."
     )

@@ -1,21 +1,36 @@
-"""A study's headline numbers as ``summary.json``, and their comparison with a committed reference.
+"""A study's headline numbers as ``summary.json``, their comparison with a committed reference,
+and the reference itself: the small records its report is built from.
 
-    harness report tiny      # writes results/tiny/summary.json; compares with
-                             # results/reference/<device class>/tiny/summary.json when present
+    harness report tiny                                 # results/tiny/summary.json, compared with
+                                                        # results/reference/<device class>/tiny/
+    harness report tiny --reference                     # copy tiny's small records into that folder
+                                                        # and build its report there from them alone
+    harness report tiny --results results/reference/cpu # rebuild a reference's report from its records
 
 The device class is ``cpu`` or the GPU's name in lower case with dashes (``nvidia-h100-80gb-hbm3``).
 Loss and bits per byte must agree to a relative tolerance (float reduction order differs between
-machines of one class); throughput only to a wide band, since hosts of one class differ.
+machines of one class); throughput only to a wide band, since hosts of one class differ. The
+effect under study, each seed's MoE - dense validation loss, must agree to an absolute tolerance
+below it (``DIFFERENCE_TOLERANCE``).
+
+A reference folder (``results/reference/<device class>/<study>/``) holds report.md, summary.json,
+tables/, figures/ and what they are computed from: ``runs/<run>/`` {record.json, measure.json,
+eval.json, routing.json, metrics.jsonl} where present, ``data/data.json`` and
+``microbench/moe_ffn.json``; never checkpoints, token shards, the tokenizer or tensorboard logs.
+``keep_reference`` copies them (each file written atomically) and refuses a study with an
+unfinished run; a report built from a reference folder says that it is the reference.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
-from harness.analysis.stats import task_metric
-from harness.io import read_json
+from harness.analysis.stats import peer_pairs, task_metric
+from harness.errors import HarnessError
+from harness.io import atomic_write, read_json
 
 TOLERANCE = {
     "final_val_loss": ("relative", 0.01),
@@ -23,6 +38,13 @@ TOLERANCE = {
     "code_mc_acc_norm": ("absolute", 0.05),
     "train_tokens_per_s": ("relative", 0.30),
 }
+DIFFERENCE_TOLERANCE = 0.005
+"""Nats, absolute, on each seed's MoE - dense validation loss. The 1% relative tolerance on a loss
+(about 0.03 nats at loss 3) is as large as the effect the studies report (tiny: -0.034), so a
+reproduction could reverse the effect and still pass. 0.005 nats is below the smallest effects
+SCIENCE.md lists (routing variants, ~0.005) and a seventh of tiny's effect; hosts of one device
+class have given identical losses (results/reference/cpu/tiny/README.md), and a difference of
+two runs on one host cancels much of what a change of host moves in both."""
 
 
 def device_folder(gpu: str | None) -> str:
@@ -56,12 +78,33 @@ def summary(
         "git_commit": first["provenance"]["git"].get("commit"),
         "data_fingerprint": first["data_fingerprint"],
         "runs": runs,
+        "differences": differences(records),
     }
 
 
+def differences(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """MoE run -> its dense peer (same budget and seed) and the MoE - dense validation loss."""
+    return {
+        m["run_id"]: {"dense": d["run_id"], "val_loss": m["final_val_loss"] - d["final_val_loss"]}
+        for pairs in peer_pairs(records).values()
+        for m, d in pairs
+    }
+
+
+def reference_folder(root: Path, study: str, cls: str) -> Path:
+    """Where the committed reference of ``study`` on device class ``cls`` lives under results root ``root``."""
+    return root / "reference" / cls / study
+
+
 def find_reference(root: Path, study: str, cls: str) -> Path | None:
-    path = root / "reference" / cls / study / "summary.json"
+    path = reference_folder(root, study, cls) / "summary.json"
     return path if path.is_file() else None
+
+
+def is_reference(results: Path, ours: dict[str, Any]) -> bool:
+    """Whether the study folder ``results`` is itself a reference folder (…/reference/<class>/<study>)."""
+    parts = results.resolve().parts
+    return parts[-3:-1] == ("reference", ours["device_class"]) and parts[-1] == ours["study"]
 
 
 def compare(ours: dict[str, Any], ref: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
@@ -71,6 +114,21 @@ def compare(ours: dict[str, Any], ref: dict[str, Any]) -> tuple[list[dict[str, A
     else:
         note = ""
     rows = []
+    for run, diff in ours.get("differences", {}).items():
+        theirs = ref.get("differences", {}).get(run)
+        if theirs is None or theirs["dense"] != diff["dense"]:
+            continue
+        rows.append(
+            {
+                "run": run,
+                "metric": f"val loss MoE - dense (vs {diff['dense']})",
+                "this run": diff["val_loss"],
+                "reference": theirs["val_loss"],
+                "tolerance": f"{DIFFERENCE_TOLERANCE} absolute",
+                "reproduced": abs(diff["val_loss"] - theirs["val_loss"]) <= DIFFERENCE_TOLERANCE,
+                "difference": True,
+            }
+        )
     for run, metrics in ours["runs"].items():
         theirs = ref["runs"].get(run)
         if theirs is None:
@@ -88,15 +146,81 @@ def compare(ours: dict[str, Any], ref: dict[str, Any]) -> tuple[list[dict[str, A
                     "reference": b,
                     "tolerance": f"{tol:.0%} relative" if kind == "relative" else f"{tol} absolute",
                     "reproduced": delta <= tol,
+                    "difference": False,
                 }
             )
     return rows, note
 
 
-def reproduction(results_root: Path, ours: dict[str, Any]) -> dict[str, Any]:
-    ref_path = find_reference(results_root, ours["study"], ours["device_class"])
+def reproduction(results: Path, ours: dict[str, Any]) -> dict[str, Any]:
+    """The comparison of the study folder ``results`` with its committed reference (found beside it,
+    under ``results.parent / "reference"``). ``is_reference``: the folder is a reference itself and
+    is compared with nothing. ``has_differences``: whether the reference holds per-seed differences
+    (an older one does not, and is compared on its per-run numbers only)."""
+    if is_reference(results, ours):
+        return {"reference": None, "is_reference": True, "rows": [], "note": ""}
+    ref_path = find_reference(results.parent, ours["study"], ours["device_class"])
     if ref_path is None:
-        return {"reference": None, "rows": [], "note": ""}
+        return {"reference": None, "is_reference": False, "rows": [], "note": ""}
     ref = read_json(ref_path)
     rows, note = compare(ours, ref)
-    return {"reference": str(ref_path), "reference_commit": ref.get("git_commit"), "rows": rows, "note": note}
+    return {
+        "reference": str(ref_path),
+        "is_reference": False,
+        "reference_commit": ref.get("git_commit"),
+        "has_differences": "differences" in ref,
+        "rows": rows,
+        "note": note,
+    }
+
+
+RUN_FILES = ("record.json", "measure.json", "eval.json", "routing.json", "metrics.jsonl")
+"""A run's small records: what the report reads of it (never checkpoints or tensorboard logs)."""
+STUDY_FILES = ("data/data.json", "microbench/moe_ffn.json")
+"""The study's small records the report reads besides its runs'."""
+
+
+def _copy(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def require_finished(results: Path, run_ids: list[str]) -> None:
+    """Refuse, naming the runs, when a run of ``results`` has no record.json (has not finished)."""
+    unfinished = [run for run in run_ids if not (results / "runs" / run / "record.json").is_file()]
+    if unfinished:
+        shown = ", ".join(unfinished[:5]) + (f" and {len(unfinished) - 5} more" if len(unfinished) > 5 else "")
+        raise HarnessError(
+            f"{results / 'runs'}: {len(unfinished)} of {len(run_ids)} runs have not finished (no record.json: "
+            f"{shown}); a reference keeps a finished study only"
+        )
+
+
+def keep_reference(results: Path, run_ids: list[str], dest: Path) -> list[Path]:
+    """Copy the small records of a finished study (``results``: its folder, ``run_ids``: every run
+    of its plan) into the reference folder ``dest``; each file written atomically. Refused, naming
+    the runs, when one has no record.json (it has not finished). Records of runs no longer in the
+    plan are removed from ``dest``; its README.md and report files are left as they are."""
+    require_finished(results, run_ids)
+    if not (results / "data" / "data.json").is_file():
+        raise HarnessError(f"{results / 'data' / 'data.json'} does not exist: run `harness data` first")
+    if dest.resolve() == results.resolve():
+        raise HarnessError(f"{dest} is the study folder itself: nothing to copy")
+    copied = []
+    for run in run_ids:
+        for name in RUN_FILES:
+            if (src := results / "runs" / run / name).is_file():
+                _copy(src, dest / "runs" / run / name)
+                copied.append(dest / "runs" / run / name)
+            else:
+                (dest / "runs" / run / name).unlink(missing_ok=True)
+    if (dest / "runs").is_dir():
+        for stale in sorted(p for p in (dest / "runs").iterdir() if p.is_dir() and p.name not in run_ids):
+            shutil.rmtree(stale)
+    for name in STUDY_FILES:
+        if (src := results / name).is_file():
+            _copy(src, dest / name)
+            copied.append(dest / name)
+        else:
+            (dest / name).unlink(missing_ok=True)
+    return copied
