@@ -398,25 +398,24 @@ def specialisation_table(routing: dict[str, dict[str, Any]]) -> tuple[list[str],
     return headers, rows
 
 
-CLAIM_FIGURES = {"R10": "train", "memory": "memory"}
-"""The claims (``harness.analysis.claims``) whose verdicts rest on a measured figure of each
-measured MoE-dense pair, and that figure."""
+def _claim_runs(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
+    """(claim key, measured figure) -> the runs whose figure its verdict rests on
+    (``harness.analysis.cost_claims``): memory on every run in a fitted family; R10 on measured
+    pairs only where the training runs give no interval and ``harness measure`` decides."""
+    from harness.analysis.cost_claims import memory_families, training_rate_ratios
+
+    memory = {p["run"] for f in memory_families(records, measures).values() for p in f["routed"]}
+    out = {("memory", "memory"): memory}
+    if all(r["ci"] is None for r in training_rate_ratios(records).values()):
+        out[("R10", "train")] = {r["run_id"] for m, d, _, _ in measured_pairs(records, measures) for r in (m, d)}
+    return out
 
 
 def claim_flags(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     """Claim key -> the flagged measurements its verdict rests on ('run figure (rule)')."""
-    from harness.analysis.claims import MIN_EXTRA_TOTAL
-
     flags = measure_flags(measures)
     out: dict[str, list[str]] = {}
-    for key, figure in CLAIM_FIGURES.items():
-        runs = {
-            r["run_id"]
-            for m, d, _, _ in measured_pairs(records, measures)
-            # the memory claim leaves out MoEs with hardly more total parameters (E = k)
-            if key != "memory" or m["params"]["total"] >= MIN_EXTRA_TOTAL * d["params"]["total"]
-            for r in (m, d)
-        }
+    for (key, figure), runs in _claim_runs(records, measures).items():
         hits = [f"{run} {LABELS[figure]} ({f['rule']})" for run in sorted(runs) for f in flags[run].get(figure, [])]
         if hits:
             out[key] = hits

@@ -31,41 +31,27 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy import stats as sps
 
+from harness.analysis.cost_claims import memory_follows_total, wall_clock_below_flop_gain
 from harness.analysis.routing_health import COLLAPSE_IMBALANCE, run_imbalance
 from harness.analysis.stats import (
     ALPHA,
     contrast_gains,
     default_contrast,
     holm,
-    measured_pairs,
     paired_gain,
     peer_pairs,
 )
+from harness.analysis.verdicts import INCONCLUSIVE, NO_DATA, NOT_SUPPORTED, SUPPORTED, Claim
 from harness.study import PrimaryContrast, Registration, budget_label
 
-SUPPORTED, NOT_SUPPORTED, NO_DATA = "supported", "not supported", "not enough data"
-INCONCLUSIVE = "inconclusive"
 # Hoffmann et al. 2022 (Chinchilla): about 20 tokens per parameter is compute-optimal for a dense
 # model; short of that, the dense model is not capacity-bound and the MoE gain is rarely reported.
 TOKENS_PER_ACTIVE_PARAM = 20
-MEMORY_FRACTION = 0.5  # measured extra memory >= half the total-parameter prediction: follows total
-MEMORY_EXCESS = 2.0  # ... and at most twice it: beyond, something other than parameters sets the increase
-
-
-@dataclass(frozen=True)
-class Claim:
-    key: str
-    claim: str
-    source: str
-    verdict: str
-    evidence: str
-    caveat: str = ""
 
 
 def _balanced(rec: dict[str, Any]) -> bool:
@@ -345,130 +331,6 @@ def balanced_does_not_collapse(records: list[dict[str, Any]], health: dict[str, 
     """Supported when no judged run with a balancing mechanism collapsed, not supported when one did."""
     claim = "With a balancing mechanism, routing does not collapse"
     return _collapse_claim("R3-balanced", claim, records, health, balanced=True)
-
-
-def _log_flops_per_s(rec: dict[str, Any], measure: dict[str, Any], windows: bool) -> list[float]:
-    """ln of training FLOP/s: the measurement's median, or each of its timing windows."""
-    train = measure["train"]
-    rates = train.get("tokens_per_s_windows", []) if windows else [train["tokens_per_s_median"]]
-    fpt = rec["flops_per_token"][rec["flop_convention"]]
-    return [math.log(r * fpt) for r in rates]
-
-
-def _rate_ratio(pairs: list[tuple[dict, dict, dict, dict]]) -> dict[str, Any] | None:
-    """MoE over dense training FLOP/s with a 95% Welch interval on log rates; replicates are the
-    measured runs of each model when both have two or more, else one measurement's windows."""
-    moe_runs = {m["run_id"]: (m, mm) for m, _, mm, _ in pairs}
-    dense_runs = {d["run_id"]: (d, dm) for _, d, _, dm in pairs}
-    between = len(moe_runs) > 1 and len(dense_runs) > 1
-    moe = [x for rec, mea in moe_runs.values() for x in _log_flops_per_s(rec, mea, not between)]
-    dense = [x for rec, mea in dense_runs.values() for x in _log_flops_per_s(rec, mea, not between)]
-    if len(moe) < 2 or len(dense) < 2:
-        return None
-    test = sps.ttest_ind(moe, dense, equal_var=False)
-    ci = test.confidence_interval(1 - ALPHA)
-    return {
-        "ratio": math.exp(np.mean(moe) - np.mean(dense)),
-        "ci": (math.exp(ci.low), math.exp(ci.high)),
-        "unit": f"{len(moe_runs)} + {len(dense_runs)} measured runs" if between else "timing windows of one run each",
-    }
-
-
-def wall_clock_below_flop_gain(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> Claim:
-    claim = "The wall-clock gain of MoE is smaller than its FLOP gain (it runs fewer FLOP/s than dense)"
-    source = "R10: Muennighoff 2024 (OLMoE: ~3x fewer tokens, ~2x less time)"
-    by_models: dict[tuple[str, str], list] = defaultdict(list)
-    for m, d, mm, dm in measured_pairs(records, measures):
-        by_models[(m["model"], d["model"])].append((m, d, mm, dm))
-    if not by_models:
-        return Claim("R10", claim, source, NO_DATA, "no MoE run measured next to its dense peer on one device")
-    parts, sides, within = [], [], False
-    for (_, dense), pairs in sorted(by_models.items()):
-        r = _rate_ratio(pairs)
-        if r is None:
-            parts.append(f"{pairs[0][0]['model']} vs {dense}: no replicate measurements (measure again)")
-            sides.append("no test")
-            continue
-        within |= r["unit"].startswith("timing")
-        parts.append(f"{pairs[0][0]['model']} vs {dense}: x{r['ratio']:.2f}{_interval(r['ci'], '.2f')} ({r['unit']})")
-        sides.append(_side(r["ci"], 1.0))
-    evidence = "training FLOP/s of MoE over dense [95% interval] (wall-clock gain = FLOP gain x this): " + "; ".join(
-        parts
-    )
-    device = next(iter(measures.values()))["device_name"]
-    caveat = f"measured on {device}" + (
-        "; windows of one process do not show the drift between processes" if within else ""
-    )
-    return Claim("R10", claim, source, _verdict(sides, "below", "above"), evidence, caveat)
-
-
-MIN_EXTRA_TOTAL = 1.1
-"""The memory claim is tested on MoEs with at least 10% more total parameters than their dense peer."""
-
-
-def _memory_fraction(m: dict, d: dict, mm: dict, dm: dict) -> tuple[float, float, float] | None:
-    """(measured extra bytes, extra predicted by the extra total parameters, their ratio)."""
-    peak_m, peak_d = mm["memory"].get("peak_training_bytes"), dm["memory"].get("peak_training_bytes")
-    if peak_m is None or peak_d is None:
-        return None
-    mem = mm["memory"]
-    per_param = (mem["param_bytes"] + mem.get("gradient_bytes", mem["param_bytes"]) + mem["optimizer_state_bytes"]) / m[
-        "params"
-    ]["total"]
-    predicted = (m["params"]["total"] - d["params"]["total"]) * per_param
-    if m["params"]["total"] < MIN_EXTRA_TOTAL * d["params"]["total"]:
-        return None  # E = k: the router's few parameters predict nothing measurable
-    if predicted <= 0:
-        return None
-    measured = peak_m - peak_d
-    return measured, predicted, measured / predicted
-
-
-def memory_follows_total(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> Claim:
-    claim = "Training memory follows total parameters, not active ones"
-    source = "Fedus 2022; Artetxe 2022"
-    by_models: dict[tuple[str, str], list[tuple[float, float, float]]] = defaultdict(list)
-    for m, d, mm, dm in measured_pairs(records, measures):
-        if (f := _memory_fraction(m, d, mm, dm)) is not None:
-            by_models[(m["model"], d["model"])].append(f)
-    if not by_models:
-        return Claim(
-            "memory",
-            claim,
-            source,
-            NO_DATA,
-            "no MoE-dense pair with measured training peak memory and more total parameters (measure again)",
-        )
-    parts, sides = [], []
-    for (arm, dense), fs in sorted(by_models.items()):
-        measured, predicted, frac = (np.array(x) for x in zip(*fs, strict=True))
-        spread = "" if len(fs) == 1 else f" (x{frac.min():.2f} to x{frac.max():.2f} over {len(fs)} measured pairs)"
-        mib = measured.mean() / 2**20, predicted.mean() / 2**20
-        parts.append(
-            f"{arm} vs {dense}: measured +{mib[0]:.1f} MiB against +{mib[1]:.1f} MiB "
-            f"predicted by its extra total parameters (x{frac.mean():.2f}{spread}; equal active parameters predict +0)"
-        )
-        # every measured pair on one side of the midpoint between the two predictions; an increase
-        # far above the total-parameter prediction is set by activations or buffers and tests neither
-        follows = MEMORY_FRACTION <= frac.min() and frac.max() <= MEMORY_EXCESS
-        sides.append("total" if follows else "active" if frac.max() < MEMORY_FRACTION else "")
-    verdict = _verdict(sides, "total", "active")
-    if any(f[2] > MEMORY_EXCESS for fs in by_models.values() for f in fs):
-        parts.append(
-            f"an increase above {MEMORY_EXCESS:g}x what the extra parameters predict is set by activations and "
-            "dispatch buffers, not parameters: at this scale the peak cannot show what total parameters cost"
-        )
-    device = next(iter(measures.values()))["device_name"]
-    peak = "CUDA peak allocated" if device != "cpu" else "resident memory added by training steps (RSS)"
-    return Claim(
-        "memory",
-        claim,
-        source,
-        verdict,
-        "; ".join(parts),
-        f"{peak}; supported when every measured increase is at least {MEMORY_FRACTION:.0%} of the "
-        "total-parameter prediction, not supported when every one is below",
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,11 +35,10 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-from harness.analysis.claims import NO_DATA, NOT_SUPPORTED, SUPPORTED, Claim
 from harness.analysis.stats import ALPHA, measured_pairs, peer_pairs, training_memory
+from harness.analysis.verdicts import INCONCLUSIVE, NO_DATA, NOT_SUPPORTED, SUPPORTED, Claim
 from harness.study import budget_label
 
-INCONCLUSIVE = "inconclusive"
 MEMORY_FRACTION = 0.5
 """The decision point of the memory claim, as a fraction of the state's bytes per parameter."""
 MIN_TOTAL_SIZES = 3
