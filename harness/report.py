@@ -23,6 +23,7 @@ from tabulate import tabulate
 from harness.errors import HarnessError
 from harness.io import read_json, write_json, write_text
 from harness.plausibility import LABELS, MARK, mark, overhead_flags
+from harness.registration import registration_lines
 from harness.report_html import write_html
 from harness.study import Study, plan
 from harness.tables import (
@@ -234,6 +235,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         "- Specialisation is judged on runs with E > k by the per-layer permutation p-values of the routing "
         "analysis (Holm over layers) and the excess NMI by category against topic.",
         "",
+        *registration_lines(study, records),
     ]
     if len(seeds) == 1:
         md += [
