@@ -107,7 +107,7 @@ def frontier_multipliers(
             "dense_compute": None,
             "dense_n_opt": None,
             "loss_adjusted": None,
-            "reason": law_reason if law is None else "",
+            "reason": "no joint law (see above)" if law is None else "",
             "interval_note": "",
         }
         rows.append(row)

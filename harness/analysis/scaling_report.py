@@ -53,8 +53,11 @@ def law_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
     law, rows = a.law, []
     for key, label, spec, what in LAW_ROWS:
         why = a.identified.get(_NEEDS.get(key, key), "") if a.identified else ""
-        if law is None or why:
-            rows.append([label, "-", _notes(why or a.law_reason)])
+        if law is None:
+            rows.append([label, "-", "not fitted: see above"])
+            continue
+        if why:
+            rows.append([label, "-", why])
             continue
         value = law.elasticities[key] if key in _NEEDS else law.estimates[key]
         ci = law.elasticity_intervals[key] if key in _NEEDS else law.intervals[key]
@@ -316,8 +319,7 @@ def markdown(a: ScalingAnalysis, table) -> list[str]:
         "sees fewer tokens and the curve is U-shaped).",
         "",
         *_law_text(a),
-        table("joint_law"),
-        "",
+        *([table("joint_law"), ""] if a.law is not None else []),
         *_identification_text(a),
         noise,
         "",
