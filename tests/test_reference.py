@@ -18,7 +18,7 @@ from harness.analysis.reproduce import DIFFERENCE_TOLERANCE, compare, keep_refer
 from harness.errors import HarnessError
 from harness.io import read_json, write_json
 
-RUNS = ["dense-pico_6e9_s0", "dense-pico_6e9_s1", "dense-pico-e4k2_6e9_s0", "dense-pico-e4k2_6e9_s1"]
+RUNS = ["dense-pico_2e9_s0", "dense-pico_2e9_s1", "dense-pico-e4k2_2e9_s0", "dense-pico-e4k2_2e9_s1"]
 
 
 def _eval(bpb: float) -> dict:
@@ -53,9 +53,9 @@ def finished(tmp_path_factory) -> Path:
         "device": "cpu",
         "data": {"source": "files", "paths": [str(root / "corpus")], "validation_fraction": 0.1, "vocab_size": 512},
         "models": [{"config": str(root / "model.yaml")}, {"base": str(root / "model.yaml"), "experts": 4, "top_k": 2}],
-        "budgets": [6e9],
+        "budgets": [2e9],
         "seeds": [0, 1],
-        "recipe": {"batch_size": 4, "seq_len": 32, "eval_every": 20, "eval_batches": 2, "min_steps": 20},
+        "recipe": {"batch_size": 4, "seq_len": 32, "eval_every": 10, "eval_batches": 2, "min_steps": 10},
     }
     (root / "study.yaml").write_text(yaml.safe_dump(study))
     results = root / "results"
@@ -100,12 +100,12 @@ def test_a_reference_is_rebuilt_from_its_small_records_alone(finished, tmp_path)
     original = results / "pico"
     md, summary, tables = (original / "report.md").read_text(), read_json(original / "summary.json"), _tables(original)
     assert "No committed reference for `pico`" in md
-    assert summary["differences"].keys() == {"dense-pico-e4k2_6e9_s0", "dense-pico-e4k2_6e9_s1"}
-    s0 = summary["differences"]["dense-pico-e4k2_6e9_s0"]
-    assert s0["dense"] == "dense-pico_6e9_s0"
+    assert summary["differences"].keys() == {"dense-pico-e4k2_2e9_s0", "dense-pico-e4k2_2e9_s1"}
+    s0 = summary["differences"]["dense-pico-e4k2_2e9_s0"]
+    assert s0["dense"] == "dense-pico_2e9_s0"
     runs = summary["runs"]
     assert (
-        s0["val_loss"] == runs["dense-pico-e4k2_6e9_s0"]["final_val_loss"] - runs["dense-pico_6e9_s0"]["final_val_loss"]
+        s0["val_loss"] == runs["dense-pico-e4k2_2e9_s0"]["final_val_loss"] - runs["dense-pico_2e9_s0"]["final_val_loss"]
     )
 
     code, err = cli("report", study, "--results", str(results), "--reference")
@@ -136,8 +136,8 @@ def test_a_reference_is_rebuilt_from_its_small_records_alone(finished, tmp_path)
 
 def test_an_unfinished_study_is_refused_naming_its_runs(finished, tmp_path):
     results = finished / "results" / "pico"
-    with pytest.raises(HarnessError, match=r"1 of 5 runs have not finished .*dense-pico_6e9_s9"):
-        keep_reference(results, [*RUNS, "dense-pico_6e9_s9"], tmp_path / "ref")
+    with pytest.raises(HarnessError, match=r"1 of 5 runs have not finished .*dense-pico_2e9_s9"):
+        keep_reference(results, [*RUNS, "dense-pico_2e9_s9"], tmp_path / "ref")
     assert not (tmp_path / "ref").exists()
     copied = keep_reference(results, RUNS, tmp_path / "ref")
     assert len(copied) == 4 * 3 + 2 + 2 + 2  # three records per run, two measure.json and routing.json, data, bench

@@ -86,10 +86,13 @@ def _side(ci: tuple[float, float] | None, at: float) -> str:
 
 
 def _verdict(sides: list[str], want: str, against: str) -> str:
-    """Supported when every interval is on ``want``'s side, not supported when one is on ``against``'s."""
+    """Supported when every outcome is ``want``, not supported when one is ``against``; inconclusive
+    when a test ran and decided neither way, not enough data when none could run."""
     if sides and all(s == want for s in sides):
         return SUPPORTED
-    return NOT_SUPPORTED if against in sides else NO_DATA
+    if against in sides:
+        return NOT_SUPPORTED
+    return INCONCLUSIVE if INCONCLUSIVE in sides else NO_DATA
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +285,7 @@ def gain_grows_with_experts(seed_rows: list[dict[str, Any]], records: list[dict[
             f"slope {t['slope']:+.4f} nats per doubling of E, "
             f"permutation p (gain grows) = {t['p_less']:.3g}, p (gain shrinks) = {t['p_greater']:.3g}"
         )
-        outcomes.append(SUPPORTED if t["p_less"] < ALPHA else NOT_SUPPORTED if t["p_greater"] < ALPHA else NO_DATA)
+        outcomes.append(SUPPORTED if t["p_less"] < ALPHA else NOT_SUPPORTED if t["p_greater"] < ALPHA else INCONCLUSIVE)
     verdict = _verdict(outcomes, SUPPORTED, NOT_SUPPORTED)
     return Claim("R1-E", claim, source, verdict, "; ".join(parts) + note)
 
