@@ -193,3 +193,26 @@ def test_theta_and_rho_need_an_e_equals_k_run_or_two_sparse_values():
     assert "E = k run" in a.identified["theta"] and "E = k run" in a.identified["rho"]
     a = scaling.analyse(study(np.random.default_rng(5), experts=(2,)), bootstrap=10)
     assert "E > k" in a.identified["theta"] and a.identified["rho"] == ""
+
+
+def test_ablations_routed_otherwise_stay_out_of_the_law():
+    """One law with one rho describes one way of routing: an MoE without balancing is left out and named."""
+    recs = study(np.random.default_rng(5))
+    for r in recs:
+        if r["arm"] == "moe":
+            r["config"] = {"moe": {"experts": r["experts"], "top_k": 2, "load_balance_coef": 0.01}}
+    ablation = [
+        r | {"model": "moe-e8k2-nobalance", "run_id": r["run_id"].replace("moe-e8k2", "moe-e8k2-nobalance")}
+        for r in recs
+        if r["model"] == "moe-e8k2"
+    ]
+    for r in ablation:
+        r["config"] = {"moe": {"experts": 8, "top_k": 2, "load_balance_coef": 0.0}}
+        r["final_val_loss"] += 0.5  # far off the law: would drag rho and theta if it were fitted
+    fit, _ = fit_law(recs + ablation, bootstrap=0)
+    base, _ = fit_law(recs, bootstrap=0)
+    assert fit.data.left_out == ["moe-e8k2-nobalance"] and base.data.left_out == []
+    assert fit.estimates["theta"] == pytest.approx(base.estimates["theta"], abs=1e-9)
+    a = scaling.analyse(recs + ablation, bootstrap=10)
+    text, _ = _section(a)
+    assert "Left out of the law: moe-e8k2-nobalance" in text

@@ -45,6 +45,7 @@ from harness.analysis.stats import (
     holm,
     paired_gain,
     peer_pairs,
+    routing_variant,
 )
 from harness.analysis.verdicts import INCONCLUSIVE, NO_DATA, NOT_SUPPORTED, SUPPORTED, Claim
 from harness.study import PrimaryContrast, Registration, budget_label
@@ -235,22 +236,6 @@ def _trend_test(by_e: dict[int, dict[int, float]]) -> dict[str, Any] | None:
         )
         out[f"p_{side}"] = float(test.pvalue)
     return out
-
-
-_SCALE_FIELDS = ("experts", "top_k", "d_expert", "name")
-_BALANCE_FIELDS = ("load_balance_coef", "seq_balance_coef", "importance_coef", "load_coef")
-
-
-def routing_variant(rec: dict[str, Any]) -> tuple[str, str]:
-    """(key, label) of the MoE settings other than E, k and expert width: runs compared along E
-    share all of them (key); the label names the routing and the balancing in use."""
-    moe = rec["config"].get("moe") or {}
-    key = repr(sorted((k, repr(v)) for k, v in moe.items() if k not in _SCALE_FIELDS))
-    balance = [f"{c} {moe[c]:g}" for c in _BALANCE_FIELDS if moe.get(c)]
-    if moe.get("routing") == "sigmoid-bias":
-        balance.append(f"bias rate {moe.get('bias_update_rate', 0):g}")
-    label = f" ({moe.get('routing', 'softmax-topk')}, {', '.join(balance) or 'no balancing'})"
-    return key, label
 
 
 def gain_grows_with_experts(seed_rows: list[dict[str, Any]], records: list[dict[str, Any]]) -> Claim:

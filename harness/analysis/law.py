@@ -44,7 +44,7 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from harness.analysis.fits import Noise, interval, sigma_draws
-from harness.analysis.stats import finite_runs
+from harness.analysis.stats import finite_runs, main_variant_runs
 
 NAMES = ("E0", "lnA", "alpha", "lnB", "beta", "theta", "rho")
 F_SCALE_LOG = 0.01  # on log L: about 0.03 nats at L = 3, twice a run's residual sd on the cpu study
@@ -69,6 +69,9 @@ class LawData:
     seeds: list[int]
     n_ref: float
     d_ref: float
+    left_out: list[str] = field(default_factory=list)
+    """MoE models of another routing variant than the one most MoE runs share (ablations): one
+    law with one rho describes one way of routing."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ class LawFit:
 
 
 def law_data(records: list[dict[str, Any]]) -> LawData:
-    runs = finite_runs(records)
+    runs, left_out = main_variant_runs(finite_runs(records))
     na = np.array([r["params"]["active_non_embedding"] for r in runs], float)
     nt = np.array([r["params"]["total_non_embedding"] for r in runs], float)
     d = np.array([r["tokens"] for r in runs], float)
@@ -133,6 +136,7 @@ def law_data(records: list[dict[str, Any]]) -> LawData:
         seeds=seeds,
         n_ref=n_ref,
         d_ref=d_ref,
+        left_out=left_out,
     )
 
 

@@ -216,9 +216,20 @@ def _law_text(a: ScalingAnalysis) -> list[str]:
         return [fitted, "", f"**The study cannot fit this law**: {a.law_reason}.", ""]
     law = a.law
     c = law.centre
+    ablations = (
+        [
+            f"Left out of the law: {', '.join(law.data.left_out)}, routed otherwise than the MoE runs it describes "
+            "(one law with one ρ describes one way of routing and balancing; these ablations are compared run by "
+            "run in the tables above).",
+            "",
+        ]
+        if law.data.left_out
+        else []
+    )
     return [
         fitted,
         "",
+        *ablations,
         f"Variance components from the fit: residual sd {law.sd_resid:.4f} nats ({law.resid_dof} degrees of freedom), "
         f"seed sd {law.sd_seed:.4f} nats ({law.seed_dof} degrees of freedom). Intervals are 95% percentile intervals "
         f"of a parametric bootstrap ({len(law.draws)} refits) that redraws one seed shift per seed, shared by all its "

@@ -346,3 +346,35 @@ def holm(p_values: list[float]) -> list[float]:
         running = max(running, min(1.0, (m - i) * p_values[j]))
         adjusted[j] = running
     return adjusted.tolist()
+
+
+_SCALE_FIELDS = ("experts", "top_k", "d_expert", "name")
+_BALANCE_FIELDS = ("load_balance_coef", "seq_balance_coef", "importance_coef", "load_coef")
+
+
+def routing_variant(rec: dict[str, Any]) -> tuple[str, str]:
+    """(key, label) of the MoE settings other than E, k and expert width: runs compared along E
+    share all of them (key); the label names the routing and the balancing in use."""
+    moe = rec["config"].get("moe") or {}
+    key = repr(sorted((k, repr(v)) for k, v in moe.items() if k not in _SCALE_FIELDS))
+    balance = [f"{c} {moe[c]:g}" for c in _BALANCE_FIELDS if moe.get(c)]
+    if moe.get("routing") == "sigmoid-bias":
+        balance.append(f"bias rate {moe.get('bias_update_rate', 0):g}")
+    label = f" ({moe.get('routing', 'softmax-topk')}, {', '.join(balance) or 'no balancing'})"
+    return key, label
+
+
+def main_variant_runs(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Dense runs and the MoE runs of the routing variant (``routing_variant``) that most MoE
+    runs share (ties: the one with more distinct E): runs that one law or trend may describe
+    together. Returns them and the models of other variants (ablations), which are left out."""
+    moe = [r for r in records if r["arm"] == "moe"]
+    if not moe:
+        return list(records), []
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in moe:
+        groups[routing_variant(r)[0]].append(r)
+    main = max(sorted(groups), key=lambda k: (len(groups[k]), len({r["experts"] for r in groups[k]})))
+    kept = [r for r in records if r["arm"] == "dense" or routing_variant(r)[0] == main]
+    left_out = sorted({r["model"] for r in moe if routing_variant(r)[0] != main})
+    return kept, left_out
