@@ -1,6 +1,6 @@
 """Export a trained model to a Hugging Face directory that ``transformers`` loads as is.
 
-    harness export tiny --run moe-d64-e8k2_7e12_s0 --out exported/moe-d64-e8k2
+    harness export tiny --run dense-d64_7e12_s0 --out exported/dense-d64
 
 The target class is the one whose computation equals ours; a variant with no faithful
 equivalent is refused with the reason rather than exported approximately:

@@ -1,6 +1,6 @@
 """What a model costs to run: throughput, MFU, memory and GPU energy, measured honestly.
 
-    harness measure tiny --run moe-d64-e8k2_7e12_s0     # a trained run (its checkpoint)
+    harness measure tiny --run moe-d64-e16k2_7e12_s0     # a trained run (its checkpoint)
     harness measure --config models/configs/moe-s-e8k2.yaml --out m.json   # random weights
 
 Protocol (MEASUREMENT.md): warm-up steps excluded; every window synchronised at both ends on

@@ -20,7 +20,7 @@ from harness.report_summary import sections
 ROOT = Path(__file__).resolve().parents[1]
 CI_RUN = ROOT / ".ci" / "run"
 WORKFLOW = ROOT / ".github" / "workflows" / "ci.yml"
-RUN = "moe-d64-e8k2_7e12_s0"
+RUN = "moe-d64-e16k2_7e12_s0"
 
 
 def make_commands(script: str) -> list[str]:

@@ -1,6 +1,6 @@
 """What do a trained MoE's experts specialise in: the kind of token, or the topic of the document?
 
-    harness routing tiny --run moe-d64-e8k2_7e12_s0      # writes runs/<run>/routing.json
+    harness routing tiny --run moe-d64-e16k2_7e12_s0      # writes runs/<run>/routing.json
 
     result = routing_analysis(run_dir, data_dir, device="cpu", max_tokens=65_536)
     result["summary"]["verdict"]
