@@ -240,8 +240,8 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     if len(seeds) == 1:
         md += [
             "**One seed shows the direction only.** The claims on loss need the spread of replicate seeds; "
-            "this study has none, so they get no verdict here. The shipped `cpu` study repeats the "
-            "comparison over three seeds, with the ablations and dense sizes the claims need.",
+            "this study has none, so they get no verdict here. The shipped `cpu` study tests its registered "
+            "primary contrast over eight seeds, with the twins and dense sizes the other claims need.",
             "",
         ]
     md += [table("claims"), ""]
