@@ -24,7 +24,7 @@ import numpy as np
 
 from harness.analysis.fits import interval
 from harness.analysis.law import LawFit
-from harness.analysis.stats import arm_label, finite_runs
+from harness.analysis.stats import arm_label, finite_runs, peer_pairs
 
 FRONTIER = "dense frontier (joint law)"
 GRID_N, GRID_C = 500, 240  # points of the size and compute grids
@@ -160,35 +160,25 @@ def _rate(rec: dict[str, Any], cost_key: str) -> float | None:
     return None if not cost else float(rec["flops_spent"]) / float(cost)
 
 
-def _base(moe: list[dict[str, Any]], records: list[dict[str, Any]]) -> str | None:
-    """The dense model of the same budget with the closest active parameter count."""
-    dense = [r for r in records if r["arm"] == "dense" and r["budget_flops"] == moe[0]["budget_flops"]]
-    if not dense:
-        return None
-    target = moe[0]["params"]["active_non_embedding"]
-    return min(dense, key=lambda r: (abs(r["params"]["active_non_embedding"] - target), r["model"]))["model"]
-
-
 def cost_multipliers(
     records: list[dict[str, Any]], flop_rows: list[dict[str, Any]], cost_key: str = "train_seconds"
 ) -> list[dict[str, Any]]:
     """Per FLOP row: its multiplier times (MoE FLOPs per ``cost_key``) / (its matched dense base's),
     the rate ratio taken per seed the two share (same budget) and averaged in logs over them."""
     what = {"train_seconds": "FLOP/s", "gpu_energy_j": "FLOP/J"}.get(cost_key, f"FLOPs per {cost_key}")
-    rows = []
+    rows, peers = [], peer_pairs(records)
     for f in flop_rows:
         row = dict(f, cost_key=cost_key, multiplier=None, multiplier_ci=None, reason=f["reason"])
         rows.append(row)
-        moe = [r for r in records if r["model"] == f["model"] and r["budget_flops"] == f["budget_flops"]]
-        base = _base(moe, records)
-        if base is None:
+        pairs = peers.get((f["model"], f["budget_flops"]), [])  # (MoE run, its dense peer) per seed
+        if not pairs:
             row["reason"] = row["reason"] or f"no dense run at this budget to take the {what} ratio from"
             continue
-        dense = {r["seed"]: r for r in records if r["model"] == base and r["budget_flops"] == f["budget_flops"]}
+        base = pairs[0][1]["model"]
         logs = [
-            math.log(_rate(m, cost_key) / _rate(dense[m["seed"]], cost_key))
-            for m in moe
-            if m["seed"] in dense and _rate(m, cost_key) and _rate(dense[m["seed"]], cost_key)
+            math.log(_rate(m, cost_key) / _rate(d, cost_key))
+            for m, d in pairs
+            if _rate(m, cost_key) and _rate(d, cost_key)
         ]
         if not logs:
             row["reason"] = row["reason"] or f"no seed shared with {base} that has {cost_key}"
