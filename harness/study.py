@@ -433,6 +433,30 @@ def budget_label(budget: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+def _check_registration(study: Study, runs: list[Run]) -> None:
+    """The registered primary contrast names models the study trains, at a budget both train."""
+    primary = study.registration.primary if study.registration else None
+    if primary is None:
+        return
+    arms = {(r.model.name, r.model.moe is not None) for r in runs}
+    for field_name, name, moe in (("moe", primary.moe, True), ("dense", primary.dense, False)):
+        models = sorted(m for m, is_moe in arms if is_moe == moe)
+        if (name, moe) not in arms:
+            raise ConfigError(
+                f"registration.primary.{field_name}",
+                f"{name!r} is not a{'n MoE' if moe else ' dense'} model of this study ({', '.join(models)})",
+                study.path,
+            )
+        budgets = {r.budget for r in runs if r.model.name == name}
+        if primary.budget not in budgets:
+            shown = ", ".join(budget_label(b) for b in sorted(budgets))
+            raise ConfigError(
+                "registration.primary.budget",
+                f"{name} is not trained at {budget_label(primary.budget)} FLOPs (its budgets: {shown})",
+                study.path,
+            )
+
+
 def seeds_of(study: Study, spec: ModelSpec, budget: float) -> list[int]:
     """The seeds a model entry trains at one budget: its ``seeds_per_budget`` entry, else its
     ``seeds``, else the study's."""
@@ -462,6 +486,7 @@ def plan(study: Study, vocab_size: int | None = None, train_tokens: int | None =
                 run_id = f"{cfg.name}_{budget_label(budget)}_s{seed}"
                 runs.append(Run(run_id, cfg, budget, seed, fpt, tokens_per_step, steps, r))
         _check_parallel(study, cfg, r)
+    _check_registration(study, runs)
     if train_tokens is not None and not study.data.allow_repetition:
         worst = max(runs, key=lambda run: run.tokens)
         if worst.tokens > train_tokens:

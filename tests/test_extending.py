@@ -291,3 +291,21 @@ def test_plan_warns_when_an_auto_study_is_too_large_for_this_cpu(study, monkeypa
     code, out, err = cli_output("plan", STUDY, "--results", "results")
     assert code == 0, err
     assert "time not estimated" in out and "looks made for a GPU" in out and "--device cuda" in out
+
+
+@pytest.mark.parametrize(
+    ("primary", "message"),
+    [
+        ({"moe": "moe-nope", "dense": "dense-pico", "budget": 6e9}, r"registration\.primary\.moe.*'moe-nope'"),
+        ({"moe": "dense-pico", "dense": "dense-pico", "budget": 6e9}, r"registration\.primary\.moe.*not an MoE"),
+        ({"moe": "dense-pico-e4k2", "dense": "dense-pico", "budget": 3e9}, r"registration\.primary\.budget.*3e9"),
+    ],
+)
+def test_a_registered_contrast_names_models_and_a_budget_of_the_study(study, primary, message):
+    def register(data):
+        data["models"].append({"base": data["models"][0]["config"], "experts": 4, "top_k": 2})
+        data["registration"] = {"primary": primary}
+
+    _edit(study, register)
+    with pytest.raises(ConfigError, match=message):
+        plan(load_study(study / STUDY))
