@@ -18,7 +18,6 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 VENV=$(cd "${VENV:-$ROOT/.venv}" 2>/dev/null && pwd) || VENV=${VENV:-$ROOT/.venv}
 PY=$VENV/bin/python
 STUDY=tiny
-RUNS=(dense-d64_7e12_s0 moe-d64-e8k2_7e12_s0)
 PARTITION=moetest
 DAEMONS=(munged slurmctld slurmd slurmstepd)
 started=$(date +%s)
@@ -31,6 +30,11 @@ fail() {
 
 [ "$(id -u)" = 0 ] || fail "needs root: slurmd starts jobs as their user, and SLURM may need installing"
 [ -x "$PY" ] || fail "no Python at $PY: run make install first (or set VENV)"
+# The study's own runs (its plan), so that a change of the study file cannot leave this test behind.
+mapfile -t RUNS < <(cd "$ROOT" && "$PY" -c "
+from harness.study import load_study, plan
+print(*(run.run_id for run in plan(load_study('$STUDY'))), sep='\n')")
+[ "${#RUNS[@]}" -ge 1 ] || fail "study $STUDY plans no runs"
 "$PY" -c "import snakemake_executor_plugin_slurm" 2>/dev/null ||
     fail "snakemake-executor-plugin-slurm is not installed in $VENV: run make install"
 
