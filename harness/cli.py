@@ -143,6 +143,11 @@ def _trained_run(args: argparse.Namespace, study):
     run_dir = results / "runs" / run.run_id
     if not (run_dir / "record.json").is_file():
         raise MissingStep(run_dir / "record.json", f"harness train {study.path} --run {run.run_id}", "not trained")
+    from harness.io import read_json
+    from harness.workflow import trained_on_other_data
+
+    if refusal := trained_on_other_data([read_json(run_dir / "record.json")], results / "data" / "data.json"):
+        raise HarnessError(refusal)
     return run, results, run_dir
 
 
@@ -316,7 +321,7 @@ def _print_plan(study, runs, rows, states, estimates, device, warnings, args) ->
 
     changed = data_changes(study, _results(args, study))
     if changed:
-        print(f"data: prepared with other settings ({'; '.join(changed)}): `harness data` prepares it again")
+        print(f"data: the prepared data is not current ({'; '.join(changed)}): `harness data` prepares it again")
     for s in states:
         if s.state == "stale":
             print(f"stale: {s.run_id} would be trained again: {'; '.join(s.changes)}")

@@ -258,6 +258,37 @@ def iter_documents(cfg: DataConfig, source: str = "", skipped: Skipped | None = 
         yield from capped(_hf_documents(cfg, source))
 
 
+def corpus_files(cfg: DataConfig, source: str = "") -> list[Path] | None:
+    """Every file the data step may read, in reading order; None for an ``hf`` dataset (not a
+    set of local files)."""
+    if cfg.source in (DataSource.PYTHON_STDLIB, DataSource.PYTHON_SITE):
+        files = [p for _, p in _python_files(Path(sysconfig.get_paths()["stdlib"]), "stdlib", skip_packages=True)]
+        if cfg.source is DataSource.PYTHON_SITE:
+            for i, d in enumerate(_site_dirs()):
+                files.extend(p for _, p in _python_files(d, f"site{i}", skip_packages=False))
+        return files
+    if cfg.source is DataSource.FILES:
+        if not cfg.paths:
+            raise ConfigError("data.paths", "required with source 'files'", source)
+        return [p for _, p in _expand(cfg.paths, source)]
+    return None
+
+
+def fold(fingerprint, doc: Document) -> None:
+    """Add a document to the data fingerprint: its key and the hash of its text, so that the
+    fingerprint says what was read, not where it lay."""
+    fingerprint.update(doc.key.encode() + b"\0" + hashlib.sha256(doc.text.encode()).digest())
+
+
+def corpus_fingerprint(cfg: DataConfig, source: str = "") -> str:
+    """The data fingerprint of the corpus as it is now (what ``prepare`` records), without
+    tokenizing anything."""
+    fingerprint = hashlib.sha256()
+    for doc in iter_documents(cfg, source):
+        fold(fingerprint, doc)
+    return fingerprint.hexdigest()
+
+
 def train_tokenizer(texts: list[str], vocab_size: int):
     """Byte-level BPE (GPT-2 style) trained on the train split, with one end-of-text token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -280,7 +311,7 @@ WHERE = ("paths", "tokenizer_file")
 tokenizer file's hash say that)."""
 
 
-def _tokenizer_file_sha(cfg: DataConfig) -> str | None:
+def tokenizer_file_sha(cfg: DataConfig) -> str | None:
     path = Path(cfg.tokenizer_file) if cfg.tokenizer_file else None
     return sha256_file(path) if path is not None and path.is_file() else None
 
@@ -316,7 +347,7 @@ def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
     fingerprint = hashlib.sha256()
     skipped = Skipped()
     for doc in iter_documents(cfg, source, skipped):
-        fingerprint.update(doc.key.encode() + b"\0" + hashlib.sha256(doc.text.encode()).digest())
+        fold(fingerprint, doc)
         docs[split_of(doc.key, cfg.validation_fraction, cfg.test_fraction)].append(doc)
     if not docs["train"] or not docs["validation"]:
         raise ConfigError(
@@ -329,7 +360,7 @@ def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
     for line in skipped.lines():
         print(f"harness data: {line}", file=sys.stderr)
     config = {k: (v.value if hasattr(v, "value") else v) for k, v in cfg.__dict__.items()}
-    tok_sha = _tokenizer_file_sha(cfg)
+    tok_sha = tokenizer_file_sha(cfg)
     if not force and (same := _unchanged(out_dir, config, fingerprint.hexdigest(), tok_sha)) is not None:
         return same
     train_texts = [d.text for d in docs["train"]]

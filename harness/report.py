@@ -43,6 +43,7 @@ from harness.tables import (
     seed_table,
     specialisation_table,
 )
+from harness.workflow import trained_on_other_data
 
 
 def _meter_overhead(path: Path | None) -> float | None:
@@ -78,7 +79,8 @@ FIGURES = {
 
 
 def _records(study: Study, results: Path, runs) -> list[dict]:
-    """Every run's record.json; refused, naming the runs and how to train them, if any is missing."""
+    """Every run's record.json; refused, naming the runs and how to train them, if any is missing
+    or was trained on other data than data/data.json describes (the report would mix the two)."""
     missing = [run.run_id for run in runs if not (results / "runs" / run.run_id / "record.json").is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -86,7 +88,10 @@ def _records(study: Study, results: Path, runs) -> list[dict]:
             f"{results / 'runs'}: {len(missing)} of {len(runs)} runs have no record.json ({shown}); "
             f"train them with `snakemake --config study={study.name}` or `harness train {study.path} --run RUN`"
         )
-    return [read_json(results / "runs" / run.run_id / "record.json") for run in runs]
+    records = [read_json(results / "runs" / run.run_id / "record.json") for run in runs]
+    if refusal := trained_on_other_data(records, results / "data" / "data.json"):
+        raise HarnessError(refusal)
+    return records
 
 
 def overhead_lines(overhead: float | None) -> list[str]:
@@ -414,15 +419,6 @@ def manifest(records: list[dict[str, Any]], data: dict[str, Any], evals: dict[st
         }
     )
     packages = records[0]["provenance"]["packages"]
-    trained_on = sorted({r["data_fingerprint"] for r in records})
-    stale = (
-        []
-        if trained_on == [data["fingerprint"]]
-        else [
-            f"- **warning**: the runs were trained on data {', '.join(f'`{f[:16]}`' for f in trained_on)}, "
-            f"not on the data now in data/ (`{data['fingerprint'][:16]}`): rerun them"
-        ]
-    )
     return [
         "## Manifest",
         "",
@@ -434,6 +430,5 @@ def manifest(records: list[dict[str, Any]], data: dict[str, Any], evals: dict[st
         "- versions: " + ", ".join(f"{k} {v}" for k, v in packages.items() if v),
         f"- lm-eval: {', '.join(sorted({e['lm_eval_version'] for e in evals.values()})) or 'not run'}",
         f"- seeds: {', '.join(map(str, sorted({r['seed'] for r in records})))}",
-        *stale,
         "",
     ]

@@ -27,10 +27,22 @@ from harness.study import (
     recorded_identity,
     run_identity,
 )
+from models.config import ConfigError
 
 
-def choose_study(requested: str | None) -> tuple[str, str]:
-    """The study named with --config study=NAME, else `full` where CUDA is visible, else `tiny`."""
+def choose_study(requested: str | None, given: bool | None = None) -> tuple[str, str]:
+    """The study named with --config study=NAME, else `full` where CUDA is visible, else `tiny`.
+    ``given``: whether --config named the key at all (``study=`` with nothing after it, as from an
+    unset shell variable, is refused rather than taken for no choice)."""
+    if given is None:
+        given = requested is not None
+    if given and (requested is None or not str(requested).strip()):
+        raise ConfigError(
+            "study",
+            "is empty (an unset shell variable?); name a study of workflows/studies/ or a study file, "
+            "or leave --config study out for the default",
+            "--config",
+        )
     if requested:
         return str(requested), "chosen with --config study=..."
     import torch
@@ -40,10 +52,19 @@ def choose_study(requested: str | None) -> tuple[str, str]:
     return "tiny", "no CUDA device visible, so the CPU-sized study; pick another with --config study=NAME"
 
 
-def essential_json(settings: Any) -> str:
+def essential_json(settings: Any, leave_out: tuple[str, ...] = ()) -> str:
     """A rule parameter from a settings dataclass: canonical JSON, fields at their default left
     out, so that a field added to the code later reruns nothing."""
-    return json.dumps(essential_fields(settings), sort_keys=True)
+    return json.dumps(essential_fields(settings, leave_out), sort_keys=True)
+
+
+def data_params(study: Study) -> str:
+    """The data rule's settings parameter: every data setting but those that say where files lie
+    (``harness.data.WHERE``); what the files hold reaches the rule as data/corpus.json
+    (``harness.corpus``), so a corpus moved or copied with the same content reruns nothing."""
+    from harness.data import WHERE
+
+    return essential_json(study.data, WHERE)
 
 
 @dataclass(frozen=True)
@@ -65,19 +86,55 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def data_changes(study: Study, results: Path) -> list[str]:
-    """How the study's data section differs from the one the prepared data was made with (empty
-    when it does not, or when no data is prepared yet)."""
+def data_changes(study: Study, results: Path, corpus: dict[str, Any] | None = None) -> list[str]:
+    """How the study's data section and its corpus differ from those the prepared data was made
+    with (empty when they do not, or when no data is prepared yet). Where the corpus lies is no
+    change while its content is the same (``harness.corpus``)."""
+    from harness.corpus import corpus_changes
+    from harness.data import WHERE
     from models.config import from_dict
 
     meta = _read(results / "data" / "data.json")
     if not meta or "config" not in meta:
         return []
     try:
-        prepared = essential_fields(from_dict(DataConfig, meta["config"]))
+        prepared = essential_fields(from_dict(DataConfig, meta["config"]), WHERE)
     except Exception:  # a data.json from another version: the data rule decides
         return []
-    return [f"data.{c}" for c in identity_changes(prepared, essential_fields(study.data))]
+    settings = [f"data.{c}" for c in identity_changes(prepared, essential_fields(study.data, WHERE))]
+    return settings + corpus_changes(study, results, corpus)
+
+
+def _data_now(study: Study, results: Path, corpus: dict[str, Any] | None) -> tuple[str | None, list[str]]:
+    """The fingerprint of the prepared data (None when there is none) and how the study's data
+    now differs from it: a finished run is current only on that data, unchanged."""
+    meta = _read(results / "data" / "data.json")
+    fingerprint = meta.get("fingerprint") if meta else None
+    return fingerprint, (data_changes(study, results, corpus) if fingerprint else [])
+
+
+def other_data(trained_on: str | None, prepared: str | None) -> list[str]:
+    """The change of a run trained on data ``trained_on`` when data.json now says ``prepared``."""
+    if prepared is None or trained_on == prepared:
+        return []
+    return [f"data fingerprint {str(trained_on)[:16]} -> {prepared[:16]} (data.json was prepared again since)"]
+
+
+def trained_on_other_data(records: list[dict[str, Any]], data_json: Path) -> str | None:
+    """The refusal when some records were trained on other data than ``data_json`` now describes
+    (a report, or a step that reads the data, would mix the two); None when all agree."""
+    prepared = (_read(data_json) or {}).get("fingerprint")
+    other = [r for r in records if prepared and r.get("data_fingerprint") != prepared]
+    if not other:
+        return None
+    shown = ", ".join(r["run_id"] for r in other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+    trained_on = ", ".join(sorted({str(r.get("data_fingerprint"))[:16] for r in other}))
+    return (
+        f"{data_json}: {len(other)} of {len(records)} runs were trained on other data (fingerprint {trained_on}) "
+        f"than data.json describes ({prepared[:16]}): {shown}; train them again on this data "
+        "(`snakemake --config retrain=stale`, or `harness train STUDY --run RUN --restart`), or prepare the data "
+        "they were trained on again"
+    )
 
 
 def _last_step(metrics: Path) -> int | None:
@@ -93,7 +150,11 @@ def _last_step(metrics: Path) -> int | None:
     return None
 
 
-def run_state(run: Run, results: Path) -> RunState:
+def run_state(run: Run, results: Path, data: tuple[str | None, list[str]] = (None, [])) -> RunState:
+    """``data``: the prepared data's fingerprint and how the study's data differs from it
+    (:func:`_data_now`); a run trained on other data, or on data about to be prepared again,
+    is stale."""
+    prepared, data_changed = data
     run_dir = results / "runs" / run.run_id
     record = run_dir / "record.json"
     if record.is_file():
@@ -101,6 +162,7 @@ def run_state(run: Run, results: Path) -> RunState:
         if content is None:
             return RunState(run.run_id, "to run", ("record.json does not parse",))
         changes = identity_changes(recorded_identity(content), run_identity(run))
+        changes += other_data(content.get("data_fingerprint"), prepared) + data_changed
         return RunState(run.run_id, "stale" if changes else "done", tuple(changes))
     spec = _read(run_dir / "spec.json")
     if spec is None or not (run_dir / "checkpoint.pt").is_file():
@@ -108,19 +170,26 @@ def run_state(run: Run, results: Path) -> RunState:
     current = run_identity(run)
     trained = {k: v for k, v in spec["spec"].items() if k in current}
     changes = identity_changes(trained, current)
+    if "data_fingerprint" in spec["spec"]:
+        changes += other_data(spec["spec"]["data_fingerprint"], prepared)
+    changes += data_changed
     step = _last_step(run_dir / "metrics.jsonl")
     return RunState(run.run_id, "stale" if changes else "in progress", tuple(changes), step)
 
 
-def run_states(study: Study, runs: list[Run], results: Path) -> list[RunState]:
-    """Each run's state on disk against what the study now asks for. (A changed data section
-    reruns the data step first; the workflow's onstart check names the runs that follow it.)"""
-    return [run_state(run, results) for run in runs]
+def run_states(study: Study, runs: list[Run], results: Path, corpus: dict[str, Any] | None = None) -> list[RunState]:
+    """Each run's state on disk against what the study now asks for and the data it would train
+    on: a run is done only when its identity is the same and it was trained on the prepared
+    data, made from the corpus as it is now (``corpus``: its content, when already read)."""
+    data = _data_now(study, results, corpus)
+    return [run_state(run, results, data) for run in runs]
 
 
-def retrained_runs(study: Study, runs: list[Run], results: Path) -> list[RunState]:
+def retrained_runs(
+    study: Study, runs: list[Run], results: Path, corpus: dict[str, Any] | None = None
+) -> list[RunState]:
     """The finished or started runs that the workflow would train again, with the reasons."""
-    return [s for s in run_states(study, runs, results) if s.state == "stale"]
+    return [s for s in run_states(study, runs, results, corpus) if s.state == "stale"]
 
 
 def retrain_refusal(stale: list[RunState], study: Study, shown: int = 20) -> str:
@@ -144,13 +213,15 @@ def retrain_refusal(stale: list[RunState], study: Study, shown: int = 20) -> str
 IDENTITY = "identity.json"
 
 
-def sync_identities(study: Study, runs: list[Run], results: Path, retrain_stale: bool) -> None:
+def sync_identities(
+    study: Study, runs: list[Run], results: Path, retrain_stale: bool, corpus: dict[str, Any] | None = None
+) -> None:
     """Write each run's identity.json where it is missing or differs. A finished or started run
     whose identity changed stops this (:class:`RetrainRefused`) unless ``retrain_stale``. A new
     identity file of a run finished as asked gets its record's time, so that it reruns nothing."""
     from harness.io import write_text
 
-    stale = {s.run_id: s for s in retrained_runs(study, runs, results)}
+    stale = {s.run_id: s for s in retrained_runs(study, runs, results, corpus)}
     if stale and not retrain_stale:
         raise RetrainRefused(retrain_refusal(list(stale.values()), study))
     for run in runs:
@@ -158,6 +229,8 @@ def sync_identities(study: Study, runs: list[Run], results: Path, retrain_stale:
         path, text = run_dir / IDENTITY, json.dumps(run_identity(run), sort_keys=True, indent=1) + "\n"
         try:
             if path.read_text() == text:
+                if run.run_id in stale:  # the same identity on other data: retrained all the same
+                    os.utime(path)
                 continue
         except OSError:
             pass
@@ -198,13 +271,23 @@ METADATA_HINT = (
 )
 
 
+TOUCH_HINT = (
+    "Their inputs are unchanged in content (the same identity, data fingerprint and corpus): only "
+    "timestamps, paths or Snakemake's own records differ, as after a copy without timestamps or a move of "
+    "data.paths. `snakemake --touch` (with the same --config) marks the outputs current without training "
+    "anything."
+)
+
+
 def guard_retraining(workflow, study: Study, runs: list[Run], results: Path, retrain: str | None) -> None:
     """The workflow's onstart check: stop before a finished or started run is trained again,
     unless the user said ``--config retrain=stale``. ``snakemake --touch`` retrains nothing: it
-    passes."""
+    passes. When nothing the runs depend on changed in content, the refusal says so and names
+    ``snakemake --touch``."""
     if getattr(workflow, "touch", False):
         return
     stale = {s.run_id: s for s in retrained_runs(study, runs, results)}
+    changed_content = bool(stale) or bool(data_changes(study, results))
     scheduled, upstream = _scheduled_retrains(workflow.dag, results)
     for run_id, reason in scheduled.items():
         stale.setdefault(run_id, RunState(run_id, "stale", (f"Snakemake: {reason}",)))
@@ -212,7 +295,8 @@ def guard_retraining(workflow, study: Study, runs: list[Run], results: Path, ret
         message = retrain_refusal(list(stale.values()), study)
         said = " ".join([*upstream, *scheduled.values()])
         hint = METADATA_HINT if "have changed" in said or "has changed" in said else ""
-        raise RetrainRefused("\n".join(filter(None, [message, *upstream, hint])))
+        touch = "" if changed_content else TOUCH_HINT
+        raise RetrainRefused("\n".join(filter(None, [message, *upstream, touch, hint])))
 
 
 def at_a_glance(results: Path) -> str:

@@ -1,17 +1,31 @@
+import re
+import shlex
 import sys
 
 from pathlib import Path
 
+from harness.corpus import sync_corpus
 from harness.study import analysed, load_study, plan
 from harness.train import pick_device
-from harness.workflow import at_a_glance, choose_study, essential_json, guard_retraining, sync_identities
+from harness.workflow import (
+    at_a_glance,
+    choose_study,
+    data_params,
+    essential_json,
+    guard_retraining,
+    sync_identities,
+)
 
-STUDY_NAME, STUDY_REASON = choose_study(config.get("study"))
+# `--config study=` with nothing after it (an unset shell variable) is refused, not taken for `tiny`.
+STUDY_NAME, STUDY_REASON = choose_study(config.get("study"), "study" in config)
 STUDY = load_study(STUDY_NAME)  # schema + typed validation: a bad study stops here
 RUNS = {run.run_id: run for run in plan(STUDY)}
 # Evaluated, measured and routing-analysed: study.analysed_runs (default every run).
 ANALYSED = [run.run_id for run in analysed(STUDY, list(RUNS.values()))]
 RESULTS = f"results/{STUDY.name}"
+# Paths a user chooses (the study file, the Python of a virtual environment, logs) may hold
+# spaces or quotes: every shell command quotes them with `:q`, and LAUNCH, a command line put in
+# as it is, quotes its own.
 PY = sys.executable
 # Whether the study's jobs use GPUs. On a cluster the submitting host may have none: there,
 # `--config device=cuda` says the jobs' nodes do (each job still picks its device itself).
@@ -28,7 +42,7 @@ print(f"moe-harness: study '{STUDY.name}' ({STUDY_REASON}); {len(RUNS)} runs", f
 
 
 wildcard_constraints:
-    run="|".join(RUNS),
+    run="|".join(map(re.escape, RUNS)),
 
 # Finished work is never deleted silently. Each run's identity.json, an input of its training,
 # is written only when what the run trains to changes. A change that concerns a finished or
@@ -41,9 +55,9 @@ STUDY_FILE = STUDY.path
 # One process per run, or torchrun with parallel.data of them (harness.parallel).
 WORLD = STUDY.parallel.data
 LAUNCH = (
-    f"{PY} -m harness"
+    f"{shlex.quote(PY)} -m harness"
     if WORLD == 1
-    else f"{PY} -m torch.distributed.run --standalone --nproc-per-node {WORLD} -m harness --"
+    else f"{shlex.quote(PY)} -m torch.distributed.run --standalone --nproc-per-node {WORLD} -m harness --"
 )
 # Threads of a training job: all cores on a GPU host or without recipe.train_threads, else
 # train_threads per process (so that several runs train at once on a CPU).
@@ -56,7 +70,10 @@ TRAIN_THREADS = (
 )
 # Not a parameter of the train rule: it must not make the next plain run retrain anything.
 RESTART_FLAG = "--restart-if-changed" if RETRAIN == "stale" else ""
-sync_identities(STUDY, list(RUNS.values()), Path(RESULTS), RETRAIN == "stale")
+# The corpus by content (harness.corpus): data/corpus.json, an input of the data rule, changes
+# when what the corpus holds changes, not when it is copied or moved.
+CORPUS = sync_corpus(STUDY, Path(RESULTS))
+sync_identities(STUDY, list(RUNS.values()), Path(RESULTS), RETRAIN == "stale", CORPUS)
 
 
 onstart:

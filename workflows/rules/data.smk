@@ -1,19 +1,24 @@
 rule data:
     """Corpus -> split -> byte-level BPE tokenizer -> memory-mapped token shards."""
+    input:
+        # What the corpus (and tokenizer file) holds, rewritten only when that changes: an edit to
+        # a corpus file reruns this step; a copy without timestamps or a move of data.paths does not.
+        corpus=f"{RESULTS}/data/corpus.json",
     output:
         meta=f"{RESULTS}/data/data.json",
         tokenizer=f"{RESULTS}/data/tokenizer.json",
         shards=expand(f"{RESULTS}/data/{{split}}.bin", split=["train", "validation", "test"]),
     params:
         # The study file is not an input: editing it to add a model must not redo the data.
-        # A change to the data section does, through this parameter.
-        data=essential_json(STUDY.data),
+        # A change to the data section does, through this parameter, less where the files lie
+        # (data.paths, data.tokenizer_file): their content is the input above.
+        data=data_params(STUDY),
     log:
         f"{RESULTS}/logs/data.log",
     benchmark:
         f"{RESULTS}/benchmarks/data.tsv"
     shell:
-        "{PY} -m harness data {STUDY_FILE} > {log} 2>&1"
+        "{PY:q} -m harness data {STUDY_FILE:q} > {log:q} 2>&1"
 
 
 rule tasks:
@@ -38,4 +43,4 @@ rule tasks:
     benchmark:
         f"{RESULTS}/benchmarks/tasks.tsv"
     shell:
-        "{PY} -m harness tasks {STUDY_FILE} > {log} 2>&1"
+        "{PY:q} -m harness tasks {STUDY_FILE:q} > {log:q} 2>&1"
