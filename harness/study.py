@@ -22,7 +22,7 @@ import jsonschema
 import yaml
 
 from models.accounting import FlopConvention, count_params, training_flops_per_token
-from models.config import ConfigError, ModelConfig, from_dict, load_config, load_yaml
+from models.config import NAME_PATTERN, ConfigError, ModelConfig, check_name, from_dict, load_config, load_yaml
 from models.matching import match_moe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -336,6 +336,8 @@ def load_study(name_or_path: str | Path) -> Study:
     if errors:
         e = errors[0]
         where = ".".join(str(p) for p in e.path) or "(top level)"
+        if e.validator == "pattern" and e.validator_value == NAME_PATTERN:
+            check_name(where, e.instance, str(path))
         raise ConfigError(where, e.message, str(path))
     try:
         study = from_dict(Study, data)

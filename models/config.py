@@ -178,8 +178,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             _positive(name, getattr(self, name))
-        if not self.name or any(c.isspace() or c in "/\\" for c in self.name):
-            raise ConfigError("name", f"must be a non-empty id without spaces or slashes, got {self.name!r}")
+        check_name("name", self.name)
         kv = self.n_heads if self.n_kv_heads is None else self.n_kv_heads
         _positive("n_kv_heads", kv)
         if self.n_heads % kv:
@@ -234,6 +233,19 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
+
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+"""What a model or study name may be: it becomes run ids, folder names, command-line arguments
+and Snakemake wildcards, so no spaces, slashes, quotes, brackets or leading '-'. The study schema
+(workflows/schemas/study.schema.yaml) uses the same pattern."""
+NAME_RULE = "letters, digits, '_', '.' and '-', starting with a letter or digit (it names runs, folders and jobs)"
+
+
+def check_name(field: str, name: Any, source: str | None = None) -> None:
+    """Refuse a model or study name outside :data:`NAME_PATTERN`, naming the field."""
+    if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
+        raise ConfigError(field, f"must be {NAME_RULE}, got {name!r}", source)
 
 
 def _positive(name: str, value: float) -> None:

@@ -17,8 +17,8 @@ rule evaluate:
     benchmark:
         f"{RESULTS}/benchmarks/evaluate/{{run}}.tsv"
     shell:
-        "MOE_HARNESS_GPUS={resources.gpu} {PY} -m harness evaluate {STUDY_FILE} --run {wildcards.run}"
-        " --threads {threads} {params.download} > {log} 2>&1"
+        "MOE_HARNESS_GPUS={resources.gpu} {PY:q} -m harness evaluate {STUDY_FILE:q} --run {wildcards.run:q}"
+        " --threads {threads} {params.download} > {log:q} 2>&1"
 
 
 rule routing:
@@ -36,5 +36,5 @@ rule routing:
     benchmark:
         f"{RESULTS}/benchmarks/routing/{{run}}.tsv"
     shell:
-        "MOE_HARNESS_GPUS={resources.gpu} {PY} -m harness routing {STUDY_FILE} --run {wildcards.run}"
-        " --threads {threads} > {log} 2>&1"
+        "MOE_HARNESS_GPUS={resources.gpu} {PY:q} -m harness routing {STUDY_FILE:q} --run {wildcards.run:q}"
+        " --threads {threads} > {log:q} 2>&1"

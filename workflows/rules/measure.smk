@@ -12,8 +12,8 @@ rule measure:
     benchmark:
         f"{RESULTS}/benchmarks/measure/{{run}}.tsv"
     shell:
-        "MOE_HARNESS_GPUS={resources.gpu} {PY} -m harness measure {STUDY_FILE} --run {wildcards.run}"
-        " --threads {threads} > {log} 2>&1"
+        "MOE_HARNESS_GPUS={resources.gpu} {PY:q} -m harness measure {STUDY_FILE:q} --run {wildcards.run:q}"
+        " --threads {threads} > {log:q} 2>&1"
 
 
 rule microbench:
@@ -30,6 +30,6 @@ rule microbench:
     benchmark:
         f"{RESULTS}/benchmarks/microbench.tsv"
     shell:
-        "{PY} -m harness.devices {resources.gpu} {PY} -m pytest {params.suite} -o addopts='' -p no:cacheprovider"
+        "{PY:q} -m harness.devices {resources.gpu} {PY:q} -m pytest {params.suite:q} -o addopts='' -p no:cacheprovider"
         " --benchmark-only --no-targets"
-        " --benchmark-json={output.json} > {log} 2>&1"
+        " --benchmark-json={output.json:q} > {log:q} 2>&1"

@@ -197,4 +197,4 @@ rule report:
     benchmark:
         f"{RESULTS}/benchmarks/report.tsv"
     shell:
-        "{PY} -m harness report {STUDY_FILE} --microbench {input.microbench} > {log} 2>&1"
+        "{PY:q} -m harness report {STUDY_FILE:q} --microbench {input.microbench:q} > {log:q} 2>&1"

@@ -20,5 +20,5 @@ rule train:
     benchmark:
         f"{RESULTS}/benchmarks/train/{{run}}.tsv"
     shell:
-        "{PY} -m harness.devices {resources.gpu} {LAUNCH} train {STUDY_FILE} --run {wildcards.run}"
-        " --threads {resources.rank_threads} {RESTART_FLAG} > {log} 2>&1"
+        "{PY:q} -m harness.devices {resources.gpu} {LAUNCH} train {STUDY_FILE:q} --run {wildcards.run:q}"
+        " --threads {resources.rank_threads} {RESTART_FLAG} > {log:q} 2>&1"
