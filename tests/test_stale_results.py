@@ -115,6 +115,7 @@ class Case:
 
 MIXED = [
     Case("report", ["report", STUDY]),
+    Case("report-reference", ["report", STUDY, "--reference"]),
     Case("evaluate", ["evaluate", STUDY, "--run", RUN]),
     Case("routing", ["routing", STUDY, "--run", RUN]),
     Case("measure", ["measure", STUDY, "--run", RUN]),

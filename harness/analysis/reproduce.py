@@ -186,7 +186,8 @@ def _copy(src: Path, dest: Path) -> None:
 
 
 def require_finished(results: Path, run_ids: list[str]) -> None:
-    """Refuse, naming the runs, when a run of ``results`` has no record.json (has not finished)."""
+    """Refuse, naming the runs, when a run of ``results`` has no record.json (has not finished), or
+    was trained on other data than its data/data.json describes."""
     unfinished = [run for run in run_ids if not (results / "runs" / run / "record.json").is_file()]
     if unfinished:
         shown = ", ".join(unfinished[:5]) + (f" and {len(unfinished) - 5} more" if len(unfinished) > 5 else "")
@@ -194,6 +195,11 @@ def require_finished(results: Path, run_ids: list[str]) -> None:
             f"{results / 'runs'}: {len(unfinished)} of {len(run_ids)} runs have not finished (no record.json: "
             f"{shown}); a reference keeps a finished study only"
         )
+    from harness.workflow import trained_on_other_data
+
+    records = [read_json(results / "runs" / run / "record.json") for run in run_ids]
+    if refusal := trained_on_other_data(records, results / "data" / "data.json"):
+        raise HarnessError(refusal)
 
 
 def keep_reference(results: Path, run_ids: list[str], dest: Path) -> list[Path]:
