@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from harness import checkpoint, parallel
+from harness import checkpoint, parallel, run_lock
 from harness.data import TokenShard, verify_shards
 from harness.energy import combine_across_ranks, open_meter
 from harness.errors import DamagedFile, HarnessError, MissingStep
@@ -538,7 +538,15 @@ def train(
     """Train ``run`` (resuming from its checkpoint: ``resume`` auto, previous, restart or changed)
     and write its record.json last. A run already finished as asked raises :class:`AlreadyTrained`;
     one finished with another configuration is refused unless ``resume`` says to start over.
-    ``layout``: this process's place among torchrun's (harness.parallel; default alone)."""
+    ``layout``: this process's place among torchrun's (harness.parallel; default alone).
+    The run's folder is locked for the whole of it: a second training of the run is refused
+    (harness.run_lock)."""
+    layout = layout or ALONE
+    with run_lock.training(out_dir, run.run_id, layout.main):
+        return _train(run, study, data_dir, out_dir, threads, stop_after, progress, resume, layout)
+
+
+def _train(run, study, data_dir, out_dir, threads, stop_after, progress, resume, layout) -> dict[str, Any]:
     if resume in ("auto", "changed"):
         meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
         changes = finished_changes(out_dir, run, meta)
@@ -551,7 +559,6 @@ def train(
             )
     if threads:
         torch.set_num_threads(threads)
-    layout = layout or ALONE
     with parallel.process_group(layout, pick_device(study)) as device:
         trainer = Trainer(run, study, data_dir, out_dir, progress, resume, layout, device)
         trainer.fit(stop_after)

@@ -2,6 +2,7 @@ import sys
 
 from pathlib import Path
 
+from harness.parallel import check_world
 from harness.study import analysed, load_study, plan
 from harness.train import pick_device
 from harness.workflow import at_a_glance, choose_study, essential_json, guard_retraining, sync_identities
@@ -38,12 +39,16 @@ RETRAIN = config.get("retrain")
 if RETRAIN not in (None, "stale"):
     raise ValueError(f"--config retrain={RETRAIN}: the only value is 'stale'")
 STUDY_FILE = STUDY.path
-# One process per run, or torchrun with parallel.data of them (harness.parallel).
+# One process per run, or torchrun with parallel.data of them (harness.parallel; through
+# harness.launch, which exits with the ranks' own code: 3 for a stopped run): never more
+# than this host has GPUs (or cores, on a CPU). Jobs sent to other nodes are checked there.
 WORLD = STUDY.parallel.data
+if workflow.local_exec and not workflow.remote_exec:
+    check_world(WORLD, "cuda" if USE_GPU else "cpu", "parallel.data", STUDY.path)
 LAUNCH = (
     f"{PY} -m harness"
     if WORLD == 1
-    else f"{PY} -m torch.distributed.run --standalone --nproc-per-node {WORLD} -m harness --"
+    else f"{PY} -m harness.launch --standalone --nproc-per-node {WORLD} -m harness --"
 )
 # Threads of a training job: all cores on a GPU host or without recipe.train_threads, else
 # train_threads per process (so that several runs train at once on a CPU).
