@@ -15,7 +15,10 @@ from __future__ import annotations
 import signal
 import sys
 
-MEANING = {2: "refused its input (the line above says why)", 3: "stopped where --stop-after said; run it again to resume"}
+MEANING = {
+    2: "refused its input (the line above says why)",
+    3: "stopped where --stop-after said; run it again to resume",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
