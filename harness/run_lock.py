@@ -87,8 +87,10 @@ _READING = contextlib.ExitStack()
 def reading(run_dir: Path, run_id: str, verb: str) -> None:
     """Hold a shared lock on the run until the verb ends (:func:`released`): refused while the
     run trains. A run folder that does not exist is left alone (the verb says what is missing)."""
-    if not run_dir.is_dir() or not os.access(run_dir, os.W_OK):  # a read-only copy: no writer
+    if not os.access(run_dir, os.W_OK):  # absent, or a read-only copy: nothing trains there
         return
+    if not (run_dir / NAME).exists() and not (run_dir / "checkpoint.pt").exists():
+        return  # nothing a training made (a reference folder's records): nothing to guard
     fd = _take(run_dir, run_id, exclusive=False, verb=verb)
     _READING.callback(os.close, fd)
 

@@ -101,3 +101,15 @@ def test_training_is_refused_while_a_step_reads_the_run(study: Path, monkeypatch
     # Several readers at once are fine, and one that has finished holds nothing.
     code, err = cli("export", STUDY, "--run", RUN, "--results", "results")
     assert code == 0, err
+
+
+def test_the_workflow_refuses_to_train_a_run_trained_by_hand(study: Path, holder):
+    (study / RUNDIR / "record.json").unlink()
+    cmd = [sys.executable, "-m", "snakemake", str(Path(RUNDIR) / "record.json"), "--cores", "1"]
+    cmd += ["-s", str(ROOT / "Snakefile"), "--directory", str(study), "--config", f"study={study / STUDY}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the jobs run this checkout's harness
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode != 0, out.stdout[-2000:]
+    log = (study / "results" / "pico" / "logs" / "train" / f"{RUN}.log").read_text()
+    assert f"harness train: error: {RUNDIR}/.lock: run {RUN} is being trained by pid {holder.pid}" in log, log
+    assert not (study / RUNDIR / "record.json").exists()
