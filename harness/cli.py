@@ -827,7 +827,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = study_verb("train", "train one run of a study (resumes from its checkpoint)", cmd_train)
     p.add_argument("--run", required=True, help="run id, as harness plan lists them")
     p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
-    p.add_argument("--stop-after", type=POSITIVE, default=None, help="stop after this step, leaving a checkpoint")
+    p.add_argument(
+        "--stop-after",
+        type=POSITIVE,
+        default=None,
+        help="stop after this step, leaving a checkpoint: exit code 3 "
+        "(python -m harness.launch passes it on from torchrun's ranks)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     resume = p.add_mutually_exclusive_group()
     resume.add_argument("--restart", action="store_true", help="discard the run's checkpoints and start over")

@@ -46,7 +46,13 @@ def _holder(fd: int) -> str:
 def _take(run_dir: Path, run_id: str, exclusive: bool, verb: str) -> int:
     """An open descriptor holding the run's lock, or RunBusy naming the holder."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(run_dir / NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError as e:
+        raise HarnessError(
+            f"{run_dir / NAME}: cannot open the run's lock file ({e.strerror}); "
+            f"give this user write access to {run_dir}"
+        ) from None
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
