@@ -95,6 +95,22 @@ def check_world(ranks: int, device_type: str, field: str, source: str | None = N
     )
 
 
+def check_workflow(ranks: int, gpu: bool, gpu_limit: object, source: str) -> None:
+    """The workflow's check, before any job starts: ``ranks`` processes per run fit this host
+    (``check_world``) and, on GPUs, Snakemake's ``gpu`` resource (``gpu_limit``) lets one run's
+    GPUs be taken at once: with fewer, its train job would never start."""
+    from models.config import ConfigError
+
+    check_world(ranks, "cuda" if gpu else "cpu", "parallel.data", source)
+    if gpu and isinstance(gpu_limit, int) and gpu_limit < ranks:
+        raise ConfigError(
+            "parallel.data",
+            f"each run trains on {ranks} GPUs and the workflow may hold {gpu_limit} at once (resources gpu="
+            f"{gpu_limit}); run `snakemake --resources gpu={ranks}` or more, or set gpu in the profile's resources",
+            source,
+        )
+
+
 def start(layout: Layout, device: torch.device) -> torch.device:
     """Join the process group (NCCL on CUDA, gloo on CPU); returns this rank's device."""
     if not layout.distributed:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import ROOT
 from pico_study import RUN, RUNDIR, STUDY, cli, cli_output
@@ -45,6 +46,13 @@ def layout(data: int, batch: int | None = None) -> Callable[[Path], None]:
 def cores(n: int) -> Callable[[pytest.MonkeyPatch], None]:
     def fake(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(parallel, "host_slots", lambda kind: n if kind == "cpu" else 0)
+
+    return fake
+
+
+def gpus(n: int) -> Callable[[pytest.MonkeyPatch], None]:
+    def fake(monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(parallel, "host_slots", lambda kind: n if kind == "cuda" else 2)
 
     return fake
 
@@ -98,12 +106,21 @@ CASES = [
         layout(4),
         [*PLAN_CUDA, "--gpus", "2"],
         ["--gpus", "trains on 4 GPUs (parallel.data: 4)", "at least 4"],
+        host=[cores(2)],
     ),
     Case(
         "plan-gpus-beyond-what-the-runs-use",
         None,
         [*PLAN_CUDA, "--gpus", "100000"],
         ["--gpus", "100000 is more than study pico can use", "1 run(s) of 1 GPU(s) each", "at most 1"],
+        host=[cores(2)],
+    ),
+    Case(
+        "plan-gpus-beyond-the-hosts",
+        None,
+        [*PLAN_CUDA, "--gpus", "3"],
+        ["--gpus", "3 is more than study pico can use: this host has 2 GPU(s)", "at most 2"],
+        host=[gpus(2)],
     ),
     Case(
         "train-more-ranks-than-cores",
@@ -163,6 +180,7 @@ def test_runs_at_once_divide_the_devices_by_each_runs_world_size(monkeypatch):
 
 def test_plan_says_how_many_runs_train_at_once_on_the_gpus(study: Path, monkeypatch):
     monkeypatch.chdir(study)
+    cores(2)(monkeypatch)  # no GPU here: --gpus says how many
     data = yaml.safe_load((study / STUDY).read_text())
     data["seeds"] = [0, 1, 2, 3]
     data["parallel"] = {"data": 2}
@@ -190,6 +208,25 @@ def test_the_workflow_refuses_more_ranks_than_cores_before_any_job(study: Path):
     assert out.returncode != 0
     said = out.stdout + out.stderr  # Snakemake prints a Snakefile's error on stdout
     assert "field 'parallel.data': 2 ranks need a CPU core each and this host has 1 CPU core(s)" in said, said
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is visible here: the GPU count is checked first")
+def test_the_workflow_refuses_a_gpu_resource_smaller_than_a_run(study: Path):
+    """A GPU study (as on a cluster's submitting host: --config device=cuda) whose runs take 2
+    GPUs each, under a workflow allowed 1: its train jobs could never start."""
+    layout(2)(study)
+    data = yaml.safe_load((study / STUDY).read_text())
+    data["device"] = "auto"
+    (study / STUDY).write_text(yaml.safe_dump(data))
+    (study / RUNDIR / "record.json").unlink()
+    cmd = [sys.executable, "-m", "snakemake", "-n", str(Path(RUNDIR) / "record.json"), "--resources", "gpu=1"]
+    cmd += ["-s", str(ROOT / "Snakefile"), "--directory", str(study), "--cores", "2"]
+    cmd += ["--config", f"study={study / STUDY}", "device=cuda"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    said = out.stdout + out.stderr
+    assert out.returncode != 0, said[-2000:]
+    assert "each run trains on 2 GPUs and the workflow may hold 1 at once" in said, said[-2000:]
+    assert "snakemake --resources gpu=2" in said
 
 
 def _launch(root: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess:

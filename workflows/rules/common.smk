@@ -2,7 +2,7 @@ import sys
 
 from pathlib import Path
 
-from harness.parallel import check_world
+from harness.parallel import check_workflow
 from harness.study import analysed, load_study, plan
 from harness.train import pick_device
 from harness.workflow import at_a_glance, choose_study, essential_json, guard_retraining, sync_identities
@@ -41,10 +41,11 @@ if RETRAIN not in (None, "stale"):
 STUDY_FILE = STUDY.path
 # One process per run, or torchrun with parallel.data of them (harness.parallel; through
 # harness.launch, which exits with the ranks' own code: 3 for a stopped run): never more
-# than this host has GPUs (or cores, on a CPU). Jobs sent to other nodes are checked there.
+# than this host has GPUs (or cores, on a CPU), nor than the workflow's gpu resource lets a job
+# take. Jobs sent to other nodes are checked there.
 WORLD = STUDY.parallel.data
 if workflow.local_exec and not workflow.remote_exec:
-    check_world(WORLD, "cuda" if USE_GPU else "cpu", "parallel.data", STUDY.path)
+    check_workflow(WORLD, USE_GPU, workflow.global_resources.get("gpu").value, STUDY.path)
 LAUNCH = (
     f"{PY} -m harness"
     if WORLD == 1
