@@ -16,7 +16,7 @@ import signal
 import sys
 
 MEANING = {
-    2: "refused its input (the line above says why)",
+    2: "refused to go on (its one line above says why)",
     3: "stopped where --stop-after said; run it again to resume",
 }
 
