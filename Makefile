@@ -126,7 +126,8 @@ test-cluster: install
 # and platform, less torch and the packages it has already (workflows/gpu/preinstalled.txt), at
 # most GPU_WHEELS_MIB so that it travels with the checkout. `make gpu-check` (there) installs
 # from that folder, when it exists, into a venv on top of the machine's own Python and its CUDA
-# torch, then runs every check and writes results/reference/<device>/gpu-check/.
+# torch, then runs every check and writes results/reference/<device>/gpu-check/. It asks first,
+# in seconds and before any install, whether there is a CUDA device at all (harness/cuda_probe.py).
 GPU_WHEELS ?= .gpu-wheels
 GPU_PYTHON_VERSION ?= 3.12
 GPU_PLATFORM ?= manylinux_2_28_x86_64
@@ -138,6 +139,7 @@ gpu-wheelhouse:
 		--exclude-from workflows/gpu/preinstalled.txt --max-mib $(GPU_WHEELS_MIB)
 
 gpu-check:
+	$(if $(filter --rehearse,$(GPU_CHECK_ARGS)),,$(PYTHON) -m harness.cuda_probe)
 	$(MAKE) --no-print-directory install SITE_FROM=$(PYTHON) EXTRAS= \
 		$(if $(wildcard $(GPU_WHEELS)/SHA256SUMS),WHEELS=$(GPU_WHEELS))
 	$(BIN)/python -m harness.gpu_check $(GPU_CHECK_ARGS)

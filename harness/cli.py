@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from harness import devices
+from harness import devices, run_lock
 from harness.errors import HarnessError, MissingStep
 from harness.study import LOCAL_TASKS, Recipe, budget_label, find_run, load_study, plan, plan_rows
 from models.accounting import summary
@@ -141,6 +141,7 @@ def _trained_run(args: argparse.Namespace, study):
     run = find_run(study, args.run)
     results = _results(args, study)
     run_dir = results / "runs" / run.run_id
+    run_lock.reading(run_dir, run.run_id, args.verb)  # refused while the run trains
     if not (run_dir / "record.json").is_file():
         raise MissingStep(run_dir / "record.json", f"harness train {study.path} --run {run.run_id}", "not trained")
     from harness.io import read_json
@@ -199,18 +200,52 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _plan_device(study, args: argparse.Namespace) -> tuple[str, list[str]]:
+def _plan_device(study, runs, args: argparse.Namespace) -> tuple[str, list[str]]:
     """The device the study's runs will use ('cpu' or 'cuda'), and warnings about the plan."""
     import torch
 
     visible = torch.cuda.is_available()
     device = args.device or ("cuda" if study.device == "cuda" or (study.device == "auto" and visible) else "cpu")
+    args.gpus = _plan_gpus(study, len(runs), device, args.gpus)
     warnings = []
     if device == "cuda" and not visible:
         warnings.append(
             f"no CUDA device is visible here: the times assume {args.gpus} x {args.gpu} at {args.mfu:.0%} MFU"
         )
     return device, warnings
+
+
+def _plan_gpus(study, runs: int, device: str, gpus: int | None) -> int:
+    """The GPUs the plan's runs share (--gpus; default: one run's world size), checked against
+    the runs' world size (parallel.data) and the GPUs this host has. On a CPU, the study's world
+    size is checked against the cores instead."""
+    from harness.parallel import check_world, host_slots
+
+    world = study.parallel.data
+    if device == "cpu":
+        check_world(world, "cpu", "parallel.data", study.path)
+        return 0
+    check_world(world, "cuda", "parallel.data", study.path)  # counts only where GPUs are visible
+    if gpus is None:
+        return world
+    if gpus < world:
+        raise ConfigError(
+            "--gpus",
+            f"each run of study {study.name} trains on {world} GPUs (parallel.data: {world}); give at least {world}",
+            "(command line)",
+        )
+    visible = host_slots("cuda")
+    most = visible or world * runs  # no GPU here: at most every run at once
+    if gpus > most:
+        have = (
+            f"this host has {visible} GPU(s)"
+            if visible
+            else f"its {runs} run(s) of {world} GPU(s) each use at most {most}"
+        )
+        raise ConfigError(
+            "--gpus", f"{gpus} is more than study {study.name} can use: {have}; give at most {most}", "(command line)"
+        )
+    return gpus
 
 
 def _gpu_flops(args: argparse.Namespace) -> float:
@@ -265,7 +300,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     exists = (data_dir / "data.json").exists()
     train_tokens = read_meta(data_dir, f"harness data {study.path}")["splits"]["train"]["tokens"] if exists else None
     runs = plan(study, train_tokens=train_tokens)
-    device, warnings = _plan_device(study, args)
+    device, warnings = _plan_device(study, runs, args)
     states = run_states(study, runs, results)
     estimates = _plan_estimates(study, runs, results, device, args)
     rows = [
@@ -303,13 +338,15 @@ def _print_plan(study, runs, rows, states, estimates, device, warnings, args) ->
     print(f"study {study.name} ({study.path}): {len(runs)} runs on {device}, FLOP convention {convention}")
     print(tabulate(table, headers=headers, disable_numparse=True))
     todo = [i for i, s in enumerate(states) if s.state != "done"]
-    at_once = concurrent_runs(study.recipe, device, args.gpus)
+    world = study.parallel.data
+    at_once = max(1, min(concurrent_runs(study.recipe, device, args.gpus, world), len(todo)))
+    each = f"{world} GPU(s) per run of {args.gpus}" if device == "cuda" else f"{world} process(es) per run"
     left = sum(estimates[i].seconds for i in todo)
     print(
         f"\n{len(runs) - len(todo)} of {len(runs)} runs done. To do: {len(todo)} runs, "
         f"{sum(runs[i].flops for i in todo):.3g} training FLOPs, "
         f"{'time not estimated' if left != left else f'about {_duration(left / at_once)}'} "
-        f"({at_once} at once; training only: evaluation, measurement and the report come after). "
+        f"({at_once} at once, {each}; training only: evaluation, measurement and the report come after). "
         f"Checkpoints: {_bytes(sum(e.checkpoint_bytes for e in estimates))} for the whole study."
     )
     bases = sorted({estimates[i].basis for i in todo})
@@ -352,21 +389,34 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def _layout(study, run):
     """This process's place in the run: torchrun's environment (one process without it), with
-    the study's expert-parallel degree for an MoE where the world size allows it."""
-    from harness.parallel import from_env
+    the study's expert-parallel degree for an MoE where the world size allows it. Every rank
+    checks the layout before the process group starts, so each refuses one that cannot work
+    with the same line and exit code."""
+    import os
+
+    from harness.parallel import check_world, from_env
+    from harness.train import pick_device
 
     layout = from_env()
     expert = study.parallel.expert if run.model.moe is not None else 1
-    if layout.world != study.parallel.data:
+    if layout.world != study.parallel.data and layout.main:
         print(
             f"harness train: {layout.world} process(es) where the study's parallel.data is {study.parallel.data}: "
             "the run's numbers are the same up to floating-point sums, only its speed differs",
             file=sys.stderr,
         )
-    if run.recipe.batch_size % layout.world:
+    batch = run.recipe.batch_size
+    if batch % layout.world:
+        fits = ", ".join(str(n) for n in range(1, batch + 1) if batch % n == 0)
         raise ConfigError(
-            "(torchrun)", f"{layout.world} processes cannot split {run.run_id}'s batch of {run.recipe.batch_size}"
+            "--nproc-per-node",
+            f"{layout.world} processes cannot split {run.run_id}'s batch of {batch} evenly; "
+            f"start a number that divides it ({fits})",
+            "torchrun",
         )
+    if layout.distributed:  # the ranks torchrun started on this host, one device each
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", layout.world))
+        check_world(here, pick_device(study).type, "--nproc-per-node", "torchrun", "start fewer processes per host")
     return from_env(expert if layout.world % expert == 0 else 1)
 
 
@@ -765,7 +815,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one object per run, as JSON")
     p.add_argument("--device", choices=["cpu", "cuda"], help="estimate for this device (default: the one the runs use)")
     p.add_argument("--gpu", default="H100", help="GPU to assume when none is visible (default H100)")
-    p.add_argument("--gpus", type=POSITIVE, default=1, help="GPUs training at once (default 1)")
+    p.add_argument(
+        "--gpus",
+        type=POSITIVE,
+        default=None,
+        help="GPUs the runs share, parallel.data of them per run (default: one run's, parallel.data)",
+    )
     p.add_argument("--mfu", type=_fraction, default=0.4, help="assumed model FLOP utilisation on a GPU (default 0.4)")
 
     p = study_verb("data", "read the corpus, train the tokenizer, write token shards", cmd_data)
@@ -777,7 +832,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = study_verb("train", "train one run of a study (resumes from its checkpoint)", cmd_train)
     p.add_argument("--run", required=True, help="run id, as harness plan lists them")
     p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
-    p.add_argument("--stop-after", type=POSITIVE, default=None, help="stop after this step, leaving a checkpoint")
+    p.add_argument(
+        "--stop-after",
+        type=POSITIVE,
+        default=None,
+        help="stop after this step, leaving a checkpoint: exit code 3 "
+        "(python -m harness.launch passes it on from torchrun's ranks)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     resume = p.add_mutually_exclusive_group()
     resume.add_argument("--restart", action="store_true", help="discard the run's checkpoints and start over")
@@ -847,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         # A GPU job of the workflow (MOE_HARNESS_GPUS) gets devices of its own, before CUDA starts.
-        with devices.pinned(devices.requested() if args.verb in GPU_VERBS else 0):
+        with devices.pinned(devices.requested() if args.verb in GPU_VERBS else 0), run_lock.released():
             return args.func(args)
     except (ConfigError, HarnessError) as e:
         message = " ".join(str(e).split())  # one line, whatever a library put in the message

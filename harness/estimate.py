@@ -11,7 +11,8 @@
 
 A run's time adds its validation passes (a forward pass, a third of a training step, per
 batch), its compilation and a process start-up; the study's wall time divides the total by the
-runs that train at once (CPU: cores / ``train_threads``; CUDA: ``--gpus``).
+runs that train at once (CPU: cores / (``train_threads`` x world size); CUDA: ``--gpus`` / world
+size, the world size being the study's ``parallel.data``).
 """
 
 from __future__ import annotations
@@ -145,12 +146,14 @@ def estimate_run(
     return RunEstimate(seconds, basis, checkpoint_bytes(run))
 
 
-def concurrent_runs(recipe: Recipe, device: str, gpus: int) -> int:
-    """How many runs train at once: CPU cores / train_threads, or one per GPU."""
+def concurrent_runs(recipe: Recipe, device: str, gpus: int, world: int = 1) -> int:
+    """How many runs train at once, each over ``world`` processes (parallel.data): the GPUs
+    over the GPUs a run takes, or the CPU cores over a run's threads (train_threads per process;
+    without it, a run takes every core)."""
     if device == "cuda":
-        return gpus
+        return max(1, gpus // world)
     cores = os.cpu_count() or 1
-    return max(1, cores // (recipe.train_threads or cores))
+    return max(1, cores // (recipe.train_threads * world if recipe.train_threads else cores))
 
 
 def finished_rates(results: Path, runs: list[Run]) -> tuple[dict[str, float], float | None]:

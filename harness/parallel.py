@@ -69,6 +69,48 @@ def from_env(expert: int = 1) -> Layout:
     return Layout(world, rank, local, expert)
 
 
+def host_slots(device_type: str) -> int:
+    """How many ranks of one run this host can hold, one device each: its visible GPUs on CUDA
+    (``CUDA_VISIBLE_DEVICES`` counts), else the CPU cores this process may use."""
+    if device_type == "cuda":
+        return torch.cuda.device_count()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_world(ranks: int, device_type: str, field: str, source: str | None = None, todo: str = "") -> None:
+    """Refuse ``ranks`` processes of one run on this host when it has fewer devices (GPUs, or
+    CPU cores on a CPU) than that: ranks sharing a device run no faster and, on a GPU, do not
+    start. With no GPU visible on a CUDA study (a cluster's submitting host) nothing is counted:
+    each job checks on its own node."""
+    from models.config import ConfigError
+
+    have = host_slots(device_type)
+    if ranks <= have or (device_type == "cuda" and have == 0):
+        return
+    each, unit = ("a GPU", "GPU(s) visible") if device_type == "cuda" else ("a CPU core", "CPU core(s)")
+    raise ConfigError(
+        field,
+        f"{ranks} ranks need {each} each and this host has {have} {unit}; {todo or f'use at most {have}'}",
+        source,
+    )
+
+
+def check_workflow(ranks: int, gpu: bool, gpu_limit: object, source: str) -> None:
+    """The workflow's check, before any job starts: ``ranks`` processes per run fit this host
+    (``check_world``) and, on GPUs, Snakemake's ``gpu`` resource (``gpu_limit``) lets one run's
+    GPUs be taken at once: with fewer, its train job would never start."""
+    from models.config import ConfigError
+
+    check_world(ranks, "cuda" if gpu else "cpu", "parallel.data", source)
+    if gpu and isinstance(gpu_limit, int) and gpu_limit < ranks:
+        raise ConfigError(
+            "parallel.data",
+            f"each run trains on {ranks} GPUs and the workflow may hold {gpu_limit} at once (resources gpu="
+            f"{gpu_limit}); run `snakemake --resources gpu={ranks}` or more, or set gpu in the profile's resources",
+            source,
+        )
+
+
 def start(layout: Layout, device: torch.device) -> torch.device:
     """Join the process group (NCCL on CUDA, gloo on CPU); returns this rank's device."""
     if not layout.distributed:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from harness import checkpoint, parallel
+from harness import checkpoint, parallel, run_lock
 from harness.data import TokenShard, verify_shards
 from harness.energy import combine_across_ranks, open_meter
 from harness.errors import DamagedFile, HarnessError, MissingStep
@@ -538,20 +538,35 @@ def train(
     """Train ``run`` (resuming from its checkpoint: ``resume`` auto, previous, restart or changed)
     and write its record.json last. A run already finished as asked raises :class:`AlreadyTrained`;
     one finished with another configuration is refused unless ``resume`` says to start over.
-    ``layout``: this process's place among torchrun's (harness.parallel; default alone)."""
-    if resume in ("auto", "changed"):
-        meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
-        changes = finished_changes(out_dir, run, meta)
-        if changes == []:
-            raise AlreadyTrained(read_json(out_dir / "record.json"))
-        if changes and resume != "changed":
-            raise HarnessError(
-                f"{out_dir / 'record.json'}: {run.run_id} finished with another configuration "
-                f"({'; '.join(changes)}); `harness train {study.path} --run {run.run_id} --restart` trains it again"
-            )
+    ``layout``: this process's place among torchrun's (harness.parallel; default alone).
+    The run's folder is locked for the whole of it: a second training of the run is refused
+    (harness.run_lock)."""
+    layout = layout or ALONE
+    _check_finished(run, study, data_dir, out_dir, resume)  # a finished run: its folder untouched
+    with run_lock.training(out_dir, run.run_id, layout.main):
+        _check_finished(run, study, data_dir, out_dir, resume)  # again, now that no one else writes
+        return _train(run, study, data_dir, out_dir, threads, stop_after, progress, resume, layout)
+
+
+def _check_finished(run: Run, study: Study, data_dir: Path, out_dir: Path, resume: str) -> None:
+    """AlreadyTrained when the run finished as asked; refused when it finished otherwise and
+    ``resume`` does not say to start over."""
+    if resume not in ("auto", "changed"):
+        return
+    meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
+    changes = finished_changes(out_dir, run, meta)
+    if changes == []:
+        raise AlreadyTrained(read_json(out_dir / "record.json"))
+    if changes and resume != "changed":
+        raise HarnessError(
+            f"{out_dir / 'record.json'}: {run.run_id} finished with another configuration "
+            f"({'; '.join(changes)}); `harness train {study.path} --run {run.run_id} --restart` trains it again"
+        )
+
+
+def _train(run, study, data_dir, out_dir, threads, stop_after, progress, resume, layout) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
-    layout = layout or ALONE
     with parallel.process_group(layout, pick_device(study)) as device:
         trainer = Trainer(run, study, data_dir, out_dir, progress, resume, layout, device)
         trainer.fit(stop_after)

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from harness.corpus import sync_corpus
+from harness.parallel import check_workflow
 from harness.study import analysed, load_study, plan
 from harness.train import pick_device
 from harness.workflow import (
@@ -52,12 +53,17 @@ RETRAIN = config.get("retrain")
 if RETRAIN not in (None, "stale"):
     raise ValueError(f"--config retrain={RETRAIN}: the only value is 'stale'")
 STUDY_FILE = STUDY.path
-# One process per run, or torchrun with parallel.data of them (harness.parallel).
+# One process per run, or torchrun with parallel.data of them (harness.parallel; through
+# harness.launch, which exits with the ranks' own code: 3 for a stopped run): never more
+# than this host has GPUs (or cores, on a CPU), nor than the workflow's gpu resource lets a job
+# take. Jobs sent to other nodes are checked there.
 WORLD = STUDY.parallel.data
+if workflow.local_exec and not workflow.remote_exec:
+    check_workflow(WORLD, USE_GPU, workflow.global_resources.get("gpu").value, STUDY.path)
 LAUNCH = (
     f"{shlex.quote(PY)} -m harness"
     if WORLD == 1
-    else f"{shlex.quote(PY)} -m torch.distributed.run --standalone --nproc-per-node {WORLD} -m harness --"
+    else f"{shlex.quote(PY)} -m harness.launch --standalone --nproc-per-node {WORLD} -m harness --"
 )
 # Threads of a training job: all cores on a GPU host or without recipe.train_threads, else
 # train_threads per process (so that several runs train at once on a CPU).

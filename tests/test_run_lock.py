@@ -1,0 +1,115 @@
+"""Two writers, one run: a second training of a run that another live process trains is refused
+at once, naming the run and the holder's pid; a lock left by a killed process blocks nothing.
+
+The holder is another process (the lock is an OS lock: one process cannot refuse itself); it
+takes the run's lock as `harness train` does and waits to be killed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from pico_study import RUN, RUNDIR, STUDY, cli
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from harness import run_lock
+with run_lock.training(Path(sys.argv[1]), sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def holder(study):
+    """A live process holding the pico run's training lock; killed (SIGKILL) at the end."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(study / RUNDIR), RUN], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "held"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_second_training_is_refused_and_a_killed_holder_blocks_nothing(study: Path, holder, monkeypatch):
+    monkeypatch.chdir(study)
+    (study / RUNDIR / "record.json").unlink()  # a run still to finish
+    before = (study / RUNDIR / "metrics.jsonl").read_bytes()
+    code, err = cli("train", STUDY, "--run", RUN, "--results", "results", "--quiet", "--threads", "1")
+    assert code == 2, err
+    assert err.strip().splitlines() == [
+        f"harness train: error: {RUNDIR}/.lock: run {RUN} is being trained by pid {holder.pid} "
+        f"on {os.uname().nodename} (harness train); wait for it to finish"
+    ]
+    assert (study / RUNDIR / "metrics.jsonl").read_bytes() == before, "the refused run wrote nothing"
+    assert not (study / RUNDIR / "record.json").exists()
+    _kill(holder)  # the lock file stays, its lock goes with the process
+    assert (study / RUNDIR / ".lock").exists()
+    code, err = cli("train", STUDY, "--run", RUN, "--results", "results", "--quiet", "--threads", "1")
+    assert code == 0, err
+    assert (study / RUNDIR / "record.json").is_file()
+
+
+@pytest.mark.parametrize("verb", ["measure", "evaluate", "routing", "export"])
+def test_a_step_that_reads_the_run_is_refused_while_it_trains(study: Path, holder, monkeypatch, verb):
+    monkeypatch.chdir(study)
+    code, err = cli(verb, STUDY, "--run", RUN, "--results", "results")
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert f"run {RUN} is being trained by pid {holder.pid}" in err
+    assert f"then run `harness {verb}` again" in err
+    assert not (study / RUNDIR / f"{verb}.json").exists()
+
+
+READ = """
+import sys, time
+from pathlib import Path
+from harness import run_lock
+with run_lock.released():
+    run_lock.reading(Path(sys.argv[1]), sys.argv[2], "measure")
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_training_is_refused_while_a_step_reads_the_run(study: Path, monkeypatch):
+    monkeypatch.chdir(study)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READ, str(study / RUNDIR), RUN], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert reader.stdout.readline().strip() == "held"
+        code, err = cli("train", STUDY, "--run", RUN, "--results", "results", "--restart", "--quiet")
+        assert code == 2, err
+        assert f"run {RUN} is being read by pid {reader.pid}" in err and "(harness measure)" in err
+        assert (study / RUNDIR / "record.json").is_file(), "the finished run is left as it was"
+    finally:
+        _kill(reader)
+    # Several readers at once are fine, and one that has finished holds nothing.
+    code, err = cli("export", STUDY, "--run", RUN, "--results", "results")
+    assert code == 0, err
+
+
+def test_the_workflow_refuses_to_train_a_run_trained_by_hand(study: Path, holder):
+    (study / RUNDIR / "record.json").unlink()
+    cmd = [sys.executable, "-m", "snakemake", str(Path(RUNDIR) / "record.json"), "--cores", "1"]
+    cmd += ["-s", str(ROOT / "Snakefile"), "--directory", str(study), "--config", f"study={study / STUDY}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the jobs run this checkout's harness
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode != 0, out.stdout[-2000:]
+    log = (study / "results" / "pico" / "logs" / "train" / f"{RUN}.log").read_text()
+    assert f"harness train: error: {RUNDIR}/.lock: run {RUN} is being trained by pid {holder.pid}" in log, log
+    assert not (study / RUNDIR / "record.json").exists()
