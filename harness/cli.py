@@ -24,7 +24,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from harness import devices
-from harness.errors import HarnessError, MissingStep
+from harness.errors import HarnessError, MissingStep, os_failure
 from harness.study import LOCAL_TASKS, Recipe, budget_label, find_run, load_study, plan, plan_rows
 from models.accounting import summary
 from models.config import ConfigError, Dispatch, MoEConfig, Routing, dump_config, load_config
@@ -851,7 +851,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"harness {args.verb}: interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as e:
+        # Read-only, no permission, no space, a file where a folder belongs: the OS's refusal,
+        # or a library's error that carries its text, is one line too.
+        if (failure := os_failure(e)) is not None:
+            print(f"harness {args.verb}: error: {' '.join(str(failure).split())}", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(
             f"harness {args.verb}: internal error: this is a defect in moe-harness, not in your input; "

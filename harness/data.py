@@ -443,7 +443,10 @@ class TokenShard:
         self.seq_len = seq_len
         self.windows = (len(self.tokens) - 1) // seq_len
         if self.windows < 1:
-            raise ValueError(f"{data_dir / (split + '.bin')}: {len(self.tokens)} tokens hold no window of {seq_len}")
+            raise HarnessError(
+                f"{data_dir / (split + '.bin')}: {len(self.tokens)} tokens hold no window of recipe.seq_len "
+                f"{seq_len}; lower recipe.seq_len or use more data"
+            )
 
     def window_batch(self, indices: np.ndarray):
         import torch

@@ -160,6 +160,11 @@ class Trainer:
         self.layout = layout
         if self.r.tensorboard:
             require_tensorboard(study.path)
+            if (folder := out_dir / TENSORBOARD_DIR).exists() and not folder.is_dir():
+                raise HarnessError(
+                    f"{folder}: a file is where the run's TensorBoard folder belongs (recipe.tensorboard is "
+                    "true): move the file aside, or set recipe.tensorboard: false"
+                )
         self.data_meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
         self._check_data(data_dir)
         self.device = device or pick_device(study)
@@ -228,19 +233,42 @@ class Trainer:
         return expert_parameter_names(self.model)
 
     def _check_data(self, data_dir: Path) -> None:
-        run, meta = self.run, self.data_meta
+        """The prepared data fits the run: its vocabulary, enough train tokens for the budget and
+        a window of seq_len in each split; each refusal names the field and what to do."""
+        run, meta, study = self.run, self.data_meta, self.study.path
+        prepare = f"`harness data {study}` prepares it again"
         if meta["tokenizer"]["vocab_size"] != run.model.vocab_size:
-            raise ValueError(
-                f"{data_dir / 'data.json'}: tokenizer has {meta['tokenizer']['vocab_size']} tokens, "
-                f"model {run.model.name} expects {run.model.vocab_size}"
+            raise ConfigError(
+                "data.vocab_size",
+                f"is {run.model.vocab_size}, but the data in {data_dir} was prepared with a tokenizer of "
+                f"{meta['tokenizer']['vocab_size']} tokens; {prepare} with the new vocabulary "
+                "(every run then trains again)",
+                study,
             )
-        verify_shards(data_dir, meta, f"harness data {self.study.path}")
+        verify_shards(data_dir, meta, f"harness data {study}")
         train_tokens = meta["splits"]["train"]["tokens"]
         if run.tokens > train_tokens and not self.study.data.allow_repetition:
-            raise ValueError(
-                f"{self.study.path}: run {run.run_id} needs {run.tokens:,} tokens, the train split holds "
-                f"{train_tokens:,}; set data.allow_repetition: true or use more data"
+            raise ConfigError(
+                "data.allow_repetition",
+                f"run {run.run_id} needs {run.tokens:,} tokens but the train split holds {train_tokens:,} "
+                f"({run.tokens / train_tokens:.2f} epochs); set allow_repetition: true, use more data, "
+                "or lower the budget",
+                study,
             )
+        for split in ("train", "validation"):
+            tokens = meta["splits"][split]["tokens"]
+            if tokens - 1 < self.r.seq_len:  # a window is seq_len inputs and the token after them
+                more = (
+                    f"raise data.validation_fraction and run `harness data {study}`"
+                    if split == "validation"
+                    else "use more data"
+                )
+                raise ConfigError(
+                    "recipe.seq_len",
+                    f"{self.r.seq_len} is longer than the {split} split of {data_dir} ({tokens:,} tokens); "
+                    f"lower recipe.seq_len, or {more}",
+                    study,
+                )
 
     def _start_over(self) -> None:
         """Discard the checkpoints, record and curves of an earlier configuration of this run."""
