@@ -501,7 +501,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     if _up_to_date(data_dir / "tasks" / "tasks.json", [data_dir / "data.json"], args):
         return 0
     try:
-        meta = write_tasks(data_dir, study.eval, study.recipe.seq_len)
+        meta = write_tasks(data_dir, study.eval, study.recipe.seq_len, made_by=f"harness data {study.path}")
     except ValueError as e:
         print(f"harness tasks: error: {e}", file=sys.stderr)
         return 1
