@@ -104,14 +104,15 @@ class HarnessLM(TemplateLM):
             raise ConfigError("dtype", f"'{dtype}' is not one of float32, bfloat16")
         self.autocast = dtype == "bfloat16"
         self.model, self.cfg, self.run_dir = load_run_model(checkpoint, self._device)
+        tok_path = Path(tokenizer) if tokenizer else self.run_dir.parent.parent / "data" / "tokenizer.json"
         if tokenizer:
-            if not Path(tokenizer).is_file():
-                raise ConfigError("tokenizer", f"{tokenizer} does not exist; pass tokenizer=PATH/tokenizer.json")
-            self._tok = Tokenizer.from_file(str(tokenizer))
+            if not tok_path.is_file():
+                raise ConfigError("tokenizer", f"{tok_path} does not exist; pass tokenizer=PATH/tokenizer.json")
+            self._tok = Tokenizer.from_file(str(tok_path))
         else:  # the study's own, named with the step that writes it
             from harness.data import load_tokenizer
 
-            self._tok = load_tokenizer(self.run_dir.parent.parent / "data")
+            self._tok = load_tokenizer(tok_path.parent)
         if self._tok.get_vocab_size() != self.cfg.vocab_size:
             raise ConfigError(
                 "tokenizer",
