@@ -154,6 +154,14 @@ def _trained_state(study, run, run_dir: Path) -> dict:
     return load_checkpoint(run_dir / "checkpoint.pt", train, f"`{train} --restart` trains it again")
 
 
+def _checkpoint_kept(study, run, run_dir: Path) -> None:
+    """Refuse a finished run whose checkpoint.pt is gone, saying how to get it back."""
+    from harness.checkpoint import gone
+
+    if (why := gone(run_dir / "checkpoint.pt", f"harness train {study.path} --run {run.run_id}")) is not None:
+        raise HarnessError(why)
+
+
 def _data_ready(results: Path, study, verify: bool = True) -> Path:
     """The study's prepared data folder, its shards checked against data.json (``verify``);
     refused when `harness data` has not run or its output is damaged."""
@@ -395,10 +403,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     except AlreadyTrained as done:
         r = done.record
+        ckpt = results / "runs" / run.run_id / "checkpoint.pt"
+        kept = "" if ckpt.is_file() else f"; its {ckpt.name} is gone (measure, evaluate and export need it)"
         if layout.main:
             print(
                 f"{run.run_id}: nothing to do, already trained with this configuration and data "
-                f"(val loss {r['final_val_loss']:.4f}); `--restart` trains it again"
+                f"(val loss {r['final_val_loss']:.4f}){kept}; `--restart` trains it again"
             )
         return 0
     except Stopped as e:
@@ -530,6 +540,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     tasks_dir = results / "data" / "tasks"
     if _up_to_date(run_dir / "eval.json", [run_dir / "record.json", tasks_dir / "tasks.json"], args):
         return 0
+    _checkpoint_kept(study, run, run_dir)
     if any(t in LOCAL_TASKS for t in study.eval.tasks):
         read_json(tasks_dir / "tasks.json", made_by=f"harness tasks {study.path}")  # present and whole
     _set_threads(args.threads)
@@ -561,6 +572,8 @@ def cmd_routing(args: argparse.Namespace) -> int:
     _cuda_visible(args.device)
     if _up_to_date(run_dir / "routing.json", [run_dir / "record.json", results / "data" / "data.json"], args):
         return 0
+    if run.model.moe is not None:  # a dense run has no routing: its weights are not read
+        _checkpoint_kept(study, run, run_dir)
     data_dir = _data_ready(results, study)
     _set_threads(args.threads)
     result = routing_analysis(run_dir, data_dir, device=args.device, max_tokens=args.max_tokens)

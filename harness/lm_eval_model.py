@@ -37,8 +37,9 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from harness.checkpoint import load_checkpoint
+from harness.checkpoint import gone, load_checkpoint
 from harness.data import EOS
+from harness.errors import HarnessError
 from harness.io import read_json
 from models.config import ConfigError, load_config
 from models.transformer import KVCache
@@ -52,6 +53,8 @@ def locate_run(checkpoint: str | Path) -> tuple[Path, Path]:
     """(run folder, checkpoint file) from a run folder or a checkpoint file inside one."""
     path = Path(checkpoint)
     run_dir, ckpt = (path, path / "checkpoint.pt") if path.is_dir() else (path.parent, path)
+    if (why := gone(ckpt, f"harness train STUDY --run {run_dir.name}")) is not None:
+        raise HarnessError(why)
     for needed in (ckpt, run_dir / "config.yaml"):
         if not needed.is_file():
             raise ConfigError(

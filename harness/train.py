@@ -26,7 +26,7 @@ import torch
 from harness import checkpoint, parallel
 from harness.data import TokenShard, verify_shards
 from harness.energy import combine_across_ranks, open_meter
-from harness.errors import DamagedFile, HarnessError, MissingStep
+from harness.errors import DamagedFile, HarnessError
 from harness.io import read_json, read_jsonl, remove_leftovers, write_json, write_text
 from harness.parallel import ALONE, Layout
 from harness.precision import Precision, resolve
@@ -173,7 +173,7 @@ class Trainer:
         self.spec = run_spec(run, self.data_meta)
         self.spec_hash = _spec_hash(self.spec)
         if resume == "previous" and not (out_dir / checkpoint.PREVIOUS).is_file():
-            raise MissingStep(out_dir / checkpoint.PREVIOUS, f"harness train {study.path} --run {run.run_id}")
+            raise HarnessError(self._no_previous())
         self.ckpt_path, self.metrics_path = out_dir / checkpoint.NAME, out_dir / "metrics.jsonl"
         if layout.main:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -275,6 +275,19 @@ class Trainer:
         checkpoint.discard(self.out_dir)
         (self.out_dir / "record.json").unlink(missing_ok=True)
         shutil.rmtree(self.out_dir / TENSORBOARD_DIR, ignore_errors=True)
+
+    def _no_previous(self) -> str:
+        """--from-previous without a checkpoint.prev.pt: what the run folder holds, and what is left."""
+        train = f"harness train {self.study.path} --run {self.run.run_id}"
+        current = self.out_dir / checkpoint.NAME
+        why = checkpoint.problem(current)
+        if why is None:
+            there = f"{current.name} verifies: `{train}` resumes from it, `{train} --restart` starts over"
+        elif current.exists():
+            there = f"{current.name} is damaged ({why}): `{train} --restart` starts the run over"
+        else:
+            there = f"the run has no checkpoint: `{train}` starts it (`--from-previous` is not needed)"
+        return f"{self.out_dir / checkpoint.PREVIOUS}: there is no previous checkpoint to resume from; {there}"
 
     def _damaged_remedy(self) -> str:
         train = f"harness train {self.study.path} --run {self.run.run_id}"
