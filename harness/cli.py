@@ -617,7 +617,10 @@ def _keep_reference(args: argparse.Namespace, study, results: Path) -> Path:
 
     run_ids = [run.run_id for run in plan(study)]
     require_finished(results, run_ids)
-    cls = device_class(read_json(results / "runs" / run_ids[0] / "record.json"))
+    from harness.remedy import run_file
+
+    first = results / "runs" / run_ids[0] / "record.json"
+    cls = device_class(read_json(first, remedy=run_file(first, study.path)))
     dest = reference_folder(Path(args.results), study.name, cls)
     copied = keep_reference(results, run_ids, dest)
     if args.microbench:  # the named micro-benchmark becomes the reference's

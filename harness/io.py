@@ -85,21 +85,25 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def read_json(path: str | Path, made_by: str | None = None) -> Any:
+def read_json(path: str | Path, made_by: str | None = None, remedy: str | None = None) -> Any:
     """One JSON document. Absent: :class:`MissingStep` naming ``made_by`` (the command that
-    writes it) when given; not JSON: :class:`DamagedFile`."""
+    writes it) when given; not JSON: :class:`DamagedFile` with ``remedy`` (default: delete it and
+    run ``made_by`` again)."""
     path = Path(path)
     if made_by is not None and not path.is_file():
         raise MissingStep(path, made_by)
     try:
         return json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DamagedFile(path, f"not valid JSON ({e})", _remedy(made_by)) from None
+        raise DamagedFile(path, f"not valid JSON ({e})", remedy or _remedy(made_by)) from None
 
 
-def read_jsonl(path: str | Path, made_by: str | None = None, partial_last: bool = False) -> list[Any]:
-    """Every line of a JSON-lines file; a line that does not parse is named by its number.
-    ``partial_last``: a last line cut short (a writer killed mid-line) is dropped, not an error."""
+def read_jsonl(
+    path: str | Path, made_by: str | None = None, partial_last: bool = False, remedy: str | None = None
+) -> list[Any]:
+    """Every line of a JSON-lines file; a line that does not parse is named by its number, with
+    ``remedy`` as in :func:`read_json`. ``partial_last``: a last line cut short (a writer killed
+    mid-line) is dropped, not an error."""
     path = Path(path)
     if made_by is not None and not path.is_file():
         raise MissingStep(path, made_by)
@@ -113,7 +117,7 @@ def read_jsonl(path: str | Path, made_by: str | None = None, partial_last: bool 
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if partial_last and i == len(lines):
                 break
-            raise DamagedFile(path, f"line {i} is not valid JSON ({e})", _remedy(made_by)) from None
+            raise DamagedFile(path, f"line {i} is not valid JSON ({e})", remedy or _remedy(made_by)) from None
     return rows
 
 

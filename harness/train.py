@@ -32,6 +32,7 @@ from harness.parallel import ALONE, Layout
 from harness.precision import Precision, resolve
 from harness.progress import TENSORBOARD_DIR, TensorBoardLog, open_progress, require_tensorboard
 from harness.provenance import provenance
+from harness.remedy import run_file
 from harness.resources import check_memory
 from harness.study import Recipe, Run, Schedule, Study, identity_changes, recorded_identity, run_identity
 from models.accounting import FlopConvention, count_params, training_flops_per_token
@@ -329,7 +330,9 @@ class Trainer:
             self.compile_s, self.untimed_steps = state.get("compile_s", 0.0), state.get("untimed_steps", 0)
             self.energy_j = state.get("gpu_energy_j")
             if self.metrics_path.exists():
-                rows = read_jsonl(self.metrics_path, partial_last=True)
+                rows = read_jsonl(
+                    self.metrics_path, partial_last=True, remedy=run_file(self.metrics_path, self.study.path)
+                )
                 kept = [json.dumps(row) + "\n" for row in rows if row["step"] <= self.step]
         parallel.barrier(self.layout)  # every rank has read the log before it is cut
         if self.layout.main:
@@ -499,7 +502,7 @@ class Trainer:
 
     def record(self) -> dict[str, Any]:
         run, r = self.run, self.r
-        rows = read_jsonl(self.metrics_path)
+        rows = read_jsonl(self.metrics_path, remedy=run_file(self.metrics_path, self.study.path))
         if not rows or rows[-1].get("step") != run.steps:
             raise DamagedFile(self.metrics_path, f"its last row is not step {run.steps}", self._damaged_remedy())
         final = rows[-1]
@@ -552,13 +555,15 @@ class AlreadyTrained(Exception):
         self.record = record
 
 
-def finished_changes(out_dir: Path, run: Run, data_meta: dict[str, Any] | None) -> list[str] | None:
+def finished_changes(
+    out_dir: Path, run: Run, data_meta: dict[str, Any] | None, study: str = "STUDY"
+) -> list[str] | None:
     """None when the run has no record; else how its record differs from ``run`` on this data
-    (empty: finished as asked)."""
+    (empty: finished as asked). ``study``: as the user names it, for a damaged record's remedy."""
     path = out_dir / "record.json"
     if not path.is_file():
         return None
-    record = read_json(path)
+    record = read_json(path, remedy=run_file(path, study))
     changes = identity_changes(recorded_identity(record), run_identity(run))
     if data_meta is not None and record.get("data_fingerprint") != data_meta["fingerprint"]:
         changes.append(f"data fingerprint {record.get('data_fingerprint')} -> {data_meta['fingerprint']}")
@@ -582,7 +587,7 @@ def train(
     ``layout``: this process's place among torchrun's (harness.parallel; default alone)."""
     if resume in ("auto", "changed"):
         meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
-        changes = finished_changes(out_dir, run, meta)
+        changes = finished_changes(out_dir, run, meta, study.path)
         if changes == []:
             raise AlreadyTrained(read_json(out_dir / "record.json"))
         if changes and resume != "changed":
