@@ -71,13 +71,13 @@ _WRAPPED = (
 
 def os_failure(e: BaseException, path: str | Path | None = None) -> HarnessError | None:
     """The one-line error for an operating-system failure: an OSError, or a library's error that
-    carries one's text. ``path``: where it happened, when the error itself does not name it.
+    carries one's text. ``path``: where it happened (default: the file the OSError names).
     None when ``e`` is not such a failure (then it is a defect, shown with its traceback)."""
     code = e.errno if isinstance(e, OSError) else None
     if code is None:
         text = str(e)
         code = next((c for pattern, c in _WRAPPED if pattern.search(text)), None)
-    elif getattr(e, "filename", None):
+    elif path is None and getattr(e, "filename", None):
         path = e.filename
     if code is None:
         return None
