@@ -121,11 +121,16 @@ def cmd_match(args: argparse.Namespace) -> int:
         coefs = ", ".join(f"{k} {getattr(cfg.moe, k)}" for k in OPTIONS if k.endswith("_coef"))
         print(f"# moe fields all at MoEConfig's defaults ({coefs}); --moe KEY=VALUE sets any", file=sys.stderr)
     if args.out:
+        from harness.io import write_text
+
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        if out.is_dir():
+            raise ConfigError("--out", f"{out} is a folder; give the file to write, e.g. {out / (cfg.name + '.yaml')}")
+        if out.is_file() and not args.force and out.read_bytes() != text.encode():
+            raise ConfigError(
+                "--out", f"{out} exists and holds something else; it is left as it is: --force replaces it"
+            )
+        write_text(out, text)
         print(f"# wrote {out} (model {cfg.name})", file=sys.stderr)
     else:
         print(text, end="")
@@ -185,6 +190,26 @@ def _up_to_date(out: Path, inputs: list[Path], args: argparse.Namespace) -> bool
         return False
     print(f"{out}: nothing to do, it is up to date; --force does it again")
     return True
+
+
+def _out_replaceable(args: argparse.Namespace, key: str) -> None:
+    """Refuse, before any work, an --out that is a folder, or a file this verb did not write (a
+    JSON object with ``key``) unless --force: a user's file is never overwritten unasked."""
+    if not getattr(args, "out", None):
+        return
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError("--out", f"{out} is a folder; give the file to write, e.g. {out / (args.verb + '.json')}")
+    if not out.is_file() or args.force:
+        return
+    try:
+        ours = key in json.loads(out.read_bytes())
+    except (ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise ConfigError(
+            "--out", f"{out} exists and is not a harness {args.verb} result; it is left as it is: --force replaces it"
+        )
 
 
 def _cuda_visible(device: str | None) -> None:
@@ -438,6 +463,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     settings = MeasureSettings(
         **{k: v for k, v in vars(args).items() if k in MeasureSettings.__dataclass_fields__ and v is not None}
     )
+    _out_replaceable(args, "train")
     if args.config:
         _cuda_visible(args.device)
         cfg, state, device, seed = load_config(args.config), None, torch.device(args.device or "cpu"), 0
@@ -524,6 +550,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    _out_replaceable(args, "tasks")
     study = load_study(args.study)
     if args.download:
         study = replace(study, eval=replace(study.eval, download=True))
@@ -567,6 +594,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
     from harness.analysis.specialisation import routing_analysis
     from harness.io import write_json
 
+    _out_replaceable(args, "moe")
     study = load_study(args.study)
     run, results, run_dir = _trained_run(args, study)
     _cuda_visible(args.device)
@@ -771,6 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", default=None, help="model name (default: the --out file's stem, else <dense>-e<E>k<k>)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the YAML here instead of stdout")
+    p.add_argument("--force", action="store_true", help="with --out: replace a file that holds something else")
 
     p = study_verb("plan", "the run matrix of a study: sizes, tokens, what is done, time and disk", cmd_plan)
     p.add_argument("--json", action="store_true", help="one object per run, as JSON")
@@ -814,7 +843,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", dest="seq_len", type=POSITIVE, help="tokens per sequence (default: the run's)")
     p.add_argument("--windows", type=_at_least(5), help="timed windows (>= 5)")
     p.add_argument("--threads", type=POSITIVE, help="torch CPU threads (default: all)")
-    p.add_argument("--force", action="store_true", help="measure again even when measure.json is up to date")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="measure again even when measure.json is up to date; replace any --out file",
+    )
 
     p = study_verb("evaluate", "evaluate a trained run with lm-eval on the study's tasks (eval.json)", cmd_evaluate)
     p.add_argument("--run", required=True, help="run id")
@@ -823,7 +856,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
     p.add_argument("--out", help="where to write eval.json (default: the run's folder)")
     p.add_argument("--download", action="store_true", help="let lm-eval fetch datasets (overrides eval.download)")
-    p.add_argument("--force", action="store_true", help="evaluate again even when eval.json is up to date")
+    p.add_argument(
+        "--force", action="store_true", help="evaluate again even when eval.json is up to date; replace any --out file"
+    )
 
     p = study_verb("routing", "what a trained MoE run's experts specialise in: token category or topic", cmd_routing)
     p.add_argument("--run", required=True, help="run id")
@@ -831,7 +866,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", dest="max_tokens", type=POSITIVE, default=65_536, help="held-out tokens to route")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: CUDA when visible")
     p.add_argument("--out", help="where to write routing.json (default: the run's folder)")
-    p.add_argument("--force", action="store_true", help="analyse again even when routing.json is up to date")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="analyse again even when routing.json is up to date; replace any --out file",
+    )
 
     p = study_verb("export", "write a trained run as a Hugging Face model directory", cmd_export)
     p.add_argument("--run", required=True, help="run id")
