@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.errors import DamagedFile, DiskFull, MissingStep
+from harness.errors import DamagedFile, DiskFull, HarnessError, MissingStep, os_failure
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -50,21 +50,27 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], need_bytes: in
     """Call ``write(tmp_path)`` and move the result onto ``path``. ``need_bytes``: the expected
     size, quoted if the disk fills up."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         write(tmp_path)
         tmp_path.chmod(0o666 & ~_umask())
         os.replace(tmp_path, path)
-    except OSError as e:
-        tmp_path.unlink(missing_ok=True)
-        if e.errno in NO_SPACE:
+    except BaseException as e:
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
             raise DiskFull(path, need_bytes, free_bytes(path.parent)) from None
-        raise
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        if isinstance(e, Exception) and not isinstance(e, HarnessError):
+            # Read-only, no permission, a library's wrapped OS error: named by the file the step
+            # writes, not by its temporary name.
+            named = getattr(e, "filename", None)
+            where = path if named is None or ".tmp" in str(named) else named
+            if (failure := os_failure(e, where)) is not None:
+                raise failure from None
         raise
     return path
 
