@@ -39,6 +39,7 @@ config.json, with the run's whole model config, rather than dropped.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import shutil
@@ -390,6 +391,7 @@ def export(
         eos_id = tokenizer.eos_token_id
     model = hf_model(cfg, state, family, eos_id, source)
     tmp = old = None
+    made_parent = not out_dir.parent.exists()
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -406,6 +408,9 @@ def export(
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not out_dir.exists():
             old.rename(out_dir)  # the earlier export stays as it was
+        if made_parent:
+            with contextlib.suppress(OSError):
+                out_dir.parent.rmdir()  # a folder made for this export only, left empty
         if isinstance(e, OSError) and e.errno in NO_SPACE:
             raise DiskFull(out_dir, None, free_bytes(out_dir.parent)) from None
         # safetensors and tokenizers report a failed write in their own errors, with the OS's text.
