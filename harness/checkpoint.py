@@ -10,6 +10,7 @@ checks the checksum first: a truncated, overwritten or unverifiable checkpoint i
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from harness.errors import DamagedFile, DiskFull, MissingStep
+from harness.errors import DamagedFile, DiskFull, HarnessError, MissingStep
 from harness.io import atomic_write, free_bytes, sha256_file, write_text
 
 NAME = "checkpoint.pt"
@@ -106,9 +107,30 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> str:
     return digest["sha256"]
 
 
+def gone(path: Path, train: str) -> str | None:
+    """When the final ``checkpoint.pt`` of a finished run is absent (deleted to save disk, say):
+    what its record says and how to get it back (``train``: the run's train command). None when it
+    is there, or the run has not finished (no record.json beside it)."""
+    record = path.with_name("record.json")
+    if path.name != NAME or path.is_file() or not record.is_file():
+        return None
+    try:
+        r = json.loads(record.read_bytes())
+        said = f" (step {r['steps']}, val loss {r['final_val_loss']:.4f})"
+    except (ValueError, KeyError, TypeError):
+        said = ""
+    return (
+        f"{path} is gone, though {record.name} says the run finished{said}; the weights exist nowhere else: "
+        f"`{train} --restart` trains the run again to get them back"
+    )
+
+
 def load_checkpoint(path: Path, made_by: str, remedy: str = "", map_location: Any = "cpu") -> dict[str, Any]:
-    """The verified state in ``path``; :class:`MissingStep` naming ``made_by`` when it is absent,
-    :class:`DamagedFile` (with ``remedy``) when it is damaged."""
+    """The verified state in ``path``; :class:`MissingStep` naming ``made_by`` when it is absent
+    (said as gone when the run's record says it finished), :class:`DamagedFile` (with ``remedy``)
+    when it is damaged."""
+    if (why := gone(path, made_by)) is not None:
+        raise HarnessError(why)
     if not path.is_file():
         raise MissingStep(path, made_by)
     why = problem(path)

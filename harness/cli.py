@@ -24,7 +24,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from harness import devices, run_lock
-from harness.errors import HarnessError, MissingStep
+from harness.errors import HarnessError, MissingStep, os_failure
 from harness.study import LOCAL_TASKS, Recipe, budget_label, find_run, load_study, plan, plan_rows
 from models.accounting import summary
 from models.config import ConfigError, Dispatch, MoEConfig, Routing, dump_config, load_config
@@ -121,11 +121,16 @@ def cmd_match(args: argparse.Namespace) -> int:
         coefs = ", ".join(f"{k} {getattr(cfg.moe, k)}" for k in OPTIONS if k.endswith("_coef"))
         print(f"# moe fields all at MoEConfig's defaults ({coefs}); --moe KEY=VALUE sets any", file=sys.stderr)
     if args.out:
+        from harness.io import write_text
+
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        if out.is_dir():
+            raise ConfigError("--out", f"{out} is a folder; give the file to write, e.g. {out / (cfg.name + '.yaml')}")
+        if out.is_file() and not args.force and out.read_bytes() != text.encode():
+            raise ConfigError(
+                "--out", f"{out} exists and holds something else; it is left as it is: --force replaces it"
+            )
+        write_text(out, text)
         print(f"# wrote {out} (model {cfg.name})", file=sys.stderr)
     else:
         print(text, end="")
@@ -160,6 +165,14 @@ def _trained_state(study, run, run_dir: Path) -> dict:
     return load_checkpoint(run_dir / "checkpoint.pt", train, f"`{train} --restart` trains it again")
 
 
+def _checkpoint_kept(study, run, run_dir: Path) -> None:
+    """Refuse a finished run whose checkpoint.pt is gone, saying how to get it back."""
+    from harness.checkpoint import gone
+
+    if (why := gone(run_dir / "checkpoint.pt", f"harness train {study.path} --run {run.run_id}")) is not None:
+        raise HarnessError(why)
+
+
 def _data_ready(results: Path, study, verify: bool = True) -> Path:
     """The study's prepared data folder, its shards checked against data.json (``verify``);
     refused when `harness data` has not run or its output is damaged."""
@@ -183,6 +196,26 @@ def _up_to_date(out: Path, inputs: list[Path], args: argparse.Namespace) -> bool
         return False
     print(f"{out}: nothing to do, it is up to date; --force does it again")
     return True
+
+
+def _out_replaceable(args: argparse.Namespace, key: str) -> None:
+    """Refuse, before any work, an --out that is a folder, or a file this verb did not write (a
+    JSON object with ``key``) unless --force: a user's file is never overwritten unasked."""
+    if not getattr(args, "out", None):
+        return
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError("--out", f"{out} is a folder; give the file to write, e.g. {out / (args.verb + '.json')}")
+    if not out.is_file() or args.force:
+        return
+    try:
+        ours = key in json.loads(out.read_bytes())
+    except (ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise ConfigError(
+            "--out", f"{out} exists and is not a harness {args.verb} result; it is left as it is: --force replaces it"
+        )
 
 
 def _cuda_visible(device: str | None) -> None:
@@ -450,10 +483,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     except AlreadyTrained as done:
         r = done.record
+        ckpt = results / "runs" / run.run_id / "checkpoint.pt"
+        kept = "" if ckpt.is_file() else f"; its {ckpt.name} is gone (measure, evaluate and export need it)"
         if layout.main:
             print(
                 f"{run.run_id}: nothing to do, already trained with this configuration and data "
-                f"(val loss {r['final_val_loss']:.4f}); `--restart` trains it again"
+                f"(val loss {r['final_val_loss']:.4f}){kept}; `--restart` trains it again"
             )
         return 0
     except Stopped as e:
@@ -483,6 +518,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     settings = MeasureSettings(
         **{k: v for k, v in vars(args).items() if k in MeasureSettings.__dataclass_fields__ and v is not None}
     )
+    _out_replaceable(args, "train")
     if args.config:
         _cuda_visible(args.device)
         cfg, state, device, seed = load_config(args.config), None, torch.device(args.device or "cpu"), 0
@@ -556,7 +592,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     if _up_to_date(data_dir / "tasks" / "tasks.json", [data_dir / "data.json"], args):
         return 0
     try:
-        meta = write_tasks(data_dir, study.eval, study.recipe.seq_len)
+        meta = write_tasks(data_dir, study.eval, study.recipe.seq_len, made_by=f"harness data {study.path}")
     except ValueError as e:
         print(f"harness tasks: error: {e}", file=sys.stderr)
         return 1
@@ -569,6 +605,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    _out_replaceable(args, "tasks")
     study = load_study(args.study)
     if args.download:
         study = replace(study, eval=replace(study.eval, download=True))
@@ -585,6 +622,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     tasks_dir = results / "data" / "tasks"
     if _up_to_date(run_dir / "eval.json", [run_dir / "record.json", tasks_dir / "tasks.json"], args):
         return 0
+    _checkpoint_kept(study, run, run_dir)
     if any(t in LOCAL_TASKS for t in study.eval.tasks):
         read_json(tasks_dir / "tasks.json", made_by=f"harness tasks {study.path}")  # present and whole
     _set_threads(args.threads)
@@ -611,11 +649,14 @@ def cmd_routing(args: argparse.Namespace) -> int:
     from harness.analysis.specialisation import routing_analysis
     from harness.io import write_json
 
+    _out_replaceable(args, "moe")
     study = load_study(args.study)
     run, results, run_dir = _trained_run(args, study)
     _cuda_visible(args.device)
     if _up_to_date(run_dir / "routing.json", [run_dir / "record.json", results / "data" / "data.json"], args):
         return 0
+    if run.model.moe is not None:  # a dense run has no routing: its weights are not read
+        _checkpoint_kept(study, run, run_dir)
     data_dir = _data_ready(results, study)
     _set_threads(args.threads)
     result = routing_analysis(run_dir, data_dir, device=args.device, max_tokens=args.max_tokens)
@@ -659,7 +700,10 @@ def _keep_reference(args: argparse.Namespace, study, results: Path) -> Path:
 
     run_ids = [run.run_id for run in plan(study)]
     require_finished(results, run_ids)
-    cls = device_class(read_json(results / "runs" / run_ids[0] / "record.json"))
+    from harness.remedy import run_file
+
+    first = results / "runs" / run_ids[0] / "record.json"
+    cls = device_class(read_json(first, remedy=run_file(first, study.path)))
     dest = reference_folder(Path(args.results), study.name, cls)
     copied = keep_reference(results, run_ids, dest)
     if args.microbench:  # the named micro-benchmark becomes the reference's
@@ -810,6 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", default=None, help="model name (default: the --out file's stem, else <dense>-e<E>k<k>)")
     p.add_argument("--out", default=None, metavar="FILE", help="write the YAML here instead of stdout")
+    p.add_argument("--force", action="store_true", help="with --out: replace a file that holds something else")
 
     p = study_verb("plan", "the run matrix of a study: sizes, tokens, what is done, time and disk", cmd_plan)
     p.add_argument("--json", action="store_true", help="one object per run, as JSON")
@@ -864,7 +909,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", dest="seq_len", type=POSITIVE, help="tokens per sequence (default: the run's)")
     p.add_argument("--windows", type=_at_least(5), help="timed windows (>= 5)")
     p.add_argument("--threads", type=POSITIVE, help="torch CPU threads (default: all)")
-    p.add_argument("--force", action="store_true", help="measure again even when measure.json is up to date")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="measure again even when measure.json is up to date; replace any --out file",
+    )
 
     p = study_verb("evaluate", "evaluate a trained run with lm-eval on the study's tasks (eval.json)", cmd_evaluate)
     p.add_argument("--run", required=True, help="run id")
@@ -873,7 +922,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
     p.add_argument("--out", help="where to write eval.json (default: the run's folder)")
     p.add_argument("--download", action="store_true", help="let lm-eval fetch datasets (overrides eval.download)")
-    p.add_argument("--force", action="store_true", help="evaluate again even when eval.json is up to date")
+    p.add_argument(
+        "--force", action="store_true", help="evaluate again even when eval.json is up to date; replace any --out file"
+    )
 
     p = study_verb("routing", "what a trained MoE run's experts specialise in: token category or topic", cmd_routing)
     p.add_argument("--run", required=True, help="run id")
@@ -881,7 +932,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", dest="max_tokens", type=POSITIVE, default=65_536, help="held-out tokens to route")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: CUDA when visible")
     p.add_argument("--out", help="where to write routing.json (default: the run's folder)")
-    p.add_argument("--force", action="store_true", help="analyse again even when routing.json is up to date")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="analyse again even when routing.json is up to date; replace any --out file",
+    )
 
     p = study_verb("export", "write a trained run as a Hugging Face model directory", cmd_export)
     p.add_argument("--run", required=True, help="run id")
@@ -917,7 +972,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"harness {args.verb}: interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as e:
+        # Read-only, no permission, no space, a file where a folder belongs: the OS's refusal,
+        # or a library's error that carries its text, is one line too.
+        if (failure := os_failure(e)) is not None:
+            print(f"harness {args.verb}: error: {' '.join(str(failure).split())}", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(
             f"harness {args.verb}: internal error: this is a defect in moe-harness, not in your input; "

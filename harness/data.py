@@ -430,6 +430,23 @@ def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
 META_FIELDS = ("fingerprint", "dtype", "tokenizer", "splits")
 
 
+def load_tokenizer(data_dir: Path, made_by: str = "harness data STUDY"):
+    """The prepared data's tokenizer.json: absent or unreadable, named with the command that writes
+    it again (``made_by``; the shards stay as they are when the corpus and settings are unchanged)."""
+    from tokenizers import Tokenizer
+
+    path = data_dir / "tokenizer.json"
+    again = f"`{made_by}` writes it again"
+    if not path.is_file():
+        raise HarnessError(f"{path}: missing from the prepared data; {again}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise DamagedFile(
+            path, f"not a tokenizer the tokenizers library can read ({' '.join(str(e).split())})", again
+        ) from None
+
+
 def read_meta(data_dir: Path, made_by: str) -> dict[str, Any]:
     """``data.json`` of a prepared data folder, checked for the fields every reader needs."""
     path = data_dir / "data.json"
@@ -474,7 +491,10 @@ class TokenShard:
         self.seq_len = seq_len
         self.windows = (len(self.tokens) - 1) // seq_len
         if self.windows < 1:
-            raise ValueError(f"{data_dir / (split + '.bin')}: {len(self.tokens)} tokens hold no window of {seq_len}")
+            raise HarnessError(
+                f"{data_dir / (split + '.bin')}: {len(self.tokens)} tokens hold no window of recipe.seq_len "
+                f"{seq_len}; lower recipe.seq_len or use more data"
+            )
 
     def window_batch(self, indices: np.ndarray):
         import torch

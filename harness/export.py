@@ -39,6 +39,8 @@ config.json, with the run's whole model config, rather than dropped.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import json
 import shutil
 import tempfile
@@ -48,7 +50,7 @@ from typing import Any
 import torch
 import yaml
 
-from harness.errors import DiskFull, HarnessError
+from harness.errors import DiskFull, HarnessError, os_failure
 from harness.io import NO_SPACE, free_bytes
 from models.config import Dispatch, ModelConfig, MoEConfig, QKNorm, Routing
 
@@ -316,18 +318,55 @@ def _some(items: list[str], shown: int = 3) -> str:
     return "; ".join(items[:shown]) + more
 
 
-def _replaceable(out_dir: Path) -> bool:
-    """Absent, empty, or an earlier export (its config.json has ``moe_harness``)."""
-    if not out_dir.exists():
-        return True
-    if not out_dir.is_dir():
-        return False
-    if not any(out_dir.iterdir()):
-        return True
+MANIFEST = ".moe-harness-export.json"
+"""In each export folder: the files the export wrote, so that exporting again replaces those and
+refuses to touch anything else a user put there."""
+WRITTEN_BEFORE_MANIFESTS = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*.safetensors",
+    "README.md",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+"""What an export wrote before it kept a manifest (its config.json says ``moe_harness``)."""
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+def _not_ours(out_dir: Path) -> list[str]:
+    """The files in ``out_dir`` that no earlier export wrote (all of them when it is no export)."""
+    present = _files(out_dir)
     try:
-        return "moe_harness" in json.loads((out_dir / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
+        written = set(json.loads((out_dir / MANIFEST).read_text())["files"]) | {MANIFEST}
+    except (OSError, ValueError, TypeError, KeyError):
+        try:
+            earlier = "moe_harness" in json.loads((out_dir / "config.json").read_text())
+        except (OSError, ValueError, TypeError):
+            earlier = False
+        if not earlier:
+            return present
+        return [f for f in present if not any(fnmatch.fnmatchcase(f, w) for w in WRITTEN_BEFORE_MANIFESTS)]
+    return [f for f in present if f not in written]
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse, naming them, to replace a folder that holds anything an earlier export did not write."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HarnessError(f"{out_dir} is a file: give --out a folder to export into (absent, empty or an export)")
+    if not out_dir.is_dir():
+        return
+    if foreign := _not_ours(out_dir):
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise HarnessError(
+            f"{out_dir} holds files that no earlier export wrote ({shown}); they are left as they are: move them "
+            "out of the folder, or choose another --out"
+        )
 
 
 def export(
@@ -344,8 +383,7 @@ def export(
 
     family = hf_family(cfg)
     out_dir = Path(out_dir)
-    if not _replaceable(out_dir):
-        raise HarnessError(f"{out_dir} exists and is not an earlier export: remove it or choose another --out")
+    _check_replaceable(out_dir)
     eos_id = None
     tokenizer = None
     if tokenizer_file is not None:
@@ -353,6 +391,7 @@ def export(
         eos_id = tokenizer.eos_token_id
     model = hf_model(cfg, state, family, eos_id, source)
     tmp = old = None
+    made_parent = not out_dir.parent.exists()
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -360,6 +399,7 @@ def export(
         (tmp / "README.md").write_text(readme(cfg, type(model).__name__, model.config))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps({"files": _files(tmp)}, indent=2) + "\n")
         if out_dir.exists():  # aside, not deleted, until the new folder is in place
             old = out_dir.rename(tmp.with_name(tmp.name + ".old"))
         tmp.rename(out_dir)
@@ -368,10 +408,14 @@ def export(
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not out_dir.exists():
             old.rename(out_dir)  # the earlier export stays as it was
-        if isinstance(e, OSError):
-            if e.errno in NO_SPACE:
-                raise DiskFull(out_dir, None, free_bytes(out_dir.parent)) from None
-            raise HarnessError(f"{out_dir}: cannot write the export: {e.strerror or e}") from None
+        if made_parent:
+            with contextlib.suppress(OSError):
+                out_dir.parent.rmdir()  # a folder made for this export only, left empty
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            raise DiskFull(out_dir, None, free_bytes(out_dir.parent)) from None
+        # safetensors and tokenizers report a failed write in their own errors, with the OS's text.
+        if isinstance(e, Exception) and (failure := os_failure(e, out_dir)) is not None:
+            raise HarnessError(f"cannot write the export: {failure}") from None
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

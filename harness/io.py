@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.errors import DamagedFile, DiskFull, MissingStep
+from harness.errors import DamagedFile, DiskFull, HarnessError, MissingStep, os_failure
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -50,21 +50,27 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], need_bytes: in
     """Call ``write(tmp_path)`` and move the result onto ``path``. ``need_bytes``: the expected
     size, quoted if the disk fills up."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         write(tmp_path)
         tmp_path.chmod(0o666 & ~_umask())
         os.replace(tmp_path, path)
-    except OSError as e:
-        tmp_path.unlink(missing_ok=True)
-        if e.errno in NO_SPACE:
+    except BaseException as e:
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
             raise DiskFull(path, need_bytes, free_bytes(path.parent)) from None
-        raise
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        if isinstance(e, Exception) and not isinstance(e, HarnessError):
+            # Read-only, no permission, a library's wrapped OS error: named by the file the step
+            # writes, not by its temporary name.
+            named = getattr(e, "filename", None)
+            where = path if named is None or ".tmp" in str(named) else named
+            if (failure := os_failure(e, where)) is not None:
+                raise failure from None
         raise
     return path
 
@@ -85,21 +91,25 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def read_json(path: str | Path, made_by: str | None = None) -> Any:
+def read_json(path: str | Path, made_by: str | None = None, remedy: str | None = None) -> Any:
     """One JSON document. Absent: :class:`MissingStep` naming ``made_by`` (the command that
-    writes it) when given; not JSON: :class:`DamagedFile`."""
+    writes it) when given; not JSON: :class:`DamagedFile` with ``remedy`` (default: delete it and
+    run ``made_by`` again)."""
     path = Path(path)
     if made_by is not None and not path.is_file():
         raise MissingStep(path, made_by)
     try:
         return json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DamagedFile(path, f"not valid JSON ({e})", _remedy(made_by)) from None
+        raise DamagedFile(path, f"not valid JSON ({e})", remedy or _remedy(made_by)) from None
 
 
-def read_jsonl(path: str | Path, made_by: str | None = None, partial_last: bool = False) -> list[Any]:
-    """Every line of a JSON-lines file; a line that does not parse is named by its number.
-    ``partial_last``: a last line cut short (a writer killed mid-line) is dropped, not an error."""
+def read_jsonl(
+    path: str | Path, made_by: str | None = None, partial_last: bool = False, remedy: str | None = None
+) -> list[Any]:
+    """Every line of a JSON-lines file; a line that does not parse is named by its number, with
+    ``remedy`` as in :func:`read_json`. ``partial_last``: a last line cut short (a writer killed
+    mid-line) is dropped, not an error."""
     path = Path(path)
     if made_by is not None and not path.is_file():
         raise MissingStep(path, made_by)
@@ -113,7 +123,7 @@ def read_jsonl(path: str | Path, made_by: str | None = None, partial_last: bool 
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if partial_last and i == len(lines):
                 break
-            raise DamagedFile(path, f"line {i} is not valid JSON ({e})", _remedy(made_by)) from None
+            raise DamagedFile(path, f"line {i} is not valid JSON ({e})", remedy or _remedy(made_by)) from None
     return rows
 
 

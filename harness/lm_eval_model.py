@@ -37,8 +37,9 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from harness.checkpoint import load_checkpoint
+from harness.checkpoint import gone, load_checkpoint
 from harness.data import EOS
+from harness.errors import HarnessError
 from harness.io import read_json
 from models.config import ConfigError, load_config
 from models.transformer import KVCache
@@ -52,6 +53,8 @@ def locate_run(checkpoint: str | Path) -> tuple[Path, Path]:
     """(run folder, checkpoint file) from a run folder or a checkpoint file inside one."""
     path = Path(checkpoint)
     run_dir, ckpt = (path, path / "checkpoint.pt") if path.is_dir() else (path.parent, path)
+    if (why := gone(ckpt, f"harness train STUDY --run {run_dir.name}")) is not None:
+        raise HarnessError(why)
     for needed in (ckpt, run_dir / "config.yaml"):
         if not needed.is_file():
             raise ConfigError(
@@ -105,9 +108,14 @@ class HarnessLM(TemplateLM):
         self.autocast = dtype == "bfloat16"
         self.model, self.cfg, self.run_dir = load_run_model(checkpoint, self._device)
         tok_path = Path(tokenizer) if tokenizer else self.run_dir.parent.parent / "data" / "tokenizer.json"
-        if not tok_path.is_file():
-            raise ConfigError("tokenizer", f"{tok_path} does not exist; pass tokenizer=PATH/tokenizer.json")
-        self._tok = Tokenizer.from_file(str(tok_path))
+        if tokenizer:
+            if not tok_path.is_file():
+                raise ConfigError("tokenizer", f"{tok_path} does not exist; pass tokenizer=PATH/tokenizer.json")
+            self._tok = Tokenizer.from_file(str(tok_path))
+        else:  # the study's own, named with the step that writes it
+            from harness.data import load_tokenizer
+
+            self._tok = load_tokenizer(tok_path.parent)
         if self._tok.get_vocab_size() != self.cfg.vocab_size:
             raise ConfigError(
                 "tokenizer",

@@ -24,6 +24,7 @@ from harness.errors import HarnessError
 from harness.io import read_json, write_json, write_text
 from harness.plausibility import LABELS, MARK, mark, overhead_flags
 from harness.registration import registration_lines
+from harness.remedy import run_file
 from harness.report_html import write_html
 from harness.study import Study, plan
 from harness.tables import (
@@ -63,8 +64,13 @@ def _csv(headers: list[str], rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
-def _load_all(results: Path, runs, name: str) -> dict[str, dict[str, Any]]:
-    return {run.run_id: read_json(p) for run in runs if (p := results / "runs" / run.run_id / name).exists()}
+def _load_all(results: Path, runs, name: str, study: str = "STUDY") -> dict[str, dict[str, Any]]:
+    """Each run's ``name`` where it exists; a damaged one names the verb that writes it again."""
+    return {
+        run.run_id: read_json(p, remedy=run_file(p, study))
+        for run in runs
+        if (p := results / "runs" / run.run_id / name).exists()
+    }
 
 
 FIGURES = {
@@ -88,7 +94,8 @@ def _records(study: Study, results: Path, runs) -> list[dict]:
             f"{results / 'runs'}: {len(missing)} of {len(runs)} runs have no record.json ({shown}); "
             f"train them with `snakemake --config study={study.name}` or `harness train {study.path} --run RUN`"
         )
-    records = [read_json(results / "runs" / run.run_id / "record.json") for run in runs]
+    paths = [results / "runs" / run.run_id / "record.json" for run in runs]
+    records = [read_json(p, remedy=run_file(p, study.path)) for p in paths]
     if refusal := trained_on_other_data(records, results / "data" / "data.json"):
         raise HarnessError(refusal)
     return records
@@ -143,14 +150,14 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
 
     runs = plan(study)
     records = _records(study, results, runs)
-    measures = _load_all(results, runs, "measure.json")
-    evals = _load_all(results, runs, "eval.json")
-    routing = _load_all(results, runs, "routing.json")
+    measures = _load_all(results, runs, "measure.json", study.path)
+    evals = _load_all(results, runs, "eval.json", study.path)
+    routing = _load_all(results, runs, "routing.json", study.path)
     data = read_json(results / "data" / "data.json")
     series, health, experts, top_k = {}, {}, {}, {}
     for r in records:
         if r["arm"] == "moe":
-            metrics = read_metrics(results / "runs" / r["run_id"] / "metrics.jsonl")
+            metrics = read_metrics(results / "runs" / r["run_id"] / "metrics.jsonl", study.path)
             series[r["run_id"]] = routing_series(metrics)
             health[r["run_id"]] = health_dicts(routing_health(metrics, r["experts"], r["top_k"]))
             experts[r["run_id"]] = r["experts"]

@@ -263,7 +263,7 @@ def write_html(results: Path) -> Path:
         crumb = f'<p class="crumb">{html.escape(title)} · section {n} of {len(sections)}</p>\n'
         write_text(folder / name, page(heading, crumb + md.render(section)))
     write_text(folder / FRONT, front_fragment(md, preamble, sections))
-    for stale in folder.glob("*.html"):
+    for stale in folder.glob("[0-9][0-9]-*.html"):  # section pages of an earlier report; nothing else
         if stale.name not in keep:
             stale.unlink()
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,6 +349,7 @@ def load_study(name_or_path: str | Path) -> Study:
     except ValueError:
         shown = path
     study = Study(**{**study.__dict__, "path": str(shown)})
+    _check_data_source(data.get("data") or {}, study.data.source, str(path))
     for i, spec in enumerate(study.models):
         if (spec.config is None) == (spec.base is None):
             raise ConfigError(f"models[{i}]", "give exactly one of 'config' or 'base'", str(path))
@@ -356,6 +358,29 @@ def load_study(name_or_path: str | Path) -> Study:
         _check_seeds_per_budget(study, spec, f"models[{i}].seeds_per_budget", str(path))
         model_recipe(study, spec, f"models[{i}]")  # refuses a field a model may not set
     return study
+
+
+SOURCE_FIELDS = {
+    "paths": (DataSource.FILES,),
+    "text_field": (DataSource.FILES, DataSource.HF),
+    "hf_dataset": (DataSource.HF,),
+    "hf_config": (DataSource.HF,),
+    "hf_split": (DataSource.HF,),
+}
+"""The data fields that only some sources read: given with another, they would be ignored."""
+
+
+def _check_data_source(given: dict[str, Any], source: DataSource, path: str) -> None:
+    """Refuse a data field the study's source does not read (``given``: the data mapping as written)."""
+    for key, sources in SOURCE_FIELDS.items():
+        if key in given and source not in sources:
+            takes = " or ".join(f"'{s.value}'" for s in sources)
+            raise ConfigError(
+                f"data.{key}",
+                f"is read only with source {takes}, but data.source is '{source.value}', which would ignore it; "
+                f"remove data.{key} or set data.source to {takes}",
+                path,
+            )
 
 
 def model_recipe(study: Study, spec: ModelSpec, where: str = "models") -> Recipe:
@@ -380,10 +405,14 @@ def _config_file(name: str, source: str, field_name: str) -> list[Path]:
     p, configs = Path(name), model_configs_dir()
     candidates = [p, configs / p, project_root() / p]
     if any(ch in name for ch in "*?["):
-        matches = sorted(configs.glob(name))
-        if not matches:
-            raise ConfigError(field_name, f"pattern matches no file in {configs}", source)
-        return matches
+        # An absolute pattern stands alone; a relative one is looked up where a plain name is.
+        bases = [None] if p.is_absolute() else [configs, Path.cwd(), project_root()]
+        for base in bases:
+            pattern = name if base is None else str(base / name)
+            if matches := sorted(Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file()):
+                return matches
+        where = "" if p.is_absolute() else f" (looked in {', '.join(dict.fromkeys(str(b) for b in bases))})"
+        raise ConfigError(field_name, f"pattern {name!r} matches no file{where}", source)
     for c in candidates:
         if c.is_file():
             return [c]

@@ -109,13 +109,16 @@ def _jsonl(rows: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def write_tasks(data_dir: Path, cfg: EvalConfig, seq_len: int, out_dir: Path | None = None) -> dict[str, Any]:
+def write_tasks(
+    data_dir: Path, cfg: EvalConfig, seq_len: int, out_dir: Path | None = None, made_by: str = "harness data STUDY"
+) -> dict[str, Any]:
     """Write the local tasks' YAML and JSONL files and ``tasks.json`` (written last).
-    ``seq_len`` is the study's training context: an answer line takes at most a quarter of it."""
-    from tokenizers import Tokenizer
+    ``seq_len`` is the study's training context: an answer line takes at most a quarter of it.
+    ``made_by``: the command that prepares the data, named when its tokenizer is missing."""
+    from harness.data import load_tokenizer
 
     out_dir = out_dir or data_dir / "tasks"  # made by the first write, once the tasks are known to exist
-    tok = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    tok = load_tokenizer(data_dir, made_by)
     split, docs = heldout_documents(data_dir, tok)
     kept, total = [], 0
     for doc in docs:

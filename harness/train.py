@@ -26,12 +26,13 @@ import torch
 from harness import checkpoint, parallel, run_lock
 from harness.data import TokenShard, verify_shards
 from harness.energy import combine_across_ranks, open_meter
-from harness.errors import DamagedFile, HarnessError, MissingStep
+from harness.errors import DamagedFile, HarnessError
 from harness.io import read_json, read_jsonl, remove_leftovers, write_json, write_text
 from harness.parallel import ALONE, Layout
 from harness.precision import Precision, resolve
 from harness.progress import TENSORBOARD_DIR, TensorBoardLog, open_progress, require_tensorboard
 from harness.provenance import provenance
+from harness.remedy import run_file
 from harness.resources import check_memory
 from harness.study import Recipe, Run, Schedule, Study, identity_changes, recorded_identity, run_identity
 from models.accounting import FlopConvention, count_params, training_flops_per_token
@@ -160,6 +161,11 @@ class Trainer:
         self.layout = layout
         if self.r.tensorboard:
             require_tensorboard(study.path)
+            if (folder := out_dir / TENSORBOARD_DIR).exists() and not folder.is_dir():
+                raise HarnessError(
+                    f"{folder}: a file is where the run's TensorBoard folder belongs (recipe.tensorboard is "
+                    "true): move the file aside, or set recipe.tensorboard: false"
+                )
         self.data_meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
         self._check_data(data_dir)
         self.device = device or pick_device(study)
@@ -168,7 +174,7 @@ class Trainer:
         self.spec = run_spec(run, self.data_meta)
         self.spec_hash = _spec_hash(self.spec)
         if resume == "previous" and not (out_dir / checkpoint.PREVIOUS).is_file():
-            raise MissingStep(out_dir / checkpoint.PREVIOUS, f"harness train {study.path} --run {run.run_id}")
+            raise HarnessError(self._no_previous())
         self.ckpt_path, self.metrics_path = out_dir / checkpoint.NAME, out_dir / "metrics.jsonl"
         if layout.main:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -228,25 +234,61 @@ class Trainer:
         return expert_parameter_names(self.model)
 
     def _check_data(self, data_dir: Path) -> None:
-        run, meta = self.run, self.data_meta
+        """The prepared data fits the run: its vocabulary, enough train tokens for the budget and
+        a window of seq_len in each split; each refusal names the field and what to do."""
+        run, meta, study = self.run, self.data_meta, self.study.path
+        prepare = f"`harness data {study}` prepares it again"
         if meta["tokenizer"]["vocab_size"] != run.model.vocab_size:
-            raise ValueError(
-                f"{data_dir / 'data.json'}: tokenizer has {meta['tokenizer']['vocab_size']} tokens, "
-                f"model {run.model.name} expects {run.model.vocab_size}"
+            raise ConfigError(
+                "data.vocab_size",
+                f"is {run.model.vocab_size}, but the data in {data_dir} was prepared with a tokenizer of "
+                f"{meta['tokenizer']['vocab_size']} tokens; {prepare} with the new vocabulary "
+                "(every run then trains again)",
+                study,
             )
-        verify_shards(data_dir, meta, f"harness data {self.study.path}")
+        verify_shards(data_dir, meta, f"harness data {study}")
         train_tokens = meta["splits"]["train"]["tokens"]
         if run.tokens > train_tokens and not self.study.data.allow_repetition:
-            raise ValueError(
-                f"{self.study.path}: run {run.run_id} needs {run.tokens:,} tokens, the train split holds "
-                f"{train_tokens:,}; set data.allow_repetition: true or use more data"
+            raise ConfigError(
+                "data.allow_repetition",
+                f"run {run.run_id} needs {run.tokens:,} tokens but the train split holds {train_tokens:,} "
+                f"({run.tokens / train_tokens:.2f} epochs); set allow_repetition: true, use more data, "
+                "or lower the budget",
+                study,
             )
+        for split in ("train", "validation"):
+            tokens = meta["splits"][split]["tokens"]
+            if tokens - 1 < self.r.seq_len:  # a window is seq_len inputs and the token after them
+                more = (
+                    f"raise data.validation_fraction and run `harness data {study}`"
+                    if split == "validation"
+                    else "use more data"
+                )
+                raise ConfigError(
+                    "recipe.seq_len",
+                    f"{self.r.seq_len} is longer than the {split} split of {data_dir} ({tokens:,} tokens); "
+                    f"lower recipe.seq_len, or {more}",
+                    study,
+                )
 
     def _start_over(self) -> None:
         """Discard the checkpoints, record and curves of an earlier configuration of this run."""
         checkpoint.discard(self.out_dir)
         (self.out_dir / "record.json").unlink(missing_ok=True)
         shutil.rmtree(self.out_dir / TENSORBOARD_DIR, ignore_errors=True)
+
+    def _no_previous(self) -> str:
+        """--from-previous without a checkpoint.prev.pt: what the run folder holds, and what is left."""
+        train = f"harness train {self.study.path} --run {self.run.run_id}"
+        current = self.out_dir / checkpoint.NAME
+        why = checkpoint.problem(current)
+        if why is None:
+            there = f"{current.name} verifies: `{train}` resumes from it, `{train} --restart` starts over"
+        elif current.exists():
+            there = f"{current.name} is damaged ({why}): `{train} --restart` starts the run over"
+        else:
+            there = f"the run has no checkpoint: `{train}` starts it (`--from-previous` is not needed)"
+        return f"{self.out_dir / checkpoint.PREVIOUS}: there is no previous checkpoint to resume from; {there}"
 
     def _damaged_remedy(self) -> str:
         train = f"harness train {self.study.path} --run {self.run.run_id}"
@@ -288,7 +330,9 @@ class Trainer:
             self.compile_s, self.untimed_steps = state.get("compile_s", 0.0), state.get("untimed_steps", 0)
             self.energy_j = state.get("gpu_energy_j")
             if self.metrics_path.exists():
-                rows = read_jsonl(self.metrics_path, partial_last=True)
+                rows = read_jsonl(
+                    self.metrics_path, partial_last=True, remedy=run_file(self.metrics_path, self.study.path)
+                )
                 kept = [json.dumps(row) + "\n" for row in rows if row["step"] <= self.step]
         parallel.barrier(self.layout)  # every rank has read the log before it is cut
         if self.layout.main:
@@ -458,7 +502,7 @@ class Trainer:
 
     def record(self) -> dict[str, Any]:
         run, r = self.run, self.r
-        rows = read_jsonl(self.metrics_path)
+        rows = read_jsonl(self.metrics_path, remedy=run_file(self.metrics_path, self.study.path))
         if not rows or rows[-1].get("step") != run.steps:
             raise DamagedFile(self.metrics_path, f"its last row is not step {run.steps}", self._damaged_remedy())
         final = rows[-1]
@@ -511,13 +555,15 @@ class AlreadyTrained(Exception):
         self.record = record
 
 
-def finished_changes(out_dir: Path, run: Run, data_meta: dict[str, Any] | None) -> list[str] | None:
+def finished_changes(
+    out_dir: Path, run: Run, data_meta: dict[str, Any] | None, study: str = "STUDY"
+) -> list[str] | None:
     """None when the run has no record; else how its record differs from ``run`` on this data
-    (empty: finished as asked)."""
+    (empty: finished as asked). ``study``: as the user names it, for a damaged record's remedy."""
     path = out_dir / "record.json"
     if not path.is_file():
         return None
-    record = read_json(path)
+    record = read_json(path, remedy=run_file(path, study))
     changes = identity_changes(recorded_identity(record), run_identity(run))
     if data_meta is not None and record.get("data_fingerprint") != data_meta["fingerprint"]:
         changes.append(f"data fingerprint {record.get('data_fingerprint')} -> {data_meta['fingerprint']}")
@@ -554,7 +600,7 @@ def _check_finished(run: Run, study: Study, data_dir: Path, out_dir: Path, resum
     if resume not in ("auto", "changed"):
         return
     meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
-    changes = finished_changes(out_dir, run, meta)
+    changes = finished_changes(out_dir, run, meta, study.path)
     if changes == []:
         raise AlreadyTrained(read_json(out_dir / "record.json"))
     if changes and resume != "changed":

@@ -192,6 +192,12 @@ def fetch(items: list[dict], target: Target, dest: Path) -> list[Path]:
     return [dest / _file(item).name for item in items]
 
 
+def _listed(dest: Path) -> set[str]:
+    """The wheels an earlier build listed in SHA256SUMS."""
+    sums = dest / "SHA256SUMS"
+    return {line.split()[-1] for line in sums.read_text().splitlines() if line.strip()} if sums.is_file() else set()
+
+
 def write_manifest(dest: Path, files: list[Path], items: list[dict]) -> None:
     pins = sorted(f"{item['metadata']['name']}=={item['metadata']['version']}" for item in items)
     (dest / "requirements.txt").write_text("\n".join(pins) + "\n")
@@ -227,9 +233,13 @@ def build(
     else:
         raise SystemExit(f"wheelhouse: the target needs {', '.join(missing)}, which pip does not resolve")
     items = list(kept.values())
+    earlier = _listed(dest)  # what the last build wrote: only those of its wheels may go
     files = fetch(items, target, dest)
     for stale in set(dest.glob("*.whl")) - set(files):
-        stale.unlink()
+        if stale.name in earlier:
+            stale.unlink()
+        else:
+            print(f"wheelhouse: {stale} was not written by a build here; left as it is", file=sys.stderr)
     write_manifest(dest, files, items)
     return files
 

@@ -72,7 +72,7 @@ def _tiny_variant():
 
 def _match(tmp_path, capsys, *args: str) -> tuple:
     out = tmp_path / "configs" / "moe-d64-e16k2.yaml"
-    assert main(["match", *args, "--out", str(out)]) == 0
+    assert main(["match", *args, "--out", str(out), "--force"]) == 0  # --force: each call rewrites the file
     return load_config(out), capsys.readouterr().err
 
 

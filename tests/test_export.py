@@ -145,19 +145,23 @@ def test_export_writes_a_fast_tokenizer(tmp_path):
     assert not list(tmp_path.glob(".hf.*")), "no temporary directory left behind"
 
 
-def test_an_earlier_export_is_replaced_and_any_other_folder_kept(tmp_path):
+def test_an_earlier_export_is_replaced_and_any_other_file_kept(tmp_path):
     from harness.errors import HarnessError
 
     cfg = tiny_config()
     state = cfg.build().state_dict()
     export(cfg, state, None, tmp_path / "hf")
-    (tmp_path / "hf" / "stale.txt").write_text("from the earlier export")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"an older export's weights")
     export(cfg, state, None, tmp_path / "hf")
-    assert not (tmp_path / "hf" / "stale.txt").exists(), "the earlier export was replaced, not merged"
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() != b"an older export's weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"], "nothing set aside is left behind"
+    (tmp_path / "hf" / "notes.txt").write_text("the user's")
+    with pytest.raises(HarnessError, match=r"hf holds files that no earlier export wrote \(notes.txt\)"):
+        export(cfg, state, None, tmp_path / "hf")
+    assert (tmp_path / "hf" / "notes.txt").read_text() == "the user's"
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not an export")
-    with pytest.raises(HarnessError, match="not an earlier export"):
+    with pytest.raises(HarnessError, match="no earlier export wrote"):
         export(cfg, state, None, tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "not an export"
 

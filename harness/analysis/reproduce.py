@@ -23,6 +23,7 @@ unfinished run; a report built from a reference folder says that it is the refer
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from pathlib import Path
@@ -206,7 +207,8 @@ def keep_reference(results: Path, run_ids: list[str], dest: Path) -> list[Path]:
     """Copy the small records of a finished study (``results``: its folder, ``run_ids``: every run
     of its plan) into the reference folder ``dest``; each file written atomically. Refused, naming
     the runs, when one has no record.json (it has not finished). Records of runs no longer in the
-    plan are removed from ``dest``; its README.md and report files are left as they are."""
+    plan are removed from ``dest`` (their record files, and their folder once empty); README.md,
+    report files and anything else a user put there are left as they are."""
     require_finished(results, run_ids)
     if not (results / "data" / "data.json").is_file():
         raise HarnessError(f"{results / 'data' / 'data.json'} does not exist: run `harness data` first")
@@ -220,9 +222,12 @@ def keep_reference(results: Path, run_ids: list[str], dest: Path) -> list[Path]:
                 copied.append(dest / "runs" / run / name)
             else:
                 (dest / "runs" / run / name).unlink(missing_ok=True)
-    if (dest / "runs").is_dir():
+    if (dest / "runs").is_dir():  # runs no longer planned: their records go, anything else stays
         for stale in sorted(p for p in (dest / "runs").iterdir() if p.is_dir() and p.name not in run_ids):
-            shutil.rmtree(stale)
+            for name in RUN_FILES:
+                (stale / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                stale.rmdir()  # only when nothing else is in it
     for name in STUDY_FILES:
         if (src := results / name).is_file():
             _copy(src, dest / name)

@@ -74,8 +74,11 @@ class LayerHealth:
     reason: str  # why it counts as collapsed ('' when it does not)
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return read_jsonl(path, made_by="harness train")
+def read_metrics(path: Path, study: str = "STUDY") -> list[dict[str, Any]]:
+    """A run's metrics.jsonl; a damaged line is named with what to do (``study``: as the user names it)."""
+    from harness.remedy import run_file
+
+    return read_jsonl(path, made_by=f"harness train {study} --run {path.parent.name}", remedy=run_file(path, study))
 
 
 def routing_series(metrics: list[dict[str, Any]]) -> dict[str, np.ndarray]:

@@ -485,7 +485,6 @@ def routing_analysis(
     if load_config(run_dir / "config.yaml").moe is None:
         return {"moe": False}
     import torch
-    from tokenizers import Tokenizer
 
     from harness.lm_eval_model import load_run_model
     from harness.tasks import heldout_documents
@@ -494,10 +493,9 @@ def routing_analysis(
         raise ConfigError("--device", "cuda requested but no CUDA device is visible")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg, run_dir = load_run_model(run_dir, dev)
-    tok_path = data_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise ConfigError("data", f"{tok_path} does not exist; run `harness data` first")
-    tok = Tokenizer.from_file(str(tok_path))
+    from harness.data import load_tokenizer
+
+    tok = load_tokenizer(data_dir)
     split, docs = heldout_documents(data_dir, tok)
     keys = read_json(data_dir / "data.json").get("heldout_keys", {}).get(split)
     note = None
