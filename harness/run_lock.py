@@ -10,8 +10,12 @@ rewrite the checkpoint under them waits for nothing: it refuses.
 
 The kernel drops a ``flock`` when the process that holds it ends, however it ends (SIGKILL
 included), so a lock file left behind by a killed process never blocks: only a live holder
-does. The file says who took it last (pid, host and verb), for the refusal; it is never removed,
-since removing it would let two processes lock two different files of the same name.
+does. The file says who took it last (pid, host and verb), for the refusal. It stays, except
+where a training created the run folder and was refused before writing anything else there:
+then the folder and its lock go, so a refused run leaves nothing behind. A process that opened
+the removed file before it went finds, once it holds the lock, that the name now points
+elsewhere (or nowhere) and takes the lock again, so two processes never hold two files of one
+name.
 
 Under torchrun only rank 0 takes the lock, before the process group starts, so the ranks of
 one run never refuse each other; another run's rank 0 refuses, and torchrun ends its other ranks.
@@ -43,6 +47,14 @@ def _holder(fd: int) -> str:
     return text or "another process"
 
 
+def _still_named(path: Path, fd: int) -> bool:
+    """Whether ``path`` is still the file open as ``fd``."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def _take(run_dir: Path, run_id: str, exclusive: bool, verb: str) -> int:
     """An open descriptor holding the run's lock, or RunBusy naming the holder."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -55,6 +67,9 @@ def _take(run_dir: Path, run_id: str, exclusive: bool, verb: str) -> int:
         ) from None
     try:
         fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        if not _still_named(run_dir / NAME, fd):  # removed by a refused training meanwhile
+            os.close(fd)
+            return _take(run_dir, run_id, exclusive, verb)
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
@@ -79,10 +94,14 @@ def training(run_dir: Path, run_id: str, main: bool = True) -> Iterator[None]:
     if not main:
         yield
         return
+    created = not run_dir.exists()
     fd = _take(run_dir, run_id, exclusive=True, verb="train")
     try:
         yield
     finally:
+        if created and [p.name for p in run_dir.iterdir()] == [NAME]:  # refused before any work
+            (run_dir / NAME).unlink()
+            run_dir.rmdir()
         os.close(fd)  # closing the descriptor drops the lock
 
 

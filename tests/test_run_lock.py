@@ -113,3 +113,25 @@ def test_the_workflow_refuses_to_train_a_run_trained_by_hand(study: Path, holder
     log = (study / "results" / "pico" / "logs" / "train" / f"{RUN}.log").read_text()
     assert f"harness train: error: {RUNDIR}/.lock: run {RUN} is being trained by pid {holder.pid}" in log, log
     assert not (study / RUNDIR / "record.json").exists()
+
+
+def test_a_refused_training_leaves_no_folder_and_a_removed_lock_is_taken_again(tmp_path: Path):
+    from harness import run_lock
+
+    run_dir = tmp_path / "runs" / "r"
+    with pytest.raises(RuntimeError), run_lock.training(run_dir, "r"):
+        raise RuntimeError("refused before any work")
+    assert not run_dir.exists(), "a folder that held only the lock is removed with it"
+    with run_lock.training(run_dir, "r"):
+        (run_dir / "metrics.jsonl").write_text("{}\n")
+    assert (run_dir / run_lock.NAME).exists(), "a folder with the run's work keeps its lock file"
+
+    # A process that opened the lock file before a refused training removed it holds a file
+    # no name points to: taking the lock again gives the file the name points to now.
+    stale = os.open(run_dir / run_lock.NAME, os.O_RDWR)
+    (run_dir / run_lock.NAME).unlink()
+    assert not run_lock._still_named(run_dir / run_lock.NAME, stale)
+    fd = run_lock._take(run_dir, "r", exclusive=True, verb="train")
+    assert run_lock._still_named(run_dir / run_lock.NAME, fd)
+    os.close(fd)
+    os.close(stale)

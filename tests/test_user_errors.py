@@ -20,7 +20,7 @@ from pico_study import MODEL_FILE, RUN, RUNDIR, STUDY
 from pico_study import cli as _cli
 from test_bad_inputs import DATA, TRAIN, garble_line, remove, set_yaml, truncate, write
 
-from harness import checkpoint
+from harness import checkpoint, run_lock
 
 # --- changes a case makes before its command --------------------------------------------------
 
@@ -263,7 +263,10 @@ CASES = [
 
 
 def _snapshot(root: Path) -> dict[str, bytes | None]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+    """Every file and folder under ``root`` with its content, less the runs' lock files: each
+    names who took the lock last (harness.run_lock), so every verb that reads a run rewrites it."""
+    paths = [p for p in root.rglob("*") if p.name != run_lock.NAME]
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in paths}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
