@@ -27,7 +27,7 @@ WHEELS ?=
 PIP_FROM := $(if $(WHEELS),--no-index --find-links $(abspath $(WHEELS)))
 TORCH_REQ := $(if $(WHEELS),torch,"$(TORCH_SPEC)" $(TORCH_INDEX))
 
-.PHONY: install wheelhouse check-offline test bench lint study report-check test-cluster gpu-wheelhouse gpu-check gpu-check-rehearsal clean
+.PHONY: install wheelhouse check-offline test test-unit bench lint study report-check test-cluster gpu-wheelhouse gpu-check gpu-check-rehearsal clean
 
 $(STAMP): pyproject.toml
 	$(if $(WHEELS),cd $(WHEELS) && sha256sum --check --quiet SHA256SUMS)
@@ -85,6 +85,10 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/actionlint
 	$(BIN)/python -m pytest
+
+# The unit tier alone (what to run while editing): `make test` less the tests marked `slow`.
+test-unit: install
+	$(BIN)/python -m pytest -m "not slow"
 
 # Micro-benchmarks (pytest-benchmark), kept out of `make test`.
 bench: install

@@ -479,6 +479,7 @@ def test_each_save_keeps_the_one_before(tmp_path):
     assert (tmp_path / "checkpoint.pt.sha256").read_text().endswith("  checkpoint.pt\n")
 
 
+@pytest.mark.slow
 def test_snakemake_redoes_a_run_whose_record_was_deleted(study: Path):
     """Snakemake reruns a job only for outputs it can see missing: the report needs every record."""
     import subprocess

@@ -254,6 +254,7 @@ def close(actual, expected, what: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2)], ids=["2ranks", "4ranks", "2x2ranks"])
 def test_expert_parallel_equals_single_process(job, world, ep, case):

@@ -156,6 +156,7 @@ def test_studies_and_configs_resolve_from_the_project(tmp_path, monkeypatch):
 # --- the workflow -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_bookkeeping_change_retrains_nothing_and_a_real_one_is_refused(study):
     _edit(study, lambda d: d["recipe"].update(min_steps=5, eval_every=7, checkpoint_every=3, eval_batches=1))
     quiet = _snakemake(study)
@@ -173,6 +174,7 @@ def test_a_bookkeeping_change_retrains_nothing_and_a_real_one_is_refused(study):
     assert _mtimes(study) == before, "a refused change must leave every file as it was"
 
 
+@pytest.mark.slow
 def test_retrain_stale_replaces_the_changed_run(study):
     _edit(study, lambda d: d["recipe"].update(lr=1e-3))
     done = _snakemake(study, "retrain=stale", dry=False)
@@ -185,6 +187,7 @@ def test_retrain_stale_replaces_the_changed_run(study):
     assert "rule train:" not in again.stdout, "a plain run after retrain=stale retrains nothing"
 
 
+@pytest.mark.slow
 def test_a_copied_study_is_not_retrained_and_lost_timestamps_are_named(study, tmp_path):
     """Train on one machine, report on another: copy results/ with its timestamps (cp -a,
     rsync -a, tar); Snakemake's own metadata (.snakemake/) need not travel. A copy that lost its

@@ -197,6 +197,7 @@ def _one_core() -> None:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
 def test_the_workflow_refuses_more_ranks_than_cores_before_any_job(study: Path):
     layout(2)(study)
@@ -210,6 +211,7 @@ def test_the_workflow_refuses_more_ranks_than_cores_before_any_job(study: Path):
     assert "field 'parallel.data': 2 ranks need a CPU core each and this host has 1 CPU core(s)" in said, said
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is visible here: the GPU count is checked first")
 def test_the_workflow_refuses_a_gpu_resource_smaller_than_a_run(study: Path):
     """A GPU study (as on a cluster's submitting host: --config device=cuda) whose runs take 2
@@ -236,6 +238,7 @@ def _launch(root: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_each_rank_refuses_a_batch_that_does_not_split_and_the_launch_exits_2(study: Path):
     (study / RUNDIR / "record.json").unlink()
     done = _launch(study, 3)
@@ -246,6 +249,7 @@ def test_each_rank_refuses_a_batch_that_does_not_split_and_the_launch_exits_2(st
     assert "harness.launch: rank" in done.stderr and "exit code 2" in done.stderr
 
 
+@pytest.mark.slow
 def test_a_stopped_multi_rank_run_exits_3(study: Path):
     done = _launch(study, 2, "--restart", "--stop-after", "2")
     assert done.returncode == 3, done.stderr[-3000:]

@@ -242,6 +242,7 @@ def _bpb(out: Path) -> float:
     return json.loads(result.read_text())["results"]["heldout_ppl"]["bits_per_byte,none"]
 
 
+@pytest.mark.slow
 def test_lm_eval_cli_runs_our_model_and_the_hf_export_gives_the_same_bits_per_byte(trained, tmp_path):
     _, _, results, runs, _ = trained
     hf_dir = tmp_path / "hf"
@@ -278,6 +279,7 @@ def test_lm_eval_cli_runs_our_model_and_the_hf_export_gives_the_same_bits_per_by
     assert 0.5 < a < 8 and abs(a - b) < 1e-4, (a, b)
 
 
+@pytest.mark.slow
 def test_harness_evaluate_writes_eval_json_and_names_the_tasks_it_could_not_run(trained):
     root, study, results, runs, _ = trained
     env = os.environ | {"HF_HOME": str(root / "hf-home")}

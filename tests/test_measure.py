@@ -91,6 +91,7 @@ print(json.dumps(measure(cfg, torch.device("cpu"), settings)["memory"]))
 """
 
 
+@pytest.mark.slow
 def test_measured_peak_follows_total_parameters():
     tests = Path(__file__).parent
     procs = {

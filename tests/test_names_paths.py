@@ -126,6 +126,7 @@ def test_an_empty_study_choice_is_refused(value):
     assert choose_study("quick") == ("quick", "chosen with --config study=...")
 
 
+@pytest.mark.slow
 def test_snakemake_refuses_an_empty_study_rather_than_running_tiny():
     done = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--config", "study="],
@@ -142,6 +143,7 @@ def test_snakemake_refuses_an_empty_study_rather_than_running_tiny():
 # --- paths with spaces, for real ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_data_step_runs_from_paths_with_spaces(pristine: Path, tmp_path: Path):
     """The pico study in a folder whose path holds a space, its study file named with one, run by
     a Python whose path holds one: Snakemake runs the data rule and it succeeds."""

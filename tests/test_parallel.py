@@ -56,6 +56,7 @@ def two_ranks(pristine, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_two_ranks_train_what_one_process_trains(two_ranks):
     one, two = two_ranks / RUNDIR, two_ranks / "two" / "pico" / "runs" / RUN
     assert _close(_losses(two), _losses(one))
@@ -67,6 +68,7 @@ def test_two_ranks_train_what_one_process_trains(two_ranks):
     assert [d["rank"] for d in layout["devices"]] == [0, 1]
 
 
+@pytest.mark.slow
 def test_a_killed_two_rank_run_resumes_to_the_same_numbers(two_ranks):
     root, whole = two_ranks, two_ranks / "two" / "pico" / "runs" / RUN
     stopped = _torchrun(root, 2, _results(root, "cut"), "--stop-after", "50")
@@ -102,6 +104,7 @@ def test_a_layout_that_does_not_split_the_run_is_refused(study, layout, field, f
     assert field in str(e.value) and fragment in str(e.value)
 
 
+@pytest.mark.slow
 def test_the_train_rule_launches_torchrun_with_the_layout(study):
     _edit(study, data=2)
     (study / RUNDIR / "record.json").unlink()
@@ -123,6 +126,7 @@ rounding difference flips a top-k choice now and then, and the runs drift apart 
 over the first 20 steps, 0.9% at most over 190)."""
 
 
+@pytest.mark.slow
 def test_an_expert_parallel_run_trains_what_one_process_trains(study, monkeypatch):
     (study / "moe.yaml").write_text(yaml.safe_dump(MOE_MODEL))
     data = yaml.safe_load((study / STUDY).read_text())

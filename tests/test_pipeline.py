@@ -401,6 +401,7 @@ def test_non_finite_loss_stops_the_run_and_leaves_no_record(prepared, monkeypatc
     assert not (out / "record.json").exists()
 
 
+@pytest.mark.slow
 def test_report_tables(prepared):
     root, study, data_dir, _ = prepared
     results = root / "results"
@@ -483,6 +484,7 @@ def test_cli_routing_of_a_trained_moe_run(prepared, tmp_path, capsys):
     assert "run `harness train" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_snakemake_refuses_a_bad_study_before_running(tmp_path):
     bad = _study(tmp_path, budgets=[-5])
     r = subprocess.run(
@@ -509,6 +511,7 @@ def test_a_given_tokenizer_file_is_used(prepared, tmp_path):
         prepare(wrong, tmp_path / "wrong")
 
 
+@pytest.mark.slow
 def test_cli_plan_and_stop_resume(prepared):
     root, study, _, _ = prepared
 

@@ -72,6 +72,7 @@ def test_cpu_bf16_pads_to_blocks_and_fp32_does_not():
         assert layer.experts.rows_per_block(x) == layer.experts.CPU_BF16_BLOCK_ROWS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moe", [None, {"experts": 4, "top_k": 2}])
 def test_bf16_compiled_cpu_path_computes_the_eager_float32_loss(moe):
     """The speed-up is not bought with another function: same weights and batch, bf16 autocast

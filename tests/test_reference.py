@@ -92,6 +92,7 @@ def _without(md: str, section: str) -> str:
     return md[:start] + md[md.index("\n## ", start + 1) :]
 
 
+@pytest.mark.slow
 def test_a_reference_is_rebuilt_from_its_small_records_alone(finished, tmp_path):
     root = shutil.copytree(finished, tmp_path / "study")
     (root / "study.yaml").write_text((root / "study.yaml").read_text().replace(str(finished), str(root)))

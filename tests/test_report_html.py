@@ -176,6 +176,7 @@ def _browser() -> str:
         pytest.skip(f"needs Chromium (Debian package chromium): {e}")
 
 
+@pytest.mark.slow
 def test_browser_passes_the_rendered_report_and_takes_a_screenshot(report):
     _browser()
     page = write_html(report)

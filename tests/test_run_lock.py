@@ -103,6 +103,7 @@ def test_training_is_refused_while_a_step_reads_the_run(study: Path, monkeypatch
     assert code == 0, err
 
 
+@pytest.mark.slow
 def test_the_workflow_refuses_to_train_a_run_trained_by_hand(study: Path, holder):
     (study / RUNDIR / "record.json").unlink()
     cmd = [sys.executable, "-m", "snakemake", str(Path(RUNDIR) / "record.json"), "--cores", "1"]

@@ -115,6 +115,7 @@ def test_seed_noise_gives_three_sizes_an_interval_of_nonzero_width():
     assert fit.alpha_ci[0] <= ALPHA <= fit.alpha_ci[1]
 
 
+@pytest.mark.slow
 def test_interval_coverage_on_synthetic_studies():
     """Three sizes x three seeds drawn from the law with seed noise 0.02 nats, the noise pooled
     from the seeds as the report does: the nominal 95% interval of alpha covers the true value

@@ -169,6 +169,7 @@ def _snakemake(root: Path, *config: str, dry: bool = True) -> subprocess.Complet
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root, env=env)
 
 
+@pytest.mark.slow
 def test_snakemake_sees_a_corpus_edit_after_the_pipeline_finished(study: Path):
     edit_corpus(study)
     refused = _snakemake(study)
@@ -181,6 +182,7 @@ def test_snakemake_sees_a_corpus_edit_after_the_pipeline_finished(study: Path):
     assert f"Updated input files: {DATA}/{CORPUS}" in agreed.stdout
 
 
+@pytest.mark.slow
 def test_snakemake_leaves_a_moved_corpus_with_new_timestamps_alone(study: Path):
     move_corpus(study)
     out = _snakemake(study)
@@ -188,6 +190,7 @@ def test_snakemake_leaves_a_moved_corpus_with_new_timestamps_alone(study: Path):
     assert "rule data:" not in out.stdout and "rule train:" not in out.stdout, out.stdout
 
 
+@pytest.mark.slow
 def test_lost_timestamps_are_named_with_snakemake_touch(study: Path):
     """data.json newer than the record, nothing changed in content: the refusal says so."""
     os.utime(study / DATA / "data.json")

@@ -164,6 +164,7 @@ def test_missing_tensorboard_is_refused_before_training(pico, monkeypatch):
     assert not out.exists(), "refused before any work"
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_every_logged_step_and_changes_no_number(pico):
     pytest.importorskip("tensorboard", reason="tensorboard is not installed: pip install 'moe-harness[tensorboard]'")
     root, study = pico
