@@ -17,14 +17,15 @@ size, the world size being the study's ``parallel.data``).
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from harness.probe import Prober
 from harness.study import Recipe, Run
 from models.accounting import count_params
 
@@ -41,11 +42,6 @@ STARTUP_SECONDS = 14.0
 """Process start, imports, shard verification, checkpoints and the final record: the tiny study's
 train jobs took 13-15 s beyond training, validation and compile time."""
 
-PROBE_STEPS, PROBE_WARMUP = 4, 2
-PROBE_MAX_STEP_FLOPS = 2e12
-"""A model whose training step costs more is not probed on a CPU (a step would take many
-seconds); its estimate is its FLOPs at the probed rate of the largest probed model."""
-
 CHECKPOINT_COPIES = 2
 """checkpoint.pt and checkpoint.prev.pt, each weights + AdamW's two moments in float32."""
 
@@ -55,56 +51,26 @@ class RunEstimate:
     seconds: float
     basis: str
     checkpoint_bytes: int
+    eager_step_seconds: float
+    """One eager training step: what the later stages (measure, evaluate) are counted in."""
 
 
 def step_flops(run: Run) -> float:
     return run.flops_per_token * run.tokens_per_step
 
 
-def _probe_step_seconds(run: Run, threads: int, dtype: torch.dtype) -> float:
-    """Median seconds of an eager training step of ``run``'s model on this CPU."""
-    from harness.train import make_optimizer
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        torch.manual_seed(0)
-        model = run.model.build()
-        opt = make_optimizer(model, run.recipe)
-        r = run.recipe
-        x = torch.randint(0, run.model.vocab_size, (r.batch_size, r.seq_len))
-        times = []
-        for i in range(PROBE_WARMUP + PROBE_STEPS):
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                out = model(x, x)
-            (out.loss + out.aux_loss).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if i >= PROBE_WARMUP:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times)
-    finally:
-        torch.set_num_threads(old)
-
-
-def cpu_step_seconds(run: Run, threads: int, cache: dict) -> tuple[float, str]:
-    """(seconds per training step, how it was found) on this CPU."""
+def cpu_step_seconds(run: Run, threads: int, prober: Prober) -> tuple[float, str]:
+    """(seconds per training step, how it was found) on this CPU: the probe
+    (:mod:`harness.probe`), else the FLOPs at the largest probed model's rate, else NaN with
+    why the model was not probed."""
     r = run.recipe
     compiled = r.compile
     dtype = torch.float32 if compiled or r.dtype != "bfloat16" else torch.bfloat16
-    key = (run.model.name, r.batch_size, r.seq_len, threads, dtype)
-    if key not in cache:
-        if step_flops(run) > PROBE_MAX_STEP_FLOPS:
-            rates = [f / s for (f, s) in cache.get("_rates", [])]
-            if not rates:
-                return float("nan"), "too large to probe on this CPU"
-            cache[key] = (step_flops(run) / max(rates), "FLOPs at the largest probed model's rate")
-        else:
-            seconds = _probe_step_seconds(run, threads, dtype)
-            cache.setdefault("_rates", []).append((step_flops(run), seconds))
-            cache[key] = (seconds, f"probe, eager {str(dtype).removeprefix('torch.')}")
-    seconds, basis = cache[key]
+    seconds, basis = prober.step_seconds(run, step_flops(run), threads, dtype)
+    if seconds is None:
+        if not prober.rates:
+            return float("nan"), f"not probed: {basis}"
+        seconds, basis = step_flops(run) / max(prober.rates), "FLOPs at the largest probed model's rate"
     if compiled:
         return seconds / CPU_COMPILE_SPEEDUP, f"{basis} / {CPU_COMPILE_SPEEDUP} (compiled)"
     return seconds, basis
@@ -124,26 +90,53 @@ def checkpoint_bytes(run: Run) -> int:
 def estimate_run(
     run: Run,
     device: str,
-    cache: dict,
+    prober: Prober | None = None,
     measured_tokens_per_s: float | None = None,
     gpu_flops: float | None = None,
     compile_s: float | None = None,
+    done_steps: int = 0,
 ) -> RunEstimate:
     """One run's wall time on ``device`` ('cpu' or 'cuda'): ``measured_tokens_per_s`` from a
-    finished run of the same model, else the probe (CPU) or ``gpu_flops`` (CUDA: peak x MFU)."""
+    finished run of the same model, else the probe (CPU) or ``gpu_flops`` (CUDA: peak x MFU).
+    ``done_steps``: steps a run in progress has behind it; only the rest is counted."""
     if measured_tokens_per_s:
         step_s, basis = run.tokens_per_step / measured_tokens_per_s, "a finished run's rate"
     elif device == "cuda":
         step_s, basis = step_flops(run) / gpu_flops, "FLOPs at the assumed MFU of the GPU's peak"
     else:
         threads = run.recipe.train_threads or os.cpu_count() or 1
-        step_s, basis = cpu_step_seconds(run, threads, cache)
+        step_s, basis = cpu_step_seconds(run, threads, prober or Prober.start())
     compiled = run.recipe.compile
     compiling = (compile_s if compile_s is not None else COMPILE_SECONDS[device]) if compiled else 0.0
     # Validation runs the eager model: on a CPU, at the uncompiled rate.
     eager_step_s = step_s * CPU_COMPILE_SPEEDUP if compiled and device == "cpu" else step_s
-    seconds = run.steps * step_s + evaluation_steps(run) * eager_step_s + compiling + STARTUP_SECONDS
-    return RunEstimate(seconds, basis, checkpoint_bytes(run))
+    left = 1 - min(done_steps, run.steps) / run.steps
+    work = left * (run.steps * step_s + evaluation_steps(run) * eager_step_s)
+    return RunEstimate(work + compiling + STARTUP_SECONDS, basis, checkpoint_bytes(run), eager_step_s)
+
+
+def estimate_runs(runs: list[Run], device: str, done_steps: list[int], **how) -> list[RunEstimate]:
+    """:func:`estimate_run` of every run; on a CPU the models are probed smallest step first, so
+    that each probe's time bound uses the rate of the largest model probed before it."""
+    prober = Prober.start() if device == "cpu" else None
+    order = sorted(range(len(runs)), key=lambda i: step_flops(runs[i]))
+    out: dict[int, RunEstimate] = {}
+    rates = how.pop("rates", {})
+    for i in order:
+        measured = rates.get(runs[i].model.name)
+        out[i] = estimate_run(runs[i], device, prober, measured, done_steps=done_steps[i], **how)
+    if prober is not None:
+        prober.save()
+    return [out[i] for i in range(len(runs))]
+
+
+def makespan(seconds: list[float], slots: int) -> float:
+    """Wall time of jobs of ``seconds`` on ``slots`` workers taking the longest first (Graham's
+    LPT list schedule, 1969): at least the longest job and the total over the slots."""
+    loads = [0.0] * max(1, slots)
+    for s in sorted(seconds, reverse=True):
+        loads[loads.index(min(loads))] += s
+    return max(loads)
 
 
 def concurrent_runs(recipe: Recipe, device: str, gpus: int, world: int = 1) -> int:
@@ -159,17 +152,20 @@ def concurrent_runs(recipe: Recipe, device: str, gpus: int, world: int = 1) -> i
 def finished_rates(results: Path, runs: list[Run]) -> tuple[dict[str, float], float | None]:
     """Training tokens/s of finished runs by model name (same recipe), and their median compile
     seconds."""
-    import json
-
     rates, compiles = {}, []
     for run in runs:
-        path = results / "runs" / run.run_id / "record.json"
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
+        record = read_record(results, run)
         if record.get("tokens_per_s"):
             rates[run.model.name] = record["tokens_per_s"]
         if record.get("compile_seconds"):
             compiles.append(record["compile_seconds"])
     return rates, (statistics.median(compiles) if compiles else None)
+
+
+def read_record(results: Path, run: Run) -> dict:
+    """A run's record.json ({} when it has none or it does not parse)."""
+    try:
+        record = json.loads((results / "runs" / run.run_id / "record.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from harness.corpus import sync_corpus
+from harness.disk import CHECK_KEY, guard_disk
 from harness.parallel import check_workflow
 from harness.study import analysed, load_study, plan
 from harness.train import pick_device
@@ -84,3 +85,7 @@ sync_identities(STUDY, list(RUNS.values()), Path(RESULTS), RETRAIN == "stale", C
 
 onstart:
     guard_retraining(workflow, STUDY, list(RUNS.values()), Path(RESULTS), RETRAIN)
+    # The checkpoints and shards the study still has to write must fit on the disk of RESULTS
+    # (harness.disk); `--config disk_check=off` starts it anyway.
+    if not getattr(workflow, "touch", False):
+        guard_disk(STUDY, list(RUNS.values()), Path(RESULTS), config.get(CHECK_KEY))

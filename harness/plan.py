@@ -1,0 +1,262 @@
+"""``harness plan STUDY``: the run matrix, what is done, how long the rest takes and the disk it
+needs, answered in seconds and without training anything that may not fit.
+
+Each run's training time is recorded (``train`` job's benchmark, else its record) once done, and
+estimated before (``harness.estimate``; on a CPU a bounded probe, ``harness.probe``). When no
+model of a study could be probed on this CPU and the study may use a GPU (``device: auto``),
+the times are those of the GPU, with a warning saying why the CPU was not probed. The stages
+after training are estimated from their settings (``harness.stages``); the total is the sum of
+the stage rows shown. The disk is ``harness.disk``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from tabulate import tabulate
+
+from harness.disk import describe, study_disk
+from harness.estimate import concurrent_runs, estimate_runs, finished_rates, makespan, read_record, step_flops
+from harness.stages import Stage, corpus_bytes, pipeline, recorded_seconds
+from harness.study import analysed, budget_label, load_study, plan, plan_rows
+from models.config import ConfigError
+
+
+def human(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN: not estimated
+        return "-"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def plan_device(study, runs, args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The device the study's runs will use ('cpu' or 'cuda'), and warnings about the plan."""
+    import torch
+
+    visible = torch.cuda.is_available()
+    device = args.device or ("cuda" if study.device == "cuda" or (study.device == "auto" and visible) else "cpu")
+    args.gpus = plan_gpus(study, len(runs), device, args.gpus)
+    warnings = []
+    if device == "cuda" and not visible:
+        warnings.append(
+            f"no CUDA device is visible here: the times assume {args.gpus} x {args.gpu} at {args.mfu:.0%} MFU"
+        )
+    return device, warnings
+
+
+def plan_gpus(study, runs: int, device: str, gpus: int | None) -> int:
+    """The GPUs the plan's runs share (--gpus; default: one run's world size), checked against
+    the runs' world size (parallel.data) and the GPUs this host has. On a CPU, the study's world
+    size is checked against the cores instead."""
+    from harness.parallel import check_world, host_slots
+
+    world = study.parallel.data
+    if device == "cpu":
+        check_world(world, "cpu", "parallel.data", study.path)
+        return 0
+    check_world(world, "cuda", "parallel.data", study.path)  # counts only where GPUs are visible
+    if gpus is None:
+        return world
+    if gpus < world:
+        raise ConfigError(
+            "--gpus",
+            f"each run of study {study.name} trains on {world} GPUs (parallel.data: {world}); give at least {world}",
+            "(command line)",
+        )
+    visible = host_slots("cuda")
+    most = visible or world * runs  # no GPU here: at most every run at once
+    if gpus > most:
+        have = (
+            f"this host has {visible} GPU(s)"
+            if visible
+            else f"its {runs} run(s) of {world} GPU(s) each use at most {most}"
+        )
+        raise ConfigError(
+            "--gpus", f"{gpus} is more than study {study.name} can use: {have}; give at most {most}", "(command line)"
+        )
+    return gpus
+
+
+def gpu_flops(args: argparse.Namespace) -> float:
+    import torch
+
+    from harness.measure import peak_flops
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else args.gpu
+    peak, why = peak_flops(name)
+    if peak is None:
+        raise ConfigError("--gpu", why)
+    return peak * args.mfu
+
+
+def run_estimates(study, runs, states, results: Path, device: str, args: argparse.Namespace) -> list:
+    rates, compile_s = finished_rates(results, runs)
+    flops = gpu_flops(args) if device == "cuda" else None
+    done_steps = [s.step or 0 if s.state == "in progress" else 0 for s in states]
+    measured = rates if device == "cpu" or flops is None else {}
+    return estimate_runs(runs, device, done_steps, rates=measured, gpu_flops=flops, compile_s=compile_s)
+
+
+def recorded_train(results: Path, run) -> float | None:
+    """A finished run's training wall time: its train job's benchmark, else its record's
+    ``train_seconds``."""
+    seconds = recorded_seconds(results / "benchmarks" / "train" / f"{run.run_id}.tsv")
+    return seconds if seconds is not None else read_record(results, run).get("train_seconds")
+
+
+def cpu_not_probed(runs, estimates) -> str | None:
+    """Why the CPU estimate is missing, for the smallest model (None when every run has one)."""
+    missing = [(step_flops(r), e.basis) for r, e in zip(runs, estimates, strict=True) if math.isnan(e.seconds)]
+    return min(missing)[1].removeprefix("not probed: ") if missing else None
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from harness.data import read_meta
+    from harness.workflow import run_states
+
+    study = load_study(args.study)
+    results = Path(args.results) / study.name
+    data_dir = results / "data"
+    exists = (data_dir / "data.json").exists()
+    train_tokens = read_meta(data_dir, f"harness data {study.path}")["splits"]["train"]["tokens"] if exists else None
+    runs = plan(study, train_tokens=train_tokens)
+    device, warnings = plan_device(study, runs, args)
+    states = run_states(study, runs, results)
+    estimates = run_estimates(study, runs, states, results, device, args)
+    why = cpu_not_probed(runs, estimates) if device == "cpu" else None
+    if why and study.device == "auto" and args.device is None:
+        # The runs would train on this CPU, but no model here could be probed: the GPU's times.
+        args.device, args.gpus = "cuda", None
+        device, _ = plan_device(study, runs, args)
+        gpu = f"the times assume {args.gpus} x {args.gpu} at {args.mfu:.0%} MFU (as `--device cuda`)"
+        warnings = [
+            f"no GPU is visible and the CPU was not probed ({why}): {gpu}; on this CPU it would take far longer"
+        ]
+        estimates = run_estimates(study, runs, states, results, device, args)
+    recorded = [recorded_train(results, r) if s.state == "done" else None for r, s in zip(runs, states, strict=True)]
+    rows = [
+        row
+        | {"state": s.state, "changes": list(s.changes), "est_seconds": None if rec is not None else e.seconds}
+        | {"recorded_seconds": rec, "est_basis": e.basis}
+        for row, s, e, rec in zip(plan_rows(runs, train_tokens), states, estimates, recorded, strict=True)
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print_plan(study, runs, rows, states, estimates, device, warnings, args, results)
+    return 0
+
+
+def run_time(row: dict) -> str:
+    if row["recorded_seconds"] is not None:
+        return f"{duration(row['recorded_seconds'])} rec."
+    return "-" if row["est_seconds"] is None else f"{duration(row['est_seconds'])} est."
+
+
+def train_stage(study, runs, rows, estimates, device: str, args: argparse.Namespace) -> tuple[Stage, int]:
+    """The training stage: the runs left at the concurrency the plan says (a list schedule of
+    their rows), and the runs that train at once."""
+    todo = [i for i, r in enumerate(rows) if r["state"] != "done"]
+    world = study.parallel.data
+    at_once = max(1, min(concurrent_runs(study.recipe, device, args.gpus, world), len(todo) or 1))
+    left = makespan([estimates[i].seconds for i in todo], at_once)
+    done = sum(r["recorded_seconds"] or 0.0 for r in rows)
+    each = f"{world} GPU(s) per run of {args.gpus}" if device == "cuda" else f"{world} process(es) per run"
+    bases = "; ".join(sorted({estimates[i].basis for i in todo})) or "recorded"
+    return Stage("train", len(todo), len(runs), left, done, f"{at_once} at once, {each}; {bases}"), at_once
+
+
+def stage_table(stages: list[Stage]) -> tuple[str, float]:
+    """The stages as a table with their total row, and the total still to do."""
+    table = [
+        [s.name, f"{s.jobs_left} of {s.jobs}", duration(s.todo_seconds) if s.jobs_left else "-",
+         duration(s.done_seconds) if s.done_seconds else "-", s.basis]
+        for s in stages
+    ]  # fmt: skip
+    left = sum(s.todo_seconds for s in stages if s.jobs_left)
+    done = sum(s.done_seconds for s in stages)
+    table.append(["total", "", duration(left), duration(done) if done else "-", "the sum of the rows above"])
+    headers = ["stage", "jobs left", "to do (est.)", "done (rec.)", "from"]
+    return tabulate(table, headers=headers, disable_numparse=True), left
+
+
+def print_plan(study, runs, rows, states, estimates, device, warnings, args, results: Path) -> None:
+    table = [
+        [
+            r["run_id"],
+            r["arm"],
+            human(r["total_params"]),
+            human(r["active_params"]),
+            human(r["flops_per_token"]),
+            budget_label(r["budget"]),
+            human(r["tokens"]),
+            r["steps"],
+            "-" if r["epochs"] is None else f"{r['epochs']:.2f}",
+            r["state"] if s.step is None else f"{r['state']} (step {s.step})",
+            run_time(r),
+        ]
+        for r, s in zip(rows, states, strict=True)
+    ]
+    headers = ["run", "arm", "total", "active", "FLOPs/token", "budget", "tokens", "steps", "epochs", "state", "train"]
+    convention = study.recipe.flop_convention
+    print(f"study {study.name} ({study.path}): {plural(len(runs), 'run')} on {device}, FLOP convention {convention}")
+    print(tabulate(table, headers=headers, disable_numparse=True))
+    train, _ = train_stage(study, runs, rows, estimates, device, args)
+    slots = max(1, args.gpus) if device == "cuda" else 1
+    compile_s = finished_rates(results, runs)[1] or 60.0
+    prepared = (results / "data" / "data.json").is_file()
+    stages = pipeline(study, runs, analysed(study, runs), estimates, train, results, device, slots, compile_s)
+    text, left = stage_table(stages)
+    print("\n" + text)
+    todo = [i for i, s in enumerate(states) if s.state != "done"]
+    print(
+        f"\n{len(runs) - len(todo)} of {plural(len(runs), 'run')} done. To do: {plural(len(todo), 'run')}, "
+        f"{sum(runs[i].flops for i in todo):.3g} training FLOPs; "
+        f"{'time not estimated' if left != left else f'about {duration(left)} in all'} "
+        "(the total above: stages one after another; Snakemake may overlap some)."
+    )
+    need = study_disk(study, runs, results, None if prepared else corpus_bytes(study))
+    print(describe(need, results) + ("" if need.more <= need.free else " (not enough: the workflow refuses to start without `--config disk_check=off`)"))
+    notes(study, rows, states, results, train.todo_seconds, device, warnings)
+
+
+def notes(study, rows, states, results: Path, train_left: float, device: str, warnings: list[str]) -> None:
+    """What the plan says below its totals: missing data, stale runs, warnings."""
+    from harness.workflow import data_changes
+
+    if rows and rows[0]["epochs"] is None:
+        print("epochs: run `harness data` first to know the train split's size")
+    changed = data_changes(study, results)
+    if changed:
+        print(f"data: the prepared data is not current ({'; '.join(changed)}): `harness data` prepares it again")
+    for s in states:
+        if s.state == "stale":
+            print(f"stale: {s.run_id} would be trained again: {'; '.join(s.changes)}")
+    too_long = train_left != train_left or train_left > 86400  # NaN: a model not probed
+    if device == "cpu" and study.device == "auto" and too_long:
+        shown = "models not probed on this CPU" if train_left != train_left else f"{duration(train_left)} on this CPU"
+        warnings.append(
+            f"this study looks made for a GPU (device: auto, {shown}) but no GPU is visible: it would train "
+            "on this CPU; `--device cuda` shows the GPU estimate"
+        )
+    elif device == "cpu" and train_left != train_left:
+        warnings.append("the training time is not estimated: " + "; ".join(sorted({r["est_basis"] for r in rows})))
+    for w in warnings:
+        print(f"warning: {w}")
