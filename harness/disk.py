@@ -34,7 +34,7 @@ class DiskNeed:
     data_bound: bool
     """True when ``data`` is an upper bound (the data is not prepared yet)."""
     written: int
-    """Bytes of these files already on disk."""
+    """Bytes of these files already on disk (each up to its expected size)."""
     free: int
 
     @property
@@ -74,10 +74,13 @@ def data_bytes(study: Study, results: Path, corpus: int | None) -> tuple[int, bo
 def study_disk(study: Study, runs: list[Run], results: Path, corpus: int | None) -> DiskNeed:
     ckpt = sum(checkpoint_bytes(run) for run in runs)
     data, bound = data_bytes(study, results, corpus)
-    written = sum(_size(results / "data" / name) for name in SHARDS)
+    # each file counts up to its expected size: what a run still has to write is never offset by
+    # another's
+    written = min(data, sum(_size(results / "data" / name) for name in SHARDS))
     for run in runs:
         run_dir = results / "runs" / run.run_id
-        written += _size(run_dir / "checkpoint.pt") + _size(run_dir / "checkpoint.prev.pt")
+        on_disk = _size(run_dir / "checkpoint.pt") + _size(run_dir / "checkpoint.prev.pt")
+        written += min(checkpoint_bytes(run), on_disk)
     return DiskNeed(ckpt, data, bound, written, free_disk(results))
 
 

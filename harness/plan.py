@@ -35,6 +35,8 @@ def human(n: float) -> str:
 def duration(seconds: float) -> str:
     if seconds != seconds:  # NaN: not estimated
         return "-"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
     if seconds < 3600:
         return f"{seconds / 60:.1f} min"
     if seconds < 2 * 86400:

@@ -92,6 +92,10 @@ def job_seconds(stage: str, run: Run, est: RunEstimate, study: Study, device: st
     return start + tokens / (3 * run.tokens_per_step) * step
 
 
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} KB"
+
+
 def _basis(stage: str, study: Study) -> str:
     e = study.eval
     if stage == "measure":
@@ -100,8 +104,8 @@ def _basis(stage: str, study: Study) -> str:
     if stage == "evaluate":
         hub = [t for t in e.tasks if t not in ("heldout_ppl", "heldout_code_mc")]
         more = f"; {len(hub)} hub task(s) not counted" if hub else ""
-        return f"estimate: {e.heldout_max_bytes / 1e6:.1f} MB held out, {e.mc_questions} x {e.mc_choices} choices{more}"
-    return f"estimate: {e.heldout_max_bytes / 1e6:.1f} MB held out"
+        return f"estimate: {_mb(e.heldout_max_bytes)} held out, {e.mc_questions} x {e.mc_choices} choices{more}"
+    return f"estimate: {_mb(e.heldout_max_bytes)} held out"
 
 
 def run_stage(
@@ -147,7 +151,7 @@ def single_stage(stage: str, results: Path, output: Path, corpus: int | None, ag
         if corpus is None:
             return Stage(stage, 1, 1, math.nan, 0.0, "not estimated: a remote dataset's size is known once read")
         seconds = JOB_START_S["data"] + corpus / DATA_BYTES_PER_S
-        return Stage(stage, 1, 1, seconds, 0.0, f"estimate: {corpus / 1e6:.1f} MB at {DATA_BYTES_PER_S / 1e6:.2f} MB/s")
+        return Stage(stage, 1, 1, seconds, 0.0, f"estimate: {_mb(corpus)} at {DATA_BYTES_PER_S / 1e6:.2f} MB/s")
     seconds = JOB_START_S.get(stage) or FIXED_S[stage]
     return Stage(stage, 1, 1, seconds, 0.0, "estimate: the tiny study's job")
 

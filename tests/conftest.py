@@ -48,6 +48,15 @@ def with_moe(cfg: ModelConfig, **changes) -> ModelConfig:
     return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **changes))
 
 
+@pytest.fixture(autouse=True)
+def probe_cache(tmp_path_factory, monkeypatch) -> Path:
+    """``harness plan``'s probe cache (harness.probe) in a folder of the test session's own, not
+    the user's: subprocesses inherit it."""
+    path = tmp_path_factory.getbasetemp() / "probe-cache"
+    monkeypatch.setenv("MOE_HARNESS_CACHE", str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     """A prepared pico study folder (tests/pico_study.py), built once per module."""

@@ -187,10 +187,10 @@ def test_plan_says_how_many_runs_train_at_once_on_the_gpus(study: Path, monkeypa
     (study / STUDY).write_text(yaml.safe_dump(data))
     code, out, err = cli_output(*PLAN_CUDA, "--gpus", "5", "--results", "results")
     assert code == 0, err
-    assert "(2 at once, 2 GPU(s) per run of 5;" in out, out
+    assert "2 at once, 2 GPU(s) per run of 5;" in out, out
     code, out, err = cli_output(*PLAN_CUDA, "--results", "results")  # default: one run's GPUs
     assert code == 0, err
-    assert "(1 at once, 2 GPU(s) per run of 2;" in out, out
+    assert "1 at once, 2 GPU(s) per run of 2;" in out, out
 
 
 def _one_core() -> None:

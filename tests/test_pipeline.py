@@ -531,7 +531,7 @@ def test_cli_plan_and_stop_resume(prepared):
     r = harness("plan", study.path)
     assert r.returncode == 0, r.stderr
     assert "dense-pico_6e9_s0" in r.stdout and "epochs" in r.stdout
-    assert "to run" in r.stdout and "Checkpoints:" in r.stdout
+    assert "to run" in r.stdout and "disk:" in r.stdout
     r = harness("train", study.path, "--run", "dense-pico_6e9_s0", "--stop-after", "10", "--quiet")
     assert r.returncode == 3 and "run again to resume" in r.stderr
     r = harness("train", study.path, "--run", "dense-pico_6e9_s0", "--quiet")
