@@ -235,7 +235,14 @@ def print_plan(study, runs, rows, states, estimates, device, warnings, args, res
         "(the total above: stages one after another; Snakemake may overlap some)."
     )
     need = study_disk(study, runs, results, None if prepared else corpus_bytes(study))
-    print(describe(need, results) + ("" if need.more <= need.free else " (not enough: the workflow refuses to start without `--config disk_check=off`)"))
+    print(
+        describe(need, results)
+        + (
+            ""
+            if need.more <= need.free
+            else " (not enough: the workflow refuses to start without `--config disk_check=off`)"
+        )
+    )
     notes(study, rows, states, results, train.todo_seconds, device, warnings)
 
 

@@ -49,8 +49,8 @@ values: norms, q/k/v before and after RoPE, the attention output, projections an
 model has no dropout, and float32 doubles the bytes)."""
 FFN_HIDDEN_COPIES = 4
 """SwiGLU keeps gate, up, silu(gate) and their product per hidden unit (and per chosen expert)."""
-LOGIT_COPIES = 3
-"""Logits, their float32 copy for the loss and the loss's gradient, each batch x context x vocab."""
+LOGIT_COPIES = 4
+"""Logits, the loss's log-softmax, and the gradients of both, each batch x context x vocab."""
 FLOAT_BYTES = 4
 
 
@@ -63,8 +63,9 @@ def activation_bytes(run: Run) -> int:
         if cfg.is_moe_layer(i):
             m = cfg.moe
             hidden = m.d_expert * (m.top_k + m.shared_experts)
-            # dispatched copies of each token (k of them) and its router scores
-            extra = m.top_k * cfg.d_model + 2 * m.experts
+            # each token's k dispatched copies, their expert outputs and weighted outputs, and
+            # its router scores and probabilities
+            extra = 3 * m.top_k * cfg.d_model + 2 * m.experts
         else:
             hidden, extra = cfg.d_ff or 0, 0
         per_layer.append(ACTIVATION_FLOATS_PER_LAYER * cfg.d_model + FFN_HIDDEN_COPIES * hidden + extra)
