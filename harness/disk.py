@@ -24,6 +24,7 @@ from harness.study import Run, Study
 
 CHECK_KEY = "disk_check"
 """``snakemake --config disk_check=off`` starts a study whose need exceeds the free disk."""
+SHORT = f"not enough: the workflow refuses to start without `--config {CHECK_KEY}=off`"
 SHARDS = ("train.bin", "validation.bin", "test.bin")
 
 

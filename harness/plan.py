@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from harness.disk import describe, study_disk
+from harness.disk import SHORT, describe, study_disk
 from harness.estimate import concurrent_runs, estimate_runs, finished_rates, makespan, read_record, step_flops
 from harness.stages import Stage, corpus_bytes, pipeline, recorded_seconds
 from harness.study import analysed, budget_label, load_study, plan, plan_rows
@@ -235,14 +235,7 @@ def print_plan(study, runs, rows, states, estimates, device, warnings, args, res
         "(the total above: stages one after another; Snakemake may overlap some)."
     )
     need = study_disk(study, runs, results, None if prepared else corpus_bytes(study))
-    print(
-        describe(need, results)
-        + (
-            ""
-            if need.more <= need.free
-            else " (not enough: the workflow refuses to start without `--config disk_check=off`)"
-        )
-    )
+    print(describe(need, results) + (f" ({SHORT})" if need.more > need.free else ""))
     notes(study, rows, states, results, train.todo_seconds, device, warnings)
 
 

@@ -259,7 +259,7 @@ def test_the_disk_check_refuses_a_study_over_the_free_disk(study, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_workflow_refuses_before_any_job_when_the_disk_is_short(study):
+def test_the_workflow_refuses_before_any_job_when_the_disk_is_short_unless_told(study):
     _edit(study, lambda d: d.update(seeds=[0, 1]))
     cmd = [sys.executable, "-m", "snakemake", "results/pico/runs/dense-pico_6e9_s1/record.json"]
     cmd += ["-s", str(ROOT / "Snakefile"), "--directory", str(study), "--cores", "1"]
@@ -270,6 +270,9 @@ def test_the_workflow_refuses_before_any_job_when_the_disk_is_short(study):
     assert "moe-harness: study pico needs" in out.stderr and "disk_check=off" in out.stderr, out.stderr
     assert not (study / "results" / "pico" / "logs" / "train" / "dense-pico_6e9_s1.log").exists()
     assert not (study / "results" / "pico" / "runs" / "dense-pico_6e9_s1" / "record.json").exists()
+    out = subprocess.run([*cmd, "disk_check=off"], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr  # the override starts it
+    assert (study / "results" / "pico" / "runs" / "dense-pico_6e9_s1" / "record.json").is_file()
 
 
 def test_the_readme_disk_column_is_the_plans():
