@@ -97,7 +97,7 @@ def describe(need: DiskNeed, results: Path) -> str:
     data = f"{'at most ' if need.data_bound else ''}{_bytes(need.data)} of token shards"
     text = f"disk: {_bytes(need.total)} ({_bytes(need.checkpoints)} of checkpoints, {data})"
     if need.written:
-        text += f", {_bytes(need.more)} of it still to write"
+        text += f", {_bytes(need.more)} of it still to write" if need.more else ", all of it written"
     return text + f"; {_bytes(need.free)} free under {results}"
 
 

@@ -2,16 +2,18 @@
 ``harness plan``'s estimate.
 
 * A model with a finished run of the same recipe: that run's own training rate.
-* CPU: a probe. A few training steps of the model in the study's precision are timed on this
-  machine, with the threads a run gets. A compiled study is probed eagerly in float32 and
-  divided by :data:`CPU_COMPILE_SPEEDUP`: compiling in a plan would cost more than the estimate
-  is worth.
+* CPU: a probe (:mod:`harness.probe`): a few training steps of the model in the study's
+  precision, timed on this machine with the threads a run gets, only where the probe's memory
+  and time stay within bounds; a model over them gets the FLOP rate of the largest model probed,
+  or no estimate when none was. A compiled study is probed eagerly in float32 and divided by
+  :data:`CPU_COMPILE_SPEEDUP`: compiling in a plan would cost more than the estimate is worth.
 * CUDA: the FLOPs at ``mfu`` of the device's bf16 peak (``harness.measure.PEAK_FLOPS``); with no
   GPU visible, of the GPU named with ``--gpu``.
 
 A run's time adds its validation passes (a forward pass, a third of a training step, per
-batch), its compilation and a process start-up; the study's wall time divides the total by the
-runs that train at once (CPU: cores / (``train_threads`` x world size); CUDA: ``--gpus`` / world
+batch), its compilation and a process start-up; a run in progress counts only its steps left.
+The study's training time is a list schedule (:func:`makespan`) of the runs left over the runs
+that train at once (CPU: cores / (``train_threads`` x world size); CUDA: ``--gpus`` / world
 size, the world size being the study's ``parallel.data``).
 """
 

@@ -285,3 +285,25 @@ def test_the_readme_disk_column_is_the_plans():
         if study.data.max_bytes:
             shards = disk.data_bytes(study, Path("/nonexistent"), study.data.max_bytes)[0]
             assert f"data ≤ {disk._bytes(shards)}" in cell, (name, cell)
+
+
+def test_an_auto_study_slow_on_this_cpu_is_said_to_be_made_for_a_gpu(study, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    monkeypatch.chdir(study)
+    _edit(study, lambda d: d.update(device="auto", seeds=[1]))  # a run not started, no finished rate
+    monkeypatch.setattr(probe, "probe_step_seconds", lambda *a: 1000.0)  # stands in for a large model
+    code, out, err = cli_output("plan", STUDY, *R)
+    assert code == 0, err
+    assert "looks made for a GPU" in out and "--device cuda" in out and "on cpu" in out.splitlines()[0]
+
+
+def test_a_run_in_progress_counts_only_its_steps_left(study):
+    from harness.estimate import STARTUP_SECONDS, estimate_run
+
+    run = _pico_run(study)
+    whole = estimate_run(run, "cuda", gpu_flops=1e9).seconds - STARTUP_SECONDS
+    half = estimate_run(run, "cuda", gpu_flops=1e9, done_steps=run.steps // 2).seconds - STARTUP_SECONDS
+    assert half == pytest.approx(whole * (1 - (run.steps // 2) / run.steps))
