@@ -19,8 +19,16 @@ from pathlib import Path
 from tabulate import tabulate
 
 from harness.disk import SHORT, describe, study_disk
-from harness.estimate import concurrent_runs, estimate_runs, finished_rates, makespan, read_record, step_flops
-from harness.stages import Stage, corpus_bytes, pipeline, recorded_seconds
+from harness.estimate import (
+    COMPILE_SECONDS,
+    concurrent_runs,
+    estimate_runs,
+    finished_rates,
+    makespan,
+    read_record,
+    step_flops,
+)
+from harness.stages import Setting, Stage, corpus_bytes, pipeline, recorded_seconds
 from harness.study import analysed, budget_label, load_study, plan, plan_rows
 from models.config import ConfigError
 
@@ -222,9 +230,10 @@ def print_plan(study, runs, rows, states, estimates, device, warnings, args, res
     print(tabulate(table, headers=headers, disable_numparse=True))
     train, _ = train_stage(study, runs, rows, estimates, device, args)
     slots = max(1, args.gpus) if device == "cuda" else 1
-    compile_s = finished_rates(results, runs)[1] or 60.0
-    prepared = (results / "data" / "data.json").is_file()
-    stages = pipeline(study, runs, analysed(study, runs), estimates, train, results, device, slots, compile_s)
+    compile_s = finished_rates(results, runs)[1] or COMPILE_SECONDS[device]
+    corpus = None if (results / "data" / "data.json").is_file() else corpus_bytes(study)
+    at = Setting(study, results, device, slots, compile_s, corpus)
+    stages = pipeline(runs, analysed(study, runs), estimates, train, at)
     text, left = stage_table(stages)
     print("\n" + text)
     todo = [i for i, s in enumerate(states) if s.state != "done"]
@@ -234,7 +243,7 @@ def print_plan(study, runs, rows, states, estimates, device, warnings, args, res
         f"{'time not estimated' if left != left else f'about {duration(left)} in all'} "
         "(the total above: stages one after another; Snakemake may overlap some)."
     )
-    need = study_disk(study, runs, results, None if prepared else corpus_bytes(study))
+    need = study_disk(study, runs, results, corpus)
     print(describe(need, results) + (f" ({SHORT})" if need.more > need.free else ""))
     notes(study, rows, states, results, train.todo_seconds, device, warnings)
 

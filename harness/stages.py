@@ -48,6 +48,21 @@ class Stage:
     basis: str
 
 
+@dataclass(frozen=True)
+class Setting:
+    """Where and how a study's stages run."""
+
+    study: Study
+    results: Path
+    device: str
+    slots: int
+    """Per-run jobs at once (the GPUs; one on a CPU, where each takes every core)."""
+    compile_s: float
+    """A compilation, for a compiled study's measure jobs."""
+    corpus: int | None
+    """Corpus bytes the data step reads (None: prepared already, or not known)."""
+
+
 def recorded_seconds(tsv: Path) -> float | None:
     """The wall seconds a Snakemake benchmark file recorded (its first row's ``s``)."""
     try:
@@ -108,27 +123,18 @@ def _basis(stage: str, study: Study) -> str:
     return f"estimate: {_mb(e.heldout_max_bytes)} held out"
 
 
-def run_stage(
-    stage: str,
-    runs: list[Run],
-    estimates: dict[str, RunEstimate],
-    study: Study,
-    results: Path,
-    device: str,
-    slots: int,
-    compile_s: float,
-) -> Stage:
+def run_stage(stage: str, runs: list[Run], estimates: dict[str, RunEstimate], at: Setting) -> Stage:
     """measure, evaluate or routing over the analysed ``runs``: recorded where the job's output
-    exists, else estimated; ``slots`` jobs at once."""
+    exists, else estimated."""
     out = {"measure": "measure.json", "evaluate": "eval.json", "routing": "routing.json"}[stage]
     done, todo = 0.0, []
     for run in runs:
-        run_dir = results / "runs" / run.run_id
+        run_dir = at.results / "runs" / run.run_id
         if (run_dir / out).is_file():
-            done += recorded_seconds(results / "benchmarks" / stage / f"{run.run_id}.tsv") or 0.0
+            done += recorded_seconds(at.results / "benchmarks" / stage / f"{run.run_id}.tsv") or 0.0
         else:
-            todo.append(job_seconds(stage, run, estimates[run.run_id], study, device, compile_s))
-    return Stage(stage, len(todo), len(runs), makespan(todo, slots), done, _basis(stage, study))
+            todo.append(job_seconds(stage, run, estimates[run.run_id], at.study, at.device, at.compile_s))
+    return Stage(stage, len(todo), len(runs), makespan(todo, at.slots), done, _basis(stage, at.study))
 
 
 def corpus_bytes(study: Study) -> int | None:
@@ -157,29 +163,20 @@ def single_stage(stage: str, results: Path, output: Path, corpus: int | None, ag
 
 
 def pipeline(
-    study: Study,
-    runs: list[Run],
-    analysed: list[Run],
-    estimates: list[RunEstimate],
-    train: Stage,
-    results: Path,
-    device: str,
-    slots: int,
-    compile_s: float,
+    runs: list[Run], analysed: list[Run], estimates: list[RunEstimate], train: Stage, at: Setting
 ) -> list[Stage]:
     """Every stage of the study, in pipeline order."""
     by_id = {run.run_id: e for run, e in zip(runs, estimates, strict=True)}
-    data = results / "data"
+    data = at.results / "data"
     outputs = {"data": data / "data.json", "tasks": data / "tasks" / "tasks.json"}
-    outputs |= {"microbench": results / "microbench" / "moe_ffn.json", "report": results / "report.md"}
-    corpus = None if outputs["data"].is_file() else corpus_bytes(study)
+    outputs |= {"microbench": at.results / "microbench" / "moe_ffn.json", "report": at.results / "report.md"}
     stages = []
     for stage in STAGES:
         if stage == "train":
             stages.append(train)
         elif stage in outputs:
             again = stage == "report" and any(s.jobs_left for s in stages)  # the report follows everything
-            stages.append(single_stage(stage, results, outputs[stage], corpus, again))
+            stages.append(single_stage(stage, at.results, outputs[stage], at.corpus, again))
         else:
-            stages.append(run_stage(stage, analysed, by_id, study, results, device, slots, compile_s))
+            stages.append(run_stage(stage, analysed, by_id, at))
     return stages
