@@ -208,6 +208,8 @@ def stage_table(stages: list[Stage]) -> tuple[str, float]:
 
 
 def print_plan(study, runs, rows, states, estimates, device, warnings, args, results: Path) -> None:
+    from harness.workflow import data_changes
+
     table = [
         [
             r["run_id"],
@@ -231,8 +233,10 @@ def print_plan(study, runs, rows, states, estimates, device, warnings, args, res
     train, _ = train_stage(study, runs, rows, estimates, device, args)
     slots = max(1, args.gpus) if device == "cuda" else 1
     compile_s = finished_rates(results, runs)[1] or COMPILE_SECONDS[device]
-    corpus = None if (results / "data" / "data.json").is_file() else corpus_bytes(study)
-    at = Setting(study, results, device, slots, compile_s, corpus)
+    changed = data_changes(study, results)
+    prepared = (results / "data" / "data.json").is_file() and not changed
+    corpus = None if prepared else corpus_bytes(study)
+    at = Setting(study, results, device, slots, compile_s, corpus, bool(changed))
     stages = pipeline(runs, analysed(study, runs), estimates, train, at)
     text, left = stage_table(stages)
     print("\n" + text)
@@ -245,16 +249,13 @@ def print_plan(study, runs, rows, states, estimates, device, warnings, args, res
     )
     need = study_disk(study, runs, results, corpus)
     print(describe(need, results) + (f" ({SHORT})" if need.more > need.free else ""))
-    notes(study, rows, states, results, train.todo_seconds, device, warnings)
+    notes(study, rows, states, changed, train.todo_seconds, device, warnings)
 
 
-def notes(study, rows, states, results: Path, train_left: float, device: str, warnings: list[str]) -> None:
+def notes(study, rows, states, changed: list[str], train_left: float, device: str, warnings: list[str]) -> None:
     """What the plan says below its totals: missing data, stale runs, warnings."""
-    from harness.workflow import data_changes
-
     if rows and rows[0]["epochs"] is None:
         print("epochs: run `harness data` first to know the train split's size")
-    changed = data_changes(study, results)
     if changed:
         print(f"data: the prepared data is not current ({'; '.join(changed)}): `harness data` prepares it again")
     for s in states:

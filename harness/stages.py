@@ -61,6 +61,8 @@ class Setting:
     """A compilation, for a compiled study's measure jobs."""
     corpus: int | None
     """Corpus bytes the data step reads (None: prepared already, or not known)."""
+    data_again: bool = False
+    """The prepared data is not current: the data step (and what follows it) runs again."""
 
 
 def recorded_seconds(tsv: Path) -> float | None:
@@ -175,7 +177,9 @@ def pipeline(
         if stage == "train":
             stages.append(train)
         elif stage in outputs:
-            again = stage == "report" and any(s.jobs_left for s in stages)  # the report follows everything
+            # the data step reruns on changed data, the tasks after it, the report after everything
+            again = {"data": at.data_again, "tasks": bool(stages and stages[0].jobs_left)}.get(stage, False)
+            again |= stage == "report" and any(s.jobs_left for s in stages)
             stages.append(single_stage(stage, at.results, outputs[stage], at.corpus, again))
         else:
             stages.append(run_stage(stage, analysed, by_id, at))

@@ -307,3 +307,14 @@ def test_a_run_in_progress_counts_only_its_steps_left(study):
     whole = estimate_run(run, "cuda", gpu_flops=1e9).seconds - STARTUP_SECONDS
     half = estimate_run(run, "cuda", gpu_flops=1e9, done_steps=run.steps // 2).seconds - STARTUP_SECONDS
     assert half == pytest.approx(whole * (1 - (run.steps // 2) / run.steps))
+
+
+def test_changed_data_is_planned_again_with_what_follows_it(study, monkeypatch):
+    monkeypatch.chdir(study)
+    _edit(study, lambda d: d["data"].update(validation_fraction=0.2))
+    code, out, err = cli_output("plan", STUDY, *R)
+    assert code == 0, err
+    stages = _stage_rows(out)
+    assert stages["data"][1] == "1 of 1" and "estimate" in stages["data"][-1]
+    assert stages["tasks"][1] == "1 of 1" and stages["train"][1] == "1 of 1"  # the run is stale
+    assert "data: the prepared data is not current" in out
