@@ -120,8 +120,10 @@ def _basis(stage: str, study: Study) -> str:
         return f"estimate: {s.windows} windows x {s.steps_per_window} steps, prefill, decode"
     if stage == "evaluate":
         hub = [t for t in e.tasks if t not in ("heldout_ppl", "heldout_code_mc")]
-        more = f"; {len(hub)} hub task(s) not counted" if hub else ""
-        return f"estimate: {_mb(e.heldout_max_bytes)} held out, {e.mc_questions} x {e.mc_choices} choices{more}"
+        parts = [f"{_mb(e.heldout_max_bytes)} held out"] if "heldout_ppl" in e.tasks else []
+        parts += [f"{e.mc_questions} x {e.mc_choices} choices"] if "heldout_code_mc" in e.tasks else []
+        parts += [f"{len(hub)} hub task(s) not counted"] if hub else []
+        return "estimate: " + ", ".join(parts)
     return f"estimate: {_mb(e.heldout_max_bytes)} held out"
 
 
@@ -154,7 +156,7 @@ def corpus_bytes(study: Study) -> int | None:
 def single_stage(stage: str, results: Path, output: Path, corpus: int | None, again: bool = False) -> Stage:
     """data, tasks, microbench or report: one job (``again``: it reruns though its output exists)."""
     if output.is_file() and not again:
-        return Stage(stage, 0, 1, 0.0, recorded_seconds(results / "benchmarks" / f"{stage}.tsv") or 0.0, "recorded")
+        return Stage(stage, 0, 1, 0.0, recorded_seconds(results / "benchmarks" / f"{stage}.tsv") or 0.0, "done")
     if stage == "data":
         if corpus is None:
             return Stage(stage, 1, 1, math.nan, 0.0, "not estimated: a remote dataset's size is known once read")
