@@ -392,9 +392,11 @@ def _print_plan(study, runs, rows, states, estimates, device, warnings, args) ->
     changed = data_changes(study, _results(args, study))
     if changed:
         print(f"data: the prepared data is not current ({'; '.join(changed)}): `harness data` prepares it again")
-    for s in states:
-        if s.state == "stale":
-            print(f"stale: {s.run_id} would be trained again: {'; '.join(s.changes)}")
+    from harness.reuse import reuse_lines
+
+    stale = [f"stale: {s.run_id} would be trained again: {'; '.join(s.changes)}" for s in states if s.state == "stale"]
+    for line in [*stale, *reuse_lines(study, runs, _results(args, study))]:
+        print(line)
     too_long = left != left or left / at_once > 86400  # NaN: a model too large to probe
     if device == "cpu" and study.device == "auto" and too_long:
         shown = "models too large for this CPU" if left != left else f"{_duration(left / at_once)} on this CPU"

@@ -60,11 +60,12 @@ def essential_json(settings: Any, leave_out: tuple[str, ...] = ()) -> str:
 
 def data_params(study: Study) -> str:
     """The data rule's settings parameter: every data setting but those that say where files lie
-    (``harness.data.WHERE``); what the files hold reaches the rule as data/corpus.json
-    (``harness.corpus``), so a corpus moved or copied with the same content reruns nothing."""
-    from harness.data import WHERE
+    (``harness.data.WHERE``) and those only training reads (``TRAINING_SIDE``); what the files
+    hold reaches the rule as data/corpus.json (``harness.corpus``), so a corpus moved or copied
+    with the same content reruns nothing."""
+    from harness.data import NOT_TOKENS
 
-    return essential_json(study.data, WHERE)
+    return essential_json(study.data, NOT_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -91,17 +92,17 @@ def data_changes(study: Study, results: Path, corpus: dict[str, Any] | None = No
     with (empty when they do not, or when no data is prepared yet). Where the corpus lies is no
     change while its content is the same (``harness.corpus``)."""
     from harness.corpus import corpus_changes
-    from harness.data import WHERE
+    from harness.data import NOT_TOKENS
     from models.config import from_dict
 
     meta = _read(results / "data" / "data.json")
     if not meta or "config" not in meta:
         return []
     try:
-        prepared = essential_fields(from_dict(DataConfig, meta["config"]), WHERE)
+        prepared = essential_fields(from_dict(DataConfig, meta["config"]), NOT_TOKENS)
     except Exception:  # a data.json from another version: the data rule decides
         return []
-    settings = [f"data.{c}" for c in identity_changes(prepared, essential_fields(study.data, WHERE))]
+    settings = [f"data.{c}" for c in identity_changes(prepared, essential_fields(study.data, NOT_TOKENS))]
     return settings + corpus_changes(study, results, corpus)
 
 
@@ -214,16 +215,24 @@ IDENTITY = "identity.json"
 
 
 def sync_identities(
-    study: Study, runs: list[Run], results: Path, retrain_stale: bool, corpus: dict[str, Any] | None = None
-) -> None:
+    study: Study,
+    runs: list[Run],
+    results: Path,
+    retrain_stale: bool,
+    corpus: dict[str, Any] | None = None,
+    write: bool = True,
+) -> list[RunState]:
     """Write each run's identity.json where it is missing or differs. A finished or started run
     whose identity changed stops this (:class:`RetrainRefused`) unless ``retrain_stale``. A new
-    identity file of a run finished as asked gets its record's time, so that it reruns nothing."""
+    identity file of a run finished as asked gets its record's time, so that it reruns nothing.
+    ``write`` False (a dry run): only check. Returns the runs that are trained again."""
     from harness.io import write_text
 
     stale = {s.run_id: s for s in retrained_runs(study, runs, results, corpus)}
     if stale and not retrain_stale:
         raise RetrainRefused(retrain_refusal(list(stale.values()), study))
+    if not write:
+        return list(stale.values())
     for run in runs:
         run_dir = results / "runs" / run.run_id
         path, text = run_dir / IDENTITY, json.dumps(run_identity(run), sort_keys=True, indent=1) + "\n"
@@ -239,6 +248,24 @@ def sync_identities(
         if run.run_id not in stale and record.is_file():
             when = record.stat().st_mtime - 1
             os.utime(path, (when, when))
+    return list(stale.values())
+
+
+def dry_run_notes(stale: list[RunState], study: Study, results: Path, corpus: dict[str, Any]) -> list[str]:
+    """What a dry run, which writes nothing, cannot show as jobs: the data step and the runs that a
+    real run would schedule once it has written corpus.json and identity.json."""
+    from harness.corpus import corpus_changes
+
+    notes = [f"dry run: the data step runs again: {c}" for c in corpus_changes(study, results, corpus)]
+    notes += [f"dry run: {s.run_id} is trained again: {'; '.join(s.changes)}" for s in stale]
+    return notes
+
+
+def written_input(path: str, dry_run: bool) -> list[str]:
+    """An input the workflow writes when it starts (corpus.json, identity.json): a dry run writes
+    nothing, so there a missing one is left out (its job runs all the same: its output is missing
+    too, or the file would be written with the output's time)."""
+    return [path] if not dry_run or Path(path).exists() else []
 
 
 class RetrainRefused(Exception):

@@ -6,15 +6,18 @@ from pathlib import Path
 
 from harness.corpus import sync_corpus
 from harness.parallel import check_workflow
+from harness.reuse import finished_elsewhere, our_data
 from harness.study import analysed, load_study, plan
 from harness.train import pick_device
 from harness.workflow import (
     at_a_glance,
     choose_study,
     data_params,
+    dry_run_notes,
     essential_json,
     guard_retraining,
     sync_identities,
+    written_input,
 )
 
 # `--config study=` with nothing after it (an unset shell variable) is refused, not taken for `tiny`.
@@ -78,8 +81,22 @@ TRAIN_THREADS = (
 RESTART_FLAG = "--restart-if-changed" if RETRAIN == "stale" else ""
 # The corpus by content (harness.corpus): data/corpus.json, an input of the data rule, changes
 # when what the corpus holds changes, not when it is copied or moved.
-CORPUS = sync_corpus(STUDY, Path(RESULTS))
-sync_identities(STUDY, list(RUNS.values()), Path(RESULTS), RETRAIN == "stale", CORPUS)
+# A dry run (`snakemake -n`) writes nothing: it checks, and says in words what it cannot show as jobs.
+DRY_RUN = bool(getattr(workflow.output_settings, "dryrun", False))
+CORPUS = sync_corpus(STUDY, Path(RESULTS), write=not DRY_RUN)
+RETRAINED = sync_identities(STUDY, list(RUNS.values()), Path(RESULTS), RETRAIN == "stale", CORPUS, not DRY_RUN)
+if DRY_RUN:
+    for note in dry_run_notes(RETRAINED, STUDY, Path(RESULTS), CORPUS):
+        print(f"moe-harness: {note}", file=sys.stderr)
+
+# Finished runs of other studies that this one reuses (harness.reuse): where a run has none, its
+# reuse job lacks an input and Snakemake trains it (ruleorder: reuse > train).
+OUR_DATA = our_data(STUDY, Path(RESULTS), CORPUS)
+
+
+def reusable(run_id):
+    source = finished_elsewhere(RUNS[run_id], Path(RESULTS), OUR_DATA)
+    return str(source / "record.json") if source else f"{RESULTS}/runs/{run_id}/.no-finished-run-to-reuse"
 
 
 onstart:
