@@ -356,7 +356,9 @@ def data_identity(config: dict[str, Any], fingerprint: str | None, tok_sha: str 
 def meta_identity(meta: dict[str, Any]) -> tuple:
     """:func:`data_identity` of prepared data, from its data.json."""
     tokenizer = meta.get("tokenizer") or {}
-    return data_identity(meta.get("config") or {}, meta.get("fingerprint"), tokenizer.get("file_sha256"), meta.get("tokenizers"))
+    return data_identity(
+        meta.get("config") or {}, meta.get("fingerprint"), tokenizer.get("file_sha256"), meta.get("tokenizers")
+    )
 
 
 def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:

@@ -193,8 +193,12 @@ def retrained_runs(
     return [s for s in run_states(study, runs, results, corpus) if s.state == "stale"]
 
 
-def retrain_refusal(stale: list[RunState], study: Study, shown: int = 20) -> str:
-    """The message that stops the workflow before it deletes finished work."""
+def retrain_refusal(
+    stale: list[RunState], study: Study, shown: int = 20, remedy: str | None = None, why: tuple[str, ...] = ()
+) -> str:
+    """The message that stops the workflow before it deletes finished work: the runs, ``why``
+    (further reasons), then what to do: ``remedy``, in place of reverting the change, when
+    nothing changed in content."""
     lines = [
         f"moe-harness: with {study.path} as it is now, {len(stale)} finished or started run(s) would be trained again:"
     ]
@@ -202,11 +206,13 @@ def retrain_refusal(stale: list[RunState], study: Study, shown: int = 20) -> str
         lines.append(f"  {s.run_id}: {'; '.join(s.changes)}")
     if len(stale) > shown:
         lines.append(f"  ... and {len(stale) - shown} more (`harness plan {study.path}` lists them all)")
+    lines.extend(why)
     lines.append(
-        "Revert the change to keep them, or run again with `--config retrain=stale` to replace them "
+        remedy
+        or "Revert the change to keep them, or run again with `--config retrain=stale` to replace them "
         "(their checkpoints and records are deleted). A change to "
         + ", ".join(f"recipe.{f}" for f in BOOKKEEPING)
-        + " never retrains anything."
+        + " or data.allow_repetition never retrains anything."
     )
     return "\n".join(lines)
 
@@ -299,10 +305,10 @@ METADATA_HINT = (
 
 
 TOUCH_HINT = (
-    "Their inputs are unchanged in content (the same identity, data fingerprint and corpus): only "
-    "timestamps, paths or Snakemake's own records differ, as after a copy without timestamps or a move of "
-    "data.paths. `snakemake --touch` (with the same --config) marks the outputs current without training "
-    "anything."
+    "Their inputs are unchanged in content (the same identity, data fingerprint, data settings and corpus): "
+    "only timestamps, paths or Snakemake's own records differ, as after a copy without timestamps, a move of "
+    "data.paths or data prepared again the same. `snakemake --touch` (with the same --config) marks the "
+    "outputs current without training anything; `--config retrain=stale` trains them again all the same."
 )
 
 
@@ -319,11 +325,11 @@ def guard_retraining(workflow, study: Study, runs: list[Run], results: Path, ret
     for run_id, reason in scheduled.items():
         stale.setdefault(run_id, RunState(run_id, "stale", (f"Snakemake: {reason}",)))
     if stale and retrain != "stale":
-        message = retrain_refusal(list(stale.values()), study)
+        remedy = None if changed_content else TOUCH_HINT
+        message = retrain_refusal(list(stale.values()), study, remedy=remedy, why=tuple(upstream))
         said = " ".join([*upstream, *scheduled.values()])
         hint = METADATA_HINT if "have changed" in said or "has changed" in said else ""
-        touch = "" if changed_content else TOUCH_HINT
-        raise RetrainRefused("\n".join(filter(None, [message, *upstream, touch, hint])))
+        raise RetrainRefused("\n".join(filter(None, [message, hint])))
 
 
 def at_a_glance(results: Path) -> str:
