@@ -80,14 +80,16 @@ def made_from(meta: dict[str, Any] | None, content: dict[str, Any]) -> bool:
     return meta.get("fingerprint") == content["fingerprint"] and tokenizer == content["tokenizer_file_sha256"]
 
 
-def sync_corpus(study: Study, results: Path, write: bool = True) -> dict[str, Any]:
+def sync_corpus(
+    study: Study, results: Path, write: bool = True, content: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Write data/corpus.json where it is missing or its content changed; keep its time when only
     the signature did; make it older than the prepared data when that was made from this content.
-    Returns the content. ``write`` False (a dry run): only read."""
+    Returns the content (``content``: already read). ``write`` False (a dry run): only read."""
     from harness.io import write_text
 
     path, data_json = results / "data" / CORPUS, results / "data" / "data.json"
-    content = corpus_content(study, results)
+    content = content or corpus_content(study, results)
     if not write:
         return content
     old = _read(path)
@@ -104,6 +106,15 @@ def sync_corpus(study: Study, results: Path, write: bool = True) -> dict[str, An
         if path.stat().st_mtime >= made:
             os.utime(path, (made - 1, made - 1))
     return content
+
+
+def corpus_rewritten(results: Path, content: dict[str, Any]) -> bool:
+    """Whether :func:`sync_corpus` would write corpus.json newer than the prepared data: its
+    content is new, and the prepared data (if any) was not made from it."""
+    old = _read(results / "data" / CORPUS)
+    if old is not None and all(old.get(k) == content[k] for k in CONTENT):
+        return False
+    return not made_from(_read(results / "data" / "data.json"), content)
 
 
 def corpus_changes(study: Study, results: Path, content: dict[str, Any] | None = None) -> list[str]:

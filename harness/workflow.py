@@ -220,6 +220,11 @@ def retrain_refusal(
 IDENTITY = "identity.json"
 
 
+def identity_text(run: Run) -> str:
+    """What a run's identity.json holds."""
+    return json.dumps(run_identity(run), sort_keys=True, indent=1) + "\n"
+
+
 def sync_identities(
     study: Study,
     runs: list[Run],
@@ -241,7 +246,7 @@ def sync_identities(
         return list(stale.values())
     for run in runs:
         run_dir = results / "runs" / run.run_id
-        path, text = run_dir / IDENTITY, json.dumps(run_identity(run), sort_keys=True, indent=1) + "\n"
+        path, text = run_dir / IDENTITY, identity_text(run)
         try:
             if path.read_text() == text:
                 if run.run_id in stale:  # the same identity on other data: retrained all the same
@@ -257,21 +262,50 @@ def sync_identities(
     return list(stale.values())
 
 
-def dry_run_notes(stale: list[RunState], study: Study, results: Path, corpus: dict[str, Any]) -> list[str]:
-    """What a dry run, which writes nothing, cannot show as jobs: the data step and the runs that a
-    real run would schedule once it has written corpus.json and identity.json."""
-    from harness.corpus import corpus_changes
-
-    notes = [f"dry run: the data step runs again: {c}" for c in corpus_changes(study, results, corpus)]
-    notes += [f"dry run: {s.run_id} is trained again: {'; '.join(s.changes)}" for s in stale]
-    return notes
+_STAND_INS: list[Any] = []
+"""The temporary folders of this process's dry-run stand-ins, removed when it exits."""
 
 
-def written_input(path: str, dry_run: bool) -> list[str]:
-    """An input the workflow writes when it starts (corpus.json, identity.json): a dry run writes
-    nothing, so there a missing one is left out (its job runs all the same: its output is missing
-    too, or the file would be written with the output's time)."""
-    return [path] if not dry_run or Path(path).exists() else []
+def stand_ins(files: dict[str, str]) -> dict[str, str]:
+    """For a dry run, which writes nothing under results/: each file a real run would write newer
+    than its job's outputs when it starts (path: its text), written instead to a temporary folder
+    (removed when Snakemake exits), so that the dry run lists the jobs a real run would run."""
+    import tempfile
+
+    if not files:
+        return {}
+    _STAND_INS.append(tempfile.TemporaryDirectory(prefix="moe-harness-dry-run-"))
+    out = {}
+    for path, text in files.items():
+        stand_in = Path(_STAND_INS[-1].name) / path
+        stand_in.parent.mkdir(parents=True, exist_ok=True)
+        stand_in.write_text(text)
+        out[path] = str(stand_in)
+    return out
+
+
+def dry_run_files(runs: list[Run], retrained: list[RunState], results: Path, corpus: dict[str, Any]) -> dict[str, str]:
+    """The files a real run would now write newer than the outputs that depend on them: the
+    identity of each run it trains again, and corpus.json when the corpus changed in content."""
+    from harness.corpus import CORPUS, corpus_rewritten
+
+    again = {s.run_id for s in retrained}
+    files = {str(results / "runs" / run.run_id / IDENTITY): identity_text(run) for run in runs if run.run_id in again}
+    if corpus_rewritten(results, corpus):
+        files[str(results / "data" / CORPUS)] = json.dumps(corpus, sort_keys=True, indent=1) + "\n"
+    return files
+
+
+def written_input(path: str, dry_run: bool, stand_in: dict[str, str] | None = None) -> list[str]:
+    """An input the workflow writes when it starts (corpus.json, identity.json). A dry run writes
+    nothing there: one a real run would write anew is its stand-in (:func:`stand_ins`), so the
+    dry run lists what a real run would run; a missing one is left out (its job runs all the
+    same: its output is missing too, or the file would be written with the output's time)."""
+    if not dry_run:
+        return [path]
+    if stand_in and path in stand_in:
+        return [stand_in[path]]
+    return [path] if Path(path).exists() else []
 
 
 class RetrainRefused(Exception):

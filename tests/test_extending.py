@@ -436,3 +436,7 @@ def test_a_dry_run_writes_nothing(study, tmp_path):
     out = _snakemake(study)
     assert out.returncode == 0, out.stderr
     assert _tree(study / "results") == before, "a dry run on a prepared study wrote into results/"
+    _edit(study, lambda d: d["recipe"].update(lr=1e-3))
+    out = _snakemake(study, "retrain=stale")
+    assert out.returncode == 0 and "rule train:" in out.stdout, out.stdout + out.stderr
+    assert _tree(study / "results") == before, "a dry run that retrains wrote into results/"

@@ -13,9 +13,10 @@ from harness.workflow import (
     at_a_glance,
     choose_study,
     data_params,
-    dry_run_notes,
+    dry_run_files,
     essential_json,
     guard_retraining,
+    stand_ins,
     sync_identities,
     written_input,
 )
@@ -80,14 +81,17 @@ TRAIN_THREADS = (
 # Not a parameter of the train rule: it must not make the next plain run retrain anything.
 RESTART_FLAG = "--restart-if-changed" if RETRAIN == "stale" else ""
 # The corpus by content (harness.corpus): data/corpus.json, an input of the data rule, changes
-# when what the corpus holds changes, not when it is copied or moved.
-# A dry run (`snakemake -n`) writes nothing: it checks, and says in words what it cannot show as jobs.
+# when what the corpus holds changes, not when it is copied or moved. It is written once the
+# identities are checked, so that a refused change leaves every file as it was.
+# A dry run (`snakemake -n`) writes nothing under results/: where a real run would write
+# corpus.json or an identity.json anew, its job takes a stand-in in a temporary folder, so that the
+# dry run lists the jobs a real run would run.
 DRY_RUN = bool(getattr(workflow.output_settings, "dryrun", False))
-CORPUS = sync_corpus(STUDY, Path(RESULTS), write=not DRY_RUN)
+CORPUS = sync_corpus(STUDY, Path(RESULTS), write=False)
 RETRAINED = sync_identities(STUDY, list(RUNS.values()), Path(RESULTS), RETRAIN == "stale", CORPUS, not DRY_RUN)
-if DRY_RUN:
-    for note in dry_run_notes(RETRAINED, STUDY, Path(RESULTS), CORPUS):
-        print(f"moe-harness: {note}", file=sys.stderr)
+if not DRY_RUN:
+    sync_corpus(STUDY, Path(RESULTS), content=CORPUS)
+STAND_IN = stand_ins(dry_run_files(list(RUNS.values()), RETRAINED, Path(RESULTS), CORPUS)) if DRY_RUN else {}
 
 # Finished runs of other studies that this one reuses (harness.reuse): where a run has none, its
 # reuse job lacks an input and Snakemake trains it (ruleorder: reuse > train).

@@ -5,7 +5,7 @@ rule train:
         # What the run trains to (model, budget, seed, recipe less its bookkeeping fields),
         # written when the workflow starts and only when it changes: a change to it reruns the
         # run, a change to anything else does not (harness.workflow.sync_identities).
-        identity=lambda wildcards: written_input(f"{RESULTS}/runs/{wildcards.run}/identity.json", DRY_RUN),
+        identity=lambda wildcards: written_input(f"{RESULTS}/runs/{wildcards.run}/identity.json", DRY_RUN, STAND_IN),
     output:
         record=f"{RESULTS}/runs/{{run}}/record.json",
     # A CPU study may ask for fewer threads per run, so that several runs train at once; a run
