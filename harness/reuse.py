@@ -31,8 +31,9 @@ REUSED = "reused_from"
 """The record field of a reused run: the study and run folder it was trained in."""
 LINKED = ("checkpoint.pt", "checkpoint.prev.pt")
 """Files shared by hard link: large, and always replaced whole (written to a temporary name)."""
-COPIED = ("config.yaml", "spec.json", "metrics.jsonl")
-"""The other products of training, copied; record.json is written last, under this study's name."""
+COPIED = ("checkpoint.pt.sha256", "checkpoint.prev.pt.sha256", "config.yaml", "spec.json", "metrics.jsonl")
+"""The other products of training (the checkpoints' checksums among them), copied; record.json is
+written last, under this study's name."""
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -119,9 +120,15 @@ def reuse(study: Study, run: Run, results: Path, source: Path) -> dict[str, Any]
     from harness.io import atomic_write, write_json
 
     meta = read_meta(results / "data", f"harness data {study.path}")
+    from harness import checkpoint
+
     record = _read(source / "record.json")
-    if record is None or not (source / "checkpoint.pt").is_file():
-        raise HarnessError(f"{source}: no finished run to reuse (record.json and checkpoint.pt); train {run.run_id}")
+    damaged = checkpoint.problem(source / checkpoint.NAME)
+    if record is None or damaged is not None:
+        why = "no record.json" if record is None else f"its {checkpoint.NAME} does not verify ({damaged})"
+        raise HarnessError(
+            f"{source}: no finished run to reuse ({why}); `harness train {study.path} --run {run.run_id}` trains it"
+        )
     changes = identity_changes(recorded_identity(record), run_identity(run))
     if changes or not _same_data(source, (meta_identity(meta), _shards(meta)), record):
         why = "; ".join(changes) or "it was trained on other data than this study's"

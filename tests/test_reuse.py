@@ -16,6 +16,7 @@ import yaml
 from conftest import ROOT
 from pico_study import RUN, STUDY, cli_output
 
+from harness import checkpoint
 from harness.reuse import REUSED, finished_elsewhere, our_data, reuse
 from harness.study import load_study, plan
 
@@ -115,4 +116,21 @@ def test_an_extended_copy_trains_only_its_new_model(study):
         k: v for k, v in old.items() if k != "study"
     }
     assert filecmp.cmp(study / "results/pico/runs" / RUN / "checkpoint.pt", study / runs[0] / "checkpoint.pt", False)
+    assert checkpoint.problem(study / runs[0] / checkpoint.NAME) is None, "measure and evaluate would refuse it"
     assert "Nothing to be done" in subprocess.run([*cmd, "-n"], capture_output=True, text=True, timeout=600).stdout
+
+
+def test_a_damaged_checkpoint_is_not_reused(study, monkeypatch):
+    from harness.errors import HarnessError
+
+    monkeypatch.chdir(study)
+    _extended_copy(study)
+    code, _, err = cli_output("data", COPY, "--results", "results")
+    assert code == 0, err
+    source = Path("results/pico/runs") / RUN
+    with (source / checkpoint.NAME).open("r+b") as f:
+        f.write(b"damaged")
+    s = load_study(COPY)
+    with pytest.raises(HarnessError, match=r"checkpoint\.pt does not verify"):
+        reuse(s, plan(s)[0], Path("results/pico2"), source)
+    assert not (Path("results/pico2/runs") / RUN / "record.json").exists()
