@@ -201,6 +201,7 @@ def test_lost_timestamps_are_named_with_snakemake_touch(study: Path):
     assert refused.returncode != 0
     assert f"{RUN}: Snakemake: Updated input files" in said
     assert " ".join(TOUCH_HINT.split()) in said and "snakemake --touch" in said
+    assert "Revert the change" not in said, "there is no change to revert"
     # A real change of content is not called a timestamp: no --touch advice then.
     edit_corpus(study)
     os.utime(study / DATA / "data.json")
