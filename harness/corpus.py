@@ -43,12 +43,12 @@ def _read(path: Path) -> dict[str, Any] | None:
 def _signature(study: Study) -> str | None:
     """A hash of the settings that decide what is read and of each file's path, size and time;
     None for a source that is not a set of local files."""
-    from harness.data import corpus_files
+    from harness.data import TRAINING_SIDE, corpus_files
 
     files = corpus_files(study.data, study.path)
     if files is None:
         return None
-    digest = hashlib.sha256(json.dumps(essential_fields(study.data), sort_keys=True).encode())
+    digest = hashlib.sha256(json.dumps(essential_fields(study.data, TRAINING_SIDE), sort_keys=True).encode())
     for path in files:
         stat = path.stat()
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -80,14 +80,18 @@ def made_from(meta: dict[str, Any] | None, content: dict[str, Any]) -> bool:
     return meta.get("fingerprint") == content["fingerprint"] and tokenizer == content["tokenizer_file_sha256"]
 
 
-def sync_corpus(study: Study, results: Path) -> dict[str, Any]:
+def sync_corpus(
+    study: Study, results: Path, write: bool = True, content: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Write data/corpus.json where it is missing or its content changed; keep its time when only
     the signature did; make it older than the prepared data when that was made from this content.
-    Returns the content."""
+    Returns the content (``content``: already read). ``write`` False (a dry run): only read."""
     from harness.io import write_text
 
     path, data_json = results / "data" / CORPUS, results / "data" / "data.json"
-    content = corpus_content(study, results)
+    content = content or corpus_content(study, results)
+    if not write:
+        return content
     old = _read(path)
     if old != content:
         same = old is not None and all(old.get(k) == content[k] for k in CONTENT)
@@ -102,6 +106,15 @@ def sync_corpus(study: Study, results: Path) -> dict[str, Any]:
         if path.stat().st_mtime >= made:
             os.utime(path, (made - 1, made - 1))
     return content
+
+
+def corpus_rewritten(results: Path, content: dict[str, Any]) -> bool:
+    """Whether :func:`sync_corpus` would write corpus.json newer than the prepared data: its
+    content is new, and the prepared data (if any) was not made from it."""
+    old = _read(results / "data" / CORPUS)
+    if old is not None and all(old.get(k) == content[k] for k in CONTENT):
+        return False
+    return not made_from(_read(results / "data" / "data.json"), content)
 
 
 def corpus_changes(study: Study, results: Path, content: dict[str, Any] | None = None) -> list[str]:

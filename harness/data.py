@@ -309,6 +309,13 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 WHERE = ("paths", "tokenizer_file")
 """Data settings that say where files are, not what they hold (the fingerprint and the
 tokenizer file's hash say that)."""
+TRAINING_SIDE = ("allow_repetition",)
+"""Data settings that only training reads (how many epochs a run may take): they change no token.
+Every other setting does: ``source``, ``text_field``, ``hf_*`` and ``max_bytes`` choose the
+documents, the two fractions split them, ``vocab_size`` and the tokenizer file's content tokenize
+them."""
+NOT_TOKENS = WHERE + TRAINING_SIDE
+"""The data settings left out of the data's identity: changing one prepares nothing again."""
 
 
 def tokenizer_file_sha(cfg: DataConfig) -> str | None:
@@ -326,13 +333,32 @@ def _unchanged(out_dir: Path, config: dict[str, Any], fingerprint: str, tok_sha:
         verify_shards(out_dir, meta, "harness data")
     except (HarnessError, OSError):
         return None
-    # Where the corpus was read from may differ (a copied project); what was read may not.
-    settings = {k: v for k, v in (meta.get("config") or {}).items() if k not in WHERE}
-    made = (settings, meta.get("fingerprint"), meta.get("tokenizers"), meta["tokenizer"].get("file_sha256"))
-    wanted = {k: v for k, v in config.items() if k not in WHERE}
-    if made != (wanted, fingerprint, tokenizers.__version__, tok_sha) or not (out_dir / "tokenizer.json").is_file():
+    # Where the corpus was read from may differ (a copied project), and what only training
+    # reads; what was read and how it is tokenized may not.
+    wanted = data_identity(config, fingerprint, tok_sha, tokenizers.__version__)
+    if meta_identity(meta) != wanted or not (out_dir / "tokenizer.json").is_file():
         return None
     return meta | {"unchanged": True}
+
+
+def settings_of(cfg: DataConfig) -> dict[str, Any]:
+    """The data settings as data.json records them (``config``)."""
+    return {k: (v.value if hasattr(v, "value") else v) for k, v in cfg.__dict__.items()}
+
+
+def data_identity(config: dict[str, Any], fingerprint: str | None, tok_sha: str | None, version: str | None) -> tuple:
+    """What decides the tokens: the documents read (their fingerprint), the settings less
+    ``NOT_TOKENS``, the tokenizer file's content and the tokenizers version."""
+    settings = {k: v for k, v in config.items() if k not in NOT_TOKENS}
+    return settings, fingerprint, tok_sha, version
+
+
+def meta_identity(meta: dict[str, Any]) -> tuple:
+    """:func:`data_identity` of prepared data, from its data.json."""
+    tokenizer = meta.get("tokenizer") or {}
+    return data_identity(
+        meta.get("config") or {}, meta.get("fingerprint"), tokenizer.get("file_sha256"), meta.get("tokenizers")
+    )
 
 
 def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
@@ -359,7 +385,7 @@ def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
         )
     for line in skipped.lines():
         print(f"harness data: {line}", file=sys.stderr)
-    config = {k: (v.value if hasattr(v, "value") else v) for k, v in cfg.__dict__.items()}
+    config = settings_of(cfg)
     tok_sha = tokenizer_file_sha(cfg)
     if not force and (same := _unchanged(out_dir, config, fingerprint.hexdigest(), tok_sha)) is not None:
         return same
@@ -382,7 +408,9 @@ def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
     eos = tokenizer.token_to_id(EOS)
     if eos is None:
         raise ConfigError("data.tokenizer_file", f"the tokenizer has no '{EOS}' token", source)
-    atomic_write(out_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)))
+    # Each file is replaced only when its bytes change: data prepared again the same keeps its
+    # times, so Snakemake trains nothing again.
+    atomic_write(out_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)), keep_same=True)
 
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
     splits: dict[str, Any] = {}
@@ -393,7 +421,7 @@ def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
             ids.extend(enc.ids)
             ids.append(eos)
         arr = np.asarray(ids, dtype=dtype)
-        atomic_write(out_dir / f"{split}.bin", lambda p, arr=arr: arr.tofile(p), need_bytes=arr.nbytes)
+        atomic_write(out_dir / f"{split}.bin", lambda p, arr=arr: arr.tofile(p), need_bytes=arr.nbytes, keep_same=True)
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
         splits[split] = {
             "documents": len(texts),
@@ -423,7 +451,7 @@ def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
         # (harness.tasks.heldout_documents) know where each came from.
         "heldout_keys": {split: [d.key for d in docs[split]] for split in ("validation", "test")},
     }
-    write_json(out_dir / "data.json", meta)  # written last: its presence means the data is complete
+    write_json(out_dir / "data.json", meta, keep_same=True)  # written last: its presence means the data is complete
     return meta
 
 

@@ -10,6 +10,7 @@ damaged (:class:`~harness.errors.DamagedFile`).
 from __future__ import annotations
 
 import errno
+import filecmp
 import hashlib
 import json
 import os
@@ -46,9 +47,12 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None], need_bytes: int | None = None) -> Path:
+def atomic_write(
+    path: str | Path, write: Callable[[Path], None], need_bytes: int | None = None, keep_same: bool = False
+) -> Path:
     """Call ``write(tmp_path)`` and move the result onto ``path``. ``need_bytes``: the expected
-    size, quoted if the disk fills up."""
+    size, quoted if the disk fills up. ``keep_same``: when ``path`` already holds exactly these
+    bytes, leave it (and its time, which Snakemake goes by) as it is."""
     path = Path(path)
     tmp_path = None
     try:
@@ -57,6 +61,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], need_bytes: in
         os.close(fd)
         tmp_path = Path(tmp)
         write(tmp_path)
+        if keep_same and path.is_file() and filecmp.cmp(tmp_path, path, shallow=False):
+            tmp_path.unlink()
+            return path
         tmp_path.chmod(0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException as e:
@@ -83,12 +90,12 @@ def remove_leftovers(folder: Path, name: str) -> list[Path]:
     return gone
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+def write_text(path: str | Path, text: str, keep_same: bool = False) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), keep_same=keep_same)
 
 
-def write_json(path: str | Path, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+def write_json(path: str | Path, data: Any, keep_same: bool = False) -> Path:
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", keep_same)
 
 
 def read_json(path: str | Path, made_by: str | None = None, remedy: str | None = None) -> Any:

@@ -249,11 +249,16 @@ def print_plan(study, runs, rows, states, estimates, device, warnings, args, res
     )
     need = study_disk(study, runs, results, corpus)
     print(describe(need, results) + (f" ({SHORT})" if need.more > need.free else ""))
-    notes(study, rows, states, changed, train.todo_seconds, device, warnings)
+    from harness.reuse import reuse_lines
+
+    reuse = reuse_lines(study, runs, results)
+    notes(study, rows, states, changed, reuse, train.todo_seconds, device, warnings)
 
 
-def notes(study, rows, states, changed: list[str], train_left: float, device: str, warnings: list[str]) -> None:
-    """What the plan says below its totals: missing data, stale runs, warnings."""
+def notes(
+    study, rows, states, changed: list[str], reuse: list[str], train_left: float, device: str, warnings: list[str]
+) -> None:
+    """What the plan says below its totals: missing data, stale runs, runs another study finished, warnings."""
     if rows and rows[0]["epochs"] is None:
         print("epochs: run `harness data` first to know the train split's size")
     if changed:
@@ -261,6 +266,8 @@ def notes(study, rows, states, changed: list[str], train_left: float, device: st
     for s in states:
         if s.state == "stale":
             print(f"stale: {s.run_id} would be trained again: {'; '.join(s.changes)}")
+    for line in reuse:
+        print(line)
     too_long = train_left != train_left or train_left > 86400  # NaN: a model not probed
     if device == "cpu" and study.device == "auto" and too_long:
         shown = "models not probed on this CPU" if train_left != train_left else f"{duration(train_left)} on this CPU"

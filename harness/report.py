@@ -165,7 +165,8 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     seed_rows = seed_comparison(records)
     analysis = scaling.analyse(records)
     claims = evaluate_claims(records, measures, seed_rows, health, routing, registration=study.registration)
-    ours = summary(records, measures, evals)
+    # This study's name, whatever study a reused or copied record was trained in.
+    ours = summary(records, measures, evals) | {"study": study.name}
     repro = reproduction(results, ours)
 
     eval_headers, eval_rows, not_run = eval_table(records, evals)

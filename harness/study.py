@@ -98,6 +98,8 @@ class ModelSpec:
     moe: dict[str, Any] = field(default_factory=dict)
     """Further MoE fields for the derived variant (routing, dispatch, coefficients...)."""
     name: str | None = None
+    """The model's name in run ids and the report: a derived MoE's, or a variant of a config file
+    (the same architecture with its own recipe, seeds or budgets) under a name of its own."""
     seeds: list[int] | None = None
     """This model's seeds, in place of the study's (e.g. one seed for an ablation)."""
     budgets: list[float] | None = None
@@ -419,6 +421,20 @@ def _config_file(name: str, source: str, field_name: str) -> list[Path]:
     raise ConfigError(field_name, f"no model config '{name}' (looked in {configs})", source)
 
 
+def _renamed(cfgs: list[ModelConfig], spec: ModelSpec, where: str, source: str) -> list[ModelConfig]:
+    """A config entry's models under the entry's ``name``, if it gives one: a variant of a model
+    file (its own recipe, seeds or budgets) trains and is reported as a model of its own."""
+    if spec.name is None:
+        return cfgs
+    if len(cfgs) != 1:
+        raise ConfigError(
+            f"{where}.name",
+            f"names one model, but config {spec.config!r} matches {len(cfgs)} files; give each its own entry",
+            source,
+        )
+    return [dataclasses.replace(cfgs[0], name=spec.name)]
+
+
 def resolve_models(study: Study, vocab_size: int | None = None) -> list[ModelConfig]:
     """The study's model configs with the study's vocabulary and context applied."""
     return [cfg for _, cfg in resolve_model_specs(study, vocab_size)]
@@ -433,6 +449,7 @@ def resolve_model_specs(study: Study, vocab_size: int | None = None) -> list[tup
         try:
             if spec.config is not None:
                 cfgs = [load_config(f) for f in _config_file(spec.config, study.path, f"{where}.config")]
+                cfgs = _renamed(cfgs, spec, where, study.path)
             else:
                 (base_file,) = _config_file(spec.base, study.path, f"{where}.base")
                 base = load_config(base_file)

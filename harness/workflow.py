@@ -60,11 +60,12 @@ def essential_json(settings: Any, leave_out: tuple[str, ...] = ()) -> str:
 
 def data_params(study: Study) -> str:
     """The data rule's settings parameter: every data setting but those that say where files lie
-    (``harness.data.WHERE``); what the files hold reaches the rule as data/corpus.json
-    (``harness.corpus``), so a corpus moved or copied with the same content reruns nothing."""
-    from harness.data import WHERE
+    (``harness.data.WHERE``) and those only training reads (``TRAINING_SIDE``); what the files
+    hold reaches the rule as data/corpus.json (``harness.corpus``), so a corpus moved or copied
+    with the same content reruns nothing."""
+    from harness.data import NOT_TOKENS
 
-    return essential_json(study.data, WHERE)
+    return essential_json(study.data, NOT_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -91,17 +92,17 @@ def data_changes(study: Study, results: Path, corpus: dict[str, Any] | None = No
     with (empty when they do not, or when no data is prepared yet). Where the corpus lies is no
     change while its content is the same (``harness.corpus``)."""
     from harness.corpus import corpus_changes
-    from harness.data import WHERE
+    from harness.data import NOT_TOKENS
     from models.config import from_dict
 
     meta = _read(results / "data" / "data.json")
     if not meta or "config" not in meta:
         return []
     try:
-        prepared = essential_fields(from_dict(DataConfig, meta["config"]), WHERE)
+        prepared = essential_fields(from_dict(DataConfig, meta["config"]), NOT_TOKENS)
     except Exception:  # a data.json from another version: the data rule decides
         return []
-    settings = [f"data.{c}" for c in identity_changes(prepared, essential_fields(study.data, WHERE))]
+    settings = [f"data.{c}" for c in identity_changes(prepared, essential_fields(study.data, NOT_TOKENS))]
     return settings + corpus_changes(study, results, corpus)
 
 
@@ -192,8 +193,12 @@ def retrained_runs(
     return [s for s in run_states(study, runs, results, corpus) if s.state == "stale"]
 
 
-def retrain_refusal(stale: list[RunState], study: Study, shown: int = 20) -> str:
-    """The message that stops the workflow before it deletes finished work."""
+def retrain_refusal(
+    stale: list[RunState], study: Study, shown: int = 20, remedy: str | None = None, why: tuple[str, ...] = ()
+) -> str:
+    """The message that stops the workflow before it deletes finished work: the runs, ``why``
+    (further reasons), then what to do: ``remedy``, in place of reverting the change, when
+    nothing changed in content."""
     lines = [
         f"moe-harness: with {study.path} as it is now, {len(stale)} finished or started run(s) would be trained again:"
     ]
@@ -201,11 +206,13 @@ def retrain_refusal(stale: list[RunState], study: Study, shown: int = 20) -> str
         lines.append(f"  {s.run_id}: {'; '.join(s.changes)}")
     if len(stale) > shown:
         lines.append(f"  ... and {len(stale) - shown} more (`harness plan {study.path}` lists them all)")
+    lines.extend(why)
     lines.append(
-        "Revert the change to keep them, or run again with `--config retrain=stale` to replace them "
+        remedy
+        or "Revert the change to keep them, or run again with `--config retrain=stale` to replace them "
         "(their checkpoints and records are deleted). A change to "
         + ", ".join(f"recipe.{f}" for f in BOOKKEEPING)
-        + " never retrains anything."
+        + " or data.allow_repetition never retrains anything."
     )
     return "\n".join(lines)
 
@@ -213,20 +220,33 @@ def retrain_refusal(stale: list[RunState], study: Study, shown: int = 20) -> str
 IDENTITY = "identity.json"
 
 
+def identity_text(run: Run) -> str:
+    """What a run's identity.json holds."""
+    return json.dumps(run_identity(run), sort_keys=True, indent=1) + "\n"
+
+
 def sync_identities(
-    study: Study, runs: list[Run], results: Path, retrain_stale: bool, corpus: dict[str, Any] | None = None
-) -> None:
+    study: Study,
+    runs: list[Run],
+    results: Path,
+    retrain_stale: bool,
+    corpus: dict[str, Any] | None = None,
+    write: bool = True,
+) -> list[RunState]:
     """Write each run's identity.json where it is missing or differs. A finished or started run
     whose identity changed stops this (:class:`RetrainRefused`) unless ``retrain_stale``. A new
-    identity file of a run finished as asked gets its record's time, so that it reruns nothing."""
+    identity file of a run finished as asked gets its record's time, so that it reruns nothing.
+    ``write`` False (a dry run): only check. Returns the runs that are trained again."""
     from harness.io import write_text
 
     stale = {s.run_id: s for s in retrained_runs(study, runs, results, corpus)}
     if stale and not retrain_stale:
         raise RetrainRefused(retrain_refusal(list(stale.values()), study))
+    if not write:
+        return list(stale.values())
     for run in runs:
         run_dir = results / "runs" / run.run_id
-        path, text = run_dir / IDENTITY, json.dumps(run_identity(run), sort_keys=True, indent=1) + "\n"
+        path, text = run_dir / IDENTITY, identity_text(run)
         try:
             if path.read_text() == text:
                 if run.run_id in stale:  # the same identity on other data: retrained all the same
@@ -239,6 +259,53 @@ def sync_identities(
         if run.run_id not in stale and record.is_file():
             when = record.stat().st_mtime - 1
             os.utime(path, (when, when))
+    return list(stale.values())
+
+
+_STAND_INS: list[Any] = []
+"""The temporary folders of this process's dry-run stand-ins, removed when it exits."""
+
+
+def stand_ins(files: dict[str, str]) -> dict[str, str]:
+    """For a dry run, which writes nothing under results/: each file a real run would write newer
+    than its job's outputs when it starts (path: its text), written instead to a temporary folder
+    (removed when Snakemake exits), so that the dry run lists the jobs a real run would run."""
+    import tempfile
+
+    if not files:
+        return {}
+    _STAND_INS.append(tempfile.TemporaryDirectory(prefix="moe-harness-dry-run-"))
+    out = {}
+    for path, text in files.items():
+        stand_in = Path(_STAND_INS[-1].name) / path
+        stand_in.parent.mkdir(parents=True, exist_ok=True)
+        stand_in.write_text(text)
+        out[path] = str(stand_in)
+    return out
+
+
+def dry_run_files(runs: list[Run], retrained: list[RunState], results: Path, corpus: dict[str, Any]) -> dict[str, str]:
+    """The files a real run would now write newer than the outputs that depend on them: the
+    identity of each run it trains again, and corpus.json when the corpus changed in content."""
+    from harness.corpus import CORPUS, corpus_rewritten
+
+    again = {s.run_id for s in retrained}
+    files = {str(results / "runs" / run.run_id / IDENTITY): identity_text(run) for run in runs if run.run_id in again}
+    if corpus_rewritten(results, corpus):
+        files[str(results / "data" / CORPUS)] = json.dumps(corpus, sort_keys=True, indent=1) + "\n"
+    return files
+
+
+def written_input(path: str, dry_run: bool, stand_in: dict[str, str] | None = None) -> list[str]:
+    """An input the workflow writes when it starts (corpus.json, identity.json). A dry run writes
+    nothing there: one a real run would write anew is its stand-in (:func:`stand_ins`), so the
+    dry run lists what a real run would run; a missing one is left out (its job runs all the
+    same: its output is missing too, or the file would be written with the output's time)."""
+    if not dry_run:
+        return [path]
+    if stand_in and path in stand_in:
+        return [stand_in[path]]
+    return [path] if Path(path).exists() else []
 
 
 class RetrainRefused(Exception):
@@ -272,10 +339,10 @@ METADATA_HINT = (
 
 
 TOUCH_HINT = (
-    "Their inputs are unchanged in content (the same identity, data fingerprint and corpus): only "
-    "timestamps, paths or Snakemake's own records differ, as after a copy without timestamps or a move of "
-    "data.paths. `snakemake --touch` (with the same --config) marks the outputs current without training "
-    "anything."
+    "Their inputs are unchanged in content (the same identity, data fingerprint, data settings and corpus): "
+    "only timestamps, paths or Snakemake's own records differ, as after a copy without timestamps, a move of "
+    "data.paths or data prepared again the same. `snakemake --touch` (with the same --config) marks the "
+    "outputs current without training anything; `--config retrain=stale` trains them again all the same."
 )
 
 
@@ -292,11 +359,11 @@ def guard_retraining(workflow, study: Study, runs: list[Run], results: Path, ret
     for run_id, reason in scheduled.items():
         stale.setdefault(run_id, RunState(run_id, "stale", (f"Snakemake: {reason}",)))
     if stale and retrain != "stale":
-        message = retrain_refusal(list(stale.values()), study)
+        remedy = None if changed_content else TOUCH_HINT
+        message = retrain_refusal(list(stale.values()), study, remedy=remedy, why=tuple(upstream))
         said = " ".join([*upstream, *scheduled.values()])
         hint = METADATA_HINT if "have changed" in said or "has changed" in said else ""
-        touch = "" if changed_content else TOUCH_HINT
-        raise RetrainRefused("\n".join(filter(None, [message, *upstream, touch, hint])))
+        raise RetrainRefused("\n".join(filter(None, [message, hint])))
 
 
 def at_a_glance(results: Path) -> str:

@@ -296,3 +296,131 @@ def test_a_registered_contrast_names_models_and_a_budget_of_the_study(study, pri
     _edit(study, register)
     with pytest.raises(ConfigError, match=message):
         plan(load_study(study / STUDY))
+
+
+# --- data settings: only what changes the tokens changes the data -------------------------------
+
+
+def _data_files(root: Path) -> dict[str, int]:
+    return {k: v for k, v in _mtimes(root).items() if "/data/" in k or k.endswith("record.json")}
+
+
+def test_a_training_side_data_field_leaves_the_data_alone(study, monkeypatch):
+    from harness.workflow import data_changes, data_params, run_states
+
+    monkeypatch.chdir(study)
+    before, params = _mtimes(study), data_params(load_study(STUDY))
+    _edit(study, lambda d: d["data"].update(allow_repetition=True))
+    changed = load_study(STUDY)
+    assert data_params(changed) == params and data_changes(changed, Path("results/pico")) == []
+    assert [s.state for s in run_states(changed, plan(changed), Path("results/pico"))] == ["done"]
+    code, err = _cli("data", STUDY, "--results", "results")
+    assert code == 0, err
+    assert _mtimes(study) == before, "`harness data` rewrote data whose tokens did not change"
+
+
+def test_data_prepared_again_the_same_keeps_its_files_times(study, monkeypatch):
+    monkeypatch.chdir(study)
+    shards = {k: v for k, v in _data_files(study).items() if not k.endswith("data.json")}
+    code, err = _cli("data", STUDY, "--results", "results", "--force")  # data.json now names this copy's paths
+    assert code == 0, err
+    before = _data_files(study)
+    assert {k: v for k, v in before.items() if not k.endswith("data.json")} == shards
+    code, err = _cli("data", STUDY, "--results", "results", "--force")
+    assert code == 0, err
+    assert _data_files(study) == before, "identical data was replaced: Snakemake would retrain every run"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("validation_fraction", 0.15), ("vocab_size", 600), ("max_bytes", 50_000)]
+)
+def test_a_token_changing_data_field_is_still_a_change(study, field, value):
+    from harness.workflow import data_changes, data_params
+
+    params = data_params(load_study(study / STUDY))
+    _edit(study, lambda d: d["data"].update({field: value}))
+    changed = load_study(study / STUDY)
+    assert data_params(changed) != params
+    assert data_changes(changed, study / "results" / "pico")[0].split()[0] == f"data.{field}"
+
+
+@pytest.mark.slow
+def test_allow_repetition_retrains_nothing_and_a_token_change_is_refused(study):
+    _edit(study, lambda d: d["data"].update(allow_repetition=True))
+    shards = _data_files(study)
+    dry = _snakemake(study)
+    assert dry.returncode == 0, dry.stderr
+    assert "rule train:" not in dry.stdout and "rule data:" not in dry.stdout
+    real = _snakemake(study, dry=False)
+    assert real.returncode == 0, real.stderr
+    assert "rule train:" not in real.stdout + real.stderr
+    assert {k: v for k, v in _data_files(study).items() if k in shards} == shards
+
+    _edit(study, lambda d: d["data"].update(validation_fraction=0.15))
+    refused = _snakemake(study)
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and f"{RUN}: data.validation_fraction 0.1 -> 0.15" in said
+
+
+# --- a variant of a model file under a name of its own --------------------------------------
+
+
+def test_a_named_config_entry_is_a_variant_of_its_own(study):
+    from harness.workflow import run_states
+
+    def variant(data):
+        data["models"].append({"config": data["models"][0]["config"], "name": "dense-pico-lr1", "recipe": {"lr": 1e-3}})
+
+    _edit(study, variant)
+    s = load_study(study / STUDY)
+    base, tuned = plan(s)
+    assert (base.run_id, tuned.run_id) == (RUN, "dense-pico-lr1_6e9_s0")
+    assert tuned.model.name == "dense-pico-lr1" and tuned.recipe.lr == 1e-3 and base.recipe.lr == 3e-3
+    assert run_identity(tuned)["model"]["name"] == "dense-pico-lr1"
+    assert [r.state for r in run_states(s, [base, tuned], study / "results" / "pico")] == ["done", "to run"]
+
+
+def test_a_name_on_a_pattern_of_several_files_is_refused(study):
+    _second_model(study, "model-b")
+
+    def named(data):
+        data["models"][0] = {"config": str(study / "model*.yaml"), "name": "one"}
+
+    _edit(study, named)
+    with pytest.raises(ConfigError, match=r"'models\[0\]\.name': names one model, but config .* matches 2 files"):
+        plan(load_study(study / STUDY))
+
+
+# --- a dry run is read-only -----------------------------------------------------------------------
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) for p in root.rglob("*")}
+
+
+@pytest.mark.slow
+def test_a_dry_run_writes_nothing(study, tmp_path):
+    from pico_study import MODEL, study_dict, write_corpus
+
+    fresh = tmp_path / "fresh"
+    write_corpus(fresh)
+    (fresh / "model.yaml").write_text(yaml.safe_dump(MODEL))
+    (fresh / STUDY).write_text(yaml.safe_dump(study_dict(fresh)))
+    (fresh / "results").mkdir()
+    cmd = [sys.executable, "-m", "snakemake", "-n", "-s", str(ROOT / "Snakefile"), "--directory", str(fresh)]
+    out = subprocess.run(
+        [*cmd, "--cores", "1", "--config", f"study={fresh / STUDY}"], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr
+    assert "rule train:" in out.stdout and "rule data:" in out.stdout
+    assert list((fresh / "results").iterdir()) == [], "a dry run on a fresh study wrote into results/"
+
+    _edit(study, lambda d: d["models"].append({"config": _second_model(study, "dense-pico-b")}))
+    before = _tree(study / "results")
+    out = _snakemake(study)
+    assert out.returncode == 0, out.stderr
+    assert _tree(study / "results") == before, "a dry run on a prepared study wrote into results/"
+    _edit(study, lambda d: d["recipe"].update(lr=1e-3))
+    out = _snakemake(study, "retrain=stale")
+    assert out.returncode == 0 and "rule train:" in out.stdout, out.stdout + out.stderr
+    assert _tree(study / "results") == before, "a dry run that retrains wrote into results/"

@@ -456,6 +456,10 @@ def test_report_tables(prepared):
     assert (results / "tables" / "dense_vs_moe.html").read_text().startswith("<table>")
     lines = (results / "tables" / "runs.csv").read_text().splitlines()
     assert len(lines) == 1 + len(plan(study))
+    # A study copied under another name reports under its own name, whatever its records say.
+    copied = dataclasses.replace(study, name="pico-copy")
+    assert write_report(copied, results, bench).read_text().startswith("# Study `pico-copy`")
+    assert json.loads((results / "summary.json").read_text())["study"] == "pico-copy"
 
 
 def test_cli_routing_of_a_trained_moe_run(prepared, tmp_path, capsys):

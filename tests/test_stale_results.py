@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -179,7 +180,8 @@ def test_snakemake_sees_a_corpus_edit_after_the_pipeline_finished(study: Path):
     agreed = _snakemake(study, "retrain=stale")  # dry: what it would do
     assert agreed.returncode == 0, agreed.stdout + agreed.stderr
     assert "rule data:" in agreed.stdout and "rule train:" in agreed.stdout
-    assert f"Updated input files: {DATA}/{CORPUS}" in agreed.stdout
+    # The dry run wrote nothing under results/: corpus.json as a real run writes it stands in elsewhere.
+    assert re.search(rf"Updated input files: \S*{DATA}/{CORPUS}", agreed.stdout), agreed.stdout
 
 
 @pytest.mark.slow
@@ -199,6 +201,7 @@ def test_lost_timestamps_are_named_with_snakemake_touch(study: Path):
     assert refused.returncode != 0
     assert f"{RUN}: Snakemake: Updated input files" in said
     assert " ".join(TOUCH_HINT.split()) in said and "snakemake --touch" in said
+    assert "Revert the change" not in said, "there is no change to revert"
     # A real change of content is not called a timestamp: no --touch advice then.
     edit_corpus(study)
     os.utime(study / DATA / "data.json")

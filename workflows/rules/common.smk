@@ -7,15 +7,19 @@ from pathlib import Path
 from harness.corpus import sync_corpus
 from harness.disk import CHECK_KEY, guard_disk
 from harness.parallel import check_workflow
+from harness.reuse import finished_elsewhere, our_data
 from harness.study import analysed, load_study, plan
 from harness.train import pick_device
 from harness.workflow import (
     at_a_glance,
     choose_study,
     data_params,
+    dry_run_files,
     essential_json,
     guard_retraining,
+    stand_ins,
     sync_identities,
+    written_input,
 )
 
 # `--config study=` with nothing after it (an unset shell variable) is refused, not taken for `tiny`.
@@ -78,9 +82,26 @@ TRAIN_THREADS = (
 # Not a parameter of the train rule: it must not make the next plain run retrain anything.
 RESTART_FLAG = "--restart-if-changed" if RETRAIN == "stale" else ""
 # The corpus by content (harness.corpus): data/corpus.json, an input of the data rule, changes
-# when what the corpus holds changes, not when it is copied or moved.
-CORPUS = sync_corpus(STUDY, Path(RESULTS))
-sync_identities(STUDY, list(RUNS.values()), Path(RESULTS), RETRAIN == "stale", CORPUS)
+# when what the corpus holds changes, not when it is copied or moved. It is written once the
+# identities are checked, so that a refused change leaves every file as it was.
+# A dry run (`snakemake -n`) writes nothing under results/: where a real run would write
+# corpus.json or an identity.json anew, its job takes a stand-in in a temporary folder, so that the
+# dry run lists the jobs a real run would run.
+DRY_RUN = bool(getattr(workflow.output_settings, "dryrun", False))
+CORPUS = sync_corpus(STUDY, Path(RESULTS), write=False)
+RETRAINED = sync_identities(STUDY, list(RUNS.values()), Path(RESULTS), RETRAIN == "stale", CORPUS, not DRY_RUN)
+if not DRY_RUN:
+    sync_corpus(STUDY, Path(RESULTS), content=CORPUS)
+STAND_IN = stand_ins(dry_run_files(list(RUNS.values()), RETRAINED, Path(RESULTS), CORPUS)) if DRY_RUN else {}
+
+# Finished runs of other studies that this one reuses (harness.reuse): where a run has none, its
+# reuse job lacks an input and Snakemake trains it (ruleorder: reuse > train).
+OUR_DATA = our_data(STUDY, Path(RESULTS), CORPUS)
+
+
+def reusable(run_id):
+    source = finished_elsewhere(RUNS[run_id], Path(RESULTS), OUR_DATA)
+    return str(source / "record.json") if source else f"{RESULTS}/runs/{run_id}/.no-finished-run-to-reuse"
 
 
 onstart:

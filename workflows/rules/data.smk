@@ -3,7 +3,7 @@ rule data:
     input:
         # What the corpus (and tokenizer file) holds, rewritten only when that changes: an edit to
         # a corpus file reruns this step; a copy without timestamps or a move of data.paths does not.
-        corpus=f"{RESULTS}/data/corpus.json",
+        corpus=written_input(f"{RESULTS}/data/corpus.json", DRY_RUN, STAND_IN),
     output:
         meta=f"{RESULTS}/data/data.json",
         tokenizer=f"{RESULTS}/data/tokenizer.json",
