@@ -19,3 +19,9 @@ def test_the_readme_says_how_to_reach_the_venvs_commands_before_showing_one():
     assert 0 <= activate < first.start(), f"first command at {README[first.start() : first.start() + 40]!r}"
     said = README[activate - 300 : first.start()]
     assert all(f"`.venv/bin/{c}`" in said for c in ("snakemake", "harness", "lm_eval")), said
+
+
+def test_the_readme_shows_harness_sample_with_its_options():
+    assert re.search(r"^harness sample tiny --run \S+ --prompt ", README, re.M)
+    for option in ("--tokens N", "--temperature", "--top-k K", "--seed"):
+        assert f"`{option}" in README, option
