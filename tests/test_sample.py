@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from pico_study import RUN, RUNDIR, STUDY, cli_output
 
 from harness.data import EOS, load_tokenizer
@@ -50,6 +51,17 @@ def test_greedy_sampling_is_the_argmax_of_a_direct_forward(study: Path, monkeypa
     code, out, err = _sample("--prompt", "def f (", "--temperature", "0", "--tokens", "6")
     assert code == 0, err
     assert out == tok.decode(prompt + direct, skip_special_tokens=False) + "\n"
+
+
+@pytest.mark.parametrize("moe", [None, {}, {"experts": 8, "top_k": 1}], ids=["dense", "moe", "moe-e8k1"])
+def test_greedy_generation_through_the_cache_equals_full_forwards(moe):
+    model = tiny_config(moe, d_ff=48 if moe is None else None).build().eval()
+    seq = [3, 14, 15, 92]
+    direct = list(seq)
+    with torch.no_grad():
+        for _ in range(8):
+            direct.append(int(model(torch.tensor([direct])).logits[0, -1].argmax()))
+    assert generate(model, seq, 8, temperature=0.0) == direct[len(seq) :]
 
 
 def test_top_k_draws_only_among_the_k_likeliest():
