@@ -246,7 +246,7 @@ def sync_identities(
 
 
 class RetrainRefused(Exception):
-    """Raised in the workflow's onstart: finished runs would be trained again without consent."""
+    """Raised as the workflow starts (parse time, onstart): finished runs would be trained again unasked."""
 
 
 REFUSED = 2
