@@ -2,7 +2,7 @@
 
     harness count models/configs/moe-s-e8k2.yaml [--json] [--seq-len N]
     harness match models/configs/dense-s.yaml --experts 8 --top-k 2 [--moe KEY=VALUE ...] [--out FILE]
-    harness plan | data | tasks | train | measure | evaluate | routing | export | report STUDY [...]
+    harness plan | data | tasks | train | measure | evaluate | routing | export | sample | report STUDY [...]
     harness --version
 
 Every expected failure (a bad config, study or flag, a missing earlier step, a damaged file, a
@@ -31,15 +31,16 @@ from models.accounting import summary
 from models.config import ConfigError, Dispatch, MoEConfig, Routing, dump_config, load_config
 from models.matching import OPTIONS, match_moe, non_defaults, parse_options
 
-VERBS = ("count", "match", "plan", "data", "tasks", "train", "measure", "evaluate", "routing", "export", "report")
+VERBS = ("count", "match", "plan", "data", "tasks", "train", "measure", "evaluate", "routing", "export", "sample")
+VERBS += ("report",)
 """The verbs in pipeline order, as --help lists them."""
 GPU_VERBS = ("train", "measure", "evaluate", "routing")
 """The verbs that run on a GPU when the study does: each takes its own device (harness.devices)."""
 EPILOG = """\
 The steps in pipeline order: count and match (model configs), then per study plan, data,
-tasks, train, measure, evaluate, routing, export and report. snakemake runs a whole study;
-each step runs alone too, and "harness VERB --help" says what it takes. An expected failure
-is one line, "harness VERB: error: ...", with exit code 2."""
+tasks, train, measure, evaluate, routing, export, sample (a run's text) and report.
+snakemake runs a whole study; each step runs alone too, and "harness VERB --help" says what
+it takes. An expected failure is one line, "harness VERB: error: ...", with exit code 2."""
 
 
 def _human(n: float) -> str:
@@ -769,6 +770,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = study_verb("export", "write a trained run as a Hugging Face model directory", cmd_export)
     p.add_argument("--run", required=True, help="run id")
     p.add_argument("--out", help="output directory (default results/<study>/export/<run>)")
+
+    from harness import sample  # the verb's own module: its arguments and its command
+
+    sample.add_arguments(study_verb("sample", sample.HELP, sample.cmd_sample))
 
     p = study_verb("report", "write the study report from the run records", cmd_report)
     p.add_argument("--print", action="store_true", help="print the report instead of its path")

@@ -51,7 +51,7 @@ import torch
 import yaml
 
 from harness.errors import DiskFull, HarnessError, os_failure
-from harness.io import NO_SPACE, free_bytes
+from harness.io import NO_SPACE, follow_umask, free_bytes
 from models.config import Dispatch, ModelConfig, MoEConfig, QKNorm, Routing
 
 
@@ -400,6 +400,7 @@ def export(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps({"files": _files(tmp)}, indent=2) + "\n")
+        follow_umask(tmp)  # mkdtemp's folder is 0700, the weights file 0600
         if out_dir.exists():  # aside, not deleted, until the new folder is in place
             old = out_dir.rename(tmp.with_name(tmp.name + ".old"))
         tmp.rename(out_dir)

@@ -31,6 +31,17 @@ def _umask() -> int:
     return mask
 
 
+def follow_umask(path: Path) -> Path:
+    """Give ``path`` and, for a folder, everything under it the permissions a plain ``open`` or
+    ``mkdir`` would: ``tempfile`` makes its files 0600 and its folders 0700, and some libraries
+    write their files that way too."""
+    mask = _umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+    return path
+
+
 def free_bytes(path: Path) -> int:
     """Free space on the filesystem that holds ``path`` (or its nearest existing parent)."""
     while not path.exists() and path != path.parent:
@@ -64,7 +75,7 @@ def atomic_write(
         if keep_same and path.is_file() and filecmp.cmp(tmp_path, path, shallow=False):
             tmp_path.unlink()
             return path
-        tmp_path.chmod(0o666 & ~_umask())
+        follow_umask(tmp_path)
         os.replace(tmp_path, path)
     except BaseException as e:
         if tmp_path is not None:

@@ -13,6 +13,7 @@ standard library, so it runs with any Python >= 3.11, without the project's envi
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -58,6 +59,24 @@ def sections(text: str, titles: Sequence[str] = SECTIONS, source: str | Path = "
     return "\n\n".join(found[t] for t in titles) + "\n"
 
 
+def missing(report: Path) -> str:
+    """Why ``report`` (results/<study>/report.md) is absent, in one line: the study has not run,
+    or there is no such study; then which studies there are and which have a report."""
+    study = report.parent.name
+    here = Path.cwd().resolve()
+    root = next((d for d in (here, *here.parents) if (d / "workflows" / "studies").is_dir()), here)
+    studies = Path(os.path.relpath(root / "workflows" / "studies"))
+    shipped = sorted(p.stem for p in studies.glob("*.yaml"))
+    reported = sorted(p.parent.name for p in report.parent.parent.glob("*/report.md"))
+    if study in shipped:
+        return f"{report} does not exist: study '{study}' has no report yet; `make study STUDY={study}` runs it"
+    return (
+        f"{report} does not exist: there is no study '{study}' in {studies}/ "
+        f"(studies: {', '.join(shipped) or 'none'}; with a report in {report.parent.parent}: "
+        f"{', '.join(reported) or 'none'})"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.report_summary", description=__doc__.split("\n\n")[0])
     p.add_argument("report", type=Path, help="the study's report.md, e.g. results/tiny/report.md")
@@ -67,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if not args.report.is_file():
-            raise HarnessError(f"{args.report} does not exist; write it with `make study STUDY=...`")
+            raise HarnessError(missing(args.report))
         text = args.report.read_text(encoding="utf-8")
         sys.stdout.write(sections(text, args.section or SECTIONS, args.report))
     except HarnessError as e:

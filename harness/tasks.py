@@ -33,6 +33,14 @@ from harness.io import read_json, write_json, write_text
 from harness.study import LOCAL_TASKS, EvalConfig
 
 MC_SEED = 20240617
+PPL_AGGREGATION = {
+    "bits_per_byte": "bits_per_byte",
+    "byte_perplexity": "weighted_perplexity",
+    "word_perplexity": "weighted_perplexity",
+}
+"""heldout_ppl's metrics and the aggregations lm-eval registers for them (its wikitext task uses
+them): each pools log-likelihoods and units (bytes, words) over all documents before dividing.
+Written out, with higher_is_better, so that lm-eval assumes nothing and warns of nothing."""
 MIN_LINE_CHARS = 12  # a line worth guessing: not blank, not a lone bracket or `else:`
 MAX_LINE_CHARS = 160
 
@@ -142,7 +150,9 @@ def write_tasks(
                 "output_type": "loglikelihood_rolling",
                 "doc_to_text": "",
                 "doc_to_target": "{{text}}",
-                "metric_list": [{"metric": m} for m in ("bits_per_byte", "byte_perplexity", "word_perplexity")],
+                "metric_list": [
+                    {"metric": m, "aggregation": agg, "higher_is_better": False} for m, agg in PPL_AGGREGATION.items()
+                ],
             },
         ),
         "heldout_code_mc": (

@@ -11,12 +11,17 @@ unless told to retrain them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from harness.disk import DiskRefused
+from harness.errors import HarnessError, os_failure
 from harness.study import (
     BOOKKEEPING,
     DataConfig,
@@ -309,7 +314,33 @@ def written_input(path: str, dry_run: bool, stand_in: dict[str, str] | None = No
 
 
 class RetrainRefused(Exception):
-    """Raised in the workflow's onstart: finished runs would be trained again without consent."""
+    """Raised as the workflow starts (parse time, onstart): finished runs would be trained again unasked."""
+
+
+REFUSED = 2
+"""The exit code of a workflow that refuses its study or --config, as `harness` exits on bad input."""
+
+
+@contextlib.contextmanager
+def refusals() -> Iterator[None]:
+    """Around the Snakefile's own code (parse time and onstart): a refusal of the user's input
+    prints its message alone and exits with :data:`REFUSED`. Snakemake would print its own
+    traceback frames after the message; anything else still goes to Snakemake as a defect."""
+    try:
+        yield
+    except (RetrainRefused, DiskRefused) as e:
+        _refuse(str(e))
+    except (ConfigError, HarnessError) as e:
+        _refuse(f"moe-harness: error: {' '.join(str(e).split())}")
+    except OSError as e:
+        if (failure := os_failure(e)) is None:
+            raise
+        _refuse(f"moe-harness: error: {' '.join(str(failure).split())}")
+
+
+def _refuse(message: str) -> NoReturn:
+    print(message, file=sys.stderr)
+    sys.exit(REFUSED)
 
 
 def _scheduled_retrains(dag, results: Path) -> tuple[dict[str, str], list[str]]:

@@ -385,15 +385,26 @@ def test_interrupted_writes_are_cleaned_up_when_training_starts(study: Path, mon
     assert not leftover.exists()
 
 
-def test_outputs_follow_the_umask(tmp_path):
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)], ids=["022", "027"])
+def test_outputs_follow_the_umask(umask, mode, tmp_path):
     from harness.io import write_json
 
-    old = os.umask(0o022)
+    old = os.umask(umask)
     try:
         path = write_json(tmp_path / "x.json", {"a": 1})
+        checkpoint.save_checkpoint({"model": {"w": torch.zeros(2)}}, tmp_path / "run" / "checkpoint.pt")
+        checkpoint.save_checkpoint({"model": {"w": torch.ones(2)}}, tmp_path / "run" / "checkpoint.pt")
     finally:
         os.umask(old)
-    assert path.stat().st_mode & 0o777 == 0o644
+    assert path.stat().st_mode & 0o777 == mode
+    run = sorted((tmp_path / "run").iterdir())
+    assert [p.name for p in run] == [
+        "checkpoint.prev.pt",
+        "checkpoint.prev.pt.sha256",
+        "checkpoint.pt",
+        "checkpoint.pt.sha256",
+    ]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in run} == {p.name: oct(mode) for p in run}
 
 
 def test_a_full_disk_says_so_with_the_size_needed(tmp_path, monkeypatch):

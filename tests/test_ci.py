@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,30 @@ def test_summary_command_prints_markdown(tmp_path, capsys):
     report.write_text(REPORT)
     assert summary_main([str(report)]) == 0
     assert capsys.readouterr().out == sections(REPORT)
+
+
+def test_summary_of_a_missing_study_names_it_and_the_studies_there_are(tmp_path, monkeypatch, capsys):
+    (tmp_path / "workflows" / "studies").mkdir(parents=True)
+    for name in ("alpha", "beta"):
+        (tmp_path / "workflows" / "studies" / f"{name}.yaml").write_text("name: x\n")
+    (tmp_path / "results" / "beta").mkdir(parents=True)
+    (tmp_path / "results" / "beta" / "report.md").write_text(REPORT)
+    monkeypatch.chdir(tmp_path)
+    assert summary_main(["results/nope/report.md"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "report_summary: error: results/nope/report.md does not exist: there is no study 'nope' in "
+        "workflows/studies/ (studies: alpha, beta; with a report in results: beta)\n"
+    )
+    assert summary_main(["results/alpha/report.md"]) == 2
+    assert "study 'alpha' has no report yet; `make study STUDY=alpha` runs it\n" in capsys.readouterr().err
+
+
+def test_make_summary_of_a_missing_study_fills_in_its_name():
+    done = subprocess.run(
+        ["make", "--no-print-directory", "summary", "STUDY=nope"], cwd=ROOT, capture_output=True, text=True
+    )
+    said = done.stderr.splitlines()
+    assert done.returncode != 0 and "STUDY=..." not in done.stderr
+    assert said[0].startswith("report_summary: error: results/nope/report.md does not exist: there is no study 'nope'")
+    assert "studies: cpu, " in said[0] and "tiny" in said[0]

@@ -132,7 +132,20 @@ def test_match_refusal_names_the_field():
     assert "'top_k'" in r.stderr and "split evenly" in r.stderr
 
 
-PIPELINE = ["count", "match", "plan", "data", "tasks", "train", "measure", "evaluate", "routing", "export", "report"]
+PIPELINE = [
+    "count",
+    "match",
+    "plan",
+    "data",
+    "tasks",
+    "train",
+    "measure",
+    "evaluate",
+    "routing",
+    "export",
+    "sample",
+    "report",
+]
 
 
 def _parsers():

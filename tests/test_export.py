@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import os
 
 import pytest
 import torch
@@ -143,6 +144,23 @@ def test_export_writes_a_fast_tokenizer(tmp_path):
     assert loaded.is_fast and loaded.eos_token == "<|endoftext|>"
     assert loaded("return x")["input_ids"] == tok.encode("return x").ids
     assert not list(tmp_path.glob(".hf.*")), "no temporary directory left behind"
+
+
+@pytest.mark.parametrize(
+    ("umask", "folder", "file"), [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)], ids=["022", "027"]
+)
+def test_an_export_follows_the_umask(umask, folder, file, tmp_path):
+    write_tokenizer(tmp_path / "tokenizer.json")
+    cfg = tiny_config(vocab_size=97)
+    old = os.umask(umask)
+    try:
+        export(cfg, cfg.build().state_dict(), tmp_path / "tokenizer.json", tmp_path / "hf")
+    finally:
+        os.umask(old)
+    written = [tmp_path / "hf", *(tmp_path / "hf").rglob("*")]
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in written}
+    assert "hf/model.safetensors" in modes
+    assert modes == {name: oct(folder if (tmp_path / name).is_dir() else file) for name in modes}
 
 
 def test_an_earlier_export_is_replaced_and_any_other_file_kept(tmp_path):

@@ -8,6 +8,7 @@ stops before deleting them. Steps run by hand leave up-to-date outputs alone.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from conftest import ROOT
 from pico_study import RUN, RUNDIR, STUDY, cli_output
 from pico_study import cli as _cli
 
+from harness.errors import HarnessError
 from harness.study import (
     BOOKKEEPING,
     Recipe,
@@ -30,6 +32,7 @@ from harness.study import (
     recorded_identity,
     run_identity,
 )
+from harness.workflow import RetrainRefused, refusals
 from models.config import ConfigError
 
 
@@ -174,6 +177,42 @@ def test_a_bookkeeping_change_retrains_nothing_and_a_real_one_is_refused(study):
     assert _mtimes(study) == before, "a refused change must leave every file as it was"
 
 
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (
+            ConfigError("retrain", "all is not allowed", "--config"),
+            "moe-harness: error: --config: field 'retrain': all is not allowed\n",
+        ),
+        (HarnessError("a\nb"), "moe-harness: error: a b\n"),
+        (RetrainRefused("moe-harness: with s, 1 run:\n  r: x"), "moe-harness: with s, 1 run:\n  r: x\n"),
+        (
+            OSError(errno.EROFS, "Read-only file system", "results/x"),
+            "moe-harness: error: results/x: the file system is read-only",
+        ),
+    ],
+    ids=["config", "harness", "retrain", "os"],
+)
+def test_the_workflows_refusals_are_their_message_and_exit_code_2(error, said, capsys):
+    with pytest.raises(SystemExit) as stopped, refusals():
+        raise error
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.startswith(said)
+    with pytest.raises(KeyError), refusals():  # a defect still reaches Snakemake with its traceback
+        raise KeyError("x")
+
+
+@pytest.mark.slow
+def test_a_refused_retraining_prints_its_message_and_no_traceback(study):
+    _edit(study, lambda d: d["recipe"].update(lr=1e-3))
+    for refused in (_snakemake(study), _snakemake(study, dry=False)):
+        assert refused.returncode == 2, refused.stderr
+        said = refused.stderr[refused.stderr.index("moe-harness: with") :]
+        assert said.splitlines()[1] == f"  {RUN}: recipe.lr 0.003 -> 0.001", said
+        assert "Traceback" not in said and 'File "' not in said and "RetrainRefused" not in said, said
+        assert said.rstrip().endswith("never retrains anything."), said
+
+
 @pytest.mark.slow
 def test_retrain_stale_replaces_the_changed_run(study):
     _edit(study, lambda d: d["recipe"].update(lr=1e-3))
@@ -206,7 +245,8 @@ def test_a_copied_study_is_not_retrained_and_lost_timestamps_are_named(study, tm
         os.utime(shard) if shard.is_file() else None
     refused = _snakemake(elsewhere, dry=False)
     said = refused.stdout + refused.stderr
-    assert refused.returncode != 0 and f"{RUN}: Snakemake: Updated input files" in said
+    assert refused.returncode == 2 and f"{RUN}: Snakemake: Updated input files" in said
+    assert "Traceback" not in said and 'File "' not in said, said  # refused in onstart: the message alone
     touched = subprocess.run(
         [*_snakemake_cmd(elsewhere, dry=False), "--touch"], capture_output=True, text=True, timeout=600
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import os
 import subprocess
 import sys
@@ -229,6 +231,23 @@ def test_local_tasks_come_from_the_held_out_split(trained):
     )
     again = write_tasks(results / "data", study.eval, study.recipe.seq_len, out_dir=root / "again")
     assert again["fingerprint"] == meta["fingerprint"]  # a function of the data and the study
+
+
+def test_lm_eval_loads_the_local_tasks_without_a_warning(trained, caplog, monkeypatch, tmp_path):
+    import datasets
+    from lm_eval.tasks import TaskManager
+
+    _, _, results, _, _ = trained
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)  # offline: local JSON files
+    manager = TaskManager(include_path=str(results / "data" / "tasks"), include_defaults=False)
+    with caplog.at_level(logging.WARNING, logger="lm_eval"):
+        tasks = manager.load(["heldout_ppl", "heldout_code_mc"])["tasks"]
+    assert sorted(tasks) == ["heldout_code_mc", "heldout_ppl"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == [], warned
+    ppl = tasks["heldout_ppl"]
+    assert ppl.higher_is_better() == dict.fromkeys(("bits_per_byte", "byte_perplexity", "word_perplexity"), False)
+    assert ppl.aggregation()["bits_per_byte"]([(-2.0 * math.log(2), 1), (-4.0 * math.log(2), 2)]) == 2.0
 
 
 def _lm_eval_cli(args: list[str], out: Path, cwd: Path) -> subprocess.Popen:

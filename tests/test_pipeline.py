@@ -498,8 +498,12 @@ def test_snakemake_refuses_a_bad_study_before_running(tmp_path):
         text=True,
         timeout=120,
     )
-    assert r.returncode != 0
-    assert "'budgets.0'" in r.stdout + r.stderr
+    assert r.returncode == 2, r.stderr
+    assert "'budgets.0'" in r.stderr
+    # The message alone: none of Snakemake's traceback frames after it.
+    assert "Traceback" not in r.stderr and 'File "' not in r.stderr, r.stderr
+    (said,) = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert said.startswith(f"moe-harness: error: {bad}: field 'budgets.0'"), said
 
 
 def test_a_given_tokenizer_file_is_used(prepared, tmp_path):

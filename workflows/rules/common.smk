@@ -17,86 +17,92 @@ from harness.workflow import (
     dry_run_files,
     essential_json,
     guard_retraining,
+    refusals,
     stand_ins,
     sync_identities,
     written_input,
 )
+from models.config import ConfigError
 
-# `--config study=` with nothing after it (an unset shell variable) is refused, not taken for `tiny`.
-STUDY_NAME, STUDY_REASON = choose_study(config.get("study"), "study" in config)
-STUDY = load_study(STUDY_NAME)  # schema + typed validation: a bad study stops here
-RUNS = {run.run_id: run for run in plan(STUDY)}
-# Evaluated, measured and routing-analysed: study.analysed_runs (default every run).
-ANALYSED = [run.run_id for run in analysed(STUDY, list(RUNS.values()))]
-RESULTS = f"results/{STUDY.name}"
-# Paths a user chooses (the study file, the Python of a virtual environment, logs) may hold
-# spaces or quotes: every shell command quotes them with `:q`, and LAUNCH, a command line put in
-# as it is, quotes its own.
-PY = sys.executable
-# Whether the study's jobs use GPUs. On a cluster the submitting host may have none: there,
-# `--config device=cuda` says the jobs' nodes do (each job still picks its device itself).
-if config.get("device") not in (None, "cuda"):
-    raise ValueError(f"--config device={config['device']}: the only value is 'cuda'")
-USE_GPU = STUDY.device == "cuda" or (
-    STUDY.device == "auto" and (config.get("device") == "cuda" or pick_device(STUDY).type == "cuda")
-)
-# GPU jobs at once (`--resources gpu=N` or the profile's), each on devices of its own
-# (harness.devices); each takes its share of the cores, so that they run side by side.
-GPUS = workflow.global_resources.get("gpu").value or 1
-GPU_THREADS = max(1, workflow.cores // GPUS)
-print(f"moe-harness: study '{STUDY.name}' ({STUDY_REASON}); {len(RUNS)} runs", file=sys.stderr)
+# A refusal of the study or of --config is its message alone, exit code 2 (harness.workflow.refusals).
+with refusals():
+    # `--config study=` with nothing after it (an unset shell variable) is refused, not taken for `tiny`.
+    STUDY_NAME, STUDY_REASON = choose_study(config.get("study"), "study" in config)
+    STUDY = load_study(STUDY_NAME)  # schema + typed validation: a bad study stops here
+    RUNS = {run.run_id: run for run in plan(STUDY)}
+    # Evaluated, measured and routing-analysed: study.analysed_runs (default every run).
+    ANALYSED = [run.run_id for run in analysed(STUDY, list(RUNS.values()))]
+    RESULTS = f"results/{STUDY.name}"
+    # Paths a user chooses (the study file, the Python of a virtual environment, logs) may hold
+    # spaces or quotes: every shell command quotes them with `:q`, and LAUNCH, a command line put in
+    # as it is, quotes its own.
+    PY = sys.executable
+    # Whether the study's jobs use GPUs. On a cluster the submitting host may have none: there,
+    # `--config device=cuda` says the jobs' nodes do (each job still picks its device itself).
+    if config.get("device") not in (None, "cuda"):
+        raise ConfigError("device", f"{config['device']} is not allowed; the only value is 'cuda'", "--config")
+    USE_GPU = STUDY.device == "cuda" or (
+        STUDY.device == "auto" and (config.get("device") == "cuda" or pick_device(STUDY).type == "cuda")
+    )
+    # GPU jobs at once (`--resources gpu=N` or the profile's), each on devices of its own
+    # (harness.devices); each takes its share of the cores, so that they run side by side.
+    GPUS = workflow.global_resources.get("gpu").value or 1
+    GPU_THREADS = max(1, workflow.cores // GPUS)
+    print(f"moe-harness: study '{STUDY.name}' ({STUDY_REASON}); {len(RUNS)} runs", file=sys.stderr)
 
 
 wildcard_constraints:
     run="|".join(map(re.escape, RUNS)),
 
-# Finished work is never deleted silently. Each run's identity.json, an input of its training,
-# is written only when what the run trains to changes. A change that concerns a finished or
-# started run stops the workflow here, naming the runs and fields, unless `--config
-# retrain=stale` says to replace them.
-RETRAIN = config.get("retrain")
-if RETRAIN not in (None, "stale"):
-    raise ValueError(f"--config retrain={RETRAIN}: the only value is 'stale'")
-STUDY_FILE = STUDY.path
-# One process per run, or torchrun with parallel.data of them (harness.parallel; through
-# harness.launch, which exits with the ranks' own code: 3 for a stopped run): never more
-# than this host has GPUs (or cores, on a CPU), nor than the workflow's gpu resource lets a job
-# take. Jobs sent to other nodes are checked there.
-WORLD = STUDY.parallel.data
-if workflow.local_exec and not workflow.remote_exec:
-    check_workflow(WORLD, USE_GPU, workflow.global_resources.get("gpu").value, STUDY.path)
-LAUNCH = (
-    f"{shlex.quote(PY)} -m harness"
-    if WORLD == 1
-    else f"{shlex.quote(PY)} -m harness.launch --standalone --nproc-per-node {WORLD} -m harness --"
-)
-# Threads of a training job: all cores on a GPU host or without recipe.train_threads, else
-# train_threads per process (so that several runs train at once on a CPU).
-TRAIN_THREADS = (
-    min(workflow.cores, GPU_THREADS * WORLD)
-    if USE_GPU
-    else workflow.cores
-    if not STUDY.recipe.train_threads
-    else min(workflow.cores, STUDY.recipe.train_threads * WORLD)
-)
-# Not a parameter of the train rule: it must not make the next plain run retrain anything.
-RESTART_FLAG = "--restart-if-changed" if RETRAIN == "stale" else ""
-# The corpus by content (harness.corpus): data/corpus.json, an input of the data rule, changes
-# when what the corpus holds changes, not when it is copied or moved. It is written once the
-# identities are checked, so that a refused change leaves every file as it was.
-# A dry run (`snakemake -n`) writes nothing under results/: where a real run would write
-# corpus.json or an identity.json anew, its job takes a stand-in in a temporary folder, so that the
-# dry run lists the jobs a real run would run.
-DRY_RUN = bool(getattr(workflow.output_settings, "dryrun", False))
-CORPUS = sync_corpus(STUDY, Path(RESULTS), write=False)
-RETRAINED = sync_identities(STUDY, list(RUNS.values()), Path(RESULTS), RETRAIN == "stale", CORPUS, not DRY_RUN)
-if not DRY_RUN:
-    sync_corpus(STUDY, Path(RESULTS), content=CORPUS)
-STAND_IN = stand_ins(dry_run_files(list(RUNS.values()), RETRAINED, Path(RESULTS), CORPUS)) if DRY_RUN else {}
+with refusals():
+    # Finished work is never deleted silently. Each run's identity.json, an input of its training,
+    # is written only when what the run trains to changes. A change that concerns a finished or
+    # started run stops the workflow here, naming the runs and fields, unless `--config
+    # retrain=stale` says to replace them.
+    RETRAIN = config.get("retrain")
+    if RETRAIN not in (None, "stale"):
+        raise ConfigError("retrain", f"{RETRAIN} is not allowed; the only value is 'stale'", "--config")
+    STUDY_FILE = STUDY.path
+    # One process per run, or torchrun with parallel.data of them (harness.parallel; through
+    # harness.launch, which exits with the ranks' own code: 3 for a stopped run): never more
+    # than this host has GPUs (or cores, on a CPU), nor than the workflow's gpu resource lets a job
+    # take. Jobs sent to other nodes are checked there.
+    WORLD = STUDY.parallel.data
+    if workflow.local_exec and not workflow.remote_exec:
+        check_workflow(WORLD, USE_GPU, workflow.global_resources.get("gpu").value, STUDY.path)
+    LAUNCH = (
+        f"{shlex.quote(PY)} -m harness"
+        if WORLD == 1
+        else f"{shlex.quote(PY)} -m harness.launch --standalone --nproc-per-node {WORLD} -m harness --"
+    )
+    # Threads of a training job: all cores on a GPU host or without recipe.train_threads, else
+    # train_threads per process (so that several runs train at once on a CPU).
+    TRAIN_THREADS = (
+        min(workflow.cores, GPU_THREADS * WORLD)
+        if USE_GPU
+        else workflow.cores
+        if not STUDY.recipe.train_threads
+        else min(workflow.cores, STUDY.recipe.train_threads * WORLD)
+    )
+    # Not a parameter of the train rule: it must not make the next plain run retrain anything.
+    RESTART_FLAG = "--restart-if-changed" if RETRAIN == "stale" else ""
+    # The corpus by content (harness.corpus): data/corpus.json, an input of the data rule, changes
+    # when what the corpus holds changes, not when it is copied or moved. It is written once the
+    # identities are checked, so that a refused change leaves every file as it was.
+    # A dry run (`snakemake -n`) writes nothing under results/: where a real run would write
+    # corpus.json or an identity.json anew, its job takes a stand-in in a temporary folder, so that the
+    # dry run lists the jobs a real run would run.
+    DRY_RUN = bool(getattr(workflow.output_settings, "dryrun", False))
+    CORPUS = sync_corpus(STUDY, Path(RESULTS), write=False)
+    RETRAINED = sync_identities(STUDY, list(RUNS.values()), Path(RESULTS), RETRAIN == "stale", CORPUS, not DRY_RUN)
+    if not DRY_RUN:
+        sync_corpus(STUDY, Path(RESULTS), content=CORPUS)
+    STAND_IN = stand_ins(dry_run_files(list(RUNS.values()), RETRAINED, Path(RESULTS), CORPUS)) if DRY_RUN else {}
 
-# Finished runs of other studies that this one reuses (harness.reuse): where a run has none, its
-# reuse job lacks an input and Snakemake trains it (ruleorder: reuse > train).
-OUR_DATA = our_data(STUDY, Path(RESULTS), CORPUS)
+    # Finished runs of other studies that this one reuses (harness.reuse): where a run has none, its
+    # reuse job lacks an input and Snakemake trains it (ruleorder: reuse > train).
+    OUR_DATA = our_data(STUDY, Path(RESULTS), CORPUS)
+
 
 
 def reusable(run_id):
@@ -105,8 +111,9 @@ def reusable(run_id):
 
 
 onstart:
-    guard_retraining(workflow, STUDY, list(RUNS.values()), Path(RESULTS), RETRAIN)
-    # The checkpoints and shards the study still has to write must fit on the disk of RESULTS
-    # (harness.disk); `--config disk_check=off` starts it anyway.
-    if not getattr(workflow, "touch", False):
-        guard_disk(STUDY, list(RUNS.values()), Path(RESULTS), config.get(CHECK_KEY))
+    with refusals():
+        guard_retraining(workflow, STUDY, list(RUNS.values()), Path(RESULTS), RETRAIN)
+        # The checkpoints and shards the study still has to write must fit on the disk of RESULTS
+        # (harness.disk); `--config disk_check=off` starts it anyway.
+        if not getattr(workflow, "touch", False):
+            guard_disk(STUDY, list(RUNS.values()), Path(RESULTS), config.get(CHECK_KEY))
