@@ -26,6 +26,15 @@ from harness.plausibility import LABELS, MARK, mark, overhead_flags
 from harness.registration import registration_lines
 from harness.remedy import run_file
 from harness.report_html import write_html
+from harness.report_notes import (
+    drop_sections,
+    not_applicable,
+    not_applicable_lines,
+    remeasure_lines,
+    study_argument,
+    training_flags,
+    training_notes,
+)
 from harness.study import Study, plan
 from harness.tables import (
     claim_flags,
@@ -167,11 +176,12 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     claims = evaluate_claims(records, measures, seed_rows, health, routing, registration=study.registration)
     ours = summary(records, measures, evals)
     repro = reproduction(results, ours)
+    trained = training_flags(results, records, study.path)
 
     eval_headers, eval_rows, not_run = eval_table(records, evals)
     tables = {
-        "main": glance_table(records, evals, measures, analysis),
-        "runs": run_table(records, evals),
+        "main": glance_table(records, evals, measures, analysis, trained),
+        "runs": run_table(records, evals, trained),
         "dense_vs_moe": comparison_table(records, evals),
         "seeds": seed_table(seed_rows),
         "joint_law": scaling_report.law_table(analysis),
@@ -205,6 +215,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     figures.specialisation_figure(spec_run, spec_layer, fig["specialisation"])
     figures.downstream_figure(records, evals, eval_tasks(evals), fig["downstream_vs_loss"])
     write_json(results / "summary.json", ours)
+    na = not_applicable(tables, records, analysis, scaling.isoflop_curves(analysis))
 
     gfm = {"tablefmt": "github", "disable_numparse": True}
 
@@ -213,7 +224,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         return tabulate(rows, headers=headers, **gfm) if rows else "(no rows)"
 
     def image(name: str, alt: str) -> str:
-        return f"![{alt}]({FIGURES[name]})"
+        return "" if f"figure:{name}" in na else f"![{alt}]({FIGURES[name]})"
 
     seeds = sorted({r["seed"] for r in records})
     md = [f"# Study `{study.name}`", "", study.description.strip(), ""]
@@ -263,7 +274,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
             "(its caveat names them, and the verdict they would give).",
             "",
         ]
-    md += ["## Runs", "", table("runs"), ""]
+    md += ["## Runs", "", table("runs"), "", *training_notes(trained), *_remeasure(study, results, {}, trained, repro)]
     md += ["## Dense versus MoE, run by run", "", table("dense_vs_moe"), ""]
     md += [
         "## Dense versus MoE over seeds",
@@ -277,7 +288,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         md += ["With one seed per run no claim of significance is made.", ""]
     md += [table("seeds"), "", routing_penalty_text(seed_rows), ""]
     md += [
-        *scaling_report.markdown(analysis, table),
+        *scaling_report.markdown(analysis, table, skip=set(na)),
         "",
         image("loss_vs_params", "loss against active and total parameters"),
         "",
@@ -296,6 +307,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
             table("cost"),
             "",
             *_flag_section(flag_notes(records, measures)),
+            *_remeasure(study, results, measures, {}, repro),
             image("cost_scaling", "memory against total parameters, throughput against active parameters"),
             "",
         ]
@@ -364,12 +376,23 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
             image("downstream_vs_loss", "downstream metrics against validation loss"),
             "",
         ]
+    md = drop_sections(md, na) + not_applicable_lines(na)
     md += ["## Reproduction", "", *reproduction_lines(repro, study.name, ours["device_class"], table)]
     md += manifest(records, data, evals)
     path = write_text(results / "report.md", "\n".join(md))
     # report.html: the same text for a browser, figures inline (and the pages `snakemake --report` shows).
     write_html(results)
     return path
+
+
+def _remeasure(study: Study, results: Path, measures, trained, repro: dict[str, Any]) -> list[str]:
+    """The commands that take the flagged figures again: the flagged measurements of ``measures``
+    and the flagged training times of ``trained``."""
+    from harness.tables import measure_flags
+
+    measured = sorted(run for run, flags in measure_flags(measures).items() if flags)
+    retrain = sorted(run for run, flags in trained.items() if flags)
+    return remeasure_lines(study_argument(study), results, measured, retrain, repro["is_reference"])
 
 
 def reproduction_lines(repro: dict[str, Any], study: str, device_class: str, table) -> list[str]:

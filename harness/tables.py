@@ -31,6 +31,13 @@ def _m(n: float) -> str:
     return f"{n / 1e6:.2f}M"
 
 
+TRAIN_SECONDS = "train s (training run, wall clock)"
+TRAINING_TOKENS_PER_S = "train tokens/s (training run, over the whole run)"
+MEASURED_TOKENS_PER_S = "train tokens/s (harness measure, median window)"
+"""Two figures of training speed, from two sources: the training run's tokens over its training
+seconds (every step, on whatever load the host had), and ``harness measure``'s median timing
+window (warm, one process, minutes or days later). Each header names its source."""
+
 PRIMARY_METRICS = ("bits_per_byte", "acc_norm", "acc", "exact_match", "f1", "mcc", "word_perplexity")
 """The metric a task is plotted and tabulated by: the first of these it reports."""
 
@@ -47,10 +54,21 @@ def _task_value(ev: dict[str, Any] | None, task: str, metric: str) -> str:
     return f"{value:.4f}" + ("" if err is None else f" ± {err:.4f}")
 
 
+def taken_at(doc: dict[str, Any] | None) -> str:
+    """When a record or measure.json was written ('2026-12-03 01:23' UTC), from its provenance;
+    'not recorded' for one written before records said."""
+    stamp = ((doc or {}).get("provenance") or {}).get("time_utc")
+    return stamp[:16].replace("T", " ") if isinstance(stamp, str) else "not recorded"
+
+
 def run_table(
-    records: list[dict[str, Any]], evals: dict[str, dict[str, Any]] | None = None
+    records: list[dict[str, Any]],
+    evals: dict[str, dict[str, Any]] | None = None,
+    training_flags: dict[str, list[dict[str, Any]]] | None = None,
 ) -> tuple[list[str], list[list[Any]]]:
-    evals = evals or {}
+    """``training_flags``: run id -> the flags of its training time (``harness.plausibility.check_training``),
+    marked on its training seconds and tokens/s."""
+    evals, training_flags = evals or {}, training_flags or {}
     headers = [
         "run",
         "arm",
@@ -64,8 +82,9 @@ def run_table(
         "val loss",
         "held-out bits/byte",
         "code MC acc_norm",
-        "train s",
-        "tokens/s",
+        TRAIN_SECONDS,
+        TRAINING_TOKENS_PER_S,
+        "trained (UTC)",
     ]
     rows = [
         [
@@ -81,8 +100,9 @@ def run_table(
             f"{r['final_val_loss']:.4f}",
             _task_value(evals.get(r["run_id"]), "heldout_ppl", "bits_per_byte"),
             _task_value(evals.get(r["run_id"]), "heldout_code_mc", "acc_norm"),
-            f"{r['train_seconds']:.1f}",
-            f"{r['tokens_per_s']:,.0f}",
+            mark(f"{r['train_seconds']:.1f}", training_flags.get(r["run_id"], [])),
+            mark(f"{r['tokens_per_s']:,.0f}", training_flags.get(r["run_id"], [])),
+            taken_at(r),
         ]
         for r in records
     ]
@@ -131,7 +151,7 @@ def comparison_table(
         "val loss dense",
         "loss difference (MoE - dense)",
         "bits/byte difference (MoE - dense)",
-        "train s (MoE / dense)",
+        "train s, training run (MoE / dense)",
     ]
     evals = evals or {}
 
@@ -191,7 +211,7 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
         "total params",
         "params + optimizer MB",
         "peak training memory MB",
-        "train tokens/s",
+        MEASURED_TOKENS_PER_S,
         "MFU (detailed, spec peak)",
         "detailed FLOPs / measured matmul",
         "prefill tokens/s",
@@ -199,7 +219,8 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
         "train J/token (GPU, NVML)",
         "prefill J/token (GPU, NVML)",
         "learned / balanced step time",
-        "vs dense: total params, training memory, train tokens/s",
+        "vs dense: total params, training memory, train tokens/s (harness measure)",
+        "measured (UTC)",
     ]
     flags = measure_flags(measures)
     rows = []
@@ -246,6 +267,7 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
                 _fmt(m.get("imbalance_cost"), ".3f", "-")
                 + ("" if m.get("imbalance_cost") is None else mark("", flagged("imbalance_cost"))),
                 versus,
+                taken_at(m),
             ]
         )
     return headers, rows
@@ -472,6 +494,7 @@ def glance_table(
     evals: dict[str, dict[str, Any]],
     measures: dict[str, dict[str, Any]],
     analysis,
+    training_flags: dict[str, list[dict[str, Any]]] | None = None,
 ) -> tuple[list[str], list[list[Any]]]:
     """What each MoE bought and cost against its compute-matched dense run: the main table. Every
     measured column is a within-seed comparison (a difference or ratio of the MoE and its dense peer
@@ -492,8 +515,9 @@ def glance_table(
         "total params x (config)",
         "training memory x (harness measure, measured seeds)",
         "train tokens/s x (harness measure, measured seeds)",
-        "training FLOP/s x (training runs, 95% t over seeds)",
+        "training FLOP/s x (training runs, over the whole run, 95% t over seeds)",
     ]
+    training_flags = training_flags or {}
     flops = {(r["model"], r["budget_flops"]): r for r in analysis.multiplier_flops}
     secs = {(r["model"], r["budget_flops"]): r for r in analysis.multiplier_seconds}
     rates = training_rate_ratios(records)
@@ -553,7 +577,7 @@ def glance_table(
                 f"{m0['params']['total'] / d0['params']['total']:.2f}",
                 mark(over([ratio(m, d, training_memory) for m, d in pairs], n, ".2f", True), flagged(pairs, "memory")),
                 mark(over([ratio(m, d, tokens_per_s) for m, d in pairs], n, ".2f", True), flagged(pairs, "train")),
-                flop_s,
+                mark(flop_s, [f for pair in pairs for r in pair for f in training_flags.get(r["run_id"], [])]),
             ]
         )
     return headers, rows
