@@ -94,7 +94,7 @@ CHECKED_CONVENTIONS = ("detailed", "6N_active")
 through k of them, so it overstates the work by design (that is what it is shown for)."""
 
 LABELS = {
-    "train": "train tokens/s",
+    "train": "train tokens/s (harness measure)",
     "train_forced_balanced": "train tokens/s with forced-balanced routing",
     "prefill": "prefill tokens/s",
     "decode_batch1": "decode b1 tokens/s",

@@ -194,7 +194,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         "cost": cost_table(records, measures),
         "routing_health": health_table(records, health),
         "specialisation": specialisation_table(routing),
-        "claims": claims_table(claims, claim_flags(records, measures)),
+        "claims": claims_table(claims, claim_flags(records, measures, trained)),
         "reproduction": reproduction_table(repro),
         "microbench": microbench_table(microbench),
     }

@@ -433,14 +433,23 @@ def _claim_runs(records: list[dict[str, Any]], measures: dict[str, dict[str, Any
     return out
 
 
-def claim_flags(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
-    """Claim key -> the flagged measurements its verdict rests on ('run figure (rule)')."""
+def claim_flags(
+    records: list[dict[str, Any]],
+    measures: dict[str, dict[str, Any]],
+    training: dict[str, list[dict[str, Any]]] | None = None,
+) -> dict[str, list[str]]:
+    """Claim key -> the flagged measurements its verdict rests on ('run figure (rule)'). ``training``:
+    run id -> the flags of its training time; R10's training FLOP/s rest on those of every pair."""
     flags = measure_flags(measures)
     out: dict[str, list[str]] = {}
     for (key, figure), runs in _claim_runs(records, measures).items():
         hits = [f"{run} {LABELS[figure]} ({f['rule']})" for run in sorted(runs) for f in flags[run].get(figure, [])]
         if hits:
             out[key] = hits
+    paired = sorted({r["run_id"] for pairs in peer_pairs(records).values() for pair in pairs for r in pair})
+    timed = [f"{run} {LABELS['training']} ({f['rule']})" for run in paired for f in (training or {}).get(run, [])]
+    if timed:
+        out["R10"] = out.get("R10", []) + timed
     return out
 
 
@@ -459,8 +468,8 @@ def claims_table(claims, flagged: dict[str, list[str]] | None = None) -> tuple[l
             verdict = NO_DATA
             rests = (
                 f"{MARK} rests on measurements flagged as disturbed or impossible ({', '.join(flagged[c.key])}); "
-                f"taken at face value they would give '{c.verdict}'. `harness measure --force` on a quiet "
-                "machine measures them again"
+                f"taken at face value they would give '{c.verdict}'. The commands printed under the flagged "
+                "figures take them again on a quiet machine"
             )
             caveat = rests if caveat == "-" else f"{rests}; {caveat}"
         rows.append([c.claim, c.source, verdict, c.evidence, caveat])

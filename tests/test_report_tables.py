@@ -298,3 +298,21 @@ def test_the_tiny_reference_report_lists_what_does_not_apply_instead_of_empty_ta
     assert "an optimum needs 4 or more sizes" not in md and "figures/isoflop.png" not in md
     assert "| moe-d64-e16k2 | 1       | -   " not in md
     assert "## Cost per run" in md and "figures/cost_scaling.png" in md  # what applies stays
+
+
+def test_a_claim_resting_on_a_flagged_training_time_gets_no_verdict():
+    from harness.analysis.claims import evaluate_claims
+    from harness.analysis.stats import seed_comparison
+    from harness.tables import claim_flags, claims_table
+
+    records = _records()
+    dense = records[0]
+    measures = {r["run_id"]: _measure(r) for r in records}
+    trained = {dense["run_id"]: check_training(dense, _log(dense, slow=(60, 100)))}
+    flagged = claim_flags(records, measures, trained)
+    assert flagged == {"R10": [f"{dense['run_id']} training time and tokens/s (training run) (window_spread)"]}
+    claims = evaluate_claims(records, measures, seed_comparison(records), {}, {})
+    headers, rows = claims_table(claims, flagged)
+    r10 = next(dict(zip(headers, row, strict=True)) for c, row in zip(claims, rows, strict=True) if c.key == "R10")
+    assert r10["verdict"] == "not enough data" and r10["caveat"].startswith(f"{MARK} rests on measurements flagged")
+    assert claim_flags(records, measures, {dense["run_id"]: []}) == {}
