@@ -13,7 +13,7 @@ styles (``::-webkit-scrollbar`` with a coloured thumb), which Chromium and Safar
 where the platform's own overlay scrollbars (macOS, phones) are drawn only while scrolling and
 leave the columns past the edge out of sight with nothing to tell. The browser runs with
 ``--hide-scrollbars``, as such a platform lays out the page. A second run takes a screenshot of
-the whole page (``report.png`` next to it) to look at. Exit status 1 names each image that did
+the whole page (``report.png`` next to it, scrollbars drawn) to look at. Exit status 1 names each image that did
 not load, each table that overflows and each that hides columns (naming them); 2 means no
 Chromium.
 """
@@ -177,7 +177,9 @@ def find_browser() -> str:
     raise HarnessError(f"no Chromium found (looked for {', '.join(BROWSERS)} on PATH); {INSTALL_HINT}")
 
 
-def _chromium(browser: str, args: list[str], timeout: float) -> str:
+def _chromium(browser: str, args: list[str], timeout: float, hide_scrollbars: bool = True) -> str:
+    """Run headless Chromium; ``hide_scrollbars``: lay out as overlay scrollbars do (no room taken,
+    nothing drawn but what the page styles itself)."""
     with tempfile.TemporaryDirectory(prefix="report-check-profile-") as profile:
         cmd = [
             browser,
@@ -186,7 +188,7 @@ def _chromium(browser: str, args: list[str], timeout: float) -> str:
             "--disable-gpu",
             "--disable-dev-shm-usage",
             "--no-first-run",
-            "--hide-scrollbars",
+            *(["--hide-scrollbars"] if hide_scrollbars else []),
             "--force-device-scale-factor=1",
             f"--user-data-dir={profile}",
             *args,
@@ -241,6 +243,7 @@ def screenshot(page: Path, png: Path, browser: str, height: int, width: int = WI
                 Path(page).resolve().as_uri(),
             ],
             timeout,
+            hide_scrollbars=False,  # the scrollbars the page draws, as a reader sees them
         )
         if not shot.is_file() or shot.stat().st_size == 0:
             raise HarnessError(f"{browser} wrote no screenshot of {page}")
