@@ -1,7 +1,9 @@
-"""How busy the host was while a figure was timed: load average and CPU steal, sampled cheaply.
+"""How busy the host was while a figure was timed, and when: load average and CPU steal, sampled
+cheaply, and the time a record states.
 
     row |= host_load.sample()          # each logged training step (metrics.jsonl)
     host_load.summary(rows, cpu_count) # what the samples say, for the plausibility rules
+    host_load.taken_at(record)         # '2026-12-03 01:23' (UTC), from provenance.time_utc
 
 A wall-clock figure is fair only when the process had its cores. Two readings say when it did
 not, both from the kernel (proc(5)): the 1-minute load average (``/proc/loadavg``, runnable and
@@ -69,3 +71,10 @@ def summary(rows: list[dict[str, Any]], cpu_count: int | None) -> dict[str, Any]
 def utc_now() -> str:
     """When a figure was taken, as records state it: ISO 8601 in UTC to the second."""
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def taken_at(doc: dict[str, Any] | None) -> str:
+    """When a record or measure.json was written ('2026-12-03 01:23' UTC), from its provenance;
+    'not recorded' for one written before records said."""
+    stamp = ((doc or {}).get("provenance") or {}).get("time_utc")
+    return stamp[:16].replace("T", " ") if isinstance(stamp, str) else "not recorded"

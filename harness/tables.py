@@ -22,6 +22,7 @@ from harness.analysis.stats import (
     task_metric,
     training_memory,
 )
+from harness.host_load import taken_at
 from harness.io import read_json
 from harness.plausibility import LABELS, MARK, check_measure, flags_for, mark
 from harness.study import budget_label
@@ -34,9 +35,8 @@ def _m(n: float) -> str:
 TRAIN_SECONDS = "train s (training run, wall clock)"
 TRAINING_TOKENS_PER_S = "train tokens/s (training run, over the whole run)"
 MEASURED_TOKENS_PER_S = "train tokens/s (harness measure, median window)"
-"""Two figures of training speed, from two sources: the training run's tokens over its training
-seconds (every step, on whatever load the host had), and ``harness measure``'s median timing
-window (warm, one process, minutes or days later). Each header names its source."""
+"""Training speed from two sources, each header naming its own: the training run (every step, on
+the host's load then) and ``harness measure``'s median window (warm, later, on another load)."""
 
 PRIMARY_METRICS = ("bits_per_byte", "acc_norm", "acc", "exact_match", "f1", "mcc", "word_perplexity")
 """The metric a task is plotted and tabulated by: the first of these it reports."""
@@ -52,13 +52,6 @@ def _task_value(ev: dict[str, Any] | None, task: str, metric: str) -> str:
     if value is None:
         return "-"
     return f"{value:.4f}" + ("" if err is None else f" ± {err:.4f}")
-
-
-def taken_at(doc: dict[str, Any] | None) -> str:
-    """When a record or measure.json was written ('2026-12-03 01:23' UTC), from its provenance;
-    'not recorded' for one written before records said."""
-    stamp = ((doc or {}).get("provenance") or {}).get("time_utc")
-    return stamp[:16].replace("T", " ") if isinstance(stamp, str) else "not recorded"
 
 
 def run_table(

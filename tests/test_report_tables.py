@@ -15,7 +15,7 @@ from test_figures import tiny_records
 from test_plausibility import DISTURBED, _measure
 
 from harness.analysis import scaling
-from harness.host_load import sample, summary
+from harness.host_load import sample, summary, taken_at
 from harness.plausibility import LOAD_LIMIT, MARK, SPREAD_LIMIT, check_training, training_windows
 from harness.report_notes import (
     drop_sections,
@@ -30,7 +30,6 @@ from harness.tables import (
     cost_table,
     glance_table,
     run_table,
-    taken_at,
 )
 
 STEPS = 200
