@@ -155,8 +155,10 @@ gpu-check-rehearsal: install
 
 # CI's steps (.ci/run and .github/workflows/ci.yml run the same targets in the same order;
 # tests/test_ci.py checks it). check-studies: every shipped study parses and plans (snakemake -n).
-# summary: the at-a-glance table and claims of results/<study>/report.md as Markdown, with any
-# python3 (harness/report_summary.py). snakemake-report: Snakemake's one-file HTML report.
+# summary: the at-a-glance table, claims and reproduction of results/<study>/report.md as Markdown,
+# with any python3 (harness/report_summary.py); it exits 1 when a loss, bits-per-byte or accuracy
+# number did not reproduce the committed reference (throughput is annotated only).
+# snakemake-report: Snakemake's one-file HTML report.
 .PHONY: check-studies summary snakemake-report
 check-studies: install
 	@for study in workflows/studies/*.yaml; do \
@@ -166,7 +168,7 @@ check-studies: install
 	done
 
 summary:
-	@$(PYTHON) -m harness.report_summary results/$(or $(STUDY),tiny)/report.md
+	@$(PYTHON) -m harness.report_summary results/$(or $(STUDY),tiny)/report.md --check-reproduction
 
 snakemake-report: install
 	$(BIN)/snakemake --config study=$(or $(STUDY),tiny) --report results/$(or $(STUDY),tiny)/snakemake_report.html

@@ -57,6 +57,7 @@ from typing import Any
 
 import torch
 
+from harness import host_load
 from harness.energy import MIN_WINDOW_S, open_meter
 from harness.plausibility import annotate
 from harness.precision import Precision, resolve
@@ -366,6 +367,7 @@ def measure(
     result: dict[str, Any] = {"model": cfg.name, "device_name": name, "dtype": str(compute_dtype)}
     result["precision"] = precision.describe(device)
     result["settings"] = settings.__dict__ | {"seq_len": S}
+    load_samples = [host_load.sample()]  # how busy the host was, at the start and the end (plausibility)
 
     # Inference first, on the weights as given: prefill of the whole context, then decode with
     # a KV cache. Training steps below change the weights.
@@ -411,7 +413,9 @@ def measure(
     result["mfu"] = mfu_table(cfg, result["train"]["tokens_per_s_median"], name, result["matmul"], S)
     if device.type == "cpu":  # last: it changes how the process allocates, which would change the timings
         result["memory"] |= cpu_training_peak(cfg, model, x, y, settings.windows, precision)
-    result["provenance"] = provenance(device)
+    load_samples.append(host_load.sample())
+    result["host_load"] = host_load.summary(load_samples, os.cpu_count())
+    result["provenance"] = provenance(device, time_utc=host_load.utc_now())
     return annotate(result)  # a figure that cannot be right carries a flag (harness.plausibility)
 
 

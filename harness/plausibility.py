@@ -27,10 +27,20 @@ numbers) and ``values`` (the numbers and the threshold). The rules:
 - ``negative_overhead``: a sampling thread cannot make the step it samples faster; a meter
   overhead below ``-OVERHEAD_TOLERANCE`` says the rounds of the micro-benchmark differ by more
   than the overhead it measures (:func:`overhead_flags`).
+- ``host_busy``: the host's 1-minute load average, sampled while the figure was timed, had a
+  median above its number of cores (:data:`LOAD_LIMIT`): threads queued for a core, so other work
+  shared the cores (``harness.host_load``).
+- ``cpu_steal``: more than :data:`STEAL_LIMIT` of the CPU time went to other virtual machines.
+
+The training runs' own time (``train_seconds``, their tokens/s) is judged by the same rules
+(:func:`check_training`): ``window_spread`` over :data:`TRAINING_WINDOWS` stretches of the run,
+read from its metrics.jsonl (steps and training seconds of each logged row), and ``host_busy`` /
+``cpu_steal`` from the load samples training logs with each row.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 MARK = "†"
@@ -57,6 +67,18 @@ the noise is judged from the median alone. Below -0.1%, a tenth of the 1% the be
 overhead against (tests/benchmarks/test_meter_overhead.py), the noise is large enough to decide
 whether that target is met."""
 
+LOAD_LIMIT = 1.0
+"""Median 1-minute load average over the number of cores above which a timed figure is disturbed.
+The load counts the measured process's own threads, so a host running only the study's jobs, each
+on its share of the cores, stays at or below 1 per core; above it, threads waited for a core."""
+
+STEAL_LIMIT = 0.05
+"""Fraction of CPU time stolen by the hypervisor above which a timed figure is disturbed."""
+
+TRAINING_WINDOWS = 10
+"""Stretches of equal steps a training run is cut into for ``window_spread`` (as many as
+``harness measure`` times by default)."""
+
 TIMED = ("train", "train_forced_balanced", "prefill", "decode_batch1", "decode_large_batch", "matmul")
 """Sections of a measure.json timed in windows."""
 
@@ -72,7 +94,7 @@ CHECKED_CONVENTIONS = ("detailed", "6N_active")
 through k of them, so it overstates the work by design (that is what it is shown for)."""
 
 LABELS = {
-    "train": "train tokens/s",
+    "train": "train tokens/s (harness measure)",
     "train_forced_balanced": "train tokens/s with forced-balanced routing",
     "prefill": "prefill tokens/s",
     "decode_batch1": "decode b1 tokens/s",
@@ -84,6 +106,7 @@ LABELS = {
     "energy_train": "train J/token",
     "energy_prefill": "prefill J/token",
     "meter_overhead": "energy-meter overhead",
+    "training": "training time and tokens/s (training run)",
 }
 """How the report names each checked figure."""
 
@@ -94,6 +117,8 @@ RULES = (
     "nonpositive_memory",
     "nonpositive_energy",
     "negative_overhead",
+    "host_busy",
+    "cpu_steal",
 )
 
 
@@ -142,6 +167,8 @@ def check_measure(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     for figure in TIMED:
         if isinstance(result.get(figure), dict):
             out[figure] = window_spread(result[figure], figure)
+    if isinstance(result.get("train"), dict):  # the host's load at the start and the end of the measurement
+        out["train"] += host_flags(result.get("host_load"), "train")
     for name in CHECKED_CONVENTIONS:
         row = (result.get("mfu") or {}).get("conventions", {}).get(name)
         if row is None:
@@ -213,3 +240,66 @@ def overhead_flags(overhead: float | None) -> list[dict[str, Any]]:
 def mark(text: str, flags: list[dict[str, Any]]) -> str:
     """``text`` with :data:`MARK` after it when ``flags`` holds any."""
     return f"{text} {MARK}" if flags else text
+
+
+def host_flags(host: dict[str, Any] | None, figure: str) -> list[dict[str, Any]]:
+    """``host_busy`` and ``cpu_steal`` on a ``harness.host_load.summary`` of the samples taken
+    while ``figure`` was timed (None: no samples, no flag)."""
+    if not host:
+        return []
+    out = []
+    load, cores = host.get("load_1m_median"), host.get("cpu_count")
+    if load is not None and cores and load / cores > LOAD_LIMIT:
+        reason = (
+            f"disturbed: the host's load average was {load:.2f} (median of {host['samples']} samples, up to "
+            f"{host['load_1m_max']:.2f}) on {cores} cores while it was timed: threads waited for a core, so other "
+            "work shared the machine"
+        )
+        out.append(_flag("host_busy", figure, reason, load=load, cores=cores, limit=LOAD_LIMIT))
+    steal = host.get("steal_fraction")
+    if steal is not None and steal > STEAL_LIMIT:
+        reason = (
+            f"disturbed: {steal:.1%} of the CPU time went to other virtual machines (steal) while it was timed "
+            f"(at most {STEAL_LIMIT:.0%})"
+        )
+        out.append(_flag("cpu_steal", figure, reason, steal=steal, limit=STEAL_LIMIT))
+    return out
+
+
+def training_windows(
+    rows: list[dict[str, Any]], tokens_per_step: float, windows: int = TRAINING_WINDOWS
+) -> list[float]:
+    """Tokens/s of ``windows`` consecutive stretches of a training run, from its metrics.jsonl rows
+    (``step``, ``elapsed_s``: training seconds, without evaluation, checkpointing or compilation).
+    The run is cut into ``windows + 1`` stretches and the first left out: it is the warm-up
+    (allocator, caches), which ``harness measure`` excludes too. A resumed run logged some steps
+    twice: the later row counts, as its time is the one kept."""
+    last: dict[int, float] = {}
+    for r in rows:
+        if isinstance(r.get("step"), int) and isinstance(r.get("elapsed_s"), (int, float)):
+            last[r["step"]] = r["elapsed_s"]
+    points = [(0, 0.0)]
+    for step, elapsed in sorted(last.items()):
+        if step > points[-1][0] and elapsed > points[-1][1]:
+            points.append((step, elapsed))
+    if len(points) < 4:
+        return []
+    n = min(windows + 1, len(points) - 1)
+    bounds = sorted({round(i * (len(points) - 1) / n) for i in range(n + 1)})
+    return [
+        (points[b][0] - points[a][0]) * tokens_per_step / (points[b][1] - points[a][1])
+        for a, b in itertools.pairwise(bounds[1:])
+    ]
+
+
+def check_training(record: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The flags of a training run's time (figure ``training``): ``window_spread`` over its stretches
+    and ``host_busy`` / ``cpu_steal`` over the load samples of its log (:func:`host_flags`)."""
+    from harness.host_load import summary
+
+    rates = training_windows(rows, record["tokens"] / record["steps"])
+    flags = window_spread({"tokens_per_s_windows": rates}, "training")
+    for f in flags:
+        f["reason"] = f["reason"].replace("timing windows", "stretches of training", 1)
+    cores = record.get("provenance", {}).get("host", {}).get("cpu_count")
+    return flags + host_flags(summary(rows, cores), "training")

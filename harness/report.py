@@ -26,6 +26,15 @@ from harness.plausibility import LABELS, MARK, mark, overhead_flags
 from harness.registration import registration_lines
 from harness.remedy import run_file
 from harness.report_html import write_html
+from harness.report_notes import (
+    drop_sections,
+    not_applicable,
+    not_applicable_lines,
+    remeasure_lines,
+    study_argument,
+    training_flags,
+    training_notes,
+)
 from harness.study import Study, plan
 from harness.tables import (
     claim_flags,
@@ -168,11 +177,12 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     # This study's name, whatever study a reused or copied record was trained in.
     ours = summary(records, measures, evals) | {"study": study.name}
     repro = reproduction(results, ours)
+    trained = training_flags(results, records, study.path)
 
     eval_headers, eval_rows, not_run = eval_table(records, evals)
     tables = {
-        "main": glance_table(records, evals, measures, analysis),
-        "runs": run_table(records, evals),
+        "main": glance_table(records, evals, measures, analysis, trained),
+        "runs": run_table(records, evals, trained),
         "dense_vs_moe": comparison_table(records, evals),
         "seeds": seed_table(seed_rows),
         "joint_law": scaling_report.law_table(analysis),
@@ -185,7 +195,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         "cost": cost_table(records, measures),
         "routing_health": health_table(records, health),
         "specialisation": specialisation_table(routing),
-        "claims": claims_table(claims, claim_flags(records, measures)),
+        "claims": claims_table(claims, claim_flags(records, measures, trained)),
         "reproduction": reproduction_table(repro),
         "microbench": microbench_table(microbench),
     }
@@ -206,6 +216,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     figures.specialisation_figure(spec_run, spec_layer, fig["specialisation"])
     figures.downstream_figure(records, evals, eval_tasks(evals), fig["downstream_vs_loss"])
     write_json(results / "summary.json", ours)
+    na = not_applicable(tables, records, analysis, scaling.isoflop_curves(analysis))
 
     gfm = {"tablefmt": "github", "disable_numparse": True}
 
@@ -214,7 +225,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         return tabulate(rows, headers=headers, **gfm) if rows else "(no rows)"
 
     def image(name: str, alt: str) -> str:
-        return f"![{alt}]({FIGURES[name]})"
+        return "" if f"figure:{name}" in na else f"![{alt}]({FIGURES[name]})"
 
     seeds = sorted({r["seed"] for r in records})
     md = [f"# Study `{study.name}`", "", study.description.strip(), ""]
@@ -264,7 +275,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
             "(its caveat names them, and the verdict they would give).",
             "",
         ]
-    md += ["## Runs", "", table("runs"), ""]
+    md += ["## Runs", "", table("runs"), "", *training_notes(trained), *_remeasure(study, results, {}, trained, repro)]
     md += ["## Dense versus MoE, run by run", "", table("dense_vs_moe"), ""]
     md += [
         "## Dense versus MoE over seeds",
@@ -278,7 +289,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         md += ["With one seed per run no claim of significance is made.", ""]
     md += [table("seeds"), "", routing_penalty_text(seed_rows), ""]
     md += [
-        *scaling_report.markdown(analysis, table),
+        *scaling_report.markdown(analysis, table, skip=set(na)),
         "",
         image("loss_vs_params", "loss against active and total parameters"),
         "",
@@ -297,6 +308,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
             table("cost"),
             "",
             *_flag_section(flag_notes(records, measures)),
+            *_remeasure(study, results, measures, {}, repro),
             image("cost_scaling", "memory against total parameters, throughput against active parameters"),
             "",
         ]
@@ -365,12 +377,23 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
             image("downstream_vs_loss", "downstream metrics against validation loss"),
             "",
         ]
+    md = drop_sections(md, na) + not_applicable_lines(na)
     md += ["## Reproduction", "", *reproduction_lines(repro, study.name, ours["device_class"], table)]
     md += manifest(records, data, evals)
     path = write_text(results / "report.md", "\n".join(md))
     # report.html: the same text for a browser, figures inline (and the pages `snakemake --report` shows).
     write_html(results)
     return path
+
+
+def _remeasure(study: Study, results: Path, measures, trained, repro: dict[str, Any]) -> list[str]:
+    """The commands that take the flagged figures again: the flagged measurements of ``measures``
+    and the flagged training times of ``trained``."""
+    from harness.tables import measure_flags
+
+    measured = sorted(run for run, flags in measure_flags(measures).items() if flags)
+    retrain = sorted(run for run, flags in trained.items() if flags)
+    return remeasure_lines(study_argument(study), results, measured, retrain, repro["is_reference"])
 
 
 def reproduction_lines(repro: dict[str, Any], study: str, device_class: str, table) -> list[str]:

@@ -1,4 +1,4 @@
-"""Look at a report page in a real headless browser: every image loads, no table overflows.
+"""Look at a report page in a real headless browser: every image loads, no table overflows or hides columns.
 
     python -m harness.report_check results/tiny/report.html   # also writes results/tiny/report.png
     make report-check STUDY=tiny                               # the same, installing Chromium if it can
@@ -7,9 +7,15 @@ Chromium (Debian's ``chromium`` package, or the browser named by $CHROMIUM) open
 the page with a short script added that, once the page has loaded, writes what it found into
 the DOM, which ``--dump-dom`` returns. A table overflows when it is wider than the box that
 holds it (with no frame that scrolls it sideways) or when its frame is wider than the page
-column, or when anything makes the page itself scroll sideways. A second run takes a
-screenshot of the whole page (``report.png`` next to it) to look at. Exit status 1 names each
-image that did not load and each table that overflows; 2 means no Chromium.
+column, or when anything makes the page itself scroll sideways. A table wider than its frame
+(at 1280 px, the width of a laptop screen) must say so: its frame needs a scrollbar the page
+styles (``::-webkit-scrollbar`` with a coloured thumb), which Chromium and Safari draw always,
+where the platform's own overlay scrollbars (macOS, phones) are drawn only while scrolling and
+leave the columns past the edge out of sight with nothing to tell. The browser runs with
+``--hide-scrollbars``, as such a platform lays out the page. A second run takes a screenshot of
+the whole page (``report.png`` next to it, scrollbars drawn) to look at. Exit status 1 names each image that did
+not load, each table that overflows and each that hides columns (naming them); 2 means no
+Chromium.
 """
 
 from __future__ import annotations
@@ -60,6 +66,31 @@ PROBE = """
     }
     return null;
   }
+  // Whether the page styles the frame's scrollbar (a size and a thumb with a colour): drawn always.
+  function styledBar(frame) {
+    var bar = false, thumb = false;
+    Array.from(document.styleSheets).forEach(function (sheet) {
+      var rules;
+      try { rules = sheet.cssRules; } catch (e) { return; }
+      Array.from(rules || []).forEach(function (r) {
+        (r.selectorText || '').split(',').forEach(function (sel) {
+          var m = sel.trim().match(/^(.*?)::-webkit-scrollbar(-thumb)?$/);
+          if (!m) { return; }
+          try { if (m[1].trim() && !frame.matches(m[1].trim())) { return; } } catch (e) { return; }
+          if (m[2]) { thumb = thumb || !!(r.style.backgroundColor || r.style.backgroundImage); }
+          else { bar = bar || parseFloat(r.style.height) > 0; }
+        });
+      });
+    });
+    return bar && thumb;
+  }
+  function hiddenColumns(t, frame) {
+    var right = frame.getBoundingClientRect().right - parseFloat(getComputedStyle(frame).borderRightWidth);
+    var first = t.querySelector('tr');
+    return first ? Array.from(first.children).filter(function (c) {
+      return c.getBoundingClientRect().right > right + 1;
+    }).map(function (c) { return c.textContent.trim(); }) : [];
+  }
   function check() {
     var out = {images: [], tables: [], overflowing: [], page_overflow: false};
     var root = document.documentElement;
@@ -76,9 +107,12 @@ PROBE = """
       var outer = frame || t;
       var limit = box.getBoundingClientRect().right - parseFloat(getComputedStyle(box).paddingRight) + 1;
       var r = outer.getBoundingClientRect();
+      var scrolls = !!frame && frame.scrollWidth > frame.clientWidth + 1;
       var row = {index: i + 1, label: label(t), width: Math.round(t.getBoundingClientRect().width),
-                 box: Math.round(box.clientWidth), scrolls: !!frame && frame.scrollWidth > frame.clientWidth + 1,
-                 overflows: r.right > limit || r.right > viewport + 1};
+                 box: Math.round(box.clientWidth), scrolls: scrolls,
+                 overflows: r.right > limit || r.right > viewport + 1,
+                 hidden_columns: scrolls ? hiddenColumns(t, frame) : [],
+                 visible_scrollbar: scrolls && styledBar(frame)};
       out.tables.push(row);
     });
     out.page_overflow = root.scrollWidth > root.clientWidth + 1;
@@ -117,6 +151,13 @@ class Findings:
             for t in self.tables
             if t["overflows"]
         ]
+        bad += [
+            f"table {t['index']} {t['label']} hides columns at {self.width} px: it scrolls sideways in its frame "
+            "with no scrollbar the page draws (overlay scrollbars show none until scrolled), and nothing says "
+            "these are past its edge: " + ", ".join(f"'{c}'" for c in t["hidden_columns"])
+            for t in self.tables
+            if t.get("scrolls") and t.get("hidden_columns") and not t.get("visible_scrollbar")
+        ]
         if self.page_overflow:
             bad.append(f"the page scrolls sideways at {self.width} px")
         return bad
@@ -136,7 +177,9 @@ def find_browser() -> str:
     raise HarnessError(f"no Chromium found (looked for {', '.join(BROWSERS)} on PATH); {INSTALL_HINT}")
 
 
-def _chromium(browser: str, args: list[str], timeout: float) -> str:
+def _chromium(browser: str, args: list[str], timeout: float, hide_scrollbars: bool = True) -> str:
+    """Run headless Chromium; ``hide_scrollbars``: lay out as overlay scrollbars do (no room taken,
+    nothing drawn but what the page styles itself)."""
     with tempfile.TemporaryDirectory(prefix="report-check-profile-") as profile:
         cmd = [
             browser,
@@ -145,7 +188,7 @@ def _chromium(browser: str, args: list[str], timeout: float) -> str:
             "--disable-gpu",
             "--disable-dev-shm-usage",
             "--no-first-run",
-            "--hide-scrollbars",
+            *(["--hide-scrollbars"] if hide_scrollbars else []),
             "--force-device-scale-factor=1",
             f"--user-data-dir={profile}",
             *args,
@@ -200,6 +243,7 @@ def screenshot(page: Path, png: Path, browser: str, height: int, width: int = WI
                 Path(page).resolve().as_uri(),
             ],
             timeout,
+            hide_scrollbars=False,  # the scrollbars the page draws, as a reader sees them
         )
         if not shot.is_file() or shot.stat().st_size == 0:
             raise HarnessError(f"{browser} wrote no screenshot of {page}")
@@ -239,11 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     for problem in problems:
         print(f"{args.page}: {problem}", file=sys.stderr)
     framed = sum(t["scrolls"] for t in findings.tables)
+    fitting = sum(
+        not t["overflows"] and not (t["hidden_columns"] and not t["visible_scrollbar"]) for t in findings.tables
+    )
     print(
         f"{args.page}: {sum(im['ok'] for im in findings.images)} of {len(findings.images)} images loaded, "
-        f"{len(findings.tables) - sum(t['overflows'] for t in findings.tables)} of {len(findings.tables)} tables "
-        f"fit at {findings.width} px ({framed} scroll sideways in their frame)"
-        + (f"; screenshot {shot}" if shot else "")
+        f"{fitting} of {len(findings.tables)} tables fit at {findings.width} px or scroll visibly ({framed} scroll "
+        "sideways in their frame)" + (f"; screenshot {shot}" if shot else "")
     )
     return 1 if problems else 0
 

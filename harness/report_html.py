@@ -5,8 +5,10 @@
 The whole of report.md is rendered by markdown-it-py (CommonMark with GFM tables, raw HTML
 off) into one self-contained file: figures are inlined as data URIs, so the page can be
 mailed or kept as a CI artifact. Cells are shown exactly as report.md writes them (``+0.3311``
-keeps its sign, ``2e12`` stays ``2e12``): nothing is re-parsed. Tables sit in a frame that
-scrolls sideways instead of widening the page; columns of numbers are right-aligned.
+keeps its sign, ``2e12`` stays ``2e12``): nothing is re-parsed. Tables may be wider than the
+reading column, up to the window; one wider still sits in a frame that scrolls sideways instead
+of widening the page, with a scrollbar the page draws (Chromium and Safari show it always, where
+overlay scrollbars would hide that columns lie past the edge). Columns of numbers are right-aligned.
 
 ``snakemake --report`` shows the same text (workflows/rules/report.smk): its opening page
 (workflows/report/workflow.rst) takes ``report_sections/front.html`` (the study, "At a glance"
@@ -47,7 +49,7 @@ PAGE_CSS = f"""
 :root {{ {_COLOURS} }}
 * {{ box-sizing: border-box; }}
 body {{ margin: 0; color: var(--ink); background: #fff; font: {_FONT}; }}
-main {{ max-width: 74rem; margin: 0 auto; padding: 1.5rem 2rem 4rem; }}
+main {{ max-width: 96rem; margin: 0 auto; padding: 1.5rem 1.5rem 4rem; }}
 """
 ELEMENT_CSS = f"""
 h1 {{ font-size: 1.9rem; line-height: 1.25; margin: 0.5rem 0 1rem; }}
@@ -64,10 +66,13 @@ nav.toc li {{ margin: 0.1rem 0; }}
 .crumb {{ font-size: 0.9rem; color: var(--muted); margin: 0; }}
 .table-wrap {{ overflow-x: auto; width: fit-content; max-width: 100%; margin: 1rem 0 1.4rem;
   border: 1px solid var(--rule); border-radius: 6px; }}
+.table-wrap::-webkit-scrollbar {{ height: 0.8rem; }}
+.table-wrap::-webkit-scrollbar-track {{ background: var(--band); border-top: 1px solid var(--rule); }}
+.table-wrap::-webkit-scrollbar-thumb {{ background: #8c959f; border: 2px solid var(--band); border-radius: 0.4rem; }}
 table {{ border-collapse: collapse; margin: 0; font-size: 0.84rem; line-height: 1.4; }}
-th, td {{ padding: 0.3rem 0.55rem; text-align: left; vertical-align: top; border: 0;
+th, td {{ padding: 0.3rem 0.45rem; text-align: left; vertical-align: top; border: 0;
   border-bottom: 1px solid var(--rule); }}
-th {{ background: var(--band); font-weight: 600; vertical-align: bottom; min-width: 4.5rem; max-width: 12rem; }}
+th {{ background: var(--band); font-weight: 600; vertical-align: bottom; min-width: 3.5rem; max-width: 10rem; }}
 td {{ max-width: 34rem; }}
 td.word {{ white-space: nowrap; }}
 tbody tr:last-child td {{ border-bottom: 0; }}

@@ -1,6 +1,7 @@
-"""The report's at-a-glance table and claims as Markdown: what a CI run shows of a study.
+"""The report's at-a-glance table, claims and reproduction as Markdown: what a CI run shows of a study.
 
-    python -m harness.report_summary results/tiny/report.md   # what `make summary STUDY=tiny` prints
+    python -m harness.report_summary results/tiny/report.md   # the three sections
+    python -m harness.report_summary results/tiny/report.md --check-reproduction   # `make summary STUDY=tiny`
     make summary STUDY=tiny >> "$GITHUB_STEP_SUMMARY"          # a GitHub job's summary page
 
 The sections are cut from report.md as ``harness.report`` wrote them, each from its ``## ``
@@ -8,6 +9,12 @@ heading up to the next heading of level 1 or 2, so that the CI page shows the re
 and not a second rendering of it. A report that lacks one of them is an error naming the file and
 the section: a summary that silently lost its table would read like a pass. Needs only the
 standard library, so it runs with any Python >= 3.11, without the project's environment.
+
+``--check-reproduction`` reads the Reproduction section's table (``harness.analysis.reproduce``)
+and adds its verdict: exit status 1 when a loss, bits-per-byte or accuracy number (or a per-seed
+MoE - dense difference) did not reproduce within its tolerance. Throughput is annotated only:
+shared runners are noisy, and a host of the same class may run at another speed. A report with
+nothing to compare (no committed reference, or the reference itself) passes and says so.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 
-SECTIONS = ("At a glance", "Claims")
+SECTIONS = ("At a glance", "Claims", "Reproduction")
 """The headings (level 2) of report.md that make the summary, in this order."""
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
@@ -77,11 +84,69 @@ def missing(report: Path) -> str:
     )
 
 
+THROUGHPUT = "tokens_per_s"
+"""A reproduction metric whose name holds this is throughput: annotated, never failed."""
+
+
+def reproduction_rows(text: str, source: str | Path = "report.md") -> list[dict[str, str]] | None:
+    """The rows of the Reproduction section's table (a dict per row, by header), or None when the
+    section has no table (nothing was compared)."""
+    section = sections(text, ("Reproduction",), source)
+    lines = [line.strip() for line in section.splitlines() if line.strip().startswith("|")]
+    if len(lines) < 2:
+        return None
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    headers = cells[0]
+    if "metric" not in headers or "reproduced" not in headers:
+        raise HarnessError(f"{source}: the Reproduction table has no 'metric' or 'reproduced' column: {headers}")
+    return [dict(zip(headers, row, strict=False)) for row in cells[2:]]
+
+
+def _named(row: dict[str, str]) -> str:
+    return (
+        f"`{row.get('run', '?')}` {row['metric']}: {row.get('this run', '?')} against {row.get('reference', '?')} "
+        f"({row.get('tolerance', '?')})"
+    )
+
+
+def check_reproduction(text: str, source: str | Path = "report.md") -> tuple[bool, str]:
+    """(passed, the verdict as Markdown) of the Reproduction table: failed when a number other
+    than throughput did not reproduce."""
+    rows = reproduction_rows(text, source)
+    if rows is None:
+        return True, "**Reproduction check: nothing to compare** (no reproduction table: see the section above)."
+    judged = [r for r in rows if THROUGHPUT not in r["metric"]]
+    speed = [r for r in rows if THROUGHPUT in r["metric"]]
+    failed = [r for r in judged if r["reproduced"] != "yes"]
+    slow = [r for r in speed if r["reproduced"] != "yes"]
+    if failed:
+        out = (
+            f"**Reproduction check: FAILED.** {len(failed)} of {len(judged)} loss, bits-per-byte and accuracy "
+            "numbers did not reproduce within tolerance: " + "; ".join(map(_named, failed)) + "."
+        )
+    else:
+        out = (
+            f"**Reproduction check: passed.** {len(judged)} of {len(judged)} loss, bits-per-byte and accuracy "
+            "numbers reproduced within tolerance."
+        )
+    if speed:
+        out += (
+            f" Throughput is annotated only (shared runners are noisy): {len(speed) - len(slow)} of {len(speed)} "
+            "within its band" + ("; outside: " + "; ".join(map(_named, slow)) if slow else "") + "."
+        )
+    return not failed, out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m harness.report_summary", description=__doc__.split("\n\n")[0])
     p.add_argument("report", type=Path, help="the study's report.md, e.g. results/tiny/report.md")
     p.add_argument(
         "--section", action="append", metavar="TITLE", help=f"a level-2 heading to print (default: {SECTIONS})"
+    )
+    p.add_argument(
+        "--check-reproduction",
+        action="store_true",
+        help="add the reproduction verdict; exit 1 when a loss, bits-per-byte or accuracy number did not reproduce",
     )
     args = p.parse_args(argv)
     try:
@@ -89,9 +154,15 @@ def main(argv: list[str] | None = None) -> int:
             raise HarnessError(missing(args.report))
         text = args.report.read_text(encoding="utf-8")
         sys.stdout.write(sections(text, args.section or SECTIONS, args.report))
+        passed, verdict = check_reproduction(text, args.report) if args.check_reproduction else (True, "")
     except HarnessError as e:
         print(f"report_summary: error: {e}", file=sys.stderr)
         return 2
+    if verdict:
+        sys.stdout.write(f"\n{verdict}\n")
+    if not passed:
+        print(f"report_summary: {args.report}: {verdict.replace('**', '')}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -22,6 +22,7 @@ from harness.analysis.stats import (
     task_metric,
     training_memory,
 )
+from harness.host_load import taken_at
 from harness.io import read_json
 from harness.plausibility import LABELS, MARK, check_measure, flags_for, mark
 from harness.study import budget_label
@@ -30,6 +31,12 @@ from harness.study import budget_label
 def _m(n: float) -> str:
     return f"{n / 1e6:.2f}M"
 
+
+TRAIN_SECONDS = "train s (training run, wall clock)"
+TRAINING_TOKENS_PER_S = "train tokens/s (training run, over the whole run)"
+MEASURED_TOKENS_PER_S = "train tokens/s (harness measure, median window)"
+"""Training speed from two sources, each header naming its own: the training run (every step, on
+the host's load then) and ``harness measure``'s median window (warm, later, on another load)."""
 
 PRIMARY_METRICS = ("bits_per_byte", "acc_norm", "acc", "exact_match", "f1", "mcc", "word_perplexity")
 """The metric a task is plotted and tabulated by: the first of these it reports."""
@@ -48,9 +55,13 @@ def _task_value(ev: dict[str, Any] | None, task: str, metric: str) -> str:
 
 
 def run_table(
-    records: list[dict[str, Any]], evals: dict[str, dict[str, Any]] | None = None
+    records: list[dict[str, Any]],
+    evals: dict[str, dict[str, Any]] | None = None,
+    training_flags: dict[str, list[dict[str, Any]]] | None = None,
 ) -> tuple[list[str], list[list[Any]]]:
-    evals = evals or {}
+    """``training_flags``: run id -> the flags of its training time (``harness.plausibility.check_training``),
+    marked on its training seconds and tokens/s."""
+    evals, training_flags = evals or {}, training_flags or {}
     headers = [
         "run",
         "arm",
@@ -64,8 +75,9 @@ def run_table(
         "val loss",
         "held-out bits/byte",
         "code MC acc_norm",
-        "train s",
-        "tokens/s",
+        TRAIN_SECONDS,
+        TRAINING_TOKENS_PER_S,
+        "trained (UTC)",
     ]
     rows = [
         [
@@ -81,8 +93,9 @@ def run_table(
             f"{r['final_val_loss']:.4f}",
             _task_value(evals.get(r["run_id"]), "heldout_ppl", "bits_per_byte"),
             _task_value(evals.get(r["run_id"]), "heldout_code_mc", "acc_norm"),
-            f"{r['train_seconds']:.1f}",
-            f"{r['tokens_per_s']:,.0f}",
+            mark(f"{r['train_seconds']:.1f}", training_flags.get(r["run_id"], [])),
+            mark(f"{r['tokens_per_s']:,.0f}", training_flags.get(r["run_id"], [])),
+            taken_at(r),
         ]
         for r in records
     ]
@@ -131,7 +144,7 @@ def comparison_table(
         "val loss dense",
         "loss difference (MoE - dense)",
         "bits/byte difference (MoE - dense)",
-        "train s (MoE / dense)",
+        "train s, training run (MoE / dense)",
     ]
     evals = evals or {}
 
@@ -191,7 +204,7 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
         "total params",
         "params + optimizer MB",
         "peak training memory MB",
-        "train tokens/s",
+        MEASURED_TOKENS_PER_S,
         "MFU (detailed, spec peak)",
         "detailed FLOPs / measured matmul",
         "prefill tokens/s",
@@ -199,7 +212,8 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
         "train J/token (GPU, NVML)",
         "prefill J/token (GPU, NVML)",
         "learned / balanced step time",
-        "vs dense: total params, training memory, train tokens/s",
+        "vs dense: total params, training memory, train tokens/s (harness measure)",
+        "measured (UTC)",
     ]
     flags = measure_flags(measures)
     rows = []
@@ -246,6 +260,7 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
                 _fmt(m.get("imbalance_cost"), ".3f", "-")
                 + ("" if m.get("imbalance_cost") is None else mark("", flagged("imbalance_cost"))),
                 versus,
+                taken_at(m),
             ]
         )
     return headers, rows
@@ -411,14 +426,23 @@ def _claim_runs(records: list[dict[str, Any]], measures: dict[str, dict[str, Any
     return out
 
 
-def claim_flags(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
-    """Claim key -> the flagged measurements its verdict rests on ('run figure (rule)')."""
+def claim_flags(
+    records: list[dict[str, Any]],
+    measures: dict[str, dict[str, Any]],
+    training: dict[str, list[dict[str, Any]]] | None = None,
+) -> dict[str, list[str]]:
+    """Claim key -> the flagged measurements its verdict rests on ('run figure (rule)'). ``training``:
+    run id -> the flags of its training time; R10's training FLOP/s rest on those of every pair."""
     flags = measure_flags(measures)
     out: dict[str, list[str]] = {}
     for (key, figure), runs in _claim_runs(records, measures).items():
         hits = [f"{run} {LABELS[figure]} ({f['rule']})" for run in sorted(runs) for f in flags[run].get(figure, [])]
         if hits:
             out[key] = hits
+    paired = sorted({r["run_id"] for pairs in peer_pairs(records).values() for pair in pairs for r in pair})
+    timed = [f"{run} {LABELS['training']} ({f['rule']})" for run in paired for f in (training or {}).get(run, [])]
+    if timed:
+        out["R10"] = out.get("R10", []) + timed
     return out
 
 
@@ -437,8 +461,8 @@ def claims_table(claims, flagged: dict[str, list[str]] | None = None) -> tuple[l
             verdict = NO_DATA
             rests = (
                 f"{MARK} rests on measurements flagged as disturbed or impossible ({', '.join(flagged[c.key])}); "
-                f"taken at face value they would give '{c.verdict}'. `harness measure --force` on a quiet "
-                "machine measures them again"
+                f"taken at face value they would give '{c.verdict}'. The commands printed under the flagged "
+                "figures take them again on a quiet machine"
             )
             caveat = rests if caveat == "-" else f"{rests}; {caveat}"
         rows.append([c.claim, c.source, verdict, c.evidence, caveat])
@@ -472,6 +496,7 @@ def glance_table(
     evals: dict[str, dict[str, Any]],
     measures: dict[str, dict[str, Any]],
     analysis,
+    training_flags: dict[str, list[dict[str, Any]]] | None = None,
 ) -> tuple[list[str], list[list[Any]]]:
     """What each MoE bought and cost against its compute-matched dense run: the main table. Every
     measured column is a within-seed comparison (a difference or ratio of the MoE and its dense peer
@@ -492,8 +517,9 @@ def glance_table(
         "total params x (config)",
         "training memory x (harness measure, measured seeds)",
         "train tokens/s x (harness measure, measured seeds)",
-        "training FLOP/s x (training runs, 95% t over seeds)",
+        "training FLOP/s x (training runs, over the whole run, 95% t over seeds)",
     ]
+    training_flags = training_flags or {}
     flops = {(r["model"], r["budget_flops"]): r for r in analysis.multiplier_flops}
     secs = {(r["model"], r["budget_flops"]): r for r in analysis.multiplier_seconds}
     rates = training_rate_ratios(records)
@@ -553,7 +579,7 @@ def glance_table(
                 f"{m0['params']['total'] / d0['params']['total']:.2f}",
                 mark(over([ratio(m, d, training_memory) for m, d in pairs], n, ".2f", True), flagged(pairs, "memory")),
                 mark(over([ratio(m, d, tokens_per_s) for m, d in pairs], n, ".2f", True), flagged(pairs, "train")),
-                flop_s,
+                mark(flop_s, [f for pair in pairs for r in pair for f in training_flags.get(r["run_id"], [])]),
             ]
         )
     return headers, rows

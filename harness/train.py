@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from harness import checkpoint, parallel, run_lock
+from harness import checkpoint, host_load, parallel, run_lock
 from harness.data import TokenShard, verify_shards
 from harness.energy import combine_across_ranks, open_meter
 from harness.errors import DamagedFile, HarnessError
@@ -440,6 +440,7 @@ class Trainer:
             "tokens_per_s": (done - self.start_step - self.segment_untimed)
             * run.tokens_per_step
             / max(self.elapsed - self.resumed_at, 1e-9),
+            **host_load.sample(),  # how busy the host was: its training time is judged by it (plausibility)
         }
         if run.model.moe is not None:
             row["routing"] = routing_summary(self.model, self.layout, self.replicas, self.expert_parallel)
@@ -543,7 +544,7 @@ class Trainer:
             "gpu_energy_label": "GPU energy (NVML), whole run including evaluation; not wall-socket energy",
             "data_fingerprint": self.data_meta["fingerprint"],
             "spec_hash": self.spec_hash,
-            "provenance": provenance(self.device),
+            "provenance": provenance(self.device, time_utc=host_load.utc_now()),
         }
 
 

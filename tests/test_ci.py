@@ -1,5 +1,6 @@
 """The two CIs run one recipe, the GitHub artifact holds the results but no checkpoints or token
-data, and the job summary is the report's at-a-glance table and claims (harness.report_summary).
+data, and the job summary is the report's at-a-glance table, claims and reproduction
+(harness.report_summary), failing when a loss, bits-per-byte or accuracy number does not reproduce.
 
 The workflow itself is linted by actionlint in `make test`; here, what actionlint cannot know.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import shutil
 from pathlib import Path
 
 import pytest
@@ -240,29 +242,44 @@ Each MoE against its dense run.
 
 | run |
 |---|
+
+## Reproduction
+
+Against `results/reference/cpu/tiny/summary.json`: 3 of 4 numbers reproduced within tolerance.
+
+| run   | metric                | this run   | reference   | tolerance     | reproduced   |
+|-------|-----------------------|------------|-------------|---------------|--------------|
+| moe-a | val loss MoE - dense (vs dense-a) | -0.0488 | -0.0488 | 0.005 absolute | yes |
+| dense-a | final_val_loss      | 2.761      | 2.761       | 1% relative   | yes          |
+| dense-a | bits_per_byte       | 1.854      | 1.854       | 1% relative   | yes          |
+| dense-a | train_tokens_per_s  | 2.1e+04    | 3.459e+04   | 30% relative  | NO           |
+
+## Manifest
 """
 
 
-def test_summary_is_the_two_sections():
+def test_summary_is_glance_claims_and_reproduction():
     got = sections(REPORT)
     assert got.startswith("## At a glance\n\nEach MoE")
     assert re.findall(r"^##? .*", got, flags=re.M) == [
         "## At a glance",
         "## Runs (in a code block: not a heading)",
         "## Claims",
+        "## Reproduction",
     ]
     assert "\n\n## Claims\n\n### Protocol\n" in got
     assert "| moe-d64-e8k2 | dense-d64 |" in got and "| MoE is better | supported |" in got
     assert "## Runs (in a code block" in got, "a fenced block is part of its section"
     assert "| run |" not in got and "# Study" not in got and "A study." not in got
-    assert got.endswith("| MoE is better | supported |\n")
+    assert "| dense-a | train_tokens_per_s  | 2.1e+04" in got and "## Manifest" not in got
+    assert got.endswith("| 30% relative  | NO           |\n")
 
 
 def test_summary_names_the_file_and_the_missing_section(tmp_path, capsys):
     report = tmp_path / "results" / "tiny" / "report.md"
     report.parent.mkdir(parents=True)
     report.write_text(REPORT.replace("## Claims", "## Verdicts"))
-    with pytest.raises(HarnessError, match=r"report\.md: no section `## Claims` .*: At a glance, Verdicts, Runs\)"):
+    with pytest.raises(HarnessError, match=r"report\.md: no section `## Claims` .*: At a glance, Verdicts, Runs, Repr"):
         sections(report.read_text(), source=report)
 
     assert summary_main([str(report)]) == 2
@@ -305,3 +322,116 @@ def test_make_summary_of_a_missing_study_fills_in_its_name():
     assert done.returncode != 0 and "STUDY=..." not in done.stderr
     assert said[0].startswith("report_summary: error: results/nope/report.md does not exist: there is no study 'nope'")
     assert "studies: cpu, " in said[0] and "tiny" in said[0]
+
+
+# --- the reproduction check -----------------------------------------------------------------
+
+
+def test_reproduction_check_passes_with_throughput_annotated_only(tmp_path, capsys):
+    report = tmp_path / "report.md"
+    report.write_text(REPORT)
+    assert summary_main([str(report), "--check-reproduction"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(sections(REPORT))
+    assert "**Reproduction check: passed.** 3 of 3 loss, bits-per-byte and accuracy numbers reproduced" in out
+    assert (
+        "annotated only (shared runners are noisy): 0 of 1 within its band; outside: `dense-a` train_tokens_per_s"
+        in out
+    )
+
+
+@pytest.mark.parametrize(
+    ("metric", "row"),
+    [
+        (
+            "final_val_loss",
+            "| dense-a | final_val_loss      | 2.861      | 2.761       | 1% relative   | NO           |",
+        ),
+        (
+            "bits_per_byte",
+            "| dense-a | bits_per_byte       | 1.954      | 1.854       | 1% relative   | NO           |",
+        ),
+        ("code_mc_acc_norm", "| dense-a | code_mc_acc_norm | 0.2 | 0.33 | 0.05 absolute | NO |"),
+        (
+            "val loss MoE - dense",
+            "| moe-a | val loss MoE - dense (vs dense-a) | -0.01 | -0.0488 | 0.005 absolute | NO |",
+        ),
+    ],
+)
+def test_reproduction_check_fails_on_a_loss_bpb_or_accuracy_row(tmp_path, capsys, metric, row):
+    lines = REPORT.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("| dense-a | final_val_loss"))
+    report = tmp_path / "report.md"
+    report.write_text("\n".join([*lines[:at], row, *lines[at:]]) + "\n")
+    assert summary_main([str(report)]) == 0, "without the flag it only prints"
+    capsys.readouterr()
+    assert summary_main([str(report), "--check-reproduction"]) == 1
+    captured = capsys.readouterr()
+    assert "**Reproduction check: FAILED.** 1 of 4 loss, bits-per-byte and accuracy numbers did not reproduce" in (
+        captured.out
+    )
+    assert metric in captured.err and str(report) in captured.err and "FAILED" in captured.err
+
+
+def test_reproduction_check_without_a_reference_passes(tmp_path, capsys):
+    report = tmp_path / "report.md"
+    lines = REPORT.split("## Reproduction")
+    report.write_text(lines[0] + "## Reproduction\n\nNo committed reference for `tiny` on `cpu`.\n\n## Manifest\n")
+    assert summary_main([str(report), "--check-reproduction"]) == 0
+    assert "**Reproduction check: nothing to compare**" in capsys.readouterr().out
+
+
+def test_summary_target_checks_reproduction_and_ci_goes_on_after_it():
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^summary:\n((?:\t.*\n)+)", makefile, flags=re.M)[1]
+    assert "--check-reproduction" in recipe
+    script = CI_RUN.read_text()
+    assert re.search(r"^make summary STUDY=tiny \|\| reproduced=no$", script, flags=re.M)
+    assert script.rstrip().endswith("exit 1\nfi") and 'if [ "$reproduced" != yes ]' in script
+    names = [s.get("name", "") for s in steps()]
+    after = steps()[next(i for i, n in enumerate(names) if n.startswith("at-a-glance")) + 1 :]
+    for step in after:
+        assert "!cancelled()" in step.get("if", ""), f"{step.get('name')}: must run after a failed reproduction"
+
+
+@pytest.mark.slow
+def test_make_summary_passes_on_the_reference_and_fails_with_one_loss_perturbed(tmp_path):
+    """A tmp copy of the committed tiny reference as a study's results beside that reference:
+    its report reproduces; with one run's validation loss moved by 2%, `make summary` exits 1."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from harness.cli import main as harness
+
+    reference = ROOT / "results" / "reference" / "cpu" / "tiny"
+    results = tmp_path / "results"
+    shutil.copytree(reference, results / "reference" / "cpu" / "tiny")
+    shutil.copytree(reference, results / "tiny")
+
+    def make_summary() -> subprocess.CompletedProcess:
+        assert harness(["report", "tiny", "--results", str(results)]) == 0
+        env = os.environ | {"PYTHONPATH": str(ROOT)}
+        return subprocess.run(
+            ["make", "-s", "-f", str(ROOT / "Makefile"), "summary", "STUDY=tiny", f"PYTHON={sys.executable}"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    done = make_summary()
+    assert done.returncode == 0, done.stderr
+    assert "## Reproduction" in done.stdout and "**Reproduction check: passed.**" in done.stdout
+
+    record = results / "tiny" / "runs" / "dense-d64_7e12_s0" / "record.json"
+    data = json.loads(record.read_text())
+    data["final_val_loss"] *= 1.02
+    record.write_text(json.dumps(data))
+    done = make_summary()
+    assert done.returncode != 0
+    assert "**Reproduction check: FAILED.**" in done.stdout
+    assert "`dense-d64_7e12_s0` final_val_loss" in done.stdout and "final_val_loss" in done.stderr
+    assert "val loss MoE - dense" in done.stdout.split("FAILED")[1], "the per-seed difference moved too"

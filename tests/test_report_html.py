@@ -184,7 +184,23 @@ def test_browser_passes_the_rendered_report_and_takes_a_screenshot(report):
     assert findings.problems() == []
     assert [im["ok"] for im in findings.images] == [True]
     assert len(findings.tables) == 3 and [t["scrolls"] for t in findings.tables] == [False, False, True]
+    wide = findings.tables[2]
+    assert wide["visible_scrollbar"] and f"column {WIDE_COLUMNS - 1}" in wide["hidden_columns"]
+    assert findings.width == 1280
     assert shot.read_bytes()[:4] == b"\x89PNG" and findings.height > 900
+
+
+@pytest.mark.slow
+def test_browser_check_names_columns_a_table_hides_without_a_drawn_scrollbar(report, capsys):
+    """At 1280 px the wide table scrolls in its frame; without the page's own scrollbar style
+    (as overlay scrollbars draw nothing until scrolled) its last columns are out of sight."""
+    _browser()
+    page = write_html(report)
+    page.write_text(page.read_text().replace("::-webkit-scrollbar", "::-webkit-scrollbar-unused"))
+    assert main([str(page), "--no-screenshot", "--width", "1280"]) == 1
+    err = capsys.readouterr().err
+    assert 'table 3 under "Runs" (column 0, column 1, column 2) hides columns at 1280 px' in err
+    assert f"'column {WIDE_COLUMNS - 1}'" in err and "'column 0'" not in err
 
 
 def test_browser_check_fails_on_a_broken_image_and_overflowing_tables(tmp_path, capsys):

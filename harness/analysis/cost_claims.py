@@ -128,13 +128,14 @@ def _load_note(records: list[dict[str, Any]]) -> str:
         t, c = shared[0]
         return (
             f"the records show CPU runs of {t} thread(s) on {c} cores, so the workflow may have trained several "
-            "runs at once; they do not record which runs trained side by side or the host's load. A pair's "
-            "ratio is fair only if both arms trained under the same load (side by side, or each alone): "
-            "that is assumed"
+            "runs at once; they do not record which runs trained side by side (a run whose log shows an "
+            "overloaded host or a spread of speeds is flagged under Runs). A pair's ratio is fair only if both "
+            "arms trained under the same load (side by side, or each alone): that is assumed"
         )
     return (
-        "the records carry no reading of host load or of which runs trained at once; the ratio assumes both "
-        "arms of a seed trained under the same load (each alone, or side by side)"
+        "the records do not say which runs trained at once (a run whose log shows an overloaded host or a "
+        "spread of speeds is flagged under Runs); the ratio assumes both arms of a seed trained under the same "
+        "load (each alone, or side by side)"
     )
 
 

@@ -316,8 +316,10 @@ def _published_text(a: ScalingAnalysis, table) -> list[str]:
     return lines
 
 
-def markdown(a: ScalingAnalysis, table) -> list[str]:
-    """The scaling section of report.md; ``table(name)`` renders one of the report's tables."""
+def markdown(a: ScalingAnalysis, table, skip=frozenset()) -> list[str]:
+    """The scaling section of report.md; ``table(name)`` renders one of the report's tables.
+    ``skip``: tables that do not apply to the study (``harness.report_notes.not_applicable``),
+    left out with their text."""
     noise = (
         f"Seed-to-seed sd of one run's loss, pooled over replicated runs: {a.noise.sd:.4f} nats ({a.noise.source})."
         if a.noise.dof
@@ -334,19 +336,29 @@ def markdown(a: ScalingAnalysis, table) -> list[str]:
         *_identification_text(a),
         noise,
         "",
+        *(_multiplier_block(a, table) if "compute_multiplier" not in skip else []),
+        *([*_isoflop_text(a), table("isoflop"), ""] if "isoflop" not in skip else []),
+        *(
+            [
+                "Effective parameter count (Clark et al. 2022): dense L(N) fitted over dense runs trained on the "
+                "MoE's number of tokens (a fixed D, so a legitimate L(N)), inverted at the MoE's loss.",
+                "",
+                table("effective_params"),
+                "",
+            ]
+            if "effective_params" not in skip
+            else []
+        ),
+        *_published_text(a, table),
+    ]
+
+
+def _multiplier_block(a: ScalingAnalysis, table) -> list[str]:
+    return [
         *_multiplier_text(a),
         table("compute_multiplier"),
         "",
         "A multiplier from one seed carries the spread of the law's variance components only; a difference "
         "between two MoEs whose intervals overlap is not a finding.",
         "",
-        *_isoflop_text(a),
-        table("isoflop"),
-        "",
-        "Effective parameter count (Clark et al. 2022): dense L(N) fitted over dense runs trained on the MoE's "
-        "number of tokens (a fixed D, so a legitimate L(N)), inverted at the MoE's loss.",
-        "",
-        table("effective_params"),
-        "",
-        *_published_text(a, table),
     ]
