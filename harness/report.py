@@ -74,6 +74,7 @@ def _load_all(results: Path, runs, name: str, study: str = "STUDY") -> dict[str,
 
 
 FIGURES = {
+    "loss_curves": "figures/loss_curves.png",
     "loss_vs_params": "figures/loss_vs_params.png",
     "isoflop": "figures/isoflop.png",
     "loss_vs_cost": "figures/loss_vs_cost.png",
@@ -132,17 +133,65 @@ def _flag_section(notes: list[str]) -> list[str]:
     ]
 
 
+def _metrics(records: list[dict[str, Any]], results: Path, study: str) -> dict[str, list[dict[str, Any]]]:
+    """Every run's metrics.jsonl; a record without ``train_loss_smoothed`` (trained before it was
+    recorded) gets it from its log, computed as training computes it (``harness.analysis.curves``)."""
+    from harness.analysis.curves import train_loss_smoothed
+    from harness.analysis.routing_health import read_metrics
+
+    logs = {}
+    for r in records:
+        path = results / "runs" / r["run_id"] / "metrics.jsonl"
+        logs[r["run_id"]] = read_metrics(path, study) if path.is_file() or r["arm"] == "moe" else []
+        if r.get("train_loss_smoothed") is None:
+            r["train_loss_smoothed"] = train_loss_smoothed(logs[r["run_id"]])
+    return logs
+
+
+def _remove_stale_figures(results: Path) -> None:
+    """PNG files under figures/ that this report no longer draws (renamed or dropped figures): a
+    rebuilt report holds exactly its own figures. Nothing else in the folder is touched."""
+    drawn = {Path(v).name for v in FIGURES.values()}
+    for png in (results / "figures").glob("*.png"):
+        if png.name not in drawn:
+            png.unlink()
+
+
+def loss_curve_lines(records: list[dict[str, Any]], image: str) -> list[str]:
+    """The loss curves and what the training loss is, with the runs' numbers that tell whether a
+    gap between training and validation loss lies in the text of the splits or in the computation."""
+    from harness.analysis.curves import SMOOTHING
+
+    lines = [
+        image,
+        "",
+        f"Train loss in the table is the {SMOOTHING} (a logged loss is the cross-entropy of one batch, before "
+        "that step's update, without the auxiliary or z-loss; no model here has dropout).",
+    ]
+    both = [r for r in records if r.get("final_train_split_loss") is not None]
+    if both:
+        gap = [r["final_val_loss"] - r["final_train_split_loss"] for r in both]
+        lines[-1] += (
+            " With the final weights and the validation protocol, the training split's loss minus the validation "
+            f"loss is {-max(gap):+.3f} to {-min(gap):+.3f} nats over {len(both)} runs (on validation "
+            f"{min(r['final_val_loss'] for r in both):.3f} to {max(r['final_val_loss'] for r in both):.3f}): a "
+            "difference between validation and training loss of this size lies in the text of the two splits, "
+            "not in how the training loss is computed."
+        )
+    return [*lines, ""]
+
+
 def write_report(study: Study, results: Path, microbench: Path | None = None) -> Path:
     """Read every run's record.json (and measure.json, eval.json, routing.json where present) and
     write report.md, summary.json, tables/ (CSV and HTML), figures/ (PNG) and report.html."""
     from harness import figures
     from harness.analysis import scaling, scaling_report
     from harness.analysis.claims import evaluate_claims, routing_penalty_text
+    from harness.analysis.curves import loss_bands
     from harness.analysis.reproduce import reproduction, summary
     from harness.analysis.routing_health import (
         COLLAPSE_IMBALANCE,
         health_dicts,
-        read_metrics,
         routing_health,
         routing_series,
     )
@@ -155,9 +204,10 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     routing = _load_all(results, runs, "routing.json", study.path)
     data = read_json(results / "data" / "data.json")
     series, health, experts, top_k = {}, {}, {}, {}
+    logs = _metrics(records, results, study.path)
     for r in records:
         if r["arm"] == "moe":
-            metrics = read_metrics(results / "runs" / r["run_id"] / "metrics.jsonl", study.path)
+            metrics = logs[r["run_id"]]
             series[r["run_id"]] = routing_series(metrics)
             health[r["run_id"]] = health_dicts(routing_health(metrics, r["experts"], r["top_k"]))
             experts[r["run_id"]] = r["experts"]
@@ -196,6 +246,8 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         )
 
     fig = {k: results / v for k, v in FIGURES.items()}
+    _remove_stale_figures(results)
+    figures.loss_curves(records, loss_bands(records, logs), fig["loss_curves"])
     figures.loss_vs_params(records, fig["loss_vs_params"])
     figures.isoflop_figure(records, scaling.isoflop_curves(analysis), fig["isoflop"])
     figures.loss_vs_cost(records, fig["loss_vs_cost"])
@@ -263,7 +315,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
             "(its caveat names them, and the verdict they would give).",
             "",
         ]
-    md += ["## Runs", "", table("runs"), ""]
+    md += ["## Runs", "", table("runs"), "", *loss_curve_lines(records, image("loss_curves", "loss curves"))]
     md += ["## Dense versus MoE, run by run", "", table("dense_vs_moe"), ""]
     md += [
         "## Dense versus MoE over seeds",

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from harness import checkpoint, parallel, run_lock
+from harness.analysis.curves import SMOOTHING, train_loss_smoothed
 from harness.data import TokenShard, verify_shards
 from harness.energy import combine_across_ranks, open_meter
 from harness.errors import DamagedFile, HarnessError
@@ -533,6 +534,13 @@ class Trainer:
             "flops_spent_over_budget": run.flops / run.budget,
             "epochs": run.tokens / self.data_meta["splits"]["train"]["tokens"],
             "final_train_loss": final["loss"],
+            "train_loss_smoothed": train_loss_smoothed(rows),
+            "train_loss_smoothing": SMOOTHING,
+            # The final weights on the training split under the validation protocol: beside
+            # final_val_loss it tells a gap in the text of the splits from one in the computation.
+            "final_train_split_loss": evaluate(
+                self.model, self.train_shard, r, self.device, self.precision, self.layout
+            ),
             "final_val_loss": self.val_loss,
             "train_seconds": self.elapsed,
             "compile_seconds": self.compile_s,
