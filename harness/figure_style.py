@@ -147,7 +147,8 @@ def not_enough(ax, reason: str) -> None:
 
 
 def suptitle(fig: Figure, text: str) -> None:
-    """A figure title of small print, wrapped to the figure's width (about 9 characters an inch: the legend takes the rest)."""
+    """A figure title of small print, wrapped to about 9 characters an inch of the figure's width
+    (the legend beside the panels takes the rest)."""
     fig.suptitle(textwrap.fill(text, int(fig.get_figwidth() * 9)), fontsize=9)
 
 

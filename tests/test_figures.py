@@ -14,8 +14,7 @@ import pytest
 from matplotlib.colors import to_rgba
 
 from harness import figure_style, figures
-from harness.analysis import curves
-from harness.analysis import scaling
+from harness.analysis import curves, scaling
 from harness.study import budget_label
 
 SIZES = {"dense-d48": 1.43e5, "dense-d64": 2.46e5, "dense-d96": 5.5e5}
@@ -451,7 +450,8 @@ def test_loss_curves_draw_a_training_and_a_validation_line_per_model_and_budget_
             val = [line.get_label() for line in ax.get_lines() if line.get_linestyle() == "--"]
             assert sorted(train) == sorted(models) and sorted(val) == sorted(f"_validation {m}" for m in models)
             assert len(ax.collections) == 2 * len(models)  # a band for each line
-    (d64,) = [b for b in curves.loss_bands(records, _logs(records)) if b.model == "dense-d64" and b.budget_flops == 7e12]
+    bands = curves.loss_bands(records, _logs(records))
+    (d64,) = [b for b in bands if b.model == "dense-d64" and b.budget_flops == 7e12]
     assert d64.seeds == [0, 1, 2] and np.allclose(d64.val.high - d64.val.low, 0.1)  # seeds 0.05 apart: min to max
     assert np.allclose(d64.val.mean, (d64.val.low + d64.val.high) / 2)
     assert "min to max over seeds" in fig.get_suptitle() and "trailing mean" in fig.get_suptitle()
