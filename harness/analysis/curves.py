@@ -40,6 +40,11 @@ def train_loss_smoothed(rows: list[dict[str, Any]]) -> float | None:
     return float(np.mean(tail))
 
 
+def smoothed_train_loss(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record's fields: ``train_loss_smoothed`` and how it is smoothed."""
+    return {"train_loss_smoothed": train_loss_smoothed(rows), "train_loss_smoothing": SMOOTHING}
+
+
 def trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
     """Mean of each value and the ``window - 1`` before it (fewer at the start)."""
     sums = np.cumsum(np.insert(np.asarray(values, float), 0, 0.0))
