@@ -24,10 +24,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter
 
+from harness.analysis.curves import CURVE_WINDOW, Band
 from harness.analysis.isoflop import MIN_SIZES, seed_adjusted
 from harness.analysis.stats import arm_label, state_bytes, task_metric, training_memory
-from harness.figure_style import legend, model_styles, not_enough, set_axis
+from harness.figure_style import compact, legend, model_styles, not_enough, set_axis, suptitle
 from harness.io import atomic_write
 from harness.plausibility import MARK, check_measure
 from harness.study import budget_label
@@ -67,6 +70,80 @@ def _mean_over_seeds(records: list[dict[str, Any]], key) -> list[dict[str, Any]]
 def _subplots(n: int, width: float, height: float, **kw) -> tuple[Figure, np.ndarray]:
     fig, axes = plt.subplots(1, n, figsize=(width * n + 1.8, height), layout="constrained", squeeze=False, **kw)
     return fig, axes[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss curves
+
+
+def _curve_ylim(bands: list[Band]) -> tuple[float, float] | None:
+    """From the lowest point to the highest after the first fifth of training (the first steps'
+    loss, near ln V, would squash the rest)."""
+    lows, highs = [], []
+    for b in bands:
+        for s in (b.train, b.val):
+            if s is None:
+                continue
+            lows.append(float(s.low.min()))
+            late = s.tokens >= 0.2 * s.tokens.max()
+            highs.append(float(s.high[late].max() if late.any() else s.high.max()))
+    if not lows:
+        return None
+    lo, hi = min(lows), max(highs)
+    pad = max(0.05 * (hi - lo), 0.02)
+    return lo - pad, hi + pad
+
+
+def draw_loss_curves(records: list[dict[str, Any]], bands: list[Band]) -> Figure:
+    """Training and validation loss over training, against tokens and against FLOPs (columns), one
+    row per budget with every model on one axis: a line per model (mean over its seeds) and a band
+    from the lowest to the highest seed; training solid (trailing mean of the logged batch losses),
+    validation dashed with a dot per evaluation."""
+    budgets = sorted({b.budget_flops for b in bands}) or [None]
+    fig, axes = plt.subplots(len(budgets), 2, figsize=(11.8, 3.6 * len(budgets)), squeeze=False, layout="constrained")
+    if not bands:
+        for ax in axes[0]:
+            ax.set_title("loss vs training tokens and FLOPs", fontsize=10)
+            not_enough(ax, "no run has a metrics.jsonl")
+        return fig
+    styles = model_styles(records)
+    ylim = _curve_ylim(bands)
+    for row, budget in zip(axes, budgets, strict=True):
+        here = [b for b in bands if b.budget_flops == budget]
+        for ax, x, what in [(row[0], "tokens", "training tokens"), (row[1], "flops", "training FLOPs")]:
+            for b in here:
+                colour = styles[b.model]["color"]
+                for s, dashes, label in [(b.train, "-", b.model), (b.val, "--", f"_validation {b.model}")]:
+                    if s is None:
+                        continue
+                    xs = getattr(s, x)
+                    marker = "o" if dashes == "--" else None
+                    ax.plot(xs, s.mean, color=colour, linestyle=dashes, marker=marker, markersize=3, label=label)
+                    ax.fill_between(xs, s.low, s.high, color=colour, alpha=0.18, linewidth=0)
+            ax.set_title(f"loss vs {what} at {budget_label(budget)} FLOPs", fontsize=10)
+            ax.set_xlabel(what)
+            ax.xaxis.set_major_formatter(FuncFormatter(compact))
+            ax.grid(alpha=0.3)
+            if ylim:
+                ax.set_ylim(*ylim)
+        row[0].set_ylabel("loss (nats/token)")
+    seeds = sorted({len(b.seeds) for b in bands})
+    suptitle(
+        fig,
+        f"solid: training loss (trailing mean over {CURVE_WINDOW:.0%} of the logged steps); dashed: validation loss; "
+        f"line: mean over seeds; band: min to max over seeds ({'/'.join(map(str, seeds))} per model)",
+    )
+    extra = [
+        (Line2D([], [], color="0.3"), "training"),
+        (Line2D([], [], color="0.3", linestyle="--", marker="o", markersize=3), "validation"),
+        (Patch(color="0.3", alpha=0.18), "min to max over seeds"),
+    ]
+    legend(fig, extra, order=list(styles))
+    return fig
+
+
+def loss_curves(records: list[dict[str, Any]], bands: list[Band], path: Path) -> Path:
+    return _save(draw_loss_curves(records, bands), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,66 +220,95 @@ def _most_sizes(records: list[dict[str, Any]]) -> tuple[int, str]:
     return len(n), f"{arm} at {budget_label(budget)} FLOPs"
 
 
-def draw_isoflop(records: list[dict[str, Any]], curves: list[dict[str, Any]]) -> Figure:
-    """Chinchilla approach 2: seed-adjusted validation loss against active non-embedding parameters
-    at each budget, a parabola in log N per (arm, budget) with MIN_SIZES or more sizes drawn only
-    over the sampled sizes, its minimum (a star, where it lies within them) and the N_opt interval."""
-    fig, (ax,) = _subplots(1, 6.0, 4.4)
-    if not curves:
-        most, where = _most_sizes(records) if records else (0, "no run")
-        not_enough(
-            ax,
-            f"an IsoFLOP curve needs {MIN_SIZES} or more model sizes at one budget; "
-            f"the most this study has is {most} ({where})",
+def _isoflop_points(ax, records: list[dict[str, Any]], styles: dict[str, dict[str, Any]]) -> bool:
+    """Every model's seed-adjusted loss at each budget, at its active non-embedding parameters, the
+    smaller budgets' points smaller; True when any point is drawn."""
+    points = sorted(_adjusted_points(records), key=lambda p: (p["model"], p["budget_flops"]))
+    largest = max((p["budget_flops"] for p in points), default=None)
+    for p in points:
+        size = 7 if p["budget_flops"] == largest else 4.5
+        ax.plot(
+            [p["params"]["active_non_embedding"]],
+            [p["_loss"]],
+            linestyle="none",
+            markersize=size,
+            label=p["model"],
+            zorder=3,
+            **styles[p["model"]],
         )
-        ax.set_title("IsoFLOP: validation loss vs active non-embedding parameters", fontsize=10)
-        return fig
-    styles, budgets = model_styles(records), _budget_styles(records)
-    for c in curves:
-        n, loss = np.asarray(c["n"], float), np.asarray(c["loss"], float)
-        colour = styles[c["models"][int(np.argmax(n))]]["color"]  # the largest size's: the darkest dense blue
-        for x, y, model in zip(n, loss, c["models"], strict=True):
-            ax.plot([x], [y], linestyle="none", label=model, zorder=3, **styles[model])
-        if c.get("coefficients") is not None:
-            grid = np.geomspace(n.min(), n.max(), 100)  # the sampled sizes only: no extrapolation
-            ax.plot(
-                grid,
-                np.polyval(c["coefficients"], np.log(grid)),
-                color=colour,
-                linestyle=budgets[c["budget_flops"]],
-                label=f"parabola: {c['arm']}, {budget_label(c['budget_flops'])} FLOPs",
-            )
-        if c.get("n_opt") is not None and c.get("bracketed"):
-            ax.plot(
-                [c["n_opt"]],
-                [c["loss_opt"]],
-                marker="*",
-                markersize=14,
-                color=colour,
-                markeredgecolor="k",
-                linestyle="none",
-                zorder=4,
-                label="parabola minimum",
-            )
-            if c.get("n_opt_ci") is not None:
-                lo, hi = (min(max(v, n.min() / 2), n.max() * 2) for v in c["n_opt_ci"])
-                ax.plot(
-                    [lo, hi],
-                    [c["loss_opt"]] * 2,
-                    color=colour,
-                    linewidth=2.5,
-                    alpha=0.5,
-                    zorder=2,
-                    label="N_opt 95% interval (clipped to 2x the sizes)",
-                )
-    set_axis(ax, "x", [x for c in curves for x in c["n"]])
-    ax.set_xlabel("active non-embedding parameters")
-    ax.set_ylabel("seed-adjusted validation loss (nats/token)")
-    ax.set_title(
-        f"validation loss vs active non-embedding parameters at {_budgets_text(c['budget_flops'] for c in curves)}",
-        fontsize=10,
+    return bool(points)
+
+
+def _parabola(ax, c: dict[str, Any], colour, linestyle: str) -> None:
+    """One IsoFLOP parabola over its sampled sizes, its minimum (a star) and N_opt interval."""
+    n = np.asarray(c["n"], float)
+    if c.get("coefficients") is not None:
+        grid = np.geomspace(n.min(), n.max(), 100)  # the sampled sizes only: no extrapolation
+        ax.plot(
+            grid,
+            np.polyval(c["coefficients"], np.log(grid)),
+            color=colour,
+            linestyle=linestyle,
+            label=f"parabola: {c['arm']}, {budget_label(c['budget_flops'])} FLOPs",
+        )
+    if c.get("n_opt") is None or not c.get("bracketed"):
+        return
+    ax.plot(
+        [c["n_opt"]],
+        [c["loss_opt"]],
+        marker="*",
+        markersize=14,
+        color=colour,
+        markeredgecolor="k",
+        linestyle="none",
+        zorder=4,
+        label="parabola minimum",
     )
+    if c.get("n_opt_ci") is not None:
+        lo, hi = (min(max(v, n.min() / 2), n.max() * 2) for v in c["n_opt_ci"])
+        ax.plot(
+            [lo, hi],
+            [c["loss_opt"]] * 2,
+            color=colour,
+            linewidth=2.5,
+            alpha=0.5,
+            zorder=2,
+            label="N_opt 95% interval (clipped to 2x the sizes)",
+        )
+
+
+def draw_isoflop(records: list[dict[str, Any]], curves: list[dict[str, Any]]) -> Figure:
+    """Chinchilla approach 2: seed-adjusted validation loss against active non-embedding parameters,
+    every model at every budget (MoE models too, at their active parameters), with a parabola in
+    log N per (arm, budget) that has MIN_SIZES or more sizes, drawn only over the sampled sizes, its
+    minimum (a star, where it lies within them) and the N_opt interval."""
+    fig, (ax,) = _subplots(1, 6.8, 4.4)
+    title = "IsoFLOP: validation loss vs active non-embedding parameters"
+    styles, budgets = model_styles(records), _budget_styles(records)
+    if not _isoflop_points(ax, records, styles):
+        ax.set_title(title, fontsize=10)
+        not_enough(ax, "no run has a finite validation loss")
+        return fig
+    for c in curves:
+        n = np.asarray(c["n"], float)
+        colour = styles[c["models"][int(np.argmax(n))]]["color"]  # the largest size's
+        _parabola(ax, c, colour, budgets[c["budget_flops"]])
+    set_axis(ax, "x", [r["params"]["active_non_embedding"] for r in records])
+    ax.set_xlabel("active non-embedding parameters (MoE: active, not total)")
+    ax.set_ylabel("seed-adjusted validation loss (nats/token)")
+    ax.set_title(f"validation loss vs active non-embedding parameters at {_budgets_text(budgets)}", fontsize=10)
     ax.grid(alpha=0.3, which="major")
+    notes = []
+    if len(budgets) > 1:
+        notes.append("smaller markers: smaller budgets")
+    if not curves:
+        most, where = _most_sizes(records)
+        notes.append(
+            f"no parabola: an IsoFLOP curve needs {MIN_SIZES} or more model sizes at one budget; "
+            f"the most this study has is {most} ({where})"
+        )
+    if notes:
+        suptitle(fig, "; ".join(notes))
     legend(fig, order=list(styles))
     return fig
 

@@ -18,6 +18,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tabulate import tabulate
 
 from harness.errors import HarnessError
@@ -83,6 +84,7 @@ def _load_all(results: Path, runs, name: str, study: str = "STUDY") -> dict[str,
 
 
 FIGURES = {
+    "loss_curves": "figures/loss_curves.png",
     "loss_vs_params": "figures/loss_vs_params.png",
     "isoflop": "figures/isoflop.png",
     "loss_vs_cost": "figures/loss_vs_cost.png",
@@ -141,17 +143,69 @@ def _flag_section(notes: list[str]) -> list[str]:
     ]
 
 
+def _metrics(records: list[dict[str, Any]], results: Path, study: str) -> dict[str, list[dict[str, Any]]]:
+    """Every run's metrics.jsonl; a record without ``train_loss_smoothed`` (trained before it was
+    recorded) gets it from its log, computed as training computes it (``harness.analysis.curves``)."""
+    from harness.analysis.curves import train_loss_smoothed
+    from harness.analysis.routing_health import read_metrics
+
+    logs = {}
+    for r in records:
+        path = results / "runs" / r["run_id"] / "metrics.jsonl"
+        logs[r["run_id"]] = read_metrics(path, study) if path.is_file() or r["arm"] == "moe" else []
+        if r.get("train_loss_smoothed") is None:
+            r["train_loss_smoothed"] = train_loss_smoothed(logs[r["run_id"]])
+    return logs
+
+
+def _remove_stale_figures(results: Path) -> None:
+    """PNG files under figures/ that this report no longer draws (renamed or dropped figures): a
+    rebuilt report holds exactly its own figures. Nothing else in the folder is touched."""
+    drawn = {Path(v).name for v in FIGURES.values()}
+    for png in (results / "figures").glob("*.png"):
+        if png.name not in drawn:
+            png.unlink()
+
+
+def loss_curve_lines(records: list[dict[str, Any]], image: str) -> list[str]:
+    """The loss curves, what the table's training loss is, and, where the records hold the final
+    weights' loss on the training split, how much of the gap between training and validation loss
+    lies in the text of the two splits."""
+    from harness.analysis.curves import SMOOTHING
+
+    text = (
+        f"Train loss in the table is the {SMOOTHING}: a logged loss is the cross-entropy of one batch, taken "
+        "before that step's update, without the auxiliary or z-loss; no model here has dropout."
+    )
+    both = [r for r in records if r.get("final_train_split_loss") is not None and r.get("train_loss_smoothed")]
+    if both:
+        gap = np.mean([r["train_loss_smoothed"] - r["final_val_loss"] for r in both])
+        split = np.mean([r["final_train_split_loss"] - r["final_val_loss"] for r in both])
+        text += (
+            f" Over the {len(both)} runs, train minus validation loss is {gap:+.3f} nats on average; the final "
+            f"weights scored on the training split as validation is scored give {split:+.3f}: that much of it "
+            f"lies in the text of the two splits, the remaining {gap - split:+.3f} in the training loss being "
+            "a mean over batches of the final tenth, each before its update."
+        )
+    elif records:
+        text += (
+            " These records predate `final_train_split_loss` (the final weights scored on the training split as "
+            "validation is scored), which tells a gap that lies in the text of the splits from one in the computation."
+        )
+    return [image, "", text, ""]
+
+
 def write_report(study: Study, results: Path, microbench: Path | None = None) -> Path:
     """Read every run's record.json (and measure.json, eval.json, routing.json where present) and
     write report.md, summary.json, tables/ (CSV and HTML), figures/ (PNG) and report.html."""
     from harness import figures
     from harness.analysis import scaling, scaling_report
     from harness.analysis.claims import evaluate_claims, routing_penalty_text
+    from harness.analysis.curves import loss_bands
     from harness.analysis.reproduce import reproduction, summary
     from harness.analysis.routing_health import (
         COLLAPSE_IMBALANCE,
         health_dicts,
-        read_metrics,
         routing_health,
         routing_series,
     )
@@ -164,9 +218,10 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     routing = _load_all(results, runs, "routing.json", study.path)
     data = read_json(results / "data" / "data.json")
     series, health, experts, top_k = {}, {}, {}, {}
+    logs = _metrics(records, results, study.path)
     for r in records:
         if r["arm"] == "moe":
-            metrics = read_metrics(results / "runs" / r["run_id"] / "metrics.jsonl", study.path)
+            metrics = logs[r["run_id"]]
             series[r["run_id"]] = routing_series(metrics)
             health[r["run_id"]] = health_dicts(routing_health(metrics, r["experts"], r["top_k"]))
             experts[r["run_id"]] = r["experts"]
@@ -207,6 +262,8 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
         )
 
     fig = {k: results / v for k, v in FIGURES.items()}
+    _remove_stale_figures(results)
+    figures.loss_curves(records, loss_bands(records, logs), fig["loss_curves"])
     figures.loss_vs_params(records, fig["loss_vs_params"])
     figures.isoflop_figure(records, scaling.isoflop_curves(analysis), fig["isoflop"])
     figures.loss_vs_cost(records, fig["loss_vs_cost"])
@@ -276,6 +333,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
             "",
         ]
     md += ["## Runs", "", table("runs"), "", *training_notes(trained), *_remeasure(study, results, {}, trained, repro)]
+    md += loss_curve_lines(records, image("loss_curves", "loss curves"))
     md += ["## Dense versus MoE, run by run", "", table("dense_vs_moe"), ""]
     md += [
         "## Dense versus MoE over seeds",

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from harness import checkpoint, host_load, parallel, run_lock
+from harness.analysis.curves import smoothed_train_loss
 from harness.data import TokenShard, verify_shards
 from harness.energy import combine_across_ranks, open_meter
 from harness.errors import DamagedFile, HarnessError
@@ -423,6 +424,10 @@ class Trainer:
         self.untimed_steps += 1
         self.segment_untimed = 1
 
+    def score(self, shard: TokenShard) -> float:
+        """The model's mean loss on ``shard``'s fixed evaluation sample (``evaluate``)."""
+        return evaluate(self.model, shard, self.r, self.device, self.precision, self.layout)
+
     def log(self, out, lr: float, grad_norm: torch.Tensor, evaluating: bool, sink) -> dict[str, Any]:
         run, done = self.run, self.step
         loss = parallel.mean(out.loss.item(), self.layout)  # the one host sync of a logged step
@@ -445,9 +450,7 @@ class Trainer:
         if run.model.moe is not None:
             row["routing"] = routing_summary(self.model, self.layout, self.replicas, self.expert_parallel)
         if evaluating:
-            self.val_loss = row["val_loss"] = evaluate(
-                self.model, self.val_shard, self.r, self.device, self.precision, self.layout
-            )
+            self.val_loss = row["val_loss"] = self.score(self.val_shard)
         sink.write(json.dumps(row) + "\n")
         sink.flush()
         if self.events is not None:
@@ -508,9 +511,7 @@ class Trainer:
             raise DamagedFile(self.metrics_path, f"its last row is not step {run.steps}", self._damaged_remedy())
         final = rows[-1]
         if self.val_loss is None:  # resumed from the final checkpoint of a run killed before its record
-            self.val_loss = final.get("val_loss") or evaluate(
-                self.model, self.val_shard, r, self.device, self.precision, self.layout
-            )
+            self.val_loss = final.get("val_loss") or self.score(self.val_shard)
         return {
             "run_id": run.run_id,
             "study": self.study.name,
@@ -534,6 +535,8 @@ class Trainer:
             "flops_spent_over_budget": run.flops / run.budget,
             "epochs": run.tokens / self.data_meta["splits"]["train"]["tokens"],
             "final_train_loss": final["loss"],
+            **smoothed_train_loss(rows),
+            "final_train_split_loss": self.score(self.train_shard),  # the final weights, scored as validation
             "final_val_loss": self.val_loss,
             "train_seconds": self.elapsed,
             "compile_seconds": self.compile_s,

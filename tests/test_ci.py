@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest

@@ -4,15 +4,17 @@ a panel without data says so instead of drawing empty axes, and titles describe,
 
 from __future__ import annotations
 
+import colorsys
 import itertools
+import re
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from matplotlib.colors import to_rgba
 
-from harness import figures
-from harness.analysis import scaling
+from harness import figure_style, figures
+from harness.analysis import curves, scaling
 from harness.study import budget_label
 
 SIZES = {"dense-d48": 1.43e5, "dense-d64": 2.46e5, "dense-d96": 5.5e5}
@@ -46,7 +48,10 @@ def _rec(model, arm, budget, active, total, loss, seed=0, experts=None, top_k=No
             "total": total + 1.3e5,
             "total_non_embedding": total,
         },
-        "config": {"moe": None if arm == "dense" else {"experts": experts, "top_k": top_k, **(moe or {})}},
+        "config": {
+            "d_model": int(found[1]) if (found := re.search(r"-d(\d+)", model)) else 64,
+            "moe": None if arm == "dense" else {"experts": experts, "top_k": top_k, **(moe or {})},
+        },
         "flops_per_token": {"detailed": 6.0 * active},
         "flop_convention": "detailed",
         "provenance": {"host": {"device": "cpu"}},
@@ -111,19 +116,93 @@ def test_every_model_has_its_own_style_and_legend_entry():
     styles = figures.model_styles(records)
     keys = {(to_rgba(s["color"]), s["marker"], str(s["markerfacecolor"])) for s in styles.values()}
     assert len(keys) == len(styles) == len(SIZES) + len(MOES)
-    colours = {to_rgba(s["color"]) for s in styles.values()}
-    assert len(colours) == len(styles)  # colour alone tells them apart at this count
-    dense = [styles[m]["color"] for m in sorted(SIZES, key=SIZES.get)]
-    lightness = [sum(to_rgba(c)[:3]) for c in dense]
-    assert lightness == sorted(lightness, reverse=True)  # sequential: darker as the dense model grows
+    dense = {to_rgba(styles[m]["color"]) for m in SIZES}
+    assert len(dense) == len(SIZES)  # the dense sizes are told apart by colour alone
+    moe_families = {to_rgba(styles[m]["color"]) for m in ("moe-d64-e2k2", "moe-d64-e4k2", "moe-d64-e8k2")}
+    assert len(moe_families) == 3  # and so are MoEs of different E
 
     fig = figures.draw_loss_vs_cost(records)
     ax = fig.axes[1]  # training wall-clock
     by_label = {line.get_label(): to_rgba(line.get_color()) for line in _data_lines(ax)}
     assert set(by_label) == set(SIZES) | set(MOES)
-    assert len(set(by_label.values())) == len(by_label)  # the three dense sizes are no longer all black
     legend = {t.get_text() for t in fig.legends[0].get_texts()}
     assert set(SIZES) | set(MOES) <= legend
+
+
+def test_dense_and_moe_are_told_apart_by_colour_family_and_marker():
+    styles = figures.model_styles(study_records())
+    for model, style in styles.items():
+        hue = colorsys.rgb_to_hsv(*to_rgba(style["color"])[:3])[0]
+        if model.startswith("dense"):
+            assert style["marker"] == "s" and 0.48 < hue < 0.62 and style["color"] in figure_style.DENSE_COLOURS
+        else:
+            assert style["marker"] != "s" and not 0.45 < hue < 0.68  # no MoE is cyan or blue
+
+
+def test_a_models_style_does_not_change_when_another_model_joins_or_leaves():
+    records = study_records()
+    alone = figures.model_styles(records)
+    more = [
+        *records,
+        _rec("dense-d40", "dense", 7e12, 1.0e5, 1.0e5, 3.5),
+        _rec("dense-d80", "dense", 7e12, 3.8e5, 3.8e5, 3.4),
+        _rec("moe-d64-e32k2", "moe", 7e12, 2.5e5, 3.2e6, 3.3, experts=32, top_k=2),
+        _rec("moe-d64-e8k1", "moe", 7e12, 2.3e5, 8.0e5, 3.3, experts=8, top_k=1),
+    ]
+    fewer = [r for r in records if r["model"] in ("dense-d64", "moe-d64-e8k2-auxfree")]
+    assert figures.model_styles(more) | alone == figures.model_styles(more)  # the same entries, unchanged
+    assert figures.model_styles(fewer) == {m: alone[m] for m in ("dense-d64", "moe-d64-e8k2-auxfree")}
+    keys = [(to_rgba(s["color"]), s["marker"]) for s in figures.model_styles(more).values()]
+    assert len(set(keys)) == len(keys)
+
+
+def _shipped_models() -> dict[str, list[dict]]:
+    """Per shipped study, a record per model as model_styles reads it."""
+    from conftest import ROOT
+
+    from harness.study import load_study, plan
+
+    out = {}
+    for path in sorted((ROOT / "workflows" / "studies").glob("*.yaml")):
+        models = {run.model.name: run.model for run in plan(load_study(path))}
+        out[path.stem] = [
+            _rec(
+                name,
+                "dense" if m.moe is None else "moe",
+                1e12,
+                1e5,
+                1e5,
+                3.0,
+                experts=m.moe and m.moe.experts,
+                top_k=m.moe and m.moe.top_k,
+            )
+            | {"config": {"d_model": m.d_model}}
+            for name, m in models.items()
+        ]
+    return out
+
+
+def test_every_shipped_study_draws_each_model_in_a_style_of_its_own():
+    for study, records in _shipped_models().items():
+        styles = figures.model_styles(records)
+        keys = [(to_rgba(s["color"]), s["marker"]) for s in styles.values()]
+        assert len(set(keys)) == len(keys), study
+
+
+def test_every_legend_names_each_model_once():
+    records = [*study_records(), _rec("dense-d64", "dense", 7e12, SIZES["dense-d64"], SIZES["dense-d64"], 3.4, seed=1)]
+    measures = {r["run_id"]: measure_of(r) for r in records}
+    drawn = [
+        figures.draw_loss_curves(records, curves.loss_bands(records, _logs(records))),
+        figures.draw_loss_vs_params(records),
+        figures.draw_isoflop(records, scaling.isoflop_curves(scaling.analyse(records, bootstrap=10))),
+        figures.draw_loss_vs_cost(records),
+        figures.draw_cost_scaling(records, measures),
+    ]
+    for fig in drawn:
+        labels = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert len(labels) == len(set(labels))
+        assert set(SIZES) | set(MOES) <= set(labels)  # the ablations (-auxfree, -nobalance) by their own names
 
 
 def _overlaps(fig, axis: str) -> list[tuple[str, str]]:
@@ -172,19 +251,33 @@ def test_a_wide_spread_gets_a_log_axis():
     assert fig.axes[1].get_xscale() == "log"  # total parameters: 1.4e5 to 1.6e6
 
 
-def test_isoflop_with_one_size_says_not_enough_data_and_draws_no_axes():
+def test_isoflop_with_one_size_draws_every_model_and_says_why_there_is_no_parabola():
     records = tiny_records()
     fig = figures.draw_isoflop(records, scaling.isoflop_curves(scaling.analyse(records, bootstrap=10)))
     (ax,) = fig.axes
-    assert not ax.axison and ax.get_lines() == []
-    (text,) = _texts(fig)
-    assert text.startswith("not enough data:") and "4 or more model sizes" in text
-    assert "the most this study has is 1" in text
+    assert ax.axison
+    points = {line.get_label(): line.get_xdata()[0] for line in _data_lines(ax)}
+    assert points == {r["model"]: r["params"]["active_non_embedding"] for r in records}  # the MoE at active N
+    note = " ".join(fig.get_suptitle().split())
+    assert note.startswith("no parabola:") and "4 or more model sizes" in note
+    assert "the most this study has is 1" in note
+    assert "active, not total" in ax.get_xlabel()
+
+
+def test_isoflop_draws_each_moe_beside_the_dense_parabola():
+    records = _four_sizes() + [
+        _rec("moe-d64-e8k2", "moe", 7e12, 2.48e5, 8.4e5, 3.28 + 0.01 * s, seed=s, experts=8, top_k=2) for s in range(3)
+    ]
+    fig = figures.draw_isoflop(records, scaling.isoflop_curves(scaling.analyse(records, bootstrap=10)))
+    (ax,) = fig.axes
+    (moe,) = [line for line in ax.get_lines() if line.get_label() == "moe-d64-e8k2"]
+    assert moe.get_xdata()[0] == 2.48e5 and moe.get_ydata()[0] == pytest.approx(3.29)
+    assert moe.get_marker() == "o" and any(line.get_label().startswith("parabola: dense") for line in ax.get_lines())
 
 
 def _four_sizes() -> list[dict]:
     """Four dense sizes at 7e12 FLOPs on a parabola in ln N with its minimum at 3e5, three seeds each."""
-    sizes = {"dense-d40": 1e5, "dense-d48": 2e5, "dense-d64": 4e5, "dense-d96": 8e5}
+    sizes = {"dense-d40": 1e5, "dense-d48": 2e5, "dense-d64": 4e5, "dense-d96": 8e5}  # not their real sizes
     return [
         _rec(m, "dense", 7e12, n, n, 3.3 + 0.05 * np.log(n / 3e5) ** 2 + 0.01 * s, seed=s)
         for m, n in sizes.items()
@@ -319,3 +412,65 @@ def test_routing_health_draws_the_normalised_imbalance_on_one_scale_with_the_thr
 
 def _layer_lines(ax) -> list:
     return [line for line in ax.get_lines() if line.get_label().startswith("layer")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss curves
+
+
+def _log(r: dict, steps: int = 200, every: int = 25) -> list[dict]:
+    """A metrics.jsonl of ``steps`` logged steps: the batch loss decays to the record's final loss
+    plus a seed's offset and an alternating +-0.2 of one batch; validation every ``every`` steps."""
+    out = []
+    for step in range(1, steps + 1):
+        smooth = r["final_val_loss"] + 3.0 * np.exp(-step / 30) + 0.05 * r["seed"]
+        row = {"step": step, "tokens": step * 1000, "flops": step * 1000 * 6 * 2e5, "loss": smooth + 0.2 * (-1) ** step}
+        if step % every == 0:
+            row["val_loss"] = smooth - 0.1
+        out.append(row)
+    return out
+
+
+def _logs(records: list[dict]) -> dict[str, list[dict]]:
+    return {r["run_id"]: _log(r) for r in records}
+
+
+def test_loss_curves_draw_a_training_and_a_validation_line_per_model_and_budget_with_a_band():
+    n, loss = SIZES["dense-d64"], 3.3 + SIZES["dense-d64"] / 2e6  # as study_records' seed 0
+    seeds = [_rec("dense-d64", "dense", 7e12, n, n, loss, seed=s) for s in (1, 2)]
+    records = [*study_records(), *seeds]
+    fig = figures.draw_loss_curves(records, curves.loss_bands(records, _logs(records)))
+    budgets = sorted({r["budget_flops"] for r in records})
+    assert len(fig.axes) == 2 * len(budgets)  # a row per budget: against tokens, against FLOPs
+    for row, budget in enumerate(budgets):
+        models = {r["model"] for r in records if r["budget_flops"] == budget}
+        for ax, what in zip(fig.axes[2 * row : 2 * row + 2], ("tokens", "FLOPs"), strict=True):
+            assert budget_label(budget) in ax.get_title() and what in ax.get_xlabel()
+            train = [line.get_label() for line in ax.get_lines() if line.get_linestyle() == "-"]
+            val = [line.get_label() for line in ax.get_lines() if line.get_linestyle() == "--"]
+            assert sorted(train) == sorted(models) and sorted(val) == sorted(f"_validation {m}" for m in models)
+            assert len(ax.collections) == 2 * len(models)  # a band for each line
+    bands = curves.loss_bands(records, _logs(records))
+    (d64,) = [b for b in bands if b.model == "dense-d64" and b.budget_flops == 7e12]
+    assert d64.seeds == [0, 1, 2] and np.allclose(d64.val.high - d64.val.low, 0.1)  # seeds 0.05 apart: min to max
+    assert np.allclose(d64.val.mean, (d64.val.low + d64.val.high) / 2)
+    assert "min to max over seeds" in fig.get_suptitle() and "trailing mean" in fig.get_suptitle()
+    tokens_axis, flops_axis = fig.axes[-2:]
+    assert max(tokens_axis.get_lines()[0].get_xdata()) == 200 * 1000
+    assert max(flops_axis.get_lines()[0].get_xdata()) == 200 * 1000 * 6 * 2e5
+
+
+def test_loss_curves_without_logs_say_not_enough_data():
+    fig = figures.draw_loss_curves(tiny_records(), [])
+    assert all(not ax.axison for ax in fig.axes) and all(t.startswith("not enough data") for t in _texts(fig))
+
+
+def test_the_training_loss_is_the_mean_of_the_final_tenth_not_one_batch():
+    rows = _log(tiny_records()[0])
+    final_batch = rows[-1]["loss"]
+    smoothed = curves.train_loss_smoothed(rows)
+    tail = [r["loss"] for r in rows if r["step"] > 180]  # the final tenth of 200 steps
+    assert smoothed == pytest.approx(np.mean(tail)) and len(tail) == 20
+    assert abs(final_batch - smoothed) == pytest.approx(0.2, abs=0.01)  # one batch is 0.2 off: the mean is not
+    assert curves.train_loss_smoothed([]) is None
+    assert np.allclose(curves.trailing_mean(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])
