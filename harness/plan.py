@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from tabulate import tabulate
@@ -28,6 +29,7 @@ from harness.estimate import (
     read_record,
     step_flops,
 )
+from harness.reuse import reusable_sources, reuse_lines
 from harness.stages import Setting, Stage, corpus_bytes, pipeline, recorded_seconds
 from harness.study import analysed, budget_label, load_study, plan, plan_rows
 from models.config import ConfigError
@@ -149,6 +151,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     runs = plan(study, train_tokens=train_tokens)
     device, warnings = plan_device(study, runs, args)
     states = run_states(study, runs, results)
+    sources = reusable_sources(study, runs, results)
+    # A run another study finished the same is brought in, not trained (harness.reuse).
+    states = [replace(s, state="reuse") if s.state == "to run" and s.run_id in sources else s for s in states]
     estimates = run_estimates(study, runs, states, results, device, args)
     why = cpu_not_probed(runs, estimates) if device == "cpu" else None
     if why and study.device == "auto" and args.device is None:
@@ -171,10 +176,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     print_plan(study, runs, rows, states, estimates, device, warnings, args, results)
+    for line in reuse_lines(study, sources):
+        print(line)
     return 0
 
 
 def run_time(row: dict) -> str:
+    if row["state"] == "reuse":
+        return "none (reused)"
     if row["recorded_seconds"] is not None:
         return f"{duration(row['recorded_seconds'])} rec."
     return "-" if row["est_seconds"] is None else f"{duration(row['est_seconds'])} est."
@@ -183,7 +192,7 @@ def run_time(row: dict) -> str:
 def train_stage(study, runs, rows, estimates, device: str, args: argparse.Namespace) -> tuple[Stage, int]:
     """The training stage: the runs left at the concurrency the plan says (a list schedule of
     their rows), and the runs that train at once."""
-    todo = [i for i, r in enumerate(rows) if r["state"] != "done"]
+    todo = [i for i, r in enumerate(rows) if r["state"] not in ("done", "reuse")]
     world = study.parallel.data
     at_once = max(1, min(concurrent_runs(study.recipe, device, args.gpus, world), len(todo) or 1))
     left = makespan([estimates[i].seconds for i in todo], at_once)
@@ -240,25 +249,23 @@ def print_plan(study, runs, rows, states, estimates, device, warnings, args, res
     stages = pipeline(runs, analysed(study, runs), estimates, train, at)
     text, left = stage_table(stages)
     print("\n" + text)
-    todo = [i for i, s in enumerate(states) if s.state != "done"]
+    todo = [i for i, s in enumerate(states) if s.state not in ("done", "reuse")]
+    reused = sum(s.state == "reuse" for s in states)
     print(
-        f"\n{len(runs) - len(todo)} of {plural(len(runs), 'run')} done. To do: {plural(len(todo), 'run')}, "
+        f"\n{len(runs) - len(todo) - reused} of {plural(len(runs), 'run')} done"
+        + (f", {reused} reused from another study" if reused else "")
+        + f". To do: {plural(len(todo), 'run')}, "
         f"{sum(runs[i].flops for i in todo):.3g} training FLOPs; "
         f"{'time not estimated' if left != left else f'about {duration(left)} in all'} "
         "(the total above: stages one after another; Snakemake may overlap some)."
     )
     need = study_disk(study, runs, results, corpus)
     print(describe(need, results) + (f" ({SHORT})" if need.more > need.free else ""))
-    from harness.reuse import reuse_lines
-
-    reuse = reuse_lines(study, runs, results)
-    notes(study, rows, states, changed, reuse, train.todo_seconds, device, warnings)
+    notes(study, rows, states, changed, train.todo_seconds, device, warnings)
 
 
-def notes(
-    study, rows, states, changed: list[str], reuse: list[str], train_left: float, device: str, warnings: list[str]
-) -> None:
-    """What the plan says below its totals: missing data, stale runs, runs another study finished, warnings."""
+def notes(study, rows, states, changed: list[str], train_left: float, device: str, warnings: list[str]) -> None:
+    """What the plan says below its totals: missing data, stale runs, warnings."""
     if rows and rows[0]["epochs"] is None:
         print("epochs: run `harness data` first to know the train split's size")
     if changed:
@@ -266,8 +273,6 @@ def notes(
     for s in states:
         if s.state == "stale":
             print(f"stale: {s.run_id} would be trained again: {'; '.join(s.changes)}")
-    for line in reuse:
-        print(line)
     too_long = train_left != train_left or train_left > 86400  # NaN: a model not probed
     if device == "cpu" and study.device == "auto" and too_long:
         shown = "models not probed on this CPU" if train_left != train_left else f"{duration(train_left)} on this CPU"

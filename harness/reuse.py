@@ -152,22 +152,25 @@ def reuse(study: Study, run: Run, results: Path, source: Path) -> dict[str, Any]
     return reused
 
 
-def reuse_lines(study: Study, runs: list[Run], results: Path) -> list[str]:
-    """``harness plan``'s lines for the runs another study has finished the same."""
+def reusable_sources(study: Study, runs: list[Run], results: Path) -> dict[str, Path]:
+    """The runs another study has finished the same, each with the folder it would come from."""
     from harness.corpus import corpus_content
 
     try:
         ours = our_data(study, results, corpus_content(study, results))
     except ConfigError:
-        return []
-    lines = []
-    for run in runs:
-        if (source := finished_elsewhere(run, results, ours)) is not None:
-            lines.append(
-                f"reuse: {run.run_id} is finished with the same identity and data in {source}: `snakemake` "
-                f"brings it in without training (`python -m harness.reuse {study.path} --run {run.run_id}`)"
-            )
-    return lines
+        return {}
+    found = {run.run_id: finished_elsewhere(run, results, ours) for run in runs}
+    return {run_id: source for run_id, source in found.items() if source is not None}
+
+
+def reuse_lines(study: Study, sources: dict[str, Path]) -> list[str]:
+    """``harness plan``'s lines for the runs another study has finished the same."""
+    return [
+        f"reuse: {run_id} is finished with the same identity and data in {source}: `snakemake` "
+        f"brings it in without training (`python -m harness.reuse {study.path} --run {run_id}`)"
+        for run_id, source in sources.items()
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

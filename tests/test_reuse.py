@@ -74,6 +74,12 @@ def test_plan_names_the_finished_run_and_the_command(study, monkeypatch):
     assert code == 0, err
     assert f"reuse: {RUN} is finished with the same identity and data in results/pico/runs/{RUN}" in out
     assert f"python -m harness.reuse {COPY} --run {RUN}" in out
+    row = next(line for line in out.splitlines() if line.startswith(RUN))
+    assert "reuse" in row.split() and row.endswith("none (reused)"), row
+    train = next(line for line in out.splitlines() if line.startswith("train "))
+    runs = int(re.search(r"\): (\d+) runs on ", out)[1])
+    assert train.split()[1:4] == [str(runs - 1), "of", str(runs)], train  # only the new run trains
+    assert ", 1 reused from another study. To do: " in out
 
 
 def test_a_run_trained_in_this_study_is_never_replaced(study, monkeypatch):
