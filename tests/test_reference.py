@@ -94,7 +94,7 @@ def _without(md: str, section: str) -> str:
     flagged depends on the host's load while the test ran)."""
     start = md.index(f"## {section}")
     md = md[:start] + md[md.index("\n## ", start + 1) :]
-    md = re.sub(r"^† To take the flagged figures again.*?^```\n.*?^```\n", "", md, flags=re.M | re.S)
+    md = re.sub(r"^† To take the flagged figures again.*?^```bash\n.*?^```\n", "", md, flags=re.M | re.S)
     return re.sub(r"^† The flagged figures can be taken again.*\n", "", md, flags=re.M)
 
 
