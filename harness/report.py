@@ -145,9 +145,9 @@ def _flag_section(notes: list[str]) -> list[str]:
 
 def _metrics(records: list[dict[str, Any]], results: Path, study: str) -> dict[str, list[dict[str, Any]]]:
     """Every run's metrics.jsonl; a record without ``train_loss_smoothed`` (trained before it was
-    recorded) gets it from its log, computed as training computes it (``harness.analysis.curves``)."""
-    from harness.analysis.curves import train_loss_smoothed
+    recorded) gets it from its log, computed as training computes it (``harness.train_loss``)."""
     from harness.analysis.routing_health import read_metrics
+    from harness.train_loss import train_loss_smoothed
 
     logs = {}
     for r in records:
@@ -171,7 +171,7 @@ def loss_curve_lines(records: list[dict[str, Any]], image: str) -> list[str]:
     """The loss curves, what the table's training loss is, and, where the records hold the final
     weights' loss on the training split, how much of the gap between training and validation loss
     lies in the text of the two splits."""
-    from harness.analysis.curves import SMOOTHING
+    from harness.train_loss import SMOOTHING
 
     text = (
         f"Train loss in the table is the {SMOOTHING}: a logged loss is the cross-entropy of one batch, taken "

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from harness import checkpoint, host_load, parallel, run_lock
-from harness.analysis.curves import smoothed_train_loss
 from harness.data import TokenShard, verify_shards
 from harness.energy import combine_across_ranks, open_meter
 from harness.errors import DamagedFile, HarnessError
@@ -36,6 +35,7 @@ from harness.provenance import provenance
 from harness.remedy import run_file
 from harness.resources import check_memory
 from harness.study import Recipe, Run, Schedule, Study, identity_changes, recorded_identity, run_identity
+from harness.train_loss import smoothed_train_loss
 from models.accounting import FlopConvention, count_params, training_flops_per_token
 from models.config import ConfigError, dump_config
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from matplotlib.colors import to_rgba
 
-from harness import figure_style, figures
+from harness import figure_style, figures, train_loss
 from harness.analysis import curves, scaling
 from harness.study import budget_label
 
@@ -468,9 +468,9 @@ def test_loss_curves_without_logs_say_not_enough_data():
 def test_the_training_loss_is_the_mean_of_the_final_tenth_not_one_batch():
     rows = _log(tiny_records()[0])
     final_batch = rows[-1]["loss"]
-    smoothed = curves.train_loss_smoothed(rows)
+    smoothed = train_loss.train_loss_smoothed(rows)
     tail = [r["loss"] for r in rows if r["step"] > 180]  # the final tenth of 200 steps
     assert smoothed == pytest.approx(np.mean(tail)) and len(tail) == 20
     assert abs(final_batch - smoothed) == pytest.approx(0.2, abs=0.01)  # one batch is 0.2 off: the mean is not
-    assert curves.train_loss_smoothed([]) is None
+    assert train_loss.train_loss_smoothed([]) is None
     assert np.allclose(curves.trailing_mean(np.array([1.0, 3.0, 5.0, 7.0]), 2), [1.0, 2.0, 4.0, 6.0])

@@ -15,12 +15,12 @@ import yaml
 from conftest import ROOT
 from pico_study import MODEL, study_dict, write_corpus
 
-from harness.analysis.curves import SMOOTHING, train_loss_smoothed
 from harness.data import TokenShard, prepare
 from harness.lm_eval_model import load_run_model
 from harness.precision import resolve
 from harness.study import find_run, load_study, plan
 from harness.train import evaluate, train
+from harness.train_loss import SMOOTHING, train_loss_smoothed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,34 +15,14 @@ step count); a band spans the minimum to the maximum over them, the line is thei
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-FINAL_FRACTION = 0.1
-"""The final part of training whose logged batch losses are averaged into the training loss."""
 CURVE_WINDOW = 0.05
 """The trailing mean of a training-loss curve covers this fraction of the run's logged steps."""
-SMOOTHING = "mean of the logged batch losses over the final tenth of training steps"
-
-
-def train_loss_smoothed(rows: list[dict[str, Any]]) -> float | None:
-    """The mean logged training loss over the final FINAL_FRACTION of the steps (at least the last
-    logged step); None without a logged loss."""
-    logged = [r for r in rows if r.get("loss") is not None and math.isfinite(r["loss"])]
-    if not logged:
-        return None
-    last = logged[-1]["step"]
-    tail = [r["loss"] for r in logged if r["step"] > last * (1 - FINAL_FRACTION)] or [logged[-1]["loss"]]
-    return float(np.mean(tail))
-
-
-def smoothed_train_loss(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The record's fields: ``train_loss_smoothed`` and how it is smoothed."""
-    return {"train_loss_smoothed": train_loss_smoothed(rows), "train_loss_smoothing": SMOOTHING}
 
 
 def trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
