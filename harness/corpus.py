@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from harness.io import read_json_object
 from harness.study import Study, essential_fields
 from models.config import ConfigError
 
@@ -30,14 +31,6 @@ CONTENT = ("fingerprint", "tokenizer_file_sha256")
 """What corpus.json says of the corpus; its other field, ``signature``, only saves rereading it."""
 READ_SETTINGS = ("source", "paths", "text_field", "max_bytes")
 """The data settings that decide which documents are read (and so the fingerprint)."""
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return content if isinstance(content, dict) else None
 
 
 def _signature(study: Study) -> str | None:
@@ -62,7 +55,7 @@ def corpus_content(study: Study, results: Path) -> dict[str, Any]:
 
     try:
         signature = _signature(study)
-        old = _read(results / "data" / CORPUS)
+        old = read_json_object(results / "data" / CORPUS)
         if signature is not None and old and old.get("signature") == signature and set(CONTENT) <= old.keys():
             return {k: old[k] for k in CONTENT} | {"signature": signature}
         fingerprint = None if signature is None else corpus_fingerprint(study.data, study.path)
@@ -92,14 +85,14 @@ def sync_corpus(
     content = content or corpus_content(study, results)
     if not write:
         return content
-    old = _read(path)
+    old = read_json_object(path)
     if old != content:
         same = old is not None and all(old.get(k) == content[k] for k in CONTENT)
         when = path.stat().st_mtime if same else None
         write_text(path, json.dumps(content, sort_keys=True, indent=1) + "\n")
         if when is not None:
             os.utime(path, (when, when))
-    if made_from(_read(data_json), content):
+    if made_from(read_json_object(data_json), content):
         # Older than every output of the data rule: Snakemake compares an input with the oldest.
         outputs = [data_json, *(results / "data").glob("*.bin"), results / "data" / "tokenizer.json"]
         made = min(p.stat().st_mtime for p in outputs if p.is_file())
@@ -111,16 +104,16 @@ def sync_corpus(
 def corpus_rewritten(results: Path, content: dict[str, Any]) -> bool:
     """Whether :func:`sync_corpus` would write corpus.json newer than the prepared data: its
     content is new, and the prepared data (if any) was not made from it."""
-    old = _read(results / "data" / CORPUS)
+    old = read_json_object(results / "data" / CORPUS)
     if old is not None and all(old.get(k) == content[k] for k in CONTENT):
         return False
-    return not made_from(_read(results / "data" / "data.json"), content)
+    return not made_from(read_json_object(results / "data" / "data.json"), content)
 
 
 def corpus_changes(study: Study, results: Path, content: dict[str, Any] | None = None) -> list[str]:
     """How the corpus differs in content from the one the prepared data was made from (empty when
     it does not, when no data is prepared, or for an hf dataset)."""
-    meta = _read(results / "data" / "data.json")
+    meta = read_json_object(results / "data" / "data.json")
     if not meta or "fingerprint" not in meta:
         return []
     content = content or corpus_content(study, results)

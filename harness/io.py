@@ -122,6 +122,16 @@ def read_json(path: str | Path, made_by: str | None = None, remedy: str | None =
         raise DamagedFile(path, f"not valid JSON ({e})", remedy or _remedy(made_by)) from None
 
 
+def read_json_object(path: str | Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None where it is missing, unreadable or not an object
+    (for files whose absence or damage only means "not known yet")."""
+    try:
+        content = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) else None
+
+
 def read_jsonl(
     path: str | Path, made_by: str | None = None, partial_last: bool = False, remedy: str | None = None
 ) -> list[Any]:

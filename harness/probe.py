@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from harness.provenance import cpu_name
 from harness.study import Run
 from models.accounting import count_params
 
@@ -150,21 +150,11 @@ def cache_path() -> Path:
     return Path(base) / "moe-harness" / "probes.json"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cache_key(run: Run, threads: int, dtype: torch.dtype) -> str:
     """What a probed step time depends on: the model, batch, context, threads, dtype, the CPU and
     torch."""
     r = run.recipe
-    what = [run.model.to_dict(), r.batch_size, r.seq_len, threads, str(dtype), _cpu_name(), os.cpu_count()]
+    what = [run.model.to_dict(), r.batch_size, r.seq_len, threads, str(dtype), cpu_name(), os.cpu_count()]
     what.append(torch.__version__)
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
 

@@ -16,7 +16,6 @@ came from. Measurement and evaluation run again, under this study's settings.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.io import read_json_object
 from harness.study import Run, Study, find_run, identity_changes, load_study, recorded_identity, run_identity
 from models.config import ConfigError
 
@@ -34,14 +34,6 @@ LINKED = ("checkpoint.pt", "checkpoint.prev.pt")
 COPIED = ("checkpoint.pt.sha256", "checkpoint.prev.pt.sha256", "config.yaml", "spec.json", "metrics.jsonl")
 """The other products of training (the checkpoints' checksums among them), copied; record.json is
 written last, under this study's name."""
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return content if isinstance(content, dict) else None
 
 
 def _shards(meta: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +47,7 @@ def our_data(study: Study, results: Path, corpus: dict[str, Any] | None) -> tupl
 
     from harness.data import data_identity, meta_identity, settings_of
 
-    meta = _read(results / "data" / "data.json")
+    meta = read_json_object(results / "data" / "data.json")
     if meta is not None:
         return meta_identity(meta), _shards(meta)
     if not corpus or corpus.get("fingerprint") is None:
@@ -70,7 +62,7 @@ def _same_data(source: Path, ours: tuple[tuple, dict | None], record: dict[str, 
     """Whether the study of run folder ``source`` trained it on the tokens this study has."""
     from harness.data import meta_identity
 
-    meta = _read(source.parent.parent / "data" / "data.json")
+    meta = read_json_object(source.parent.parent / "data" / "data.json")
     if meta is None or record.get("data_fingerprint") != meta.get("fingerprint"):
         return False
     ident, shards = ours
@@ -86,12 +78,12 @@ def finished_elsewhere(run: Run, results: Path, ours: tuple[tuple, dict | None] 
         return None
     wanted, own = run_identity(run), results / "runs" / run.run_id / "record.json"
     if own.exists():
-        came = ((_read(own) or {}).get(REUSED) or {}).get("run_dir")
+        came = ((read_json_object(own) or {}).get(REUSED) or {}).get("run_dir")
         others = [] if came is None else [Path(came)]
     else:
         others = sorted(p for p in results.parent.glob(f"*/runs/{run.run_id}") if p.parent.parent != results)
     for source in others:
-        record = _read(source / "record.json")
+        record = read_json_object(source / "record.json")
         if record is None or not (source / "checkpoint.pt").is_file() or "identity" not in record:
             continue
         try:
@@ -122,7 +114,7 @@ def reuse(study: Study, run: Run, results: Path, source: Path) -> dict[str, Any]
     meta = read_meta(results / "data", f"harness data {study.path}")
     from harness import checkpoint
 
-    record = _read(source / "record.json")
+    record = read_json_object(source / "record.json")
     damaged = checkpoint.problem(source / checkpoint.NAME)
     if record is None or damaged is not None:
         why = "no record.json" if record is None else f"its {checkpoint.NAME} does not verify ({damaged})"
@@ -137,7 +129,7 @@ def reuse(study: Study, run: Run, results: Path, source: Path) -> dict[str, Any]
             f"`harness train {study.path} --run {run.run_id}` trains it"
         )
     out = results / "runs" / run.run_id
-    own = _read(out / "record.json")
+    own = read_json_object(out / "record.json")
     if own is not None and REUSED not in own:
         raise HarnessError(f"{out / 'record.json'}: {run.run_id} was trained in this study; it is not replaced")
     out.mkdir(parents=True, exist_ok=True)
