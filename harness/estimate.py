@@ -19,7 +19,6 @@ size, the world size being the study's ``parallel.data``).
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from harness.io import read_json_object
 from harness.probe import Prober
 from harness.study import Recipe, Run
 from models.accounting import count_params
@@ -166,8 +166,4 @@ def finished_rates(results: Path, runs: list[Run]) -> tuple[dict[str, float], fl
 
 def read_record(results: Path, run: Run) -> dict:
     """A run's record.json ({} when it has none or it does not parse)."""
-    try:
-        record = json.loads((results / "runs" / run.run_id / "record.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    return read_json_object(results / "runs" / run.run_id / "record.json") or {}

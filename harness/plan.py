@@ -29,7 +29,7 @@ from harness.estimate import (
     read_record,
     step_flops,
 )
-from harness.reuse import reusable_sources, reuse_lines
+from harness.reuse import REUSED, reusable_sources, reuse_lines
 from harness.stages import Setting, Stage, corpus_bytes, pipeline, recorded_seconds
 from harness.study import analysed, budget_label, load_study, plan, plan_rows
 from models.config import ConfigError
@@ -118,8 +118,9 @@ def gpu_flops(args: argparse.Namespace) -> float:
     return peak * args.mfu
 
 
-def run_estimates(study, runs, states, results: Path, device: str, args: argparse.Namespace) -> list:
-    rates, compile_s = finished_rates(results, runs)
+def run_estimates(runs, states, finished: tuple, device: str, args: argparse.Namespace) -> list:
+    """Each run's training estimate; ``finished``: ``finished_rates`` of the study's results."""
+    rates, compile_s = finished
     flops = gpu_flops(args) if device == "cuda" else None
     done_steps = [s.step or 0 if s.state == "in progress" else 0 for s in states]
     measured = rates if device == "cpu" or flops is None else {}
@@ -128,9 +129,20 @@ def run_estimates(study, runs, states, results: Path, device: str, args: argpars
 
 def recorded_train(results: Path, run) -> float | None:
     """A finished run's training wall time: its train job's benchmark, else its record's
-    ``train_seconds``."""
+    ``train_seconds``; None for a run reused from another study (it trained there)."""
+    record = read_record(results, run)
+    if REUSED in record:
+        return None
     seconds = recorded_seconds(results / "benchmarks" / "train" / f"{run.run_id}.tsv")
-    return seconds if seconds is not None else read_record(results, run).get("train_seconds")
+    return seconds if seconds is not None else record.get("train_seconds")
+
+
+def reused_from(results: Path, run, state: str, sources: dict[str, Path]) -> str | None:
+    """The run folder another study trained ``run`` in: to be reused, or reused already."""
+    if state == "reuse":
+        return str(sources[run.run_id])
+    came = read_record(results, run).get(REUSED) if state == "done" else None
+    return str(came.get("run_dir")) if isinstance(came, dict) else None
 
 
 def cpu_not_probed(runs, estimates) -> str | None:
@@ -154,7 +166,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     sources = reusable_sources(study, runs, results)
     # A run another study finished the same is brought in, not trained (harness.reuse).
     states = [replace(s, state="reuse") if s.state == "to run" and s.run_id in sources else s for s in states]
-    estimates = run_estimates(study, runs, states, results, device, args)
+    finished = finished_rates(results, runs)
+    estimates = run_estimates(runs, states, finished, device, args)
     why = cpu_not_probed(runs, estimates) if device == "cpu" else None
     if why and study.device == "auto" and args.device is None:
         # The runs would train on this CPU, but no model here could be probed: the GPU's times.
@@ -164,25 +177,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
         warnings = [
             f"no GPU is visible and the CPU was not probed ({why}): {gpu}; on this CPU it would take far longer"
         ]
-        estimates = run_estimates(study, runs, states, results, device, args)
+        estimates = run_estimates(runs, states, finished, device, args)
     recorded = [recorded_train(results, r) if s.state == "done" else None for r, s in zip(runs, states, strict=True)]
     rows = [
         row
         | {"state": s.state, "changes": list(s.changes), "est_seconds": None if rec is not None else e.seconds}
-        | {"recorded_seconds": rec, "est_basis": e.basis}
-        for row, s, e, rec in zip(plan_rows(runs, train_tokens), states, estimates, recorded, strict=True)
+        | {"recorded_seconds": rec, "est_basis": e.basis, "reused_from": reused_from(results, r, s.state, sources)}
+        for row, r, s, e, rec in zip(plan_rows(runs, train_tokens), runs, states, estimates, recorded, strict=True)
     ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print_plan(study, runs, rows, states, estimates, device, warnings, args, results)
+    print_plan(study, runs, rows, states, estimates, device, warnings, args, results, finished[1])
     for line in reuse_lines(study, sources):
         print(line)
     return 0
 
 
 def run_time(row: dict) -> str:
-    if row["state"] == "reuse":
+    if row["reused_from"] is not None:
         return "none (reused)"
     if row["recorded_seconds"] is not None:
         return f"{duration(row['recorded_seconds'])} rec."
@@ -216,7 +229,7 @@ def stage_table(stages: list[Stage]) -> tuple[str, float]:
     return tabulate(table, headers=headers, disable_numparse=True), left
 
 
-def print_plan(study, runs, rows, states, estimates, device, warnings, args, results: Path) -> None:
+def print_plan(study, runs, rows, states, estimates, device, warnings, args, results: Path, compiled) -> None:
     from harness.workflow import data_changes
 
     table = [
@@ -241,7 +254,7 @@ def print_plan(study, runs, rows, states, estimates, device, warnings, args, res
     print(tabulate(table, headers=headers, disable_numparse=True))
     train, _ = train_stage(study, runs, rows, estimates, device, args)
     slots = max(1, args.gpus) if device == "cuda" else 1
-    compile_s = finished_rates(results, runs)[1] or COMPILE_SECONDS[device]
+    compile_s = compiled or COMPILE_SECONDS[device]
     changed = data_changes(study, results)
     prepared = (results / "data" / "data.json").is_file() and not changed
     corpus = None if prepared else corpus_bytes(study)
@@ -250,10 +263,11 @@ def print_plan(study, runs, rows, states, estimates, device, warnings, args, res
     text, left = stage_table(stages)
     print("\n" + text)
     todo = [i for i, s in enumerate(states) if s.state not in ("done", "reuse")]
-    reused = sum(s.state == "reuse" for s in states)
+    reused = sum(r["reused_from"] is not None for r in rows)
+    trained = len(runs) - len(todo) - reused
     print(
-        f"\n{len(runs) - len(todo) - reused} of {plural(len(runs), 'run')} done"
-        + (f", {reused} reused from another study" if reused else "")
+        f"\n{trained} of {plural(len(runs), 'run')} done"
+        + (f", {reused} reused from another study (trained there, not here)" if reused else "")
         + f". To do: {plural(len(todo), 'run')}, "
         f"{sum(runs[i].flops for i in todo):.3g} training FLOPs; "
         f"{'time not estimated' if left != left else f'about {duration(left)} in all'} "

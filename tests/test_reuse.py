@@ -79,7 +79,29 @@ def test_plan_names_the_finished_run_and_the_command(study, monkeypatch):
     train = next(line for line in out.splitlines() if line.startswith("train "))
     runs = int(re.search(r"\): (\d+) runs on ", out)[1])
     assert train.split()[1:4] == [str(runs - 1), "of", str(runs)], train  # only the new run trains
-    assert ", 1 reused from another study. To do: " in out
+    assert ", 1 reused from another study (trained there, not here). To do: " in out
+    (json_row,) = [
+        r for r in json.loads(cli_output("plan", COPY, "--results", "results", "--json")[1]) if r["run_id"] == RUN
+    ]
+    assert json_row["reused_from"] == f"results/pico/runs/{RUN}" and json_row["recorded_seconds"] is None
+
+
+def test_a_reused_run_counts_no_training_time_in_the_plan(study, monkeypatch):
+    """Once brought in, the run is done here but trained elsewhere: the plan's recorded training
+    time is this study's own, not the other study's."""
+    monkeypatch.chdir(study)
+    _extended_copy(study)
+    assert cli_output("data", COPY, "--results", "results")[0] == 0
+    s = load_study(COPY)
+    reuse(s, plan(s)[0], Path("results/pico2"), Path("results/pico/runs") / RUN)
+    code, out, err = cli_output("plan", COPY, "--results", "results")
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.startswith(RUN))
+    assert "done" in row.split() and row.endswith("none (reused)"), row
+    train = next(line for line in out.splitlines() if line.startswith("train "))
+    cells = re.split(r"\s{2,}", train)
+    assert cells[1] == "1 of 2" and cells[3] == "-", cells  # nothing recorded: the run trained elsewhere
+    assert "0 of 2 runs done, 1 reused from another study (trained there, not here). To do: 1 run" in out
 
 
 def test_a_run_trained_in_this_study_is_never_replaced(study, monkeypatch):
