@@ -30,7 +30,7 @@ from harness.estimate import (
     step_flops,
 )
 from harness.reuse import REUSED, reusable_sources, reuse_lines
-from harness.stages import Setting, Stage, corpus_bytes, pipeline, recorded_seconds
+from harness.stages import BYTES_PER_TOKEN, Setting, Stage, corpus_bytes, megabytes, pipeline, recorded_seconds
 from harness.study import analysed, budget_label, load_study, plan, plan_rows
 from models.config import ConfigError
 
@@ -275,7 +275,33 @@ def print_plan(study, runs, rows, states, estimates, device, warnings, args, res
     )
     need = study_disk(study, runs, results, corpus)
     print(describe(need, results) + (f" ({SHORT})" if need.more > need.free else ""))
+    warnings += repetition_warnings(study, runs, corpus if rows and rows[0]["epochs"] is None else None)
     notes(study, rows, states, changed, train.todo_seconds, device, warnings)
+
+
+EPOCH_MARGIN = 0.9
+"""Estimated epochs from which the plan warns, before the data is prepared: the bytes per token
+is a guess (``BYTES_PER_TOKEN``, measured on byte-level BPE at 2,048 tokens: 2.8-3.0), and a
+larger vocabulary gives fewer tokens."""
+
+
+def repetition_warnings(study, runs, corpus: int | None) -> list[str]:
+    """Before the data is prepared (``corpus``: the bytes the data step will read), the runs that
+    may need more than one epoch of the train split, which training refuses unless
+    ``data.allow_repetition`` is true."""
+    if corpus is None or study.data.allow_repetition or not runs:
+        return []
+    d = study.data
+    tokens = corpus * (1 - d.validation_fraction - d.test_fraction) / BYTES_PER_TOKEN
+    worst = max(runs, key=lambda run: run.tokens)
+    if worst.tokens < EPOCH_MARGIN * tokens:
+        return []
+    return [
+        f"{worst.run_id} needs {human(worst.tokens)} tokens and the train split will hold about {human(tokens)} "
+        f"({megabytes(corpus)} at about {BYTES_PER_TOKEN} bytes per token): about {worst.tokens / tokens:.2f} epochs. "
+        f"Training refuses a second epoch unless data.allow_repetition is true ({study.path}); "
+        f"`harness data {study.path}` gives the exact count"
+    ]
 
 
 def notes(study, rows, states, changed: list[str], train_left: float, device: str, warnings: list[str]) -> None:

@@ -109,7 +109,7 @@ def job_seconds(stage: str, run: Run, est: RunEstimate, study: Study, device: st
     return start + tokens / (3 * run.tokens_per_step) * step
 
 
-def _mb(n: float) -> str:
+def megabytes(n: float) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} KB"
 
 
@@ -120,11 +120,11 @@ def _basis(stage: str, study: Study) -> str:
         return f"estimate: {s.windows} windows x {s.steps_per_window} steps, prefill, decode"
     if stage == "evaluate":
         hub = [t for t in e.tasks if t not in ("heldout_ppl", "heldout_code_mc")]
-        parts = [f"{_mb(e.heldout_max_bytes)} held out"] if "heldout_ppl" in e.tasks else []
+        parts = [f"{megabytes(e.heldout_max_bytes)} held out"] if "heldout_ppl" in e.tasks else []
         parts += [f"{e.mc_questions} x {e.mc_choices} choices"] if "heldout_code_mc" in e.tasks else []
         parts += [f"{len(hub)} hub task(s) not counted"] if hub else []
         return "estimate: " + ", ".join(parts)
-    return f"estimate: {_mb(e.heldout_max_bytes)} held out"
+    return f"estimate: {megabytes(e.heldout_max_bytes)} held out"
 
 
 def run_stage(stage: str, runs: list[Run], estimates: dict[str, RunEstimate], at: Setting) -> Stage:
@@ -161,7 +161,7 @@ def single_stage(stage: str, results: Path, output: Path, corpus: int | None, ag
         if corpus is None:
             return Stage(stage, 1, 1, math.nan, 0.0, "not estimated: a remote dataset's size is known once read")
         seconds = JOB_START_S["data"] + corpus / DATA_BYTES_PER_S
-        return Stage(stage, 1, 1, seconds, 0.0, f"estimate: {_mb(corpus)} at {DATA_BYTES_PER_S / 1e6:.2f} MB/s")
+        return Stage(stage, 1, 1, seconds, 0.0, f"estimate: {megabytes(corpus)} at {DATA_BYTES_PER_S / 1e6:.2f} MB/s")
     seconds = JOB_START_S.get(stage) or FIXED_S[stage]
     return Stage(stage, 1, 1, seconds, 0.0, "estimate: the tiny study's job")
 

@@ -318,3 +318,23 @@ def test_changed_data_is_planned_again_with_what_follows_it(study, monkeypatch):
     assert stages["data"][1] == "1 of 1" and "estimate" in stages["data"][-1]
     assert stages["tasks"][1] == "1 of 1" and stages["train"][1] == "1 of 1"  # the run is stale
     assert "data: the prepared data is not current" in out
+
+
+def _with_data(study, **changes):
+    return dataclasses.replace(study, data=dataclasses.replace(study.data, **changes))
+
+
+def test_plan_warns_before_the_data_when_a_run_may_need_a_second_epoch():
+    """tiny's corpus (12 MB) holds about 4.1M training tokens: its own runs (2.6M) fit, a
+    narrower dense model at the same budget (4.08M; it needed 1.07 epochs) may not."""
+    from harness.plan import repetition_warnings
+
+    tiny = load_study(ROOT / "workflows" / "studies" / "tiny.yaml")
+    assert repetition_warnings(tiny, plan(tiny), 12_000_000) == []
+    wide = dataclasses.replace(
+        tiny, models=[*tiny.models, dataclasses.replace(tiny.models[0], config="dense-d48.yaml")]
+    )
+    (warning,) = repetition_warnings(wide, plan(wide), 12_000_000)
+    assert warning.startswith("dense-d48_7e12_s0 needs 4.08M tokens") and "data.allow_repetition" in warning
+    assert repetition_warnings(_with_data(wide, allow_repetition=True), plan(wide), 12_000_000) == []
+    assert repetition_warnings(wide, plan(wide), None) == []  # prepared: the exact count decides
