@@ -16,7 +16,7 @@ TORCH_INDEX := $(if $(TORCH_URL),--index-url $(TORCH_URL))
 STAMP := $(VENV)/.installed
 # On a machine whose Python already has a CUDA torch, the venv can use it (and whatever else that
 # Python has, pip included: no ensurepip needed) instead of installing its own: SITE_FROM=python3
-# (harness/host_site.py; this works where that Python is itself a venv), or
+# (harness/tools/host_site.py; this works where that Python is itself a venv), or
 # VENV_FLAGS=--system-site-packages for a system Python.
 VENV_FLAGS ?=
 SITE_FROM ?=
@@ -32,7 +32,7 @@ TORCH_REQ := $(if $(WHEELS),torch,"$(TORCH_SPEC)" $(TORCH_INDEX))
 $(STAMP): pyproject.toml
 	$(if $(WHEELS),cd $(WHEELS) && sha256sum --check --quiet SHA256SUMS)
 	$(PYTHON) -m venv $(VENV_FLAGS) $(if $(SITE_FROM),--without-pip) $(VENV)
-	$(if $(SITE_FROM),$(PYTHON) -m harness.host_site $(BIN)/python $(SITE_FROM))
+	$(if $(SITE_FROM),$(PYTHON) -m harness.tools.host_site $(BIN)/python $(SITE_FROM))
 	$(BIN)/python -m pip install --quiet --upgrade $(PIP_FROM) pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(PIP_FROM) $(TORCH_REQ)
 	$(BIN)/python -m pip install --quiet $(PIP_FROM) -e '.$(if $(EXTRAS),[$(EXTRAS)])'
@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Every dependency as wheels in WHEELS, for `make install WHEELS=DIR` on a node without network
-# (harness/wheelhouse.py): for this host's Python and platform, or PYTHON_VERSION=3.12
+# (harness/tools/wheelhouse.py): for this host's Python and platform, or PYTHON_VERSION=3.12
 # PLATFORM=manylinux_2_28_x86_64; torch as TORCH_BUILD says (none: left out). Leave out more
 # that the node has already: WHEELHOUSE_EXCLUDE="transformers tokenizers".
 PYTHON_VERSION ?=
@@ -49,7 +49,7 @@ PLATFORM ?=
 WHEELHOUSE_EXCLUDE ?=
 wheelhouse:
 	@test -n "$(WHEELS)" || { echo "make wheelhouse WHEELS=DIR: name the folder to fill" >&2; exit 2; }
-	$(PYTHON) -m harness.wheelhouse $(WHEELS) --extras '$(EXTRAS)' \
+	$(PYTHON) -m harness.tools.wheelhouse $(WHEELS) --extras '$(EXTRAS)' \
 		--torch $(if $(filter none,$(TORCH_BUILD)),none,'$(TORCH_SPEC)') $(if $(TORCH_URL),--torch-index $(TORCH_URL)) \
 		$(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION)) $(if $(PLATFORM),--platform $(PLATFORM)) \
 		--exclude $(WHEELHOUSE_EXCLUDE)
@@ -104,7 +104,7 @@ study: install
 # Open results/<study>/report.html in headless Chromium: every image loads, no table overflows,
 # and a screenshot next to it (report.png). Installs Debian's chromium where apt-get can.
 report-check: install
-	@$(BIN)/python -m harness.report_check --which >/dev/null 2>&1 || { \
+	@$(BIN)/python -m harness.report.browser_check --which >/dev/null 2>&1 || { \
 		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 		elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
@@ -113,7 +113,7 @@ report-check: install
 			echo "report-check needs Chromium: install Debian's chromium package (apt-get install chromium)" \
 				"or set CHROMIUM to a Chromium or Chrome executable" >&2; exit 1; \
 		fi; }
-	$(BIN)/python -m harness.report_check results/$(or $(STUDY),tiny)/report.html
+	$(BIN)/python -m harness.report.browser_check results/$(or $(STUDY),tiny)/report.html
 
 # The SLURM profile against a real SLURM (run by .ci/run, not by `make test`): a one-node cluster
 # started on this machine, as root (Debian's slurm-wlm and munge installed where missing), the
@@ -125,38 +125,38 @@ test-cluster: install
 		echo "$${as_root:+$$as_root }env VENV=$(VENV) workflows/cluster/test_cluster.sh"; \
 		$${as_root:-} env VENV=$(VENV) workflows/cluster/test_cluster.sh
 
-# A GPU machine without network (harness/gpu_check.py). `make gpu-wheelhouse` (here, with network)
+# A GPU machine without network (harness/tools/gpu_check.py). `make gpu-wheelhouse` (here, with network)
 # fills GPU_WHEELS with what such a machine lacks: the project and its dependencies for its Python
 # and platform, less torch and the packages it has already (workflows/gpu/preinstalled.txt), at
 # most GPU_WHEELS_MIB so that it travels with the checkout. `make gpu-check` (there) installs
 # from that folder, when it exists, into a venv on top of the machine's own Python and its CUDA
 # torch, then runs every check and writes results/reference/<device>/gpu-check/. It asks first,
-# in seconds and before any install, whether there is a CUDA device at all (harness/cuda_probe.py).
+# in seconds and before any install, whether there is a CUDA device at all (harness/tools/cuda_probe.py).
 GPU_WHEELS ?= .gpu-wheels
 GPU_PYTHON_VERSION ?= 3.12
 GPU_PLATFORM ?= manylinux_2_28_x86_64
 GPU_WHEELS_MIB ?= 48
 GPU_CHECK_ARGS ?=
 gpu-wheelhouse:
-	$(PYTHON) -m harness.wheelhouse $(GPU_WHEELS) --extras '' --torch none \
+	$(PYTHON) -m harness.tools.wheelhouse $(GPU_WHEELS) --extras '' --torch none \
 		--python-version $(GPU_PYTHON_VERSION) --platform $(GPU_PLATFORM) \
 		--exclude-from workflows/gpu/preinstalled.txt --max-mib $(GPU_WHEELS_MIB)
 
 gpu-check:
-	$(if $(filter --rehearse,$(GPU_CHECK_ARGS)),,$(PYTHON) -m harness.cuda_probe)
+	$(if $(filter --rehearse,$(GPU_CHECK_ARGS)),,$(PYTHON) -m harness.tools.cuda_probe)
 	$(MAKE) --no-print-directory install SITE_FROM=$(PYTHON) EXTRAS= \
 		$(if $(wildcard $(GPU_WHEELS)/SHA256SUMS),WHEELS=$(GPU_WHEELS))
-	$(BIN)/python -m harness.gpu_check $(GPU_CHECK_ARGS)
+	$(BIN)/python -m harness.tools.gpu_check $(GPU_CHECK_ARGS)
 
 # The same stages on this CPU at the tiny study's size (run by .ci/run): the script, the pipeline
 # slice and the summary work before a GPU is lent.
 gpu-check-rehearsal: install
-	$(BIN)/python -m harness.gpu_check --rehearse
+	$(BIN)/python -m harness.tools.gpu_check --rehearse
 
 # CI's steps (.ci/run and .github/workflows/ci.yml run the same targets in the same order;
 # tests/test_ci.py checks it). check-studies: every shipped study parses and plans (snakemake -n).
 # summary: the at-a-glance table, claims and reproduction of results/<study>/report.md as Markdown,
-# with any python3 (harness/report_summary.py); it exits 1 when a loss, bits-per-byte or accuracy
+# with any python3 (harness/report/summary.py); it exits 1 when a loss, bits-per-byte or accuracy
 # number did not reproduce the committed reference (throughput is annotated only).
 # snakemake-report: Snakemake's one-file HTML report.
 .PHONY: check-studies summary snakemake-report
@@ -168,7 +168,7 @@ check-studies: install
 	done
 
 summary:
-	@$(PYTHON) -m harness.report_summary results/$(or $(STUDY),tiny)/report.md --check-reproduction
+	@$(PYTHON) -m harness.report.summary results/$(or $(STUDY),tiny)/report.md --check-reproduction
 
 snakemake-report: install
 	$(BIN)/snakemake --config study=$(or $(STUDY),tiny) --report results/$(or $(STUDY),tiny)/snakemake_report.html

@@ -5,7 +5,7 @@ keys, wrong types and inconsistent values are refused with a :class:`ConfigError
 file, the field and what is allowed, before anything is built.
 
     cfg = load_config("models/configs/moe-s-e8k2.yaml")
-    model = cfg.build()
+    model = Transformer(cfg)          # models.transformer: the config builds nothing itself
 """
 
 from __future__ import annotations
@@ -225,11 +225,6 @@ class ModelConfig:
         if self.moe is None or self.d_ff is None:
             return None
         return self.d_ff / self.moe.d_expert
-
-    def build(self):
-        from models.transformer import Transformer
-
-        return Transformer(self)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

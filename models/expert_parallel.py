@@ -11,7 +11,7 @@ same capacity (over the group's token count, slots filled in the group-wide prio
 the same balance losses and routing statistics (see :data:`BALANCE_REDUCTION`).
 
     group, replicas = expert_groups(ep_size)     # or group=None: the whole world
-    model = cfg.build().to(device)               # same seed on every rank: identical replicas
+    model = Transformer(cfg).to(device)          # same seed on every rank: identical replicas
     shard_experts(model, group)                  # after loading a checkpoint, before the optimizer
     (out.loss + out.aux_loss).backward()         # out.loss: the mean over this rank's tokens
     reduce_gradients(model, replicas)            # or DDP ignoring expert_parameter_names(model),

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.config import Dispatch, MoEConfig, Routing
+from models.ffn import SwiGLU
 
 
 @dataclass
@@ -285,8 +286,6 @@ class MoE(nn.Module):
 
     def __init__(self, d_model: int, cfg: MoEConfig, init_std: float, out_std: float):
         super().__init__()
-        from models.transformer import SwiGLU
-
         self.cfg = cfg
         self.router = Router(d_model, cfg, init_std)
         self.experts = Experts(cfg.experts, d_model, cfg.d_expert, init_std, out_std)

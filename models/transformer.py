@@ -4,7 +4,7 @@ Pre-norm blocks with RoPE, grouped-query causal attention through
 ``scaled_dot_product_attention``, optional QK-norm, and a SwiGLU FFN that the MoE layer
 (``models/moe.py``) replaces in some or all blocks. Dense and MoE models differ only there.
 
-    model = load_config("models/configs/dense-s.yaml").build()
+    model = Transformer(load_config("models/configs/dense-s.yaml"))
     out = model(idx_BS, targets_BS)   # out.loss, out.aux_loss, out.logits
 """
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.config import ModelConfig, QKNorm
+from models.ffn import SwiGLU
 from models.moe import MoE, RoutingStats
 
 
@@ -153,22 +154,6 @@ class KVCache:
     def advance(self) -> None:
         self.pos += self._new
         self._new = 0
-
-
-class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x) (Shazeer 2020, "GLU Variants Improve Transformer")."""
-
-    def __init__(self, d_model: int, d_hidden: int, init_std: float, out_std: float):
-        super().__init__()
-        self.w1 = nn.Linear(d_model, d_hidden, bias=False)  # gate
-        self.w3 = nn.Linear(d_model, d_hidden, bias=False)  # up
-        self.w2 = nn.Linear(d_hidden, d_model, bias=False)  # down
-        nn.init.normal_(self.w1.weight, std=init_std)
-        nn.init.normal_(self.w3.weight, std=init_std)
-        nn.init.normal_(self.w2.weight, std=out_std)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):

@@ -50,7 +50,7 @@ def with_moe(cfg: ModelConfig, **changes) -> ModelConfig:
 
 @pytest.fixture(autouse=True)
 def probe_cache(tmp_path_factory, monkeypatch) -> Path:
-    """``harness plan``'s probe cache (harness.probe) in a folder of the test's own, not the
+    """``harness plan``'s probe cache (harness.workflow.probe) in a folder of the test's own, not the
     user's: subprocesses inherit it."""
     path = tmp_path_factory.mktemp("probe-cache")
     monkeypatch.setenv("MOE_HARNESS_CACHE", str(path))

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from models.accounting import count_params, forward_flops, training_flops_per_token
 from models.config import QKNorm, Routing, load_config
 from models.moe import MoE
+from models.transformer import Transformer
 
 GRID = {
     "dense": tiny_config(),
@@ -40,7 +41,7 @@ def _active_from_module(model: torch.nn.Module) -> int:
 @pytest.mark.parametrize("name", GRID)
 def test_counted_params_equal_module_numel(name):
     cfg = GRID[name]
-    model = cfg.build()
+    model = Transformer(cfg)
     counts = count_params(cfg)
     assert counts.total == sum(p.numel() for p in model.parameters())
     assert counts.active == _active_from_module(model)
@@ -62,12 +63,12 @@ def test_interleaving_places_moe_layers():
     assert [cfg.is_moe_layer(i) for i in range(4)] == [False, True, False, True]
     cfg = GRID["moe-first-dense"]
     assert [cfg.is_moe_layer(i) for i in range(3)] == [False, True, True]
-    model = cfg.build()
+    model = Transformer(cfg)
     assert [isinstance(b.ffn, MoE) for b in model.blocks] == [False, True, True]
 
 
 def _counted_flops(cfg, batch: int = 2, backward: bool = False) -> tuple[float, float]:
-    model = cfg.build().train()
+    model = Transformer(cfg).train()
     idx = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len))
     # The math backend decomposes attention into matmuls that the counter sees.
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:

@@ -289,8 +289,8 @@ def test_reproduction_compares_within_tolerance_and_notices_other_data():
 def test_scaling_figures_and_tables_with_four_sizes_per_budget(tmp_path):
     """A study shaped like `full`: four dense sizes and a matched MoE family per size at two
     budgets, losses on parabolas in log N; the analysis finds the optima and the figures draw."""
-    from harness import figures
     from harness.analysis import scaling, scaling_report
+    from harness.report import figures
 
     records = []
     for budget, n_star in ((1e16, 2e6), (1e17, 6e6)):

@@ -21,7 +21,7 @@ import yaml
 from pico_study import MODEL_FILE, RUN, RUNDIR, STUDY
 from pico_study import cli as _cli
 
-from harness import checkpoint
+from harness.train import checkpoint
 
 # --- changes a case makes before its command --------------------------------------------------
 
@@ -387,7 +387,7 @@ def test_interrupted_writes_are_cleaned_up_when_training_starts(study: Path, mon
 
 @pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)], ids=["022", "027"])
 def test_outputs_follow_the_umask(umask, mode, tmp_path):
-    from harness.io import write_json
+    from harness.core.io import write_json
 
     old = os.umask(umask)
     try:
@@ -408,8 +408,8 @@ def test_outputs_follow_the_umask(umask, mode, tmp_path):
 
 
 def test_a_full_disk_says_so_with_the_size_needed(tmp_path, monkeypatch):
-    from harness import io as hio
-    from harness.errors import DiskFull
+    from harness.core import io as hio
+    from harness.core.errors import DiskFull
 
     def no_space(obj, f, *a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
@@ -437,8 +437,8 @@ def test_every_unreadable_document_is_skipped_and_counted(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from harness.data import Skipped, iter_documents
-    from harness.study import DataConfig, DataSource
+    from harness.data.prepare import Skipped, iter_documents
+    from harness.study.spec import DataConfig, DataSource
 
     src = tmp_path / "c"
     src.mkdir()

@@ -1,6 +1,6 @@
 """The two CIs run one recipe, the GitHub artifact holds the results but no checkpoints or token
 data, and the job summary is the report's at-a-glance table, claims and reproduction
-(harness.report_summary), failing when a loss, bits-per-byte or accuracy number does not reproduce.
+(harness.report.summary), failing when a loss, bits-per-byte or accuracy number does not reproduce.
 
 The workflow itself is linted by actionlint in `make test`; here, what actionlint cannot know.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.errors import HarnessError
-from harness.report_summary import main as summary_main
-from harness.report_summary import sections
+from harness.core.errors import HarnessError
+from harness.report.summary import main as summary_main
+from harness.report.summary import sections
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_RUN = ROOT / ".ci" / "run"

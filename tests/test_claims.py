@@ -24,7 +24,7 @@ from harness.analysis.claims import (
 )
 from harness.analysis.routing_health import health_dicts, routing_health
 from harness.analysis.stats import holm, one_sided_power, seed_comparison, seed_components
-from harness.study import PrimaryContrast, Registration
+from harness.study.spec import PrimaryContrast, Registration
 
 BUDGET = 1e15
 

@@ -15,7 +15,7 @@ import yaml
 from conftest import CONFIGS, ROOT
 
 from harness.cli import build_parser, main
-from harness.study import load_study, resolve_model_specs
+from harness.study.spec import load_study, resolve_model_specs
 from models.config import ConfigError, MoEConfig, load_config
 from models.matching import match_moe
 

@@ -14,6 +14,7 @@ import torch
 from conftest import tiny_config
 
 from models.config import Dispatch
+from models.transformer import Transformer
 
 pytestmark = pytest.mark.gpu
 
@@ -29,7 +30,7 @@ def _moe_model(dispatch: Dispatch = Dispatch.DROPLESS, **overrides):
         max_seq_len=256,
         **overrides,
     )
-    return cfg, cfg.build().cuda()
+    return cfg, Transformer(cfg).cuda()
 
 
 def _batch(cfg, B: int = 4, S: int = 256):
@@ -87,7 +88,7 @@ def test_compiled_model_matches_eager():
 def test_nvml_meter_reads_this_device():
     """The meter finds the process's GPU by UUID; under load the counter's joules and the power
     trace's integral are both positive and agree within 5% over a window of some seconds."""
-    from harness.energy import MIN_WINDOW_S, open_meter
+    from harness.train.energy import MIN_WINDOW_S, open_meter
 
     meter = open_meter(torch.device("cuda"))
     assert meter.available, meter
@@ -106,15 +107,15 @@ def test_nvml_meter_reads_this_device():
 
 
 def test_a_job_is_pinned_to_a_gpu_of_its_own(tmp_path):
-    """harness.devices claims a free GPU by UUID: the job sees one device, and NVML agrees that
+    """harness.train.devices claims a free GPU by UUID: the job sees one device, and NVML agrees that
     the UUID is a device of this host."""
-    from harness.devices import host_devices
+    from harness.train.devices import host_devices
 
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     env["MOE_HARNESS_GPU_LOCKS"] = str(tmp_path / "locks")
     code = "import os, torch; print(os.environ['CUDA_VISIBLE_DEVICES']); print(torch.cuda.device_count())"
     out = subprocess.run(
-        [sys.executable, "-m", "harness.devices", "1", sys.executable, "-c", code],
+        [sys.executable, "-m", "harness.train.devices", "1", sys.executable, "-c", code],
         env=env,
         capture_output=True,
         text=True,

@@ -1,4 +1,4 @@
-"""GPU jobs on a multi-GPU host get devices of their own (harness.devices), checked without a GPU:
+"""GPU jobs on a multi-GPU host get devices of their own (harness.train.devices), checked without a GPU:
 a host of four fake devices, jobs as real processes holding real lock files."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness import devices
 from harness.cli import main
-from harness.errors import HarnessError
+from harness.core.errors import HarnessError
+from harness.train import devices
 
 HOST = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc", "GPU-dddd"]
 HOLD = "import os, sys, time; print(os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(300)"
@@ -38,7 +38,7 @@ def jobs():
     started: list[subprocess.Popen] = []
 
     def start(n: int = 1) -> tuple[subprocess.Popen, list[str]]:
-        cmd = [sys.executable, "-m", "harness.devices", str(n), sys.executable, "-c", HOLD]
+        cmd = [sys.executable, "-m", "harness.train.devices", str(n), sys.executable, "-c", HOLD]
         job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         started.append(job)
         line = job.stdout.readline().strip()

@@ -10,7 +10,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from fake_nvml import FakeNvml
 
-from harness.energy import EnergyWindow, NullMeter, NvmlMeter, combine, combine_across_ranks, decode_reasons, open_meter
+from harness.train.energy import (
+    EnergyWindow,
+    NullMeter,
+    NvmlMeter,
+    combine,
+    combine_across_ranks,
+    decode_reasons,
+    open_meter,
+)
 
 CUDA0 = torch.device("cuda", 0)
 

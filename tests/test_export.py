@@ -13,10 +13,12 @@ import yaml
 from conftest import PICO_MODEL, tiny_config, with_moe
 from pico_study import cli_output, study_dict
 
-from harness.checkpoint import save_checkpoint
-from harness.export import NotExportable, export, hf_balancing, hf_family
-from harness.study import load_study, plan
+from harness.evaluate.export import NotExportable, export, hf_balancing, hf_family
+from harness.study.runs import plan
+from harness.study.spec import load_study
+from harness.train.checkpoint import save_checkpoint
 from models.config import Dispatch, QKNorm, Routing
+from models.transformer import Transformer
 
 
 def sensitive(moe: dict | None = None, **overrides):
@@ -62,7 +64,7 @@ def test_exported_logits_equal_ours(name, tmp_path):
     from transformers import AutoModelForCausalLM
 
     cfg, expected_class = CASES[name]
-    model = cfg.build().eval()
+    model = Transformer(cfg).eval()
     with torch.no_grad():
         for m in model.moe_layers:  # give routers enough spread that top-k choices are not ties
             m.router.weight.normal_(std=0.5)
@@ -139,7 +141,7 @@ def test_export_writes_a_fast_tokenizer(tmp_path):
 
     tok = write_tokenizer(tmp_path / "tokenizer.json")
     cfg = tiny_config(vocab_size=tok.get_vocab_size())
-    export(cfg, cfg.build().state_dict(), tmp_path / "tokenizer.json", tmp_path / "hf")
+    export(cfg, Transformer(cfg).state_dict(), tmp_path / "tokenizer.json", tmp_path / "hf")
     loaded = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert loaded.is_fast and loaded.eos_token == "<|endoftext|>"
     assert loaded("return x")["input_ids"] == tok.encode("return x").ids
@@ -154,7 +156,7 @@ def test_an_export_follows_the_umask(umask, folder, file, tmp_path):
     cfg = tiny_config(vocab_size=97)
     old = os.umask(umask)
     try:
-        export(cfg, cfg.build().state_dict(), tmp_path / "tokenizer.json", tmp_path / "hf")
+        export(cfg, Transformer(cfg).state_dict(), tmp_path / "tokenizer.json", tmp_path / "hf")
     finally:
         os.umask(old)
     written = [tmp_path / "hf", *(tmp_path / "hf").rglob("*")]
@@ -164,10 +166,10 @@ def test_an_export_follows_the_umask(umask, folder, file, tmp_path):
 
 
 def test_an_earlier_export_is_replaced_and_any_other_file_kept(tmp_path):
-    from harness.errors import HarnessError
+    from harness.core.errors import HarnessError
 
     cfg = tiny_config()
-    state = cfg.build().state_dict()
+    state = Transformer(cfg).state_dict()
     export(cfg, state, None, tmp_path / "hf")
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"an older export's weights")
     export(cfg, state, None, tmp_path / "hf")
@@ -185,17 +187,17 @@ def test_an_earlier_export_is_replaced_and_any_other_file_kept(tmp_path):
 
 
 def test_a_failed_write_leaves_the_earlier_export_and_no_temporary_folder(tmp_path, monkeypatch):
-    from harness.errors import DiskFull
+    from harness.core.errors import DiskFull
 
     cfg = tiny_config()
-    state = cfg.build().state_dict()
+    state = Transformer(cfg).state_dict()
     export(cfg, state, None, tmp_path / "hf", source="first")
     before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
 
     def full(*_):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("harness.export.readme", full)  # fails after the weights are written
+    monkeypatch.setattr("harness.evaluate.export.readme", full)  # fails after the weights are written
     with pytest.raises(DiskFull, match="disk is full"):
         export(cfg, state, None, tmp_path / "hf", source="second")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
@@ -213,7 +215,7 @@ def trained_study(root, model_fields: dict, tokenizer: bool = True) -> tuple[str
     run_dir = results / "runs" / run.run_id
     run_dir.mkdir(parents=True)
     (run_dir / "record.json").write_text("{}")
-    save_checkpoint({"model": run.model.build().state_dict()}, run_dir / "checkpoint.pt")
+    save_checkpoint({"model": Transformer(run.model).state_dict()}, run_dir / "checkpoint.pt")
     if tokenizer:
         write_tokenizer(results / "data" / "tokenizer.json")
     return str(root / "study.yaml"), str(root / "results"), run.run_id
@@ -252,7 +254,7 @@ def test_cli_names_the_run_and_the_tensors_when_transformers_builds_another_shap
     """Should a mapping miss an assumption of its class, the export stops with the tensors that
     differ, not a RuntimeError from load_state_dict, and writes nothing."""
     study, results, run_id = trained_study(tmp_path, FULL_QK_NORM_HEAD_DIM)
-    monkeypatch.setattr("harness.export.hf_family", lambda cfg: "olmoe")  # as before the refusal
+    monkeypatch.setattr("harness.evaluate.export.hf_family", lambda cfg: "olmoe")  # as before the refusal
     code, out, err = cli_output("export", study, "--results", results, "--run", run_id)
     assert_one_line_error(
         code, out, err, f"run {run_id}", "OlmoeForCausalLM", "q_norm.weight is (48,) in the run, (32,) in"
@@ -279,7 +281,7 @@ def test_exported_config_carries_the_runs_balancing_losses(name, tmp_path):
     cfg, expected_class = CASES[name]
     # One block: transformers pools the loss over layers where we average per-layer losses.
     cfg = with_moe(dataclasses.replace(cfg, n_layers=1), load_balance_coef=0.02, z_loss_coef=0.001)
-    model = cfg.build().eval()
+    model = Transformer(cfg).eval()
     with torch.no_grad():  # uneven routing, so the loss is not its uniform value
         model.moe_layers[0].router.weight.normal_(std=0.5)
     export(cfg, model.state_dict(), None, tmp_path / "hf", source="study t, run r")

@@ -21,18 +21,10 @@ from conftest import ROOT
 from pico_study import RUN, RUNDIR, STUDY, cli_output
 from pico_study import cli as _cli
 
-from harness.errors import HarnessError
-from harness.study import (
-    BOOKKEEPING,
-    Recipe,
-    identity_changes,
-    load_study,
-    plan,
-    project_root,
-    recorded_identity,
-    run_identity,
-)
-from harness.workflow import RetrainRefused, refusals
+from harness.core.errors import HarnessError
+from harness.study.runs import identity_changes, plan, recorded_identity, run_identity
+from harness.study.spec import BOOKKEEPING, Recipe, load_study, project_root
+from harness.workflow.snakefile import RetrainRefused, refusals
 from models.config import ConfigError
 
 
@@ -255,7 +247,7 @@ def test_a_copied_study_is_not_retrained_and_lost_timestamps_are_named(study, tm
 
 
 def test_the_end_of_the_workflow_prints_the_first_numbers(tmp_path):
-    from harness.workflow import at_a_glance
+    from harness.workflow.snakefile import at_a_glance
 
     (tmp_path / "report.md").write_text("# r\n\n## At a glance\n\n| a |\n|---|\n| -0.0343 |\n\n## Claims\n\nx\n")
     shown = at_a_glance(tmp_path)
@@ -346,7 +338,7 @@ def _data_files(root: Path) -> dict[str, int]:
 
 
 def test_a_training_side_data_field_leaves_the_data_alone(study, monkeypatch):
-    from harness.workflow import data_changes, data_params, run_states
+    from harness.workflow.snakefile import data_changes, data_params, run_states
 
     monkeypatch.chdir(study)
     before, params = _mtimes(study), data_params(load_study(STUDY))
@@ -375,7 +367,7 @@ def test_data_prepared_again_the_same_keeps_its_files_times(study, monkeypatch):
     ("field", "value"), [("validation_fraction", 0.15), ("vocab_size", 600), ("max_bytes", 50_000)]
 )
 def test_a_token_changing_data_field_is_still_a_change(study, field, value):
-    from harness.workflow import data_changes, data_params
+    from harness.workflow.snakefile import data_changes, data_params
 
     params = data_params(load_study(study / STUDY))
     _edit(study, lambda d: d["data"].update({field: value}))
@@ -406,7 +398,7 @@ def test_allow_repetition_retrains_nothing_and_a_token_change_is_refused(study):
 
 
 def test_a_named_config_entry_is_a_variant_of_its_own(study):
-    from harness.workflow import run_states
+    from harness.workflow.snakefile import run_states
 
     def variant(data):
         data["models"].append({"config": data["models"][0]["config"], "name": "dense-pico-lr1", "recipe": {"lr": 1e-3}})

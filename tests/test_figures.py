@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from matplotlib.colors import to_rgba
 
-from harness import figure_style, figures, train_loss
 from harness.analysis import curves, scaling
-from harness.study import budget_label
+from harness.report import figure_style, figures
+from harness.study.spec import budget_label
+from harness.train import train_loss
 
 SIZES = {"dense-d48": 1.43e5, "dense-d64": 2.46e5, "dense-d96": 5.5e5}
 MOES = {  # model: (E, k, active non-embedding, total non-embedding, moe settings beyond E and k)
@@ -160,7 +161,8 @@ def _shipped_models() -> dict[str, list[dict]]:
     """Per shipped study, a record per model as model_styles reads it."""
     from conftest import ROOT
 
-    from harness.study import load_study, plan
+    from harness.study.runs import plan
+    from harness.study.spec import load_study
 
     out = {}
     for path in sorted((ROOT / "workflows" / "studies").glob("*.yaml")):

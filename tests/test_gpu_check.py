@@ -1,4 +1,4 @@
-"""make gpu-check's structure on the CPU (harness/gpu_check.py): the study slice, each check's
+"""make gpu-check's structure on the CPU (harness/tools/gpu_check.py): the study slice, each check's
 verdict on made-up measurements, the stage runner's failure paths, the summary and exit codes,
 the offline install's pieces. `make gpu-check-rehearsal` (in CI) runs the stages end to end."""
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import gpu_check as gc
-from harness import host_site, wheelhouse
-from harness.study import load_study
+from harness.study.spec import load_study
+from harness.tools import gpu_check as gc
+from harness.tools import host_site, wheelhouse
 from models.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -320,9 +320,9 @@ def test_make_gpu_check_installs_offline_on_top_of_the_machines_python(tmp_path)
     (wheels / "SHA256SUMS").write_text("")
     make = ["make", "-n", "--no-print-directory", "gpu-check", f"VENV={tmp_path}/venv", f"GPU_WHEELS={wheels}"]
     out = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert f"harness.host_site {tmp_path}/venv/bin/python python3" in out
+    assert f"harness.tools.host_site {tmp_path}/venv/bin/python python3" in out
     assert f"--no-index --find-links {wheels}" in out and "-e '.'" in out
-    assert out.rstrip().endswith("-m harness.gpu_check")
+    assert out.rstrip().endswith("-m harness.tools.gpu_check")
     without = subprocess.run([*make[:-1], f"GPU_WHEELS={tmp_path}/none"], cwd=ROOT, capture_output=True, text=True)
     assert "--no-index" not in without.stdout
 

@@ -3,10 +3,10 @@
 More ranks than the host has devices (GPUs, or CPU cores on a CPU), a batch that does not split
 over torchrun's processes, a ``--gpus`` that does not fit the runs' world size: refused by
 ``harness plan``, the workflow's setup and every rank of ``harness train``. A stopped or refused
-multi-process run exits with its ranks' own code through ``harness.launch``, and ``make
+multi-process run exits with its ranks' own code through ``harness.train.launch``, and ``make
 gpu-check`` says there is no CUDA device before it installs anything.
 
-The host's cores are fixed per test: in this process by patching ``harness.parallel.host_slots``,
+The host's cores are fixed per test: in this process by patching ``harness.train.parallel.host_slots``,
 in a subprocess by its CPU affinity.
 """
 
@@ -26,9 +26,10 @@ import yaml
 from conftest import ROOT
 from pico_study import RUN, RUNDIR, STUDY, cli, cli_output
 
-from harness import cuda_probe, parallel
-from harness.estimate import concurrent_runs
-from harness.study import Recipe
+from harness.study.spec import Recipe
+from harness.tools import cuda_probe
+from harness.train import parallel
+from harness.workflow.estimate import concurrent_runs
 
 
 def layout(data: int, batch: int | None = None) -> Callable[[Path], None]:
@@ -232,7 +233,7 @@ def test_the_workflow_refuses_a_gpu_resource_smaller_than_a_run(study: Path):
 
 
 def _launch(root: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "harness.launch", "--standalone", f"--nproc-per-node={ranks}", "-m", "harness"]
+    cmd = [sys.executable, "-m", "harness.train.launch", "--standalone", f"--nproc-per-node={ranks}", "-m", "harness"]
     cmd += ["--", *TRAIN, "--results", "results", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
@@ -246,7 +247,7 @@ def test_each_rank_refuses_a_batch_that_does_not_split_and_the_launch_exits_2(st
     refusals = [line for line in done.stderr.splitlines() if line.startswith("harness train: error:")]
     assert refusals and all("3 processes cannot split dense-pico_6e9_s0's batch of 4" in r for r in refusals)
     assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
-    assert "harness.launch: rank" in done.stderr and "exit code 2" in done.stderr
+    assert "harness.train.launch: rank" in done.stderr and "exit code 2" in done.stderr
 
 
 @pytest.mark.slow
@@ -314,7 +315,7 @@ def test_the_rehearsal_does_not_ask_for_cuda(tmp_path):
     for argv in (["gpu-check-rehearsal"], ["gpu-check", "GPU_CHECK_ARGS=--rehearse"]):
         make = ["make", "-n", "--no-print-directory", *argv, f"VENV={tmp_path}/venv"]
         out = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        assert "cuda_probe" not in out and "-m harness.gpu_check --rehearse" in out
+        assert "cuda_probe" not in out and "-m harness.tools.gpu_check --rehearse" in out
     make = ["make", "-n", "--no-print-directory", "gpu-check", f"VENV={tmp_path}/venv"]
     out = subprocess.run(make, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert out.splitlines()[0].endswith("-m harness.cuda_probe"), out
+    assert out.splitlines()[0].endswith("-m harness.tools.cuda_probe"), out

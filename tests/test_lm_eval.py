@@ -18,14 +18,15 @@ import torch
 import yaml
 from lm_eval.api.instance import Instance
 
-from harness.data import iter_documents, prepare, split_of
-from harness.evaluate import evaluate_run
-from harness.io import read_json, write_json
-from harness.lm_eval_model import HarnessLM
-from harness.report import write_report
-from harness.study import load_study, plan
-from harness.tasks import write_tasks
-from harness.train import train
+from harness.core.io import read_json, write_json
+from harness.data.prepare import iter_documents, prepare, split_of
+from harness.data.tasks import write_tasks
+from harness.evaluate.lm_eval_model import HarnessLM
+from harness.evaluate.lm_eval_run import evaluate_run
+from harness.report.build import write_report
+from harness.study.runs import plan
+from harness.study.spec import load_study
+from harness.train.loop import train
 
 BIN = Path(sys.executable).parent
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

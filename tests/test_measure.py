@@ -15,8 +15,8 @@ import torch
 from conftest import tiny_config
 from fake_nvml import FakeNvml
 
-from harness import energy, measure
-from harness.measure import (
+from harness.measure import throughput as measure
+from harness.measure.throughput import (
     VMHWM_RESET,
     WHOLE_PROCESS,
     MeasureSettings,
@@ -28,6 +28,7 @@ from harness.measure import (
     rss_bytes,
     rss_peak_bytes,
 )
+from harness.train import energy
 from models.accounting import count_params
 from models.transformer import KVCache
 
@@ -81,7 +82,7 @@ _MEASURE_IN_A_FRESH_PROCESS = """
 import json, sys
 import torch
 from conftest import tiny_config
-from harness.measure import MeasureSettings, measure
+from harness.measure.throughput import MeasureSettings, measure
 torch.set_num_threads(1)
 cfg = tiny_config(moe=json.loads(sys.argv[1]), d_model=128, d_ff=512)
 settings = MeasureSettings(

@@ -11,7 +11,7 @@ from naive_moe import naive_choices, naive_moe
 
 from models.config import Dispatch, MoEConfig, Routing
 from models.moe import MoE, cv_squared, switch_balance_loss
-from models.transformer import SwiGLU
+from models.transformer import SwiGLU, Transformer
 
 D = 32
 
@@ -291,7 +291,7 @@ def test_naive_reference_sees_the_same_choices():
 def test_moe_model_with_one_expert_equals_dense_model():
     dense_cfg = tiny_config()
     moe_cfg = tiny_config(moe=dict(experts=1, top_k=1, d_expert=48, load_balance_coef=0.0))
-    dense, moe = dense_cfg.build(), moe_cfg.build()
+    dense, moe = Transformer(dense_cfg), Transformer(moe_cfg)
     state = dense.state_dict()
     for i in range(dense_cfg.n_layers):
         for w in ("w1", "w2", "w3"):

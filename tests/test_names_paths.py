@@ -21,7 +21,7 @@ import yaml
 from conftest import ROOT
 from pico_study import MODEL_FILE, STUDY, cli
 
-from harness.workflow import choose_study
+from harness.workflow.snakefile import choose_study
 from models.config import NAME_PATTERN, ConfigError
 
 RULES = sorted((ROOT / "workflows" / "rules").glob("*.smk"))

@@ -96,7 +96,8 @@ def _edit(root: Path, **parallel) -> None:
     ],
 )
 def test_a_layout_that_does_not_split_the_run_is_refused(study, layout, field, fragment):
-    from harness.study import load_study, plan
+    from harness.study.runs import plan
+    from harness.study.spec import load_study
 
     _edit(study, **layout)
     with pytest.raises(ConfigError) as e:
@@ -113,7 +114,7 @@ def test_the_train_rule_launches_torchrun_with_the_layout(study):
     cmd += ["--config", f"study={study / STUDY}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "harness.launch --standalone --nproc-per-node 2 -m harness -- train" in out.stdout
+    assert "harness.train.launch --standalone --nproc-per-node 2 -m harness -- train" in out.stdout
 
 
 MOE_MODEL = PICO_MODEL | {

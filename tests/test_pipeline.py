@@ -17,12 +17,13 @@ import torch
 import yaml
 from conftest import PICO_MODEL, ROOT
 
-from harness.data import TokenShard, _python_files, _site_dirs, iter_documents, prepare, split_of
-from harness.errors import HarnessError
-from harness.io import read_json
-from harness.report import write_report
-from harness.study import DataConfig, DataSource, analysed, budget_label, find_run, load_study, plan
-from harness.train import NonFiniteLoss, Stopped, lr_at, train
+from harness.core.errors import HarnessError
+from harness.core.io import read_json
+from harness.data.prepare import TokenShard, _python_files, _site_dirs, iter_documents, prepare, split_of
+from harness.report.build import write_report
+from harness.study.runs import analysed, find_run, plan
+from harness.study.spec import DataConfig, DataSource, budget_label, load_study
+from harness.train.loop import NonFiniteLoss, Stopped, lr_at, train
 from models.config import ConfigError
 
 STUDIES = sorted((ROOT / "workflows" / "studies").glob("*.yaml"))
@@ -220,7 +221,7 @@ def test_shards_decode_to_the_corpus_text(prepared):
 def test_data_json_lists_the_heldout_keys_in_shard_order(prepared):
     from tokenizers import Tokenizer
 
-    from harness.tasks import heldout_documents
+    from harness.data.tasks import heldout_documents
 
     _, study, data_dir, meta = prepared
     cfg = study.data
@@ -248,7 +249,7 @@ def test_train_batches_depend_only_on_seed_and_step(prepared):
 def test_document_keys_and_splits_do_not_depend_on_where_the_corpus_lies(tmp_path):
     """A key decides its document's split and enters the fingerprint: the same corpus in two places
     gives the same keys (relative to the folder named in data.paths, its name included)."""
-    from harness.study import DataConfig, DataSource
+    from harness.study.spec import DataConfig, DataSource
 
     first, second = tmp_path / "a", tmp_path / "deeper" / "b"
     second.parent.mkdir()
@@ -303,7 +304,7 @@ def test_hf_source_through_datasets_on_a_local_folder(tmp_path, monkeypatch):
 
 
 def test_lr_schedules():
-    from harness.study import Recipe, Schedule
+    from harness.study.spec import Recipe, Schedule
 
     r = Recipe(lr=1.0, min_lr_ratio=0.1, warmup_fraction=0.1)
     lrs = [lr_at(s, 100, r) for s in range(100)]
@@ -339,12 +340,12 @@ def test_train_reaches_the_budget_and_records_provenance(prepared):
 def test_run_energy_adds_up_over_resumed_segments(prepared, monkeypatch):
     from fake_nvml import FakeNvml
 
-    import harness.train
-    from harness.energy import open_meter
+    import harness.train.loop
+    from harness.train.energy import open_meter
 
     nvml = FakeNvml(power_w=100.0)
     monkeypatch.setattr(
-        harness.train, "open_meter", lambda device: open_meter(torch.device("cuda", 0), nvml, nvml.uuid, 0.01)
+        harness.train.loop, "open_meter", lambda device: open_meter(torch.device("cuda", 0), nvml, nvml.uuid, 0.01)
     )
     root, study, data_dir, _ = prepared
     run = find_run(study, "dense-pico_6e9_s0")
@@ -408,8 +409,8 @@ def test_report_tables(prepared):
     for run in plan(study):
         if not (results / "runs" / run.run_id / "record.json").exists():
             train(run, study, data_dir, results / "runs" / run.run_id, progress=False)
-    from harness.io import write_json
-    from harness.measure import MeasureSettings, measure
+    from harness.core.io import write_json
+    from harness.measure.throughput import MeasureSettings, measure
 
     fast = MeasureSettings(
         batch_size=2, seq_len=32, steps_per_window=1, warmup_steps=1, decode_tokens=4, decode_batch=2
@@ -437,7 +438,7 @@ def test_report_tables(prepared):
     assert params_ratio > 1.2 and memory_ratio > 1  # measured: the MoE's extra experts take memory
     assert (results / "tables" / "cost.csv").read_text().count("\n") == 1 + len(plan(study))
     assert "## Dense versus MoE, run by run" in md and "## At a glance" in md and "## Claims" in md
-    from harness.report import FIGURES
+    from harness.report.build import FIGURES
 
     na = md[md.index("## Not applicable to this study") : md.index("## Reproduction")]
     listed = {"isoflop": "IsoFLOP figure (needs", "specialisation": "Expert specialisation table and figure (need"}

@@ -19,10 +19,12 @@ import yaml
 from conftest import ROOT
 from pico_study import RUN, STUDY, cli_output
 
-from harness import disk, probe
-from harness.estimate import checkpoint_bytes, makespan, step_flops
-from harness.study import load_study, plan
+from harness.study.runs import plan
+from harness.study.spec import load_study
+from harness.workflow import disk, probe
+from harness.workflow.estimate import checkpoint_bytes, makespan, step_flops
 from models.accounting import count_params
+from models.transformer import Transformer
 
 R = ("--results", "results")
 
@@ -82,14 +84,14 @@ def test_probe_bytes_follow_the_batch_and_vocabulary(study):
 
 @pytest.mark.slow
 def test_probe_bytes_cover_a_measured_training_step():
-    """Against the peak resident memory training adds to a fresh process (harness.measure), for a
+    """Against the peak resident memory training adds to a fresh process (harness.measure.throughput), for a
     dense model and an MoE whose activations and logits are most of it: at least that, and not
     far above."""
     import torch
 
-    from harness.measure import cpu_training_peak
-    from harness.precision import Precision
-    from harness.study import Recipe, Run
+    from harness.measure.throughput import cpu_training_peak
+    from harness.study.spec import Recipe, Run
+    from harness.train.precision import Precision
     from models.config import ModelConfig, MoEConfig
 
     dense = ModelConfig(name="d", vocab_size=8192, d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_seq_len=256)
@@ -97,7 +99,7 @@ def test_probe_bytes_cover_a_measured_training_step():
     for cfg in (dense, moe):
         run = Run("x", cfg, 1e9, 0, 1.0, 16 * 256, 1, Recipe(batch_size=16, seq_len=256))
         x = torch.randint(0, cfg.vocab_size, (16, 256))
-        peak = cpu_training_peak(cfg, cfg.build(), x, x, 3, Precision(torch.float32, compile=False))
+        peak = cpu_training_peak(cfg, Transformer(cfg), x, x, 3, Precision(torch.float32, compile=False))
         measured = peak["peak_training_bytes"]
         assert measured <= probe.probe_bytes(run) <= 1.5 * measured, (cfg.name, measured, probe.probe_bytes(run))
 
@@ -301,7 +303,7 @@ def test_an_auto_study_slow_on_this_cpu_is_said_to_be_made_for_a_gpu(study, monk
 
 
 def test_a_run_in_progress_counts_only_its_steps_left(study):
-    from harness.estimate import STARTUP_SECONDS, estimate_run
+    from harness.workflow.estimate import STARTUP_SECONDS, estimate_run
 
     run = _pico_run(study)
     whole = estimate_run(run, "cuda", gpu_flops=1e9).seconds - STARTUP_SECONDS
@@ -327,7 +329,7 @@ def _with_data(study, **changes):
 def test_plan_warns_before_the_data_when_a_run_may_need_a_second_epoch():
     """tiny's corpus (12 MB) holds about 4.1M training tokens: its own runs (2.6M) fit, a
     narrower dense model at the same budget (4.08M; it needed 1.07 epochs) may not."""
-    from harness.plan import repetition_warnings
+    from harness.workflow.plan import repetition_warnings
 
     tiny = load_study(ROOT / "workflows" / "studies" / "tiny.yaml")
     assert repetition_warnings(tiny, plan(tiny), 12_000_000) == []

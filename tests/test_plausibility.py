@@ -11,7 +11,7 @@ from test_figures import measure_of, tiny_records
 from harness.analysis import scaling
 from harness.analysis.claims import evaluate_claims
 from harness.analysis.stats import seed_comparison
-from harness.plausibility import (
+from harness.measure.plausibility import (
     MARK,
     SPREAD_LIMIT,
     annotate,
@@ -19,8 +19,8 @@ from harness.plausibility import (
     flags_for,
     overhead_flags,
 )
-from harness.report import _flag_section, overhead_lines
-from harness.tables import claim_flags, claims_table, cost_table, flag_notes, glance_table
+from harness.report.build import _flag_section, overhead_lines
+from harness.report.tables import claim_flags, claims_table, cost_table, flag_notes, glance_table
 
 DISTURBED = [3.3, 27.7, 25.1, 26.0, 24.9, 3.9, 26.3, 27.0, 25.5, 26.8]  # decode b1 tokens/s, one run
 CLEAN = [25.1, 26.0, 24.9, 26.3, 27.0, 25.5, 26.8, 25.7, 26.1, 25.9]

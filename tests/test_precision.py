@@ -6,10 +6,11 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from harness.precision import Precision, cpu_native_bf16, resolve
-from harness.study import Recipe
+from harness.study.spec import Recipe
+from harness.train.precision import Precision, cpu_native_bf16, resolve
 from models.config import MoEConfig
 from models.moe import MoE, block_rows
+from models.transformer import Transformer
 
 CPU = torch.device("cpu")
 
@@ -78,7 +79,7 @@ def test_bf16_compiled_cpu_path_computes_the_eager_float32_loss(moe):
     """The speed-up is not bought with another function: same weights and batch, bf16 autocast
     under torch.compile gives eager float32's loss to bf16 accuracy, dense and MoE."""
     cfg = tiny_config(moe)
-    model = cfg.build()
+    model = Transformer(cfg)
     x = torch.randint(0, cfg.vocab_size, (8, cfg.max_seq_len))
     chosen = Precision(torch.bfloat16, compile=True)
     with torch.no_grad():

@@ -16,8 +16,8 @@ from conftest import PICO_MODEL
 from pico_study import cli, write_corpus
 
 from harness.analysis.reproduce import DIFFERENCE_TOLERANCE, compare, keep_reference, reproduction
-from harness.errors import HarnessError
-from harness.io import read_json, write_json
+from harness.core.errors import HarnessError
+from harness.core.io import read_json, write_json
 
 RUNS = ["dense-pico_2e9_s0", "dense-pico_2e9_s1", "dense-pico-e4k2_2e9_s0", "dense-pico-e4k2_2e9_s1"]
 
@@ -42,8 +42,9 @@ def finished(tmp_path_factory) -> Path:
     """A finished pico study (dense and an E4 k2 twin over two seeds), seed 0 measured, with eval.json,
     routing.json and a micro-benchmark, plus what a reference must not keep: checkpoints, token
     shards, the tokenizer and tensorboard logs."""
-    from harness.measure import MeasureSettings, measure
-    from harness.study import load_study, plan
+    from harness.measure.throughput import MeasureSettings, measure
+    from harness.study.runs import plan
+    from harness.study.spec import load_study
 
     root = tmp_path_factory.mktemp("finished")
     write_corpus(root)
@@ -176,7 +177,7 @@ def test_reproduction_compares_the_effect_to_a_tolerance_below_it():
 
 
 def test_reproduction_finds_the_reference_and_knows_when_it_is_one(tmp_path):
-    from harness.report import reproduction_lines
+    from harness.report.build import reproduction_lines
 
     ours = _summary({"m_s0": -0.034})
     study = tmp_path / "results" / "s"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from harness.registration import registration_lines
-from harness.study import load_study
+from harness.study.registration import registration_lines
+from harness.study.spec import load_study
 
 REGISTRATION = {
     "primary": {"moe": "moe-d64-e16k2", "dense": "dense-d64", "budget": 7.0e12, "delta_min": 0.01},

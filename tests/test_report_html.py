@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT
 
-from harness.errors import HarnessError
-from harness.report_check import check, find_browser, main
-from harness.report_html import FRONT, SECTIONS, is_number, section_labels, split_sections, write_html
+from harness.core.errors import HarnessError
+from harness.report.browser_check import check, find_browser, main
+from harness.report.html import FRONT, SECTIONS, is_number, section_labels, split_sections, write_html
 
 
 def _png(path: Path, width: int = 40, height: int = 20) -> Path:

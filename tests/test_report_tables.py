@@ -15,16 +15,16 @@ from test_figures import tiny_records
 from test_plausibility import DISTURBED, _measure
 
 from harness.analysis import scaling
-from harness.host_load import sample, summary, taken_at
-from harness.plausibility import LOAD_LIMIT, MARK, SPREAD_LIMIT, check_training, training_windows
-from harness.report_notes import (
+from harness.core.host_load import sample, summary, taken_at
+from harness.measure.plausibility import LOAD_LIMIT, MARK, SPREAD_LIMIT, check_training, training_windows
+from harness.report.notes import (
     drop_sections,
     not_applicable,
     not_applicable_lines,
     remeasure_lines,
     training_notes,
 )
-from harness.tables import (
+from harness.report.tables import (
     MEASURED_TOKENS_PER_S,
     TRAINING_TOKENS_PER_S,
     cost_table,
@@ -187,8 +187,8 @@ def test_remeasure_lines_name_exactly_the_flagged_runs():
 def test_the_printed_remeasure_command_measures_the_flagged_run_again(study, monkeypatch):
     """A run whose measure.json is disturbed: the report prints a command for it, and that command,
     run as printed, replaces the measurement."""
-    from harness.report import write_report
-    from harness.study import load_study
+    from harness.report.build import write_report
+    from harness.study.spec import load_study
 
     monkeypatch.chdir(study)
     code, err = cli("measure", STUDY, "--run", RUN, "--windows", "5", "--threads", "1")
@@ -211,8 +211,8 @@ def test_the_printed_remeasure_command_measures_the_flagged_run_again(study, mon
 
 
 def test_a_flagged_measurement_gets_its_command_in_the_report_lines():
-    from harness.report import _remeasure
-    from harness.study import load_study
+    from harness.report.build import _remeasure
+    from harness.study.spec import load_study
 
     records = tiny_records()
     measures = {
@@ -302,7 +302,7 @@ def test_the_tiny_reference_report_lists_what_does_not_apply_instead_of_empty_ta
 def test_a_claim_resting_on_a_flagged_training_time_gets_no_verdict():
     from harness.analysis.claims import evaluate_claims
     from harness.analysis.stats import seed_comparison
-    from harness.tables import claim_flags, claims_table
+    from harness.report.tables import claim_flags, claims_table
 
     records = _records()
     dense = records[0]

@@ -1,5 +1,5 @@
 """A copied or extended study reuses the finished runs another study of the project trained with
-the same identity on the same tokens (harness.reuse): it trains only its new runs, and every
+the same identity on the same tokens (harness.workflow.reuse): it trains only its new runs, and every
 record, summary and report carries its own name."""
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import yaml
 from conftest import ROOT
 from pico_study import RUN, STUDY, cli_output
 
-from harness import checkpoint
-from harness.reuse import REUSED, finished_elsewhere, our_data, reuse
-from harness.study import load_study, plan
+from harness.study.runs import plan
+from harness.study.spec import load_study
+from harness.train import checkpoint
+from harness.workflow.reuse import REUSED, finished_elsewhere, our_data, reuse
 
 COPY, NEW = "copy.yaml", "dense-pico-b_6e9_s0"
 
@@ -41,7 +42,7 @@ def _source(root: Path) -> Path | None:
 
 
 def _corpus(study, results):
-    from harness.corpus import corpus_content
+    from harness.data.corpus import corpus_content
 
     return corpus_content(study, results)
 
@@ -105,7 +106,7 @@ def test_a_reused_run_counts_no_training_time_in_the_plan(study, monkeypatch):
 
 
 def test_a_run_trained_in_this_study_is_never_replaced(study, monkeypatch):
-    from harness.errors import HarnessError
+    from harness.core.errors import HarnessError
 
     monkeypatch.chdir(study)
     _extended_copy(study, lambda d: d.update(name="pico"))  # the study itself, under another file
@@ -149,7 +150,7 @@ def test_an_extended_copy_trains_only_its_new_model(study):
 
 
 def test_a_damaged_checkpoint_is_not_reused(study, monkeypatch):
-    from harness.errors import HarnessError
+    from harness.core.errors import HarnessError
 
     monkeypatch.chdir(study)
     _extended_copy(study)

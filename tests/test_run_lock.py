@@ -20,7 +20,7 @@ from pico_study import RUN, RUNDIR, STUDY, cli
 HOLD = """
 import sys, time
 from pathlib import Path
-from harness import run_lock
+from harness.train import run_lock
 with run_lock.training(Path(sys.argv[1]), sys.argv[2]):
     print("held", flush=True)
     time.sleep(600)
@@ -77,7 +77,7 @@ def test_a_step_that_reads_the_run_is_refused_while_it_trains(study: Path, holde
 READ = """
 import sys, time
 from pathlib import Path
-from harness import run_lock
+from harness.train import run_lock
 with run_lock.released():
     run_lock.reading(Path(sys.argv[1]), sys.argv[2], "measure")
     print("held", flush=True)
@@ -117,7 +117,7 @@ def test_the_workflow_refuses_to_train_a_run_trained_by_hand(study: Path, holder
 
 
 def test_a_refused_training_leaves_no_folder_and_a_removed_lock_is_taken_again(tmp_path: Path):
-    from harness import run_lock
+    from harness.train import run_lock
 
     run_dir = tmp_path / "runs" / "r"
     with pytest.raises(RuntimeError), run_lock.training(run_dir, "r"):

@@ -11,9 +11,11 @@ import torch
 from conftest import tiny_config
 from pico_study import RUN, RUNDIR, STUDY, cli_output
 
-from harness.data import EOS, load_tokenizer
-from harness.sample import generate, load_model, pick
-from harness.study import find_run, load_study
+from harness.data.prepare import EOS, load_tokenizer
+from harness.evaluate.sample import generate, load_model, pick
+from harness.study.runs import find_run
+from harness.study.spec import load_study
+from models.transformer import Transformer
 
 SAMPLE = ("sample", STUDY, "--results", "results", "--run", RUN)
 
@@ -55,7 +57,7 @@ def test_greedy_sampling_is_the_argmax_of_a_direct_forward(study: Path, monkeypa
 
 @pytest.mark.parametrize("moe", [None, {}, {"experts": 8, "top_k": 1}], ids=["dense", "moe", "moe-e8k1"])
 def test_greedy_generation_through_the_cache_equals_full_forwards(moe):
-    model = tiny_config(moe, d_ff=48 if moe is None else None).build().eval()
+    model = Transformer(tiny_config(moe, d_ff=48 if moe is None else None)).eval()
     seq = [3, 14, 15, 92]
     direct = list(seq)
     with torch.no_grad():

@@ -28,10 +28,11 @@ from harness.analysis.specialisation import (
     token_stream,
     topic_of,
 )
-from harness.checkpoint import save_checkpoint
-from harness.data import EOS, train_tokenizer
-from harness.io import write_json, write_text
+from harness.core.io import write_json, write_text
+from harness.data.prepare import EOS, train_tokenizer
+from harness.train.checkpoint import save_checkpoint
 from models.config import dump_config
+from models.transformer import Transformer
 
 SNIPPET = 'def area(r):\n    # circle area\n    if r > 0:\n        return 3.14 * r ** 2\n    return "no way"\n'
 
@@ -236,7 +237,7 @@ def _rig(model, choose) -> list:
 
 def _moe_model(tok, experts: int):
     cfg = tiny_config(vocab_size=tok.get_vocab_size(), max_seq_len=32, moe={"experts": experts, "d_expert": 8})
-    return cfg.build()
+    return Transformer(cfg)
 
 
 def test_routing_by_category_shows_category_not_topic(corpus):
@@ -291,7 +292,7 @@ def test_random_routing_shows_neither(corpus):
 
 
 def _data_dir(root, tok, docs: list[str], keys: list[str] | None):
-    """A data folder holding only a test split, as harness.data.prepare writes it."""
+    """A data folder holding only a test split, as harness.data.prepare.prepare writes it."""
     data = root / "data"
     data.mkdir(parents=True)
     tok.save(str(data / "tokenizer.json"))

@@ -1,6 +1,6 @@
 """A finished result is current only while what it was made from is unchanged in content.
 
-The corpus enters the data step as data/corpus.json (harness.corpus): an edit to a corpus file
+The corpus enters the data step as data/corpus.json (harness.data.corpus): an edit to a corpus file
 reruns the data step, a copy without timestamps or a move of data.paths does not. A run trained
 on other data than data.json describes is not done (harness plan), and no report, evaluation or
 measurement mixes it with the data now prepared. When only timestamps changed, the refusal says
@@ -24,9 +24,10 @@ import yaml
 from conftest import ROOT
 from pico_study import RUN, RUNDIR, STUDY, cli, cli_output
 
-from harness.corpus import CORPUS, corpus_changes, sync_corpus
-from harness.study import load_study, plan
-from harness.workflow import TOUCH_HINT, data_changes, run_states
+from harness.data.corpus import CORPUS, corpus_changes, sync_corpus
+from harness.study.runs import plan
+from harness.study.spec import load_study
+from harness.workflow.snakefile import TOUCH_HINT, data_changes, run_states
 
 DATA = "results/pico/data"
 

@@ -15,12 +15,14 @@ import yaml
 from conftest import ROOT
 from pico_study import MODEL, study_dict, write_corpus
 
-from harness.data import TokenShard, prepare
-from harness.lm_eval_model import load_run_model
-from harness.precision import resolve
-from harness.study import find_run, load_study, plan
-from harness.train import evaluate, train
-from harness.train_loss import SMOOTHING, train_loss_smoothed
+from harness.data.prepare import TokenShard, prepare
+from harness.evaluate.lm_eval_model import load_run_model
+from harness.study.runs import find_run, plan
+from harness.study.spec import load_study
+from harness.train.loop import evaluate, train
+from harness.train.precision import resolve
+from harness.train.train_loss import SMOOTHING, train_loss_smoothed
+from models.transformer import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +36,7 @@ def _tiny_models():
 def test_the_logged_loss_is_cross_entropy_alone_and_training_mode_changes_nothing(name):
     cfg = _tiny_models()[name]
     torch.manual_seed(0)
-    model = cfg.build()
+    model = Transformer(cfg)
     x = torch.randint(0, cfg.vocab_size, (4, 64))
     y = torch.randint(0, cfg.vocab_size, (4, 64))
     model.train()

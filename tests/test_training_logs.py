@@ -12,10 +12,11 @@ import pytest
 import yaml
 from pico_study import MODEL, study_dict, write_corpus
 
-from harness.data import prepare
-from harness.progress import Bar, Lines, Silent, duration, open_progress
-from harness.study import find_run, load_study, run_identity
-from harness.train import Stopped, train
+from harness.data.prepare import prepare
+from harness.study.runs import find_run, run_identity
+from harness.study.spec import load_study
+from harness.train.loop import Stopped, train
+from harness.train.progress import Bar, Lines, Silent, duration, open_progress
 from models.config import ConfigError
 
 DENSE, MOE = "dense-pico_6e9_s0", "dense-pico-e4k2_6e9_s0"

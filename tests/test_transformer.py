@@ -9,12 +9,12 @@ import torch
 from conftest import tiny_config
 
 from models.config import Dispatch, QKNorm, Routing
-from models.transformer import apply_rope, rope_tables
+from models.transformer import Transformer, apply_rope, rope_tables
 
 
 @pytest.mark.parametrize("moe", [None, {}], ids=["dense", "moe"])
 def test_causal(moe):
-    model = tiny_config(moe=moe).build().eval()
+    model = Transformer(tiny_config(moe=moe)).eval()
     idx = torch.randint(0, 97, (1, 16))
     changed = idx.clone()
     changed[0, 10:] = (changed[0, 10:] + 1) % 97
@@ -26,7 +26,7 @@ def test_causal(moe):
 def test_grouped_query_attention_equals_mha_with_repeated_kv():
     gqa_cfg = tiny_config(n_heads=4, n_kv_heads=2, qk_norm=QKNorm.PER_HEAD)
     mha_cfg = tiny_config(n_heads=4, n_kv_heads=4, qk_norm=QKNorm.PER_HEAD)
-    gqa, mha = gqa_cfg.build(), mha_cfg.build()
+    gqa, mha = Transformer(gqa_cfg), Transformer(mha_cfg)
     state = gqa.state_dict()
     hd = gqa_cfg.head_dim
     for i in range(gqa_cfg.n_layers):
@@ -65,15 +65,15 @@ def test_rope_matches_complex_rotation():
 
 
 def test_tied_embeddings_share_storage():
-    tied = tiny_config(tie_embeddings=True).build()
+    tied = Transformer(tiny_config(tie_embeddings=True))
     assert tied.lm_head.weight is tied.tok_emb.weight
-    untied = tiny_config(tie_embeddings=False).build()
+    untied = Transformer(tiny_config(tie_embeddings=False))
     assert untied.lm_head.weight is not untied.tok_emb.weight
 
 
 def test_initial_loss_is_near_uniform():
     cfg = tiny_config(vocab_size=512, tie_embeddings=False)
-    model = cfg.build()
+    model = Transformer(cfg)
     idx = torch.randint(0, 512, (4, 16))
     targets = torch.randint(0, 512, (4, 16))
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_initial_loss_is_near_uniform():
 
 
 def test_rejects_sequences_longer_than_context():
-    model = tiny_config().build()
+    model = Transformer(tiny_config())
     with pytest.raises(ValueError, match="exceeds max_seq_len 16"):
         model(torch.zeros(1, 17, dtype=torch.long))
 
@@ -99,7 +99,7 @@ def test_rejects_sequences_longer_than_context():
 def test_reruns_are_bitwise_identical(moe):
     def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
         torch.manual_seed(123)
-        model = tiny_config(moe=moe).build().train()
+        model = Transformer(tiny_config(moe=moe)).train()
         idx = torch.randint(0, 97, (2, 16))
         out = model(idx, idx.roll(-1, 1))
         (out.loss + out.aux_loss).backward()
@@ -113,7 +113,7 @@ def test_reruns_are_bitwise_identical(moe):
 
 @pytest.mark.parametrize("moe", [None, {}, dict(routing=Routing.SIGMOID_BIAS)], ids=["dense", "moe", "aux-free"])
 def test_a_few_steps_learn_a_repeating_sequence(moe):
-    model = tiny_config(moe=moe).build().train()
+    model = Transformer(tiny_config(moe=moe)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     idx = torch.arange(17).remainder(7).view(1, 17).repeat(4, 1)
     first = None
@@ -128,16 +128,16 @@ def test_a_few_steps_learn_a_repeating_sequence(moe):
 
 
 def test_routing_stats_per_moe_layer():
-    model = tiny_config(moe=dict(every=2), n_layers=4).build()
+    model = Transformer(tiny_config(moe=dict(every=2), n_layers=4))
     model(torch.randint(0, 97, (2, 16)))
     stats = model.routing_stats()
     assert len(stats) == 2
     assert all(int(s.tokens_per_expert.sum()) == 2 * 16 * 2 for s in stats)
-    assert tiny_config().build().routing_stats() == []
+    assert Transformer(tiny_config()).routing_stats() == []
 
 
 def test_force_balanced_switches_at_run_time():
-    model = tiny_config(moe=dict(experts=4, top_k=2)).build()
+    model = Transformer(tiny_config(moe=dict(experts=4, top_k=2)))
     with torch.no_grad():
         for m in model.moe_layers:
             m.router.weight.zero_()
@@ -161,7 +161,7 @@ def test_kv_cache_decoding_equals_the_full_forward(overrides):
     from models.transformer import KVCache
 
     cfg = tiny_config(**overrides)
-    model = cfg.build().eval()
+    model = Transformer(cfg).eval()
     idx = torch.randint(0, 97, (3, 16))
     with torch.no_grad():
         full = model(idx).logits
@@ -183,7 +183,7 @@ def test_left_padded_rows_in_a_kv_cache_equal_each_prompt_alone():
     from models.transformer import KVCache
 
     cfg = tiny_config(moe={})
-    model = cfg.build().eval()
+    model = Transformer(cfg).eval()
     lengths, width, new = [3, 7, 10], 10, 4
     seqs = [torch.randint(0, 97, (n + new,)) for n in lengths]
     idx = torch.zeros(3, width, dtype=torch.long)

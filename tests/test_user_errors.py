@@ -20,7 +20,7 @@ from pico_study import MODEL_FILE, RUN, RUNDIR, STUDY
 from pico_study import cli as _cli
 from test_bad_inputs import DATA, TRAIN, garble_line, remove, set_yaml, truncate, write
 
-from harness import checkpoint, run_lock
+from harness.train import checkpoint, run_lock
 
 # --- changes a case makes before its command --------------------------------------------------
 
@@ -68,7 +68,7 @@ def mkstemp_fails(code: int, text: str) -> Callable[[pytest.MonkeyPatch], None]:
         def refuse(*args, dir=None, **kwargs):
             raise OSError(code, text, str(dir))
 
-        mp.setattr("harness.io.tempfile.mkstemp", refuse)
+        mp.setattr("harness.core.io.tempfile.mkstemp", refuse)
 
     return patch
 
@@ -264,7 +264,7 @@ CASES = [
 
 def _snapshot(root: Path) -> dict[str, bytes | None]:
     """Every file and folder under ``root`` with its content, less the runs' lock files: each
-    names who took the lock last (harness.run_lock), so every verb that reads a run rewrites it."""
+    names who took the lock last (harness.train.run_lock), so every verb that reads a run rewrites it."""
     paths = [p for p in root.rglob("*") if p.name != run_lock.NAME]
     return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in paths}
 
@@ -326,7 +326,7 @@ def test_a_metrics_line_deleted_as_told_lets_the_run_resume(study: Path, monkeyp
 
 def test_an_earlier_export_without_a_manifest_is_replaced_but_a_users_file_refused(study: Path, monkeypatch):
     """An export written before the manifest: the files such an export writes are replaced."""
-    from harness.export import MANIFEST
+    from harness.evaluate.export import MANIFEST
 
     monkeypatch.chdir(study)
     out = study / "results" / "pico" / "export" / RUN

@@ -1,4 +1,4 @@
-"""What the wheelhouse keeps and for which platform (harness.wheelhouse), on a made-up pip report.
+"""What the wheelhouse keeps and for which platform (harness.tools.wheelhouse), on a made-up pip report.
 Nothing is downloaded here: `make check-offline` (in CI) builds a real wheelhouse and installs
 from it with the network closed."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.wheelhouse import Target, keep, needed, platforms
+from harness.tools.wheelhouse import Target, keep, needed, platforms
 
 
 def _item(name: str, *requires: str) -> dict:

@@ -48,7 +48,7 @@ from harness.analysis.stats import (
     routing_variant,
 )
 from harness.analysis.verdicts import INCONCLUSIVE, NO_DATA, NOT_SUPPORTED, SUPPORTED, Claim
-from harness.study import PrimaryContrast, Registration, budget_label
+from harness.study.spec import PrimaryContrast, Registration, budget_label
 
 # Hoffmann et al. 2022 (Chinchilla): about 20 tokens per parameter is compute-optimal for a dense
 # model; short of that, the dense model is not capacity-bound and the MoE gain is rarely reported.

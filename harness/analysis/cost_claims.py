@@ -37,7 +37,7 @@ from scipy import stats as sps
 
 from harness.analysis.stats import ALPHA, measured_pairs, peer_pairs, training_memory
 from harness.analysis.verdicts import INCONCLUSIVE, NO_DATA, NOT_SUPPORTED, SUPPORTED, Claim
-from harness.study import budget_label
+from harness.study.spec import budget_label
 
 MEMORY_FRACTION = 0.5
 """The decision point of the memory claim, as a fraction of the state's bytes per parameter."""

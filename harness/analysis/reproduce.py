@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.analysis.stats import peer_pairs, task_metric
-from harness.errors import HarnessError
-from harness.io import atomic_write, read_json
+from harness.core.errors import HarnessError
+from harness.core.io import atomic_write, read_json
 
 TOLERANCE = {
     "final_val_loss": ("relative", 0.01),
@@ -196,7 +196,7 @@ def require_finished(results: Path, run_ids: list[str]) -> None:
             f"{results / 'runs'}: {len(unfinished)} of {len(run_ids)} runs have not finished (no record.json: "
             f"{shown}); a reference keeps a finished study only"
         )
-    from harness.workflow import trained_on_other_data
+    from harness.data.current import trained_on_other_data
 
     records = [read_json(results / "runs" / run / "record.json") for run in run_ids]
     if refusal := trained_on_other_data(records, results / "data" / "data.json"):

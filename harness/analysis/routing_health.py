@@ -3,7 +3,7 @@
     rows = routing_health(read_metrics(run_dir / "metrics.jsonl"), experts=8, top_k=2)
 
 Each logged training step holds, per MoE layer, the tokens each expert received in that
-batch, the dropped fraction, router entropy and the balance and z losses (``harness.train``).
+batch, the dropped fraction, router entropy and the balance and z losses (``harness.train.loop``).
 Over the final tenth of training (the end state) this gives per layer: the load coefficient of
 variation, the busiest expert's load over the mean, dead experts (no tokens in any logged step
 of that window), dropped fraction, router entropy relative to log E, and z-loss.
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.io import read_jsonl
+from harness.core.io import read_jsonl
 
 END_FRACTION = 0.1  # the end state: the last tenth of logged steps
 COLLAPSE_IMBALANCE = 0.5  # halfway from balanced (max/mean 1) to every token on k experts (E/k)
@@ -76,7 +76,7 @@ class LayerHealth:
 
 def read_metrics(path: Path, study: str = "STUDY") -> list[dict[str, Any]]:
     """A run's metrics.jsonl; a damaged line is named with what to do (``study``: as the user names it)."""
-    from harness.remedy import run_file
+    from harness.core.remedy import run_file
 
     return read_jsonl(path, made_by=f"harness train {study} --run {path.parent.name}", remedy=run_file(path, study))
 

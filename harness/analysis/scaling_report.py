@@ -14,7 +14,7 @@ from typing import Any
 from harness.analysis.isoflop import MIN_SIZES
 from harness.analysis.krajewski import EXPANSION_RATE, MIN_TOKENS
 from harness.analysis.scaling import ScalingAnalysis
-from harness.study import budget_label
+from harness.study.spec import budget_label
 
 
 def _g(x: float | None, spec: str = ".3g") -> str:
@@ -318,7 +318,7 @@ def _published_text(a: ScalingAnalysis, table) -> list[str]:
 
 def markdown(a: ScalingAnalysis, table, skip=frozenset()) -> list[str]:
     """The scaling section of report.md; ``table(name)`` renders one of the report's tables.
-    ``skip``: tables that do not apply to the study (``harness.report_notes.not_applicable``),
+    ``skip``: tables that do not apply to the study (``harness.report.notes.not_applicable``),
     left out with their text."""
     noise = (
         f"Seed-to-seed sd of one run's loss, pooled over replicated runs: {a.noise.sd:.4f} nats ({a.noise.source})."

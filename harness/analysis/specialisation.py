@@ -5,7 +5,7 @@
     result = routing_analysis(run_dir, data_dir, device="cpu", max_tokens=65_536)
     result["summary"]["verdict"]
 
-The held-out documents (the split ``harness.tasks`` uses) run through the model as in training:
+The held-out documents (the split ``harness.data.tasks`` uses) run through the model as in training:
 concatenated, each followed by the end-of-text token, cut into windows of the training context.
 Forward hooks on every router record each token's k chosen experts. Every token gets two labels:
 
@@ -63,8 +63,8 @@ from typing import Any
 
 import numpy as np
 
-from harness.data import EOS
-from harness.io import read_json
+from harness.core.io import read_json
+from harness.data.prepare import EOS
 
 CATEGORIES = ("keyword", "identifier", "number", "punctuation", "string/comment", "whitespace")
 KEYWORD, IDENTIFIER, NUMBER, PUNCTUATION, STRING_COMMENT, WHITESPACE = range(len(CATEGORIES))
@@ -486,14 +486,14 @@ def routing_analysis(
         return {"moe": False}
     import torch
 
-    from harness.lm_eval_model import load_run_model
-    from harness.tasks import heldout_documents
+    from harness.data.tasks import heldout_documents
+    from harness.evaluate.lm_eval_model import load_run_model
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device", "cuda requested but no CUDA device is visible")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg, run_dir = load_run_model(run_dir, dev)
-    from harness.data import load_tokenizer
+    from harness.data.prepare import load_tokenizer
 
     tok = load_tokenizer(data_dir)
     split, docs = heldout_documents(data_dir, tok)

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import stats
 
 from harness.analysis.fits import Noise
-from harness.study import PrimaryContrast
+from harness.study.spec import PrimaryContrast
 
 ALPHA = 0.05
 DEFAULT_ALPHA = 0.05  # R1 without a registered contrast: the level of the one-sided test

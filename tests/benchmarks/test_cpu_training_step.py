@@ -20,9 +20,10 @@ import time
 import pytest
 import torch
 
-from harness.precision import Precision, cpu_native_bf16, resolve
-from harness.study import Recipe, load_study, resolve_models
-from harness.train import make_optimizer
+from harness.study.spec import Recipe, load_study, resolve_models
+from harness.train.loop import make_optimizer
+from harness.train.precision import Precision, cpu_native_bf16, resolve
+from models.transformer import Transformer
 
 STUDIES = ["tiny", "cpu"]
 ROUNDS, STEPS_PER_ROUND, WARMUP_STEPS = 8, 3, 3
@@ -41,7 +42,7 @@ def _models(study_name: str):
 
 def _stepper(cfg, precision: Precision, recipe: Recipe):
     torch.manual_seed(0)
-    model = cfg.build()
+    model = Transformer(cfg)
     opt = make_optimizer(model, recipe)
     run_model = torch.compile(model) if precision.compile else model
     x = torch.randint(0, cfg.vocab_size, (recipe.batch_size, recipe.seq_len))

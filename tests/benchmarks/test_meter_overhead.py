@@ -14,8 +14,9 @@ import time
 import torch
 from fake_nvml import FakeNvml
 
-from harness.energy import open_meter
+from harness.train.energy import open_meter
 from models.config import ModelConfig, MoEConfig
+from models.transformer import Transformer
 
 
 def test_sampler_overhead_under_one_percent(benchmark, request):
@@ -30,7 +31,7 @@ def test_sampler_overhead_under_one_percent(benchmark, request):
         moe=MoEConfig(experts=8, top_k=2, d_expert=256),
     )
     torch.manual_seed(0)
-    model = cfg.build()
+    model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, 4096, (8, 128))
 

@@ -32,7 +32,8 @@ fail() {
 [ -x "$PY" ] || fail "no Python at $PY: run make install first (or set VENV)"
 # The study's own runs (its plan), so that a change of the study file cannot leave this test behind.
 mapfile -t RUNS < <(cd "$ROOT" && "$PY" -c "
-from harness.study import load_study, plan
+from harness.study.runs import plan
+from harness.study.spec import load_study
 print(*(run.run_id for run in plan(load_study('$STUDY'))), sep='\n')")
 [ "${#RUNS[@]}" -ge 1 ] || fail "study $STUDY plans no runs"
 "$PY" -c "import snakemake_executor_plugin_slurm" 2>/dev/null ||

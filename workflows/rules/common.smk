@@ -4,13 +4,14 @@ import sys
 
 from pathlib import Path
 
-from harness.corpus import sync_corpus
-from harness.disk import CHECK_KEY, guard_disk
-from harness.parallel import check_workflow
-from harness.reuse import finished_elsewhere, our_data
-from harness.study import analysed, load_study, plan
-from harness.train import pick_device
-from harness.workflow import (
+from harness.data.corpus import sync_corpus
+from harness.workflow.disk import CHECK_KEY, guard_disk
+from harness.train.parallel import check_workflow
+from harness.workflow.reuse import finished_elsewhere, our_data
+from harness.study.runs import analysed, plan
+from harness.study.spec import load_study
+from harness.train.loop import pick_device
+from harness.workflow.snakefile import (
     at_a_glance,
     choose_study,
     data_params,
@@ -24,7 +25,7 @@ from harness.workflow import (
 )
 from models.config import ConfigError
 
-# A refusal of the study or of --config is its message alone, exit code 2 (harness.workflow.refusals).
+# A refusal of the study or of --config is its message alone, exit code 2 (harness.workflow.snakefile.refusals).
 with refusals():
     # `--config study=` with nothing after it (an unset shell variable) is refused, not taken for `tiny`.
     STUDY_NAME, STUDY_REASON = choose_study(config.get("study"), "study" in config)
@@ -45,7 +46,7 @@ with refusals():
         STUDY.device == "auto" and (config.get("device") == "cuda" or pick_device(STUDY).type == "cuda")
     )
     # GPU jobs at once (`--resources gpu=N` or the profile's), each on devices of its own
-    # (harness.devices); each takes its share of the cores, so that they run side by side.
+    # (harness.train.devices); each takes its share of the cores, so that they run side by side.
     GPUS = workflow.global_resources.get("gpu").value or 1
     GPU_THREADS = max(1, workflow.cores // GPUS)
     print(f"moe-harness: study '{STUDY.name}' ({STUDY_REASON}); {len(RUNS)} runs", file=sys.stderr)
@@ -63,8 +64,8 @@ with refusals():
     if RETRAIN not in (None, "stale"):
         raise ConfigError("retrain", f"{RETRAIN} is not allowed; the only value is 'stale'", "--config")
     STUDY_FILE = STUDY.path
-    # One process per run, or torchrun with parallel.data of them (harness.parallel; through
-    # harness.launch, which exits with the ranks' own code: 3 for a stopped run): never more
+    # One process per run, or torchrun with parallel.data of them (harness.train.parallel; through
+    # harness.train.launch, which exits with the ranks' own code: 3 for a stopped run): never more
     # than this host has GPUs (or cores, on a CPU), nor than the workflow's gpu resource lets a job
     # take. Jobs sent to other nodes are checked there.
     WORLD = STUDY.parallel.data
@@ -86,7 +87,7 @@ with refusals():
     )
     # Not a parameter of the train rule: it must not make the next plain run retrain anything.
     RESTART_FLAG = "--restart-if-changed" if RETRAIN == "stale" else ""
-    # The corpus by content (harness.corpus): data/corpus.json, an input of the data rule, changes
+    # The corpus by content (harness.data.corpus): data/corpus.json, an input of the data rule, changes
     # when what the corpus holds changes, not when it is copied or moved. It is written once the
     # identities are checked, so that a refused change leaves every file as it was.
     # A dry run (`snakemake -n`) writes nothing under results/: where a real run would write
@@ -99,7 +100,7 @@ with refusals():
         sync_corpus(STUDY, Path(RESULTS), content=CORPUS)
     STAND_IN = stand_ins(dry_run_files(list(RUNS.values()), RETRAINED, Path(RESULTS), CORPUS)) if DRY_RUN else {}
 
-    # Finished runs of other studies that this one reuses (harness.reuse): where a run has none, its
+    # Finished runs of other studies that this one reuses (harness.workflow.reuse): where a run has none, its
     # reuse job lacks an input and Snakemake trains it (ruleorder: reuse > train).
     OUR_DATA = our_data(STUDY, Path(RESULTS), CORPUS)
 
@@ -114,6 +115,6 @@ onstart:
     with refusals():
         guard_retraining(workflow, STUDY, list(RUNS.values()), Path(RESULTS), RETRAIN)
         # The checkpoints and shards the study still has to write must fit on the disk of RESULTS
-        # (harness.disk); `--config disk_check=off` starts it anyway.
+        # (harness.workflow.disk); `--config disk_check=off` starts it anyway.
         if not getattr(workflow, "touch", False):
             guard_disk(STUDY, list(RUNS.values()), Path(RESULTS), config.get(CHECK_KEY))

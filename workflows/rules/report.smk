@@ -1,4 +1,4 @@
-from harness.report_html import section_labels
+from harness.report.html import section_labels
 
 # `snakemake --report report.html` opens on workflow.rst: the study, "At a glance" and "Claims"
 # as report.md writes them, and a link to the whole report. Its Results list, each in report.md's

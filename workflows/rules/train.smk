@@ -4,7 +4,7 @@ rule train:
         data=rules.data.output.meta,
         # What the run trains to (model, budget, seed, recipe less its bookkeeping fields),
         # written when the workflow starts and only when it changes: a change to it reruns the
-        # run, a change to anything else does not (harness.workflow.sync_identities).
+        # run, a change to anything else does not (harness.workflow.snakefile.sync_identities).
         identity=lambda wildcards: written_input(f"{RESULTS}/runs/{wildcards.run}/identity.json", DRY_RUN, STAND_IN),
     output:
         record=f"{RESULTS}/runs/{{run}}/record.json",
@@ -20,12 +20,12 @@ rule train:
     benchmark:
         f"{RESULTS}/benchmarks/train/{{run}}.tsv"
     shell:
-        "{PY:q} -m harness.devices {resources.gpu} {LAUNCH} train {STUDY_FILE:q} --run {wildcards.run:q}"
+        "{PY:q} -m harness.train.devices {resources.gpu} {LAUNCH} train {STUDY_FILE:q} --run {wildcards.run:q}"
         " --threads {resources.rank_threads} {RESTART_FLAG} > {log:q} 2>&1"
 
 
 # A run another study of this project finished the same (identity and data, token for token) is
-# brought in instead of trained (harness.reuse): a copied or extended study trains only its new
+# brought in instead of trained (harness.workflow.reuse): a copied or extended study trains only its new
 # runs, and `snakemake -n` lists those under `train`, the others under `reuse`.
 ruleorder: reuse > train
 

@@ -1,0 +1,133 @@
+"""What a study's data is made from, by content: ``data/corpus.json``, an input of the data rule.
+
+Snakemake decides by timestamps. A corpus file edited in place after the pipeline finished
+would leave the data step (which had no input) alone, and the report would stand on the old
+data; a corpus copied without its timestamps, or moved to another folder, would look changed
+although it holds the same text. So the workflow writes ``corpus.json`` when it starts
+(:func:`sync_corpus`): the data fingerprint of the corpus as it is now (``harness.data.prepare``: each
+document's key and text, never where it lies) and the hash of the tokenizer file, if any. The
+file gets a new time only when that content changes, and is made older than data.json whenever
+data.json was made from that content: only a change of content reruns the data step.
+
+Reading the whole corpus is skipped while the same files have the same sizes and times as when
+it was last read (``signature``). An ``hf`` dataset is not read here (it may need the network):
+its settings, parameters of the data rule, stand for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from harness.core.io import read_json_object
+from harness.study.runs import essential_fields
+from harness.study.spec import Study
+from models.config import ConfigError
+
+CORPUS = "corpus.json"
+CONTENT = ("fingerprint", "tokenizer_file_sha256")
+"""What corpus.json says of the corpus; its other field, ``signature``, only saves rereading it."""
+READ_SETTINGS = ("source", "paths", "text_field", "max_bytes")
+"""The data settings that decide which documents are read (and so the fingerprint)."""
+
+
+def _signature(study: Study) -> str | None:
+    """A hash of the settings that decide what is read and of each file's path, size and time;
+    None for a source that is not a set of local files."""
+    from harness.data.prepare import TRAINING_SIDE, corpus_files
+
+    files = corpus_files(study.data, study.path)
+    if files is None:
+        return None
+    digest = hashlib.sha256(json.dumps(essential_fields(study.data, TRAINING_SIDE), sort_keys=True).encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def corpus_content(study: Study, results: Path) -> dict[str, Any]:
+    """``fingerprint`` (None for an hf dataset) and ``tokenizer_file_sha256`` of the corpus as it
+    is now, with its ``signature``; read from corpus.json when no file changed since it was written."""
+    from harness.data.prepare import corpus_fingerprint, tokenizer_file_sha
+
+    try:
+        signature = _signature(study)
+        old = read_json_object(results / "data" / CORPUS)
+        if signature is not None and old and old.get("signature") == signature and set(CONTENT) <= old.keys():
+            return {k: old[k] for k in CONTENT} | {"signature": signature}
+        fingerprint = None if signature is None else corpus_fingerprint(study.data, study.path)
+        tokenizer = tokenizer_file_sha(study.data)
+    except OSError as e:
+        raise ConfigError("data.paths", f"cannot read {e.filename}: {e.strerror}", study.path) from None
+    return {"fingerprint": fingerprint, "tokenizer_file_sha256": tokenizer, "signature": signature}
+
+
+def made_from(meta: dict[str, Any] | None, content: dict[str, Any]) -> bool:
+    """Whether the prepared data (its data.json) was made from this content."""
+    if not meta or content["fingerprint"] is None:
+        return False
+    tokenizer = (meta.get("tokenizer") or {}).get("file_sha256")
+    return meta.get("fingerprint") == content["fingerprint"] and tokenizer == content["tokenizer_file_sha256"]
+
+
+def sync_corpus(
+    study: Study, results: Path, write: bool = True, content: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write data/corpus.json where it is missing or its content changed; keep its time when only
+    the signature did; make it older than the prepared data when that was made from this content.
+    Returns the content (``content``: already read). ``write`` False (a dry run): only read."""
+    from harness.core.io import write_text
+
+    path, data_json = results / "data" / CORPUS, results / "data" / "data.json"
+    content = content or corpus_content(study, results)
+    if not write:
+        return content
+    old = read_json_object(path)
+    if old != content:
+        same = old is not None and all(old.get(k) == content[k] for k in CONTENT)
+        when = path.stat().st_mtime if same else None
+        write_text(path, json.dumps(content, sort_keys=True, indent=1) + "\n")
+        if when is not None:
+            os.utime(path, (when, when))
+    if made_from(read_json_object(data_json), content):
+        # Older than every output of the data rule: Snakemake compares an input with the oldest.
+        outputs = [data_json, *(results / "data").glob("*.bin"), results / "data" / "tokenizer.json"]
+        made = min(p.stat().st_mtime for p in outputs if p.is_file())
+        if path.stat().st_mtime >= made:
+            os.utime(path, (made - 1, made - 1))
+    return content
+
+
+def corpus_rewritten(results: Path, content: dict[str, Any]) -> bool:
+    """Whether :func:`sync_corpus` would write corpus.json newer than the prepared data: its
+    content is new, and the prepared data (if any) was not made from it."""
+    old = read_json_object(results / "data" / CORPUS)
+    if old is not None and all(old.get(k) == content[k] for k in CONTENT):
+        return False
+    return not made_from(read_json_object(results / "data" / "data.json"), content)
+
+
+def corpus_changes(study: Study, results: Path, content: dict[str, Any] | None = None) -> list[str]:
+    """How the corpus differs in content from the one the prepared data was made from (empty when
+    it does not, when no data is prepared, or for an hf dataset)."""
+    meta = read_json_object(results / "data" / "data.json")
+    if not meta or "fingerprint" not in meta:
+        return []
+    content = content or corpus_content(study, results)
+    if content["fingerprint"] is None or made_from(meta, content):
+        return []
+    changes = []
+    if meta["fingerprint"] != content["fingerprint"]:
+        where = "the standard library" if study.data.source.value.startswith("python") else "data.paths"
+        changes.append(
+            f"the corpus ({where}) changed in content since the data was prepared: "
+            f"fingerprint {meta['fingerprint'][:16]} -> {content['fingerprint'][:16]}"
+        )
+    tokenizer = (meta.get("tokenizer") or {}).get("file_sha256")
+    if tokenizer != content["tokenizer_file_sha256"]:
+        changes.append("data.tokenizer_file changed in content since the data was prepared")
+    return changes

@@ -1,0 +1,170 @@
+"""The report's at-a-glance table, claims and reproduction as Markdown: what a CI run shows of a study.
+
+    python -m harness.report.summary results/tiny/report.md   # the three sections
+    python -m harness.report.summary results/tiny/report.md --check-reproduction   # `make summary STUDY=tiny`
+    make summary STUDY=tiny >> "$GITHUB_STEP_SUMMARY"          # a GitHub job's summary page
+
+The sections are cut from report.md as ``harness.report.build`` wrote them, each from its ``## ``
+heading up to the next heading of level 1 or 2, so that the CI page shows the report's own text
+and not a second rendering of it. A report that lacks one of them is an error naming the file and
+the section: a summary that silently lost its table would read like a pass. Needs only the
+standard library, so it runs with any Python >= 3.11, without the project's environment.
+
+``--check-reproduction`` reads the Reproduction section's table (``harness.analysis.reproduce``)
+and adds its verdict: exit status 1 when a loss, bits-per-byte or accuracy number (or a per-seed
+MoE - dense difference) did not reproduce within its tolerance. Throughput is annotated only:
+shared runners are noisy, and a host of the same class may run at another speed. A report with
+nothing to compare (no committed reference, or the reference itself) passes and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from harness.core.errors import HarnessError
+
+SECTIONS = ("At a glance", "Claims", "Reproduction")
+"""The headings (level 2) of report.md that make the summary, in this order."""
+
+_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+_FENCE = re.compile(r"^\s*(```|~~~)")
+
+
+def _headings(lines: Sequence[str]) -> list[tuple[int, int, str]]:
+    """(line index, level, title) of each ATX heading outside fenced code blocks."""
+    out, in_fence = [], False
+    for i, line in enumerate(lines):
+        if _FENCE.match(line):
+            in_fence = not in_fence
+        elif not in_fence and (m := _HEADING.match(line)):
+            out.append((i, len(m.group(1)), m.group(2)))
+    return out
+
+
+def sections(text: str, titles: Sequence[str] = SECTIONS, source: str | Path = "report.md") -> str:
+    """The ``## TITLE`` sections of the Markdown ``text``, in the order of ``titles``, joined by
+    a blank line; the first of each title counts. Raises HarnessError naming ``source`` and every
+    missing title."""
+    lines = text.splitlines()
+    top = [h for h in _headings(lines) if h[1] <= 2]  # a section ends at the next of these
+    found: dict[str, str] = {}
+    for (start, level, title), (end, _, _) in zip(top, [*top[1:], (len(lines), 0, "")], strict=True):
+        if level == 2 and title in titles and title not in found:
+            found[title] = "\n".join(lines[start:end]).strip()
+    missing = [t for t in titles if t not in found]
+    if missing:
+        have = ", ".join(title for _, level, title in top if level == 2) or "none"
+        raise HarnessError(
+            f"{source}: no section {', '.join(f'`## {t}`' for t in missing)} (its level-2 headings: {have}); "
+            "rewrite it with `harness report STUDY`"
+        )
+    return "\n\n".join(found[t] for t in titles) + "\n"
+
+
+def missing(report: Path) -> str:
+    """Why ``report`` (results/<study>/report.md) is absent, in one line: the study has not run,
+    or there is no such study; then which studies there are and which have a report."""
+    study = report.parent.name
+    here = Path.cwd().resolve()
+    root = next((d for d in (here, *here.parents) if (d / "workflows" / "studies").is_dir()), here)
+    studies = Path(os.path.relpath(root / "workflows" / "studies"))
+    shipped = sorted(p.stem for p in studies.glob("*.yaml"))
+    reported = sorted(p.parent.name for p in report.parent.parent.glob("*/report.md"))
+    if study in shipped:
+        return f"{report} does not exist: study '{study}' has no report yet; `make study STUDY={study}` runs it"
+    return (
+        f"{report} does not exist: there is no study '{study}' in {studies}/ "
+        f"(studies: {', '.join(shipped) or 'none'}; with a report in {report.parent.parent}: "
+        f"{', '.join(reported) or 'none'})"
+    )
+
+
+THROUGHPUT = "tokens_per_s"
+"""A reproduction metric whose name holds this is throughput: annotated, never failed."""
+
+
+def reproduction_rows(text: str, source: str | Path = "report.md") -> list[dict[str, str]] | None:
+    """The rows of the Reproduction section's table (a dict per row, by header), or None when the
+    section has no table (nothing was compared)."""
+    section = sections(text, ("Reproduction",), source)
+    lines = [line.strip() for line in section.splitlines() if line.strip().startswith("|")]
+    if len(lines) < 2:
+        return None
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    headers = cells[0]
+    if "metric" not in headers or "reproduced" not in headers:
+        raise HarnessError(f"{source}: the Reproduction table has no 'metric' or 'reproduced' column: {headers}")
+    return [dict(zip(headers, row, strict=False)) for row in cells[2:]]
+
+
+def _named(row: dict[str, str]) -> str:
+    return (
+        f"`{row.get('run', '?')}` {row['metric']}: {row.get('this run', '?')} against {row.get('reference', '?')} "
+        f"({row.get('tolerance', '?')})"
+    )
+
+
+def check_reproduction(text: str, source: str | Path = "report.md") -> tuple[bool, str]:
+    """(passed, the verdict as Markdown) of the Reproduction table: failed when a number other
+    than throughput did not reproduce."""
+    rows = reproduction_rows(text, source)
+    if rows is None:
+        return True, "**Reproduction check: nothing to compare** (no reproduction table: see the section above)."
+    judged = [r for r in rows if THROUGHPUT not in r["metric"]]
+    speed = [r for r in rows if THROUGHPUT in r["metric"]]
+    failed = [r for r in judged if r["reproduced"] != "yes"]
+    slow = [r for r in speed if r["reproduced"] != "yes"]
+    if failed:
+        out = (
+            f"**Reproduction check: FAILED.** {len(failed)} of {len(judged)} loss, bits-per-byte and accuracy "
+            "numbers did not reproduce within tolerance: " + "; ".join(map(_named, failed)) + "."
+        )
+    else:
+        out = (
+            f"**Reproduction check: passed.** {len(judged)} of {len(judged)} loss, bits-per-byte and accuracy "
+            "numbers reproduced within tolerance."
+        )
+    if speed:
+        out += (
+            f" Throughput is annotated only (shared runners are noisy): {len(speed) - len(slow)} of {len(speed)} "
+            "within its band" + ("; outside: " + "; ".join(map(_named, slow)) if slow else "") + "."
+        )
+    return not failed, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harness.report.summary", description=__doc__.split("\n\n")[0])
+    p.add_argument("report", type=Path, help="the study's report.md, e.g. results/tiny/report.md")
+    p.add_argument(
+        "--section", action="append", metavar="TITLE", help=f"a level-2 heading to print (default: {SECTIONS})"
+    )
+    p.add_argument(
+        "--check-reproduction",
+        action="store_true",
+        help="add the reproduction verdict; exit 1 when a loss, bits-per-byte or accuracy number did not reproduce",
+    )
+    args = p.parse_args(argv)
+    try:
+        if not args.report.is_file():
+            raise HarnessError(missing(args.report))
+        text = args.report.read_text(encoding="utf-8")
+        sys.stdout.write(sections(text, args.section or SECTIONS, args.report))
+        passed, verdict = check_reproduction(text, args.report) if args.check_reproduction else (True, "")
+    except HarnessError as e:
+        print(f"report_summary: error: {e}", file=sys.stderr)
+        return 2
+    if verdict:
+        sys.stdout.write(f"\n{verdict}\n")
+    if not passed:
+        print(f"report_summary: {args.report}: {verdict.replace('**', '')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,630 @@
+"""Train one run of a study to its FLOP budget: step -> log -> eval -> checkpoint.
+
+    harness train tiny --run moe-xs-e8k2_3e12_s0
+
+Tokens = budget / training FLOPs per token (the study's convention); dense and MoE runs of a
+seed share the data order and recipe. A killed run resumes from ``checkpoint.pt`` and, on CPU,
+finishes with the same numbers as an uninterrupted one. ``record.json`` is written last.
+Progress shows as a bar on a terminal and as plain lines in a log file; ``recipe.tensorboard``
+adds TensorBoard curves (harness.train.progress).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.core import host_load
+from harness.core.errors import DamagedFile, HarnessError
+from harness.core.io import read_json, read_jsonl, remove_leftovers, write_json, write_text
+from harness.core.provenance import provenance
+from harness.core.remedy import run_file
+from harness.data.prepare import TokenShard, verify_shards
+from harness.study.runs import identity_changes, recorded_identity, run_identity
+from harness.study.spec import Recipe, Run, Schedule, Study
+from harness.train import checkpoint, parallel, run_lock
+from harness.train.energy import combine_across_ranks, open_meter
+from harness.train.parallel import ALONE, Layout
+from harness.train.precision import Precision, resolve
+from harness.train.progress import TENSORBOARD_DIR, TensorBoardLog, open_progress, require_tensorboard
+from harness.train.resources import check_memory
+from harness.train.train_loss import smoothed_train_loss
+from models.accounting import FlopConvention, count_params, training_flops_per_token
+from models.config import ConfigError, dump_config
+from models.transformer import Transformer
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+SPEC = "spec.json"
+"""What a run in progress trains to (its identity and data); record.json repeats it when done."""
+
+TRAINING_OUTPUTS = ("config.yaml", SPEC, "metrics.jsonl", checkpoint.NAME, checkpoint.PREVIOUS, "record.json")
+"""What a training job writes in its run folder; leftovers of interrupted writes of these are
+removed when it starts."""
+
+
+class Stopped(RuntimeError):
+    """Raised by --stop-after: the run stopped early, leaving a checkpoint to resume from."""
+
+
+def lr_at(step: int, steps: int, r: Recipe) -> float:
+    warmup = max(1, round(r.warmup_fraction * steps))
+    if step < warmup:
+        return r.lr * (step + 1) / warmup
+    if r.schedule is Schedule.COSINE:
+        progress = (step - warmup) / max(1, steps - 1 - warmup)
+        return r.lr * (r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    decay_start = steps - max(1, round(r.decay_fraction * steps))
+    if step < decay_start:
+        return r.lr
+    progress = (step - decay_start + 1) / (steps - decay_start)
+    return r.lr * (1 - (1 - r.min_lr_ratio) * progress)
+
+
+def pick_device(study: Study) -> torch.device:
+    if study.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "is 'cuda' but no CUDA device is visible here; use 'auto' or 'cpu'", study.path)
+    if study.device == "cuda" or (study.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def make_optimizer(model: torch.nn.Module, r: Recipe) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (norm weights) do not (nanoGPT's grouping)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    keep = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": r.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=r.lr, betas=(r.beta1, r.beta2), fused=False)
+
+
+def run_spec(run: Run, data_meta: dict[str, Any]) -> dict[str, Any]:
+    """Everything that determines the run's numbers (``run_identity`` and the data); its hash
+    guards resumption."""
+    return run_identity(run) | {"data_fingerprint": data_meta["fingerprint"]}
+
+
+def _spec_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def evaluate(
+    model, shard: TokenShard, r: Recipe, device: torch.device, precision: Precision, layout: Layout = ALONE
+) -> float:
+    """Mean validation loss per token over the fixed sample; with several ranks, each takes every
+    world-th batch and the sums are added up."""
+    model.eval()
+    total, count = 0.0, 0
+    # Expert-parallel layers run collectively: then every rank evaluates every batch.
+    split = layout.world if layout.expert == 1 else 1
+    for i, (x, y) in enumerate(shard.eval_batches(r.eval_batches, r.batch_size)):
+        if i % split != layout.rank % split:
+            continue
+        with precision.autocast(device):
+            out = model(x.to(device), y.to(device))
+        total += float(out.loss) * y.numel()
+        count += y.numel()
+    model.train()
+    if split > 1:
+        total, count = parallel.total([total, float(count)], layout)
+    return total / count
+
+
+def routing_summary(
+    model, layout: Layout = ALONE, replicas=None, expert_parallel: bool = False
+) -> list[dict[str, Any]]:
+    """Per MoE layer, on the host (call at log steps only: it synchronises). Token counts are
+    the whole global batch's; the losses and entropy those of this rank's batch (of its
+    expert-parallel group's, with expert parallelism)."""
+    rows = []
+    for s in model.routing_stats():
+        load = s.tokens_per_expert.float().clone()
+        parallel.all_reduce(load, layout, replicas, expert_parallel)
+        rows.append(
+            {
+                "tokens_per_expert": [int(n) for n in load.tolist()],
+                "load_max_over_mean": float(load.max() / load.mean().clamp_min(1e-9)),
+                "load_cv": float(load.std(unbiased=False) / load.mean().clamp_min(1e-9)),
+                "dropped_fraction": float(s.dropped_fraction),
+                "router_entropy": float(s.router_entropy),
+                "load_balance_loss": float(s.load_balance_loss),
+                "z_loss": float(s.z_loss),
+            }
+        )
+    return rows
+
+
+class Trainer:
+    """One run's state: model, optimizer, data, clock, checkpoint and log. ``fit()`` is the loop;
+    the other methods are the hooks around it."""
+
+    def __init__(
+        self,
+        run: Run,
+        study: Study,
+        data_dir: Path,
+        out_dir: Path,
+        progress: bool = True,
+        resume: str = "auto",
+        layout: Layout = ALONE,
+        device: torch.device | None = None,
+    ):
+        self.run, self.study, self.r, self.out_dir = run, study, run.recipe, out_dir
+        self.layout = layout
+        if self.r.tensorboard:
+            require_tensorboard(study.path)
+            if (folder := out_dir / TENSORBOARD_DIR).exists() and not folder.is_dir():
+                raise HarnessError(
+                    f"{folder}: a file is where the run's TensorBoard folder belongs (recipe.tensorboard is "
+                    "true): move the file aside, or set recipe.tensorboard: false"
+                )
+        self.data_meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
+        self._check_data(data_dir)
+        self.device = device or pick_device(study)
+        check_memory(run.model, self.r.batch_size, self.r.seq_len, self.device, run.run_id)
+        self.precision = resolve(self.r, self.device)
+        self.spec = run_spec(run, self.data_meta)
+        self.spec_hash = _spec_hash(self.spec)
+        if resume == "previous" and not (out_dir / checkpoint.PREVIOUS).is_file():
+            raise HarnessError(self._no_previous())
+        self.ckpt_path, self.metrics_path = out_dir / checkpoint.NAME, out_dir / "metrics.jsonl"
+        if layout.main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for name in TRAINING_OUTPUTS:
+                remove_leftovers(out_dir, name)
+            write_text(out_dir / "config.yaml", dump_config(run.model))
+            if resume == "restart":
+                self._start_over()
+        parallel.barrier(layout)  # no rank reads the folder before the first has tidied it
+
+        torch.manual_seed(run.seed)
+        self.model = Transformer(run.model).to(self.device)
+        self.opt = make_optimizer(self.model, self.r)
+        self.train_shard = TokenShard(data_dir, "train", self.r.seq_len)
+        self.val_shard = TokenShard(data_dir, "validation", self.r.seq_len)
+        self.step, self.elapsed, self.energy_j = 0, 0.0, 0.0
+        # Compiled runs: the first step of each process compiles; its time is kept apart.
+        self.compile_s, self.untimed_steps = 0.0, 0
+        self.meter = open_meter(self.device)
+        self._resume(resume)
+        self.replicas, self.expert_parallel = self._shard_experts()
+        if layout.main:
+            write_json(out_dir / SPEC, {"spec_hash": self.spec_hash, "spec": self.spec})
+        self.resumed_at = self.elapsed
+        wrapped = parallel.wrap(self.model, self.device, layout, ignored=self._sharded_names())
+        self.step_model = torch.compile(wrapped) if self.precision.compile else wrapped
+        self.val_loss: float | None = None
+        self.progress = progress and layout.main
+        self.events: TensorBoardLog | None = None  # recipe.tensorboard: opened by fit()
+
+    def _shard_experts(self) -> tuple[Any, bool]:
+        """Expert parallelism (an MoE, layout.expert > 1): each rank keeps its shard of every
+        layer's experts, and the optimizer is rebuilt over the shards with the loaded state cut
+        to them. Returns the replica group (ranks holding the same shards) and whether sharded."""
+        if self.layout.expert == 1 or self.run.model.moe is None:
+            return None, False
+        from models.expert_parallel import expert_groups, shard_experts
+
+        full = self.opt.state_dict()
+        group, replicas = expert_groups(self.layout.expert)
+        shard_experts(self.model, group)
+        self.opt = make_optimizer(self.model, self.r)
+        self.opt.load_state_dict(parallel.shard_optimizer_state(full, self.model))
+        return replicas, True
+
+    def _expert_layout(self) -> dict[str, Any] | None:
+        from models.expert_parallel import describe
+
+        return describe(self.model)
+
+    def _sharded_names(self) -> list[str]:
+        """Parameters DDP must leave alone: the expert shards, reduced by their own group."""
+        if not self.expert_parallel:
+            return []
+        from models.expert_parallel import expert_parameter_names
+
+        return expert_parameter_names(self.model)
+
+    def _check_data(self, data_dir: Path) -> None:
+        """The prepared data fits the run: its vocabulary, enough train tokens for the budget and
+        a window of seq_len in each split; each refusal names the field and what to do."""
+        run, meta, study = self.run, self.data_meta, self.study.path
+        prepare = f"`harness data {study}` prepares it again"
+        if meta["tokenizer"]["vocab_size"] != run.model.vocab_size:
+            raise ConfigError(
+                "data.vocab_size",
+                f"is {run.model.vocab_size}, but the data in {data_dir} was prepared with a tokenizer of "
+                f"{meta['tokenizer']['vocab_size']} tokens; {prepare} with the new vocabulary "
+                "(every run then trains again)",
+                study,
+            )
+        verify_shards(data_dir, meta, f"harness data {study}")
+        train_tokens = meta["splits"]["train"]["tokens"]
+        if run.tokens > train_tokens and not self.study.data.allow_repetition:
+            raise ConfigError(
+                "data.allow_repetition",
+                f"run {run.run_id} needs {run.tokens:,} tokens but the train split holds {train_tokens:,} "
+                f"({run.tokens / train_tokens:.2f} epochs); set allow_repetition: true, use more data, "
+                "or lower the budget",
+                study,
+            )
+        for split in ("train", "validation"):
+            tokens = meta["splits"][split]["tokens"]
+            if tokens - 1 < self.r.seq_len:  # a window is seq_len inputs and the token after them
+                more = (
+                    f"raise data.validation_fraction and run `harness data {study}`"
+                    if split == "validation"
+                    else "use more data"
+                )
+                raise ConfigError(
+                    "recipe.seq_len",
+                    f"{self.r.seq_len} is longer than the {split} split of {data_dir} ({tokens:,} tokens); "
+                    f"lower recipe.seq_len, or {more}",
+                    study,
+                )
+
+    def _start_over(self) -> None:
+        """Discard the checkpoints, record and curves of an earlier configuration of this run."""
+        checkpoint.discard(self.out_dir)
+        (self.out_dir / "record.json").unlink(missing_ok=True)
+        shutil.rmtree(self.out_dir / TENSORBOARD_DIR, ignore_errors=True)
+
+    def _no_previous(self) -> str:
+        """--from-previous without a checkpoint.prev.pt: what the run folder holds, and what is left."""
+        train = f"harness train {self.study.path} --run {self.run.run_id}"
+        current = self.out_dir / checkpoint.NAME
+        why = checkpoint.problem(current)
+        if why is None:
+            there = f"{current.name} verifies: `{train}` resumes from it, `{train} --restart` starts over"
+        elif current.exists():
+            there = f"{current.name} is damaged ({why}): `{train} --restart` starts the run over"
+        else:
+            there = f"the run has no checkpoint: `{train}` starts it (`--from-previous` is not needed)"
+        return f"{self.out_dir / checkpoint.PREVIOUS}: there is no previous checkpoint to resume from; {there}"
+
+    def _damaged_remedy(self) -> str:
+        train = f"harness train {self.study.path} --run {self.run.run_id}"
+        prev = self.out_dir / checkpoint.PREVIOUS
+        keep = f"`{train} --from-previous` resumes from {prev.name}, " if checkpoint.problem(prev) is None else ""
+        return f"{keep}`{train} --restart` starts the run over"
+
+    def _resume(self, resume: str) -> None:
+        """Load the checkpoint (``resume``: auto, previous, restart, or changed: auto, but start
+        over from a checkpoint of another configuration), and cut metrics.jsonl back to its step."""
+        kept: list[str] = []
+        path = self.out_dir / checkpoint.PREVIOUS if resume == "previous" else self.ckpt_path
+        if resume == "previous" or path.exists():
+            try:
+                state = checkpoint.load_checkpoint(path, "harness train", map_location=self.device)
+            except DamagedFile as e:
+                raise DamagedFile(e.path, e.problem, self._damaged_remedy()) from None
+            if state.get("spec_hash") != self.spec_hash and resume == "changed":
+                parallel.barrier(self.layout)  # every rank has read it before it goes
+                if self.layout.main:
+                    self._start_over()  # asked for: a checkpoint of another configuration
+                    write_text(self.metrics_path, "")
+                return
+            if state.get("spec_hash") != self.spec_hash:
+                changed = identity_changes(state["spec"], self.spec) if "spec" in state else []
+                what = "; ".join(changed) or f"spec {state.get('spec_hash')} vs {self.spec_hash}"
+                raise HarnessError(
+                    f"{path}: checkpoint belongs to another configuration of {self.run.run_id} ({what}); "
+                    f"`harness train {self.study.path} --run {self.run.run_id} --restart` starts over"
+                )
+            if resume == "previous" and self.layout.main:  # the damaged one must not become "previous"
+                checkpoint.discard_current(self.out_dir)
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng_cpu"].cpu())
+            if self.device.type == "cuda" and "rng_cuda" in state:
+                torch.cuda.set_rng_state(state["rng_cuda"].cpu())
+            self.step, self.elapsed = int(state["step"]), float(state["elapsed_s"])
+            self.compile_s, self.untimed_steps = state.get("compile_s", 0.0), state.get("untimed_steps", 0)
+            self.energy_j = state.get("gpu_energy_j")
+            if self.metrics_path.exists():
+                rows = read_jsonl(
+                    self.metrics_path, partial_last=True, remedy=run_file(self.metrics_path, self.study.path)
+                )
+                kept = [json.dumps(row) + "\n" for row in rows if row["step"] <= self.step]
+        parallel.barrier(self.layout)  # every rank has read the log before it is cut
+        if self.layout.main:
+            write_text(self.metrics_path, "".join(kept))
+
+    def save(self) -> None:
+        if self.expert_parallel:  # the single-process checkpoint: shards gathered (collective)
+            from models.expert_parallel import full_state_dict
+
+            model_state, opt_state = full_state_dict(self.model), parallel.full_optimizer_state(self.opt, self.model)
+        else:
+            model_state, opt_state = self.model.state_dict(), self.opt.state_dict()
+        state = {
+            "model": model_state,
+            "optimizer": opt_state,
+            "step": self.step,
+            "elapsed_s": self.elapsed,
+            "compile_s": self.compile_s,
+            "untimed_steps": self.untimed_steps,
+            "gpu_energy_j": self._energy_total(self._energy_so_far()),
+            "rng_cpu": torch.get_rng_state(),
+            "spec_hash": self.spec_hash,
+            "spec": self.spec,
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        if self.layout.main:  # the ranks hold one model: the first writes it
+            checkpoint.save_checkpoint(state, self.ckpt_path)
+        parallel.barrier(self.layout)
+
+    def _energy_so_far(self) -> float | None:
+        """GPU energy of this segment so far, summed over ranks (None if any rank has none)."""
+        values = parallel.gather(self.meter.energy_so_far_j(), self.layout)
+        return None if None in values else sum(values)
+
+    def _energy_total(self, segment_j: float | None) -> float | None:
+        """GPU energy of the whole run: earlier segments plus this one (None if unmeasured)."""
+        return None if segment_j is None or self.energy_j is None else self.energy_j + segment_j
+
+    def tick(self) -> None:
+        """Add the wall time since the last mark to the training time (synchronised on CUDA)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.elapsed += now - self.mark
+        self.mark = now
+
+    def train_step(self) -> tuple[Any, float, torch.Tensor]:
+        lr = lr_at(self.step, self.run.steps, self.r)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        x, y = self.train_shard.train_batch(self.step, self.r.batch_size, self.run.seed)
+        rows = parallel.local_rows(self.r.batch_size, self.layout)  # this rank's slice of the batch
+        x, y = x[rows], y[rows]
+        with self.precision.autocast(self.device):
+            out = self.step_model(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        (out.loss + out.aux_loss).backward()
+        if self.expert_parallel:
+            from models import expert_parallel
+
+            expert_parallel.reduce_expert_gradients(self.model, self.replicas)
+            grad_norm = expert_parallel.clip_grad_norm_(self.model, self.r.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.r.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self._sum_router_loads()
+        self.model.update_router_biases()
+        self.step += 1
+        return out, lr, grad_norm
+
+    def _sum_router_loads(self) -> None:
+        """Aux-loss-free routers update their bias from the load of the whole global batch, so
+        every rank keeps the same bias."""
+        if not self.layout.distributed:
+            return
+        for m in self.model.moe_layers:
+            if m.router.bias is not None:  # expert-parallel layers hold their group's load already
+                parallel.all_reduce(m.router.load_accum, self.layout, self.replicas, self.expert_parallel)
+
+    def _set_compilation_apart(self) -> None:
+        """The first compiled step of a process: its time goes to compile_s, not training time."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.compile_s += now - self.mark
+        self.mark = now
+        self.untimed_steps += 1
+        self.segment_untimed = 1
+
+    def score(self, shard: TokenShard) -> float:
+        """The model's mean loss on ``shard``'s fixed evaluation sample (``evaluate``)."""
+        return evaluate(self.model, shard, self.r, self.device, self.precision, self.layout)
+
+    def log(self, out, lr: float, grad_norm: torch.Tensor, evaluating: bool, sink) -> dict[str, Any]:
+        run, done = self.run, self.step
+        loss = parallel.mean(out.loss.item(), self.layout)  # the one host sync of a logged step
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"{run.run_id}: loss is {loss} at step {done}; the run is stopped")
+        row = {
+            "step": done,
+            "tokens": done * run.tokens_per_step,
+            "flops": done * run.tokens_per_step * run.flops_per_token,
+            "lr": lr,
+            "loss": loss,
+            "aux_loss": parallel.mean(out.aux_loss.item(), self.layout),
+            "grad_norm": float(grad_norm),
+            "elapsed_s": self.elapsed,
+            "tokens_per_s": (done - self.start_step - self.segment_untimed)
+            * run.tokens_per_step
+            / max(self.elapsed - self.resumed_at, 1e-9),
+            **host_load.sample(),  # how busy the host was: its training time is judged by it (plausibility)
+        }
+        if run.model.moe is not None:
+            row["routing"] = routing_summary(self.model, self.layout, self.replicas, self.expert_parallel)
+        if evaluating:
+            self.val_loss = row["val_loss"] = self.score(self.val_shard)
+        sink.write(json.dumps(row) + "\n")
+        sink.flush()
+        if self.events is not None:
+            self.events.write(row)
+        return row
+
+    def fit(self, stop_after: int | None = None) -> None:
+        run = self.run
+        log_every = max(1, run.steps // 200)
+        progress = open_progress(run.run_id, run.steps, self.step, self.progress)
+        if self.r.tensorboard and self.step < run.steps and self.layout.main:
+            self.events = TensorBoardLog(self.out_dir / TENSORBOARD_DIR, self.step)
+        self.start_step, self.mark = self.step, time.perf_counter()
+        self.segment_untimed = 0
+        self.model.train()
+        self.meter.start()  # counter at start and end: the run's GPU energy, evaluation included
+        try:
+            self._loop(stop_after, log_every, progress)
+        except BaseException:
+            self.meter.stop()  # ends the sampler; this segment's energy is in the checkpoint
+            raise
+        finally:
+            progress.close()
+            if self.events is not None:
+                self.events.close()
+        self.save()
+        self.energy_window = combine_across_ranks(self.meter.stop())
+        self.energy_j = self._energy_total(self.energy_window.energy_j)
+
+    def _loop(self, stop_after: int | None, log_every: int, progress) -> None:
+        run, r = self.run, self.r
+        opened = self.metrics_path.open("a") if self.layout.main else contextlib.nullcontext(io.StringIO())
+        with opened as sink:
+            while self.step < run.steps:
+                out, lr, grad_norm = self.train_step()
+                if self.precision.compile and self.segment_untimed == 0:
+                    self._set_compilation_apart()
+                evaluating = self.step % r.eval_every == 0 or self.step == run.steps
+                row = None
+                if self.step % log_every == 0 or evaluating:
+                    self.tick()
+                    row = self.log(out, lr, grad_norm, evaluating, sink)
+                    self.mark = time.perf_counter()  # logging and evaluation are not training time
+                progress.update(self.step, row)
+                if self.step < run.steps and (self.step % r.checkpoint_every == 0 or self.step == stop_after):
+                    self.tick()
+                    self.save()
+                    self.mark = time.perf_counter()
+                    if self.step == stop_after:
+                        raise Stopped(
+                            f"{run.run_id}: stopped after step {self.step} of {run.steps}; run again to resume"
+                        )
+
+    def record(self) -> dict[str, Any]:
+        run, r = self.run, self.r
+        rows = read_jsonl(self.metrics_path, remedy=run_file(self.metrics_path, self.study.path))
+        if not rows or rows[-1].get("step") != run.steps:
+            raise DamagedFile(self.metrics_path, f"its last row is not step {run.steps}", self._damaged_remedy())
+        final = rows[-1]
+        if self.val_loss is None:  # resumed from the final checkpoint of a run killed before its record
+            self.val_loss = final.get("val_loss") or self.score(self.val_shard)
+        return {
+            "run_id": run.run_id,
+            "study": self.study.name,
+            "model": run.model.name,
+            "arm": "dense" if run.model.moe is None else "moe",
+            "experts": None if run.model.moe is None else run.model.moe.experts,
+            "top_k": None if run.model.moe is None else run.model.moe.top_k,
+            "seed": run.seed,
+            "config": run.model.to_dict(),
+            "recipe": {k: getattr(v, "value", v) for k, v in r.__dict__.items()},
+            "identity": run_identity(run),
+            "precision": self.precision.describe(self.device),
+            "parallel": parallel.describe(self.layout, self.device) | {"experts": self._expert_layout()},
+            "params": count_params(run.model).__dict__,
+            "flop_convention": r.flop_convention.value,
+            "flops_per_token": {c.value: training_flops_per_token(run.model, c) for c in FlopConvention},
+            "budget_flops": run.budget,
+            "steps": run.steps,
+            "tokens": run.tokens,
+            "flops_spent": run.flops,
+            "flops_spent_over_budget": run.flops / run.budget,
+            "epochs": run.tokens / self.data_meta["splits"]["train"]["tokens"],
+            "final_train_loss": final["loss"],
+            **smoothed_train_loss(rows),
+            "final_train_split_loss": self.score(self.train_shard),  # the final weights, scored as validation
+            "final_val_loss": self.val_loss,
+            "train_seconds": self.elapsed,
+            "compile_seconds": self.compile_s,
+            "tokens_per_s": (run.steps - self.untimed_steps) * run.tokens_per_step / self.elapsed,
+            "gpu_energy_j": self.energy_j,
+            "gpu_energy_j_per_token": None if self.energy_j is None else self.energy_j / run.tokens,
+            "gpu_energy_absent": self.energy_window.absent.get("energy_j") if self.energy_j is None else None,
+            "gpu_energy_label": "GPU energy (NVML), whole run including evaluation; not wall-socket energy",
+            "data_fingerprint": self.data_meta["fingerprint"],
+            "spec_hash": self.spec_hash,
+            "provenance": provenance(self.device, time_utc=host_load.utc_now()),
+        }
+
+
+class AlreadyTrained(Exception):
+    """The run finished with this configuration and data: nothing to do."""
+
+    def __init__(self, record: dict[str, Any]):
+        super().__init__(record["run_id"])
+        self.record = record
+
+
+def finished_changes(
+    out_dir: Path, run: Run, data_meta: dict[str, Any] | None, study: str = "STUDY"
+) -> list[str] | None:
+    """None when the run has no record; else how its record differs from ``run`` on this data
+    (empty: finished as asked). ``study``: as the user names it, for a damaged record's remedy."""
+    path = out_dir / "record.json"
+    if not path.is_file():
+        return None
+    record = read_json(path, remedy=run_file(path, study))
+    changes = identity_changes(recorded_identity(record), run_identity(run))
+    if data_meta is not None and record.get("data_fingerprint") != data_meta["fingerprint"]:
+        changes.append(f"data fingerprint {record.get('data_fingerprint')} -> {data_meta['fingerprint']}")
+    return changes
+
+
+def train(
+    run: Run,
+    study: Study,
+    data_dir: Path,
+    out_dir: Path,
+    threads: int | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+    resume: str = "auto",
+    layout: Layout | None = None,
+) -> dict[str, Any]:
+    """Train ``run`` (resuming from its checkpoint: ``resume`` auto, previous, restart or changed)
+    and write its record.json last. A run already finished as asked raises :class:`AlreadyTrained`;
+    one finished with another configuration is refused unless ``resume`` says to start over.
+    ``layout``: this process's place among torchrun's (harness.train.parallel; default alone).
+    The run's folder is locked for the whole of it: a second training of the run is refused
+    (harness.train.run_lock)."""
+    layout = layout or ALONE
+    _check_finished(run, study, data_dir, out_dir, resume)  # a finished run: its folder untouched
+    with run_lock.training(out_dir, run.run_id, layout.main):
+        _check_finished(run, study, data_dir, out_dir, resume)  # again, now that no one else writes
+        return _train(run, study, data_dir, out_dir, threads, stop_after, progress, resume, layout)
+
+
+def _check_finished(run: Run, study: Study, data_dir: Path, out_dir: Path, resume: str) -> None:
+    """AlreadyTrained when the run finished as asked; refused when it finished otherwise and
+    ``resume`` does not say to start over."""
+    if resume not in ("auto", "changed"):
+        return
+    meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
+    changes = finished_changes(out_dir, run, meta, study.path)
+    if changes == []:
+        raise AlreadyTrained(read_json(out_dir / "record.json"))
+    if changes and resume != "changed":
+        raise HarnessError(
+            f"{out_dir / 'record.json'}: {run.run_id} finished with another configuration "
+            f"({'; '.join(changes)}); `harness train {study.path} --run {run.run_id} --restart` trains it again"
+        )
+
+
+def _train(run, study, data_dir, out_dir, threads, stop_after, progress, resume, layout) -> dict[str, Any]:
+    if threads:
+        torch.set_num_threads(threads)
+    with parallel.process_group(layout, pick_device(study)) as device:
+        trainer = Trainer(run, study, data_dir, out_dir, progress, resume, layout, device)
+        trainer.fit(stop_after)
+        record = trainer.record()
+        if layout.main:
+            write_json(out_dir / "record.json", record)
+        parallel.barrier(layout)
+    return record
