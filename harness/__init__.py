@@ -17,8 +17,9 @@ ones (``tests/test_package_layout.py`` checks it):
     tools/     make gpu-check, the wheelhouse, a venv over a host's torch
     cli/       the ``harness`` command: one module per verb
 
-``python -m harness.launch`` (torchrun, harness.train.launch) and ``python -m harness.reuse``
-(harness.workflow.reuse) are the two commands run as modules.
+``python -m harness.launch`` (torchrun, harness.train.launch), ``python -m harness.devices``
+(harness.train.devices) and ``python -m harness.reuse`` (harness.workflow.reuse) are the commands
+run as modules.
 """
 
 __version__ = "0.1.0"

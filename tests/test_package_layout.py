@@ -11,7 +11,7 @@ from conftest import ROOT
 
 STAGES = ("core", "study", "data", "train", "measure", "evaluate", "analysis", "report", "workflow", "tools", "cli")
 """harness/'s packages in pipeline order: a module may import from its own stage and earlier ones."""
-ENTRY = {"harness", "harness.__main__", "harness.launch", "harness.reuse"}
+ENTRY = {"harness", "harness.__main__", "harness.launch", "harness.reuse", "harness.devices"}
 """The package itself and its ``python -m`` entry points: above every stage."""
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 600, 80
 

@@ -30,6 +30,6 @@ rule microbench:
     benchmark:
         f"{RESULTS}/benchmarks/microbench.tsv"
     shell:
-        "{PY:q} -m harness.train.devices {resources.gpu} {PY:q} -m pytest {params.suite:q} -o addopts='' -p no:cacheprovider"
+        "{PY:q} -m harness.devices {resources.gpu} {PY:q} -m pytest {params.suite:q} -o addopts='' -p no:cacheprovider"
         " --benchmark-only --no-targets"
         " --benchmark-json={output.json:q} > {log:q} 2>&1"

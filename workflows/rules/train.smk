@@ -20,7 +20,7 @@ rule train:
     benchmark:
         f"{RESULTS}/benchmarks/train/{{run}}.tsv"
     shell:
-        "{PY:q} -m harness.train.devices {resources.gpu} {LAUNCH} train {STUDY_FILE:q} --run {wildcards.run:q}"
+        "{PY:q} -m harness.devices {resources.gpu} {LAUNCH} train {STUDY_FILE:q} --run {wildcards.run:q}"
         " --threads {resources.rank_threads} {RESTART_FLAG} > {log:q} 2>&1"
 
 
