@@ -423,12 +423,12 @@ def test_a_full_disk_says_so_with_the_size_needed(tmp_path, monkeypatch):
 
 
 def test_an_unexpected_failure_shows_its_traceback_and_asks_for_a_report(monkeypatch):
-    import harness.cli as cli
+    import harness.cli.count as count
 
     def boom(path):
         raise KeyError("internal")
 
-    monkeypatch.setattr(cli, "load_config", boom)
+    monkeypatch.setattr(count, "load_config", boom)
     code, err = _cli("count", "x.yaml")
     assert code == 70 and "Traceback" in err and "please report it" in err
 

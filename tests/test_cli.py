@@ -176,6 +176,35 @@ def test_verbs_are_listed_in_pipeline_order():
     assert called and [PIPELINE.index(v) for v in called] == sorted(PIPELINE.index(v) for v in called)
 
 
+def _declared(parser: argparse.ArgumentParser) -> list[tuple]:
+    return [(tuple(a.option_strings), a.dest, a.help) for a in parser._actions]
+
+
+def test_each_verb_is_a_module_of_the_cli_that_declares_its_own_arguments():
+    """harness/cli/VERB.py holds each verb: its HELP, whether it takes a study and --results, its
+    arguments and its command; build_parser declares no verb's argument itself."""
+    import importlib
+
+    import harness.cli as cli
+
+    parser, verbs, _ = _parsers()
+    assert tuple(verbs.choices) == cli.VERBS
+    assert [a.dest for a in parser._actions if a is not verbs] == ["help", "version"]
+    for name, built in verbs.choices.items():
+        assert (ROOT / "harness" / "cli" / f"{name}.py").is_file(), name
+        module = importlib.import_module(f"harness.cli.{name}")
+        assert isinstance(module.HELP, str) and isinstance(module.STUDY, bool), name
+        assert built.get_default("func") is module.run, name
+        alone = argparse.ArgumentParser()
+        if module.STUDY:
+            alone.add_argument("study", help=built._actions[1].help)
+            alone.add_argument("--results", default="results", help=built._actions[2].help)
+        module.add_arguments(alone)
+        assert _declared(built) == _declared(alone), f"harness {name}: arguments not all from its module"
+    study_verbs = {n for n in cli.VERBS if importlib.import_module(f"harness.cli.{n}").STUDY}
+    assert study_verbs == set(cli.VERBS) - {"count", "match", "measure"}
+
+
 def test_version_names_the_package_and_the_commit():
     r = harness("--version")
     assert r.returncode == 0, r.stderr

@@ -370,12 +370,12 @@ FAILURES = [
 
 @pytest.mark.parametrize("failure,names", [(f, n) for _, f, n in FAILURES], ids=[i for i, _, _ in FAILURES])
 def test_an_os_refusal_anywhere_is_one_line(failure, names, monkeypatch):
-    import harness.cli as cli
+    import harness.cli.count as count
 
     def refuse(path):
         raise failure
 
-    monkeypatch.setattr(cli, "load_config", refuse)
+    monkeypatch.setattr(count, "load_config", refuse)
     code, err = _cli("count", "x.yaml")
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     for name in names:

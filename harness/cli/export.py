@@ -1,0 +1,44 @@
+"""``harness export STUDY --run RUN_ID``: write a trained run as a Hugging Face model directory.
+
+harness export tiny --run dense-d64_7e12_s0 [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from harness.cli.common import trained_run, trained_state
+from harness.core.errors import MissingStep
+from harness.study.spec import load_study
+
+HELP = "write a trained run as a Hugging Face model directory"
+STUDY = True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run id")
+    p.add_argument("--out", help="output directory (default results/<study>/export/<run>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from harness.evaluate.export import NotExportable, export, hf_family
+
+    study = load_study(args.study)
+    run, results, run_dir = trained_run(args, study)
+    out = Path(args.out or results / "export" / run.run_id)
+    tokenizer = results / "data" / "tokenizer.json"
+    try:
+        hf_family(run.model)  # a model with no faithful class is refused before anything is read
+        if not tokenizer.is_file():
+            raise MissingStep(tokenizer, f"harness data {study.path}")
+        state = trained_state(study, run, run_dir)["model"]
+        source = f"study {study.name}, run {run.run_id}"
+        cls = export(run.model, state, tokenizer, out, source=source)
+    except NotExportable as e:
+        message = " ".join(str(e).split())  # one line
+        print(f"harness export: error: {message}", file=sys.stderr)
+        return 2
+    print(f"{run.run_id} -> {out} ({cls})")
+    return 0

@@ -1,0 +1,102 @@
+"""``harness measure``: throughput, MFU, memory and GPU energy of a trained run (STUDY --run RUN_ID)
+or of a model config with random weights (--config MODEL.yaml).
+
+    harness measure tiny --run dense-d64_7e12_s0
+    harness measure --config models/configs/moe-s-e8k2.yaml --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from harness.cli.common import (
+    POSITIVE,
+    at_least,
+    cuda_visible,
+    out_replaceable,
+    set_threads,
+    trained_run,
+    trained_state,
+    up_to_date,
+)
+from harness.study.spec import Recipe, load_study
+from models.config import ConfigError, load_config
+
+HELP = "throughput, MFU, memory and GPU energy of a run or a bare config"
+STUDY = False
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", nargs="?", help="a study name or path (with --run)")
+    p.add_argument("--run", help="run id whose checkpoint to measure")
+    p.add_argument("--config", help="measure this model config with random weights instead")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="with --config (default cpu)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="with --config, as recipe.dtype (auto)")
+    p.add_argument("--compile", action="store_true", help="with --config: torch.compile the training step")
+    p.add_argument("--results", default="results", help="results root (default: results)")
+    p.add_argument("--out", help="where to write measure.json (default: the run's folder)")
+    p.add_argument("--batch-size", dest="batch_size", type=POSITIVE, help="sequences per step (default: the run's)")
+    p.add_argument("--seq-len", dest="seq_len", type=POSITIVE, help="tokens per sequence (default: the run's)")
+    p.add_argument("--windows", type=at_least(5), help="timed windows (>= 5)")
+    p.add_argument("--threads", type=POSITIVE, help="torch CPU threads (default: all)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="measure again even when measure.json is up to date; replace any --out file",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from harness.core.io import write_json
+    from harness.measure.throughput import MeasureSettings, measure
+    from harness.train.loop import pick_device
+    from harness.train.precision import resolve
+
+    settings = MeasureSettings(
+        **{k: v for k, v in vars(args).items() if k in MeasureSettings.__dataclass_fields__ and v is not None}
+    )
+    out_replaceable(args, "train")
+    if args.config:
+        cuda_visible(args.device)
+        cfg, state, device, seed = load_config(args.config), None, torch.device(args.device or "cpu"), 0
+        # As a recipe with these settings would train it (dtype auto: bf16 on CUDA, fp32 on a CPU).
+        precision = resolve(Recipe(dtype=args.dtype or "auto", compile=args.compile), device)
+        out = Path(args.out or f"results/measure/{cfg.name}.json")
+        label = {"config": args.config}
+    else:
+        if not args.study or not args.run:
+            raise ConfigError("(command line)", "give STUDY --run RUN_ID, or --config MODEL.yaml")
+        if args.dtype or args.compile:
+            raise ConfigError("--dtype/--compile", "a run is measured as it trained; these go with --config")
+        study = load_study(args.study)
+        run, _, run_dir = trained_run(args, study)
+        if up_to_date(run_dir / "measure.json", [run_dir / "record.json"], args):
+            return 0
+        device = pick_device(study)
+        cfg, state, seed = run.model, trained_state(study, run, run_dir)["model"], run.seed
+        precision = resolve(run.recipe, device)
+        # The run's own step shape (unless given): what it trained with, and compiled for.
+        as_trained = {"seq_len": run.recipe.seq_len}
+        if getattr(args, "batch_size", None) is None:
+            as_trained["batch_size"] = run.recipe.batch_size
+        settings = MeasureSettings(**(settings.__dict__ | as_trained))
+        out = Path(args.out) if args.out else run_dir / "measure.json"
+        label = {"study": study.name, "run_id": run.run_id, "checkpoint": str(run_dir / "checkpoint.pt")}
+    set_threads(args.threads)
+    from harness.train.resources import check_memory
+
+    check_memory(cfg, settings.batch_size, settings.seq_len, device, "harness measure")
+    result = label | measure(cfg, device, settings, state, seed, precision)
+    write_json(out, result)
+    t, m = result["train"], result["mfu"]["conventions"]
+    print(
+        f"{cfg.name} on {result['device_name']}: train {t['tokens_per_s_median']:,.0f} tokens/s "
+        f"[{t['tokens_per_s_min']:,.0f}, {t['tokens_per_s_max']:,.0f}], "
+        f"prefill {result['prefill']['tokens_per_s_median']:,.0f}, "
+        f"decode b1 {result['decode_batch1']['tokens_per_s_median']:,.0f}, "
+        f"detailed FLOPs at {m['detailed']['fraction_of_measured_matmul']:.1%} of the measured matmul -> {out}"
+    )
+    return 0
