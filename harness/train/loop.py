@@ -31,7 +31,6 @@ import torch
 from harness.core import host_load
 from harness.core.errors import DamagedFile, HarnessError
 from harness.core.io import read_json, read_jsonl, remove_leftovers, write_json, write_text
-from harness.core.provenance import provenance
 from harness.core.remedy import run_file
 from harness.data.prepare import TokenShard, verify_shards
 from harness.study.runs import identity_changes, run_identity
@@ -42,9 +41,8 @@ from harness.train.layouts import SINGLE, SingleProcess, for_run
 from harness.train.parallel import ALONE, Layout
 from harness.train.precision import Precision, resolve
 from harness.train.progress import TENSORBOARD_DIR, TensorBoardLog, open_progress, require_tensorboard
+from harness.train.record import run_record
 from harness.train.resources import check_memory
-from harness.train.train_loss import smoothed_train_loss
-from models.accounting import FlopConvention, count_params, training_flops_per_token
 from models.config import ConfigError, dump_config
 from models.transformer import Transformer
 
@@ -464,47 +462,12 @@ class Trainer:
                         )
 
     def record(self) -> dict[str, Any]:
-        run, r = self.run, self.r
+        """record.json's fields (harness.train.record), once the run reached its last step."""
+        run = self.run
         rows = read_jsonl(self.metrics_path, remedy=run_file(self.metrics_path, self.study.path))
         if not rows or rows[-1].get("step") != run.steps:
             raise DamagedFile(self.metrics_path, f"its last row is not step {run.steps}", self._damaged_remedy())
         final = rows[-1]
         if self.val_loss is None:  # resumed from the final checkpoint of a run killed before its record
             self.val_loss = final.get("val_loss") or self.score(self.val_shard)
-        return {
-            "run_id": run.run_id,
-            "study": self.study.name,
-            "model": run.model.name,
-            "arm": "dense" if run.model.moe is None else "moe",
-            "experts": None if run.model.moe is None else run.model.moe.experts,
-            "top_k": None if run.model.moe is None else run.model.moe.top_k,
-            "seed": run.seed,
-            "config": run.model.to_dict(),
-            "recipe": {k: getattr(v, "value", v) for k, v in r.__dict__.items()},
-            "identity": run_identity(run),
-            "precision": self.precision.describe(self.device),
-            "parallel": self.layout.describe(self.model, self.device),
-            "params": count_params(run.model).__dict__,
-            "flop_convention": r.flop_convention.value,
-            "flops_per_token": {c.value: training_flops_per_token(run.model, c) for c in FlopConvention},
-            "budget_flops": run.budget,
-            "steps": run.steps,
-            "tokens": run.tokens,
-            "flops_spent": run.flops,
-            "flops_spent_over_budget": run.flops / run.budget,
-            "epochs": run.tokens / self.data_meta["splits"]["train"]["tokens"],
-            "final_train_loss": final["loss"],
-            **smoothed_train_loss(rows),
-            "final_train_split_loss": self.score(self.train_shard),  # the final weights, scored as validation
-            "final_val_loss": self.val_loss,
-            "train_seconds": self.elapsed,
-            "compile_seconds": self.compile_s,
-            "tokens_per_s": (run.steps - self.untimed_steps) * run.tokens_per_step / self.elapsed,
-            "gpu_energy_j": self.energy_j,
-            "gpu_energy_j_per_token": None if self.energy_j is None else self.energy_j / run.tokens,
-            "gpu_energy_absent": self.energy_window.absent.get("energy_j") if self.energy_j is None else None,
-            "gpu_energy_label": "GPU energy (NVML), whole run including evaluation; not wall-socket energy",
-            "data_fingerprint": self.data_meta["fingerprint"],
-            "spec_hash": self.spec_hash,
-            "provenance": provenance(self.device, time_utc=host_load.utc_now()),
-        }
+        return run_record(self, rows)
