@@ -42,6 +42,7 @@ R rows a rank receives for its experts.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -112,6 +113,22 @@ def expert_groups(size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup | Non
     return mine["ep"], mine["replicas"]
 
 
+@dataclass
+class _RoutingTable:
+    """One forward's routing over the EP group, from the one collective of counts and the one
+    host sync: what the sender, the owner and the statistics each need."""
+
+    experts_N: Tensor  # this rank's assignments' experts, in priority order n = j * T + t
+    counts_KE: Tensor  # this rank's assignments per (choice, expert), flat
+    base_PKE: Tensor  # global priority position of each (rank, choice, expert) group's first
+    kept_PKE: Tensor  # assignments within capacity per (rank, choice, expert)
+    B_all: Tensor  # the group's batch size
+    tokens_per_expert_E: Tensor
+    send: list[int]  # rows this rank sends each owner
+    recv: list[int]  # rows each rank sends here
+    C: int  # the capacity per expert (0 without one)
+
+
 class ExpertParallelMoE(MoE):
     """An :class:`MoE` whose routed experts are sharded over ``group`` (default: the world).
 
@@ -146,13 +163,40 @@ class ExpertParallelMoE(MoE):
         self.train(moe.training)
 
     def forward(self, x_BSD: Tensor) -> Tensor:
-        cfg, P, L, G = self.cfg, self.size, self.local_experts, self.first_expert
+        cfg = self.cfg
         B, S, D = x_BSD.shape
-        T, E, K = B * S, cfg.experts, cfg.top_k
+        T = B * S
         x_TD = x_BSD.reshape(T, D)
-        dev = x_TD.device
         r = self.router(x_TD)
         capacity = cfg.dispatch is Dispatch.CAPACITY
+        table = self._routing_table(r, B, S, capacity)
+
+        sent_N = self._sent_assignments(table, T, capacity)
+        token_N = sent_N % T
+        x_ND = x_TD.index_select(0, token_N).to(self.experts.compute_dtype(x_TD))
+        x_RD = _AllToAll.apply(x_ND, table.recv, table.send, self.group)
+        y_RD = self._run_received(x_RD, table, capacity)
+
+        # Back to the sender, combined with the gates as the single-process layer does.
+        y_ND = _AllToAll.apply(y_RD, table.send, table.recv, self.group)
+        gate_N1 = r.gates_TK.t().reshape(-1)[sent_N].unsqueeze(-1).to(y_ND.dtype)
+        y_TD = y_ND.new_zeros(x_TD.shape).index_add_(0, token_N, y_ND * gate_N1)
+        y_TD = self._add_shared(x_TD, y_TD)
+
+        if self.training and self.router.bias is not None:
+            self.router.load_accum.add_(table.tokens_per_expert_E.float())
+        if capacity:
+            dropped = 1.0 - table.kept_PKE.sum().float() / (table.B_all * S * cfg.top_k).float()
+        else:
+            dropped = x_TD.new_zeros((), dtype=torch.float32)
+        self.stats = self._group_losses(r, table.tokens_per_expert_E, dropped, B, S, table.B_all)
+        return y_TD.view(B, S, D)
+
+    def _routing_table(self, r: RouterOutput, B: int, S: int, capacity: bool) -> _RoutingTable:
+        """The whole group's routing in counts, the capacity, and the rows each rank sends where."""
+        cfg, P, L, G = self.cfg, self.size, self.local_experts, self.first_expert
+        T, E, K = B * S, cfg.experts, cfg.top_k
+        dev = r.experts_TK.device
 
         # Every rank's assignment counts per (choice j, expert e), batch size and sequence length,
         # gathered in one collective: the whole group's routing table, in counts.
@@ -185,54 +229,43 @@ class ExpertParallelMoE(MoE):
         send, recv, C, seq_lens = host[:P], host[P : 2 * P], host[2 * P], host[2 * P + 1 :]
         if any(s != S for s in seq_lens):
             raise ValueError(f"expert-parallel ranks must share the sequence length, got {seq_lens}")
+        return _RoutingTable(experts_N, counts_KE, base_PKE, kept_PKE, B_all, tokens_per_expert_E, send, recv, C)
 
+    def _sent_assignments(self, table: _RoutingTable, T: int, capacity: bool) -> Tensor:
+        """The assignments this rank sends, in the order the owners receive them."""
+        K, experts_N = self.cfg.top_k, table.experts_N
         # Sender: assignments sorted by expert (owners in rank order), each expert's in priority
         # order; with a capacity the dropped ones move to the end and are never sent.
         order_N = torch.argsort(experts_N, stable=True)
         if capacity:
             expert_sorted_N = experts_N[order_N]
             group_N = expert_sorted_N * K + order_N // T  # its (expert, choice) group, flat
-            size_EK = counts_KE.view(K, E).t().reshape(-1)
+            size_EK = table.counts_KE.view(K, self.cfg.experts).t().reshape(-1)
             start_EK = size_EK.cumsum(0) - size_EK
-            index_N = torch.arange(T * K, device=dev) - start_EK[group_N]
-            position_N = base_PKE[self.rank].t().reshape(-1)[group_N] + index_N
-            dropped_N = (position_N >= C).to(torch.uint8)
+            index_N = torch.arange(T * K, device=experts_N.device) - start_EK[group_N]
+            position_N = table.base_PKE[self.rank].t().reshape(-1)[group_N] + index_N
+            dropped_N = (position_N >= table.C).to(torch.uint8)
             order_N = order_N[torch.argsort(dropped_N, stable=True)]
-        sent_N = order_N[: sum(send)]
-        token_N = sent_N % T
-        x_ND = x_TD.index_select(0, token_N).to(self.experts.compute_dtype(x_TD))
-        x_RD = _AllToAll.apply(x_ND, recv, send, self.group)
+        return order_N[: sum(table.send)]
 
+    def _run_received(self, x_RD: Tensor, table: _RoutingTable, capacity: bool) -> Tensor:
+        """This rank's experts on the rows sent to it, outputs in the order the rows came."""
+        P, L, G, K, C = self.size, self.local_experts, self.first_expert, self.cfg.top_k, table.C
+        dev = x_RD.device
         # Owner: received rows come grouped by (source rank, local expert, choice).
-        size_PLK = kept_PKE[:, :, G : G + L].permute(0, 2, 1).reshape(-1)  # flat, as the rows come
+        size_PLK = table.kept_PKE[:, :, G : G + L].permute(0, 2, 1).reshape(-1)  # flat, as the rows come
         R = x_RD.shape[0]
         group_R = torch.repeat_interleave(torch.arange(P * L * K, device=dev), size_PLK, output_size=R)
         local_R = group_R // K % L
         if capacity:
             start_PLK = size_PLK.cumsum(0) - size_PLK
-            base_PLK = base_PKE[:, :, G : G + L].permute(0, 2, 1).reshape(-1)
+            base_PLK = table.base_PKE[:, :, G : G + L].permute(0, 2, 1).reshape(-1)
             position_R = base_PLK[group_R] + torch.arange(R, device=dev) - start_PLK[group_R]
-            y_RD = self.experts.forward_slots(x_RD, local_R * C + position_R, C)
-        else:
-            order_R = torch.argsort(local_R, stable=True)
-            rows_L = size_PLK.view(P, L, K).sum((0, 2))
-            y_sorted_RD = self.experts.forward_grouped(x_RD.index_select(0, order_R), local_R[order_R], rows_L)
-            y_RD = y_sorted_RD.new_zeros(y_sorted_RD.shape).index_copy(0, order_R, y_sorted_RD)
-
-        # Back to the sender, combined with the gates as the single-process layer does.
-        y_ND = _AllToAll.apply(y_RD, send, recv, self.group)
-        gate_N1 = r.gates_TK.t().reshape(-1)[sent_N].unsqueeze(-1).to(y_ND.dtype)
-        y_TD = y_ND.new_zeros(x_TD.shape).index_add_(0, token_N, y_ND * gate_N1)
-        y_TD = self._add_shared(x_TD, y_TD)
-
-        if self.training and self.router.bias is not None:
-            self.router.load_accum.add_(tokens_per_expert_E.float())
-        if capacity:
-            dropped = 1.0 - kept_PKE.sum().float() / (B_all * S * K).float()
-        else:
-            dropped = x_TD.new_zeros((), dtype=torch.float32)
-        self.stats = self._group_losses(r, tokens_per_expert_E, dropped, B, S, B_all)
-        return y_TD.view(B, S, D)
+            return self.experts.forward_slots(x_RD, local_R * C + position_R, C)
+        order_R = torch.argsort(local_R, stable=True)
+        rows_L = size_PLK.view(P, L, K).sum((0, 2))
+        y_sorted_RD = self.experts.forward_grouped(x_RD.index_select(0, order_R), local_R[order_R], rows_L)
+        return y_sorted_RD.new_zeros(y_sorted_RD.shape).index_copy(0, order_R, y_sorted_RD)
 
     def _group_losses(
         self, r: RouterOutput, tokens_per_expert_E: Tensor, dropped: Tensor, B: int, S: int, B_all: Tensor

@@ -115,7 +115,7 @@ def test_a_job_is_pinned_to_a_gpu_of_its_own(tmp_path):
     env["MOE_HARNESS_GPU_LOCKS"] = str(tmp_path / "locks")
     code = "import os, torch; print(os.environ['CUDA_VISIBLE_DEVICES']); print(torch.cuda.device_count())"
     out = subprocess.run(
-        [sys.executable, "-m", "harness.train.devices", "1", sys.executable, "-c", code],
+        [sys.executable, "-m", "harness.devices", "1", sys.executable, "-c", code],
         env=env,
         capture_output=True,
         text=True,

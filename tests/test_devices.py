@@ -38,7 +38,7 @@ def jobs():
     started: list[subprocess.Popen] = []
 
     def start(n: int = 1) -> tuple[subprocess.Popen, list[str]]:
-        cmd = [sys.executable, "-m", "harness.train.devices", str(n), sys.executable, "-c", HOLD]
+        cmd = [sys.executable, "-m", "harness.devices", str(n), sys.executable, "-c", HOLD]
         job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         started.append(job)
         line = job.stdout.readline().strip()

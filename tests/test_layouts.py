@@ -3,7 +3,7 @@
 More ranks than the host has devices (GPUs, or CPU cores on a CPU), a batch that does not split
 over torchrun's processes, a ``--gpus`` that does not fit the runs' world size: refused by
 ``harness plan``, the workflow's setup and every rank of ``harness train``. A stopped or refused
-multi-process run exits with its ranks' own code through ``harness.train.launch``, and ``make
+multi-process run exits with its ranks' own code through ``harness.launch``, and ``make
 gpu-check`` says there is no CUDA device before it installs anything.
 
 The host's cores are fixed per test: in this process by patching ``harness.train.parallel.host_slots``,
@@ -233,7 +233,7 @@ def test_the_workflow_refuses_a_gpu_resource_smaller_than_a_run(study: Path):
 
 
 def _launch(root: Path, ranks: int, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "harness.train.launch", "--standalone", f"--nproc-per-node={ranks}", "-m", "harness"]
+    cmd = [sys.executable, "-m", "harness.launch", "--standalone", f"--nproc-per-node={ranks}", "-m", "harness"]
     cmd += ["--", *TRAIN, "--results", "results", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
@@ -247,7 +247,7 @@ def test_each_rank_refuses_a_batch_that_does_not_split_and_the_launch_exits_2(st
     refusals = [line for line in done.stderr.splitlines() if line.startswith("harness train: error:")]
     assert refusals and all("3 processes cannot split dense-pico_6e9_s0's batch of 4" in r for r in refusals)
     assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-3000:]
-    assert "harness.train.launch: rank" in done.stderr and "exit code 2" in done.stderr
+    assert "harness.launch: rank" in done.stderr and "exit code 2" in done.stderr
 
 
 @pytest.mark.slow

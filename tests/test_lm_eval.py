@@ -26,7 +26,7 @@ from harness.evaluate.lm_eval_run import evaluate_run
 from harness.report.build import write_report
 from harness.study.runs import plan
 from harness.study.spec import load_study
-from harness.train.loop import train
+from harness.train.run import train
 
 BIN = Path(sys.executable).parent
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -114,7 +114,7 @@ def test_the_train_rule_launches_torchrun_with_the_layout(study):
     cmd += ["--config", f"study={study / STUDY}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "harness.train.launch --standalone --nproc-per-node 2 -m harness -- train" in out.stdout
+    assert "harness.launch --standalone --nproc-per-node 2 -m harness -- train" in out.stdout
 
 
 MOE_MODEL = PICO_MODEL | {

@@ -23,7 +23,8 @@ from harness.data.prepare import TokenShard, _python_files, _site_dirs, iter_doc
 from harness.report.build import write_report
 from harness.study.runs import analysed, find_run, plan
 from harness.study.spec import DataConfig, DataSource, budget_label, load_study
-from harness.train.loop import NonFiniteLoss, Stopped, lr_at, train
+from harness.train.loop import NonFiniteLoss, Stopped, lr_at
+from harness.train.run import train
 from models.config import ConfigError
 
 STUDIES = sorted((ROOT / "workflows" / "studies").glob("*.yaml"))

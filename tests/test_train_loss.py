@@ -19,8 +19,9 @@ from harness.data.prepare import TokenShard, prepare
 from harness.evaluate.lm_eval_model import load_run_model
 from harness.study.runs import find_run, plan
 from harness.study.spec import load_study
-from harness.train.loop import evaluate, train
+from harness.train.loop import evaluate
 from harness.train.precision import resolve
+from harness.train.run import train
 from harness.train.train_loss import SMOOTHING, train_loss_smoothed
 from models.transformer import Transformer
 

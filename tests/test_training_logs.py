@@ -15,8 +15,9 @@ from pico_study import MODEL, study_dict, write_corpus
 from harness.data.prepare import prepare
 from harness.study.runs import find_run, run_identity
 from harness.study.spec import load_study
-from harness.train.loop import Stopped, train
+from harness.train.loop import Stopped
 from harness.train.progress import Bar, Lines, Silent, duration, open_progress
+from harness.train.run import train
 from models.config import ConfigError
 
 DENSE, MOE = "dense-pico_6e9_s0", "dense-pico-e4k2_6e9_s0"

@@ -75,7 +75,8 @@ def _layout(study, run):
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.train.loop import AlreadyTrained, NonFiniteLoss, Stopped, train
+    from harness.train.loop import NonFiniteLoss, Stopped
+    from harness.train.run import AlreadyTrained, train
 
     study = load_study(args.study)
     run = find_run(study, args.run)

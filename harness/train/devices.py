@@ -4,7 +4,7 @@ Snakemake counts the ``gpu`` resource (``snakemake --resources gpu=4`` runs up t
 at once) but does not say which device a job gets. So each GPU rule says how many it needs,
 
     MOE_HARNESS_GPUS={resources.gpu} python -m harness measure STUDY --run RUN   # a harness verb
-    python -m harness.train.devices {resources.gpu} COMMAND [ARG ...]                  # any command
+    python -m harness.devices {resources.gpu} COMMAND [ARG ...]                  # any command
 
 and the job takes the first free devices, each by an exclusive, non-blocking ``flock`` on
 ``<lock folder>/<device>.lock``, then sets ``CUDA_VISIBLE_DEVICES`` to them before anything
@@ -26,7 +26,7 @@ Devices are named by UUID, which ``CUDA_VISIBLE_DEVICES`` accepts: NVML numbers 
 bus order and CUDA, unless told otherwise, fastest first, so an index could name another device.
 The NVML energy meter finds a job's device by the same UUID (``harness.train.energy.open_meter``).
 
-    python -m harness.train.devices --list     each device, and the process holding it
+    python -m harness.devices --list     each device, and the process holding it
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def pin(n: int, wait_s: float | None = None) -> Claim | None:
     if "LOCAL_RANK" in os.environ:  # each torchrun worker would take devices of its own
         raise HarnessError(
             f"{GPUS_ENV} is set in a torchrun worker: claim the devices of all its workers at once, "
-            f"before torchrun starts them: python -m harness.train.devices {n} torchrun ..."
+            f"before torchrun starts them: python -m harness.devices {n} torchrun ..."
         )
     held = claim(n, host_devices(), lock_folder(), wait_s)
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(held.devices)
@@ -239,7 +239,7 @@ def holder(device: str, folder: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m harness.train.devices",
+        prog="python -m harness.devices",
         description="Run COMMAND on N GPUs of its own: it claims N free devices, sets CUDA_VISIBLE_DEVICES "
         "and becomes COMMAND, which holds them until it ends.",
     )
@@ -258,14 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         held = pin(args.gpus)
     except HarnessError as e:
-        print(f"harness.train.devices: error: {e}", file=sys.stderr)
+        print(f"harness.devices: error: {e}", file=sys.stderr)
         return 2
     for fd in held.fds if held else []:
         os.set_inheritable(fd, True)  # the command, which replaces this process, keeps the locks
     try:
         os.execvp(args.command[0], args.command)
     except OSError as e:
-        print(f"harness.train.devices: error: cannot run {args.command[0]}: {e}", file=sys.stderr)
+        print(f"harness.devices: error: cannot run {args.command[0]}: {e}", file=sys.stderr)
         return 127
 
 

@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         code = failure.exitcode
         if code < 0:  # killed by a signal: as a shell reports it
             name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else -code
-            print(f"harness.train.launch: rank {rank} was killed by {name}; torchrun ended the others", file=sys.stderr)
+            print(f"harness.launch: rank {rank} was killed by {name}; torchrun ended the others", file=sys.stderr)
             return 128 - code
         what = MEANING.get(code, f"exited with code {code} (its output above says why)")
-        print(f"harness.train.launch: rank {rank} {what}; exit code {code}", file=sys.stderr)
+        print(f"harness.launch: rank {rank} {what}; exit code {code}", file=sys.stderr)
         return code
     return 0
 

@@ -7,13 +7,18 @@ seed share the data order and recipe. A killed run resumes from ``checkpoint.pt`
 finishes with the same numbers as an uninterrupted one. ``record.json`` is written last.
 Progress shows as a bar on a terminal and as plain lines in a log file; ``recipe.tensorboard``
 adds TensorBoard curves (harness.train.progress).
+
+:class:`Trainer` holds one run; ``fit()`` is the loop and reads the same in every layout: how
+the run is spread over processes (one, DDP, or data + expert parallel) is one object,
+``Trainer.layout`` (harness.train.layouts), whose operations it calls: shard and wrap the model,
+take this rank's rows, reduce and clip the gradients, average a logged number, gather the
+checkpoint, and say whether this rank writes files. ``train()`` (harness.train.run) starts a
+run: the finished-run checks, the lock on its folder, the process group and the record.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import math
 import shutil
@@ -26,19 +31,18 @@ import torch
 from harness.core import host_load
 from harness.core.errors import DamagedFile, HarnessError
 from harness.core.io import read_json, read_jsonl, remove_leftovers, write_json, write_text
-from harness.core.provenance import provenance
 from harness.core.remedy import run_file
 from harness.data.prepare import TokenShard, verify_shards
-from harness.study.runs import identity_changes, recorded_identity, run_identity
+from harness.study.runs import identity_changes, run_identity
 from harness.study.spec import Recipe, Run, Schedule, Study
-from harness.train import checkpoint, parallel, run_lock
+from harness.train import checkpoint
 from harness.train.energy import combine_across_ranks, open_meter
+from harness.train.layouts import SINGLE, SingleProcess, for_run
 from harness.train.parallel import ALONE, Layout
 from harness.train.precision import Precision, resolve
 from harness.train.progress import TENSORBOARD_DIR, TensorBoardLog, open_progress, require_tensorboard
+from harness.train.record import run_record
 from harness.train.resources import check_memory
-from harness.train.train_loss import smoothed_train_loss
-from models.accounting import FlopConvention, count_params, training_flops_per_token
 from models.config import ConfigError, dump_config
 from models.transformer import Transformer
 
@@ -101,37 +105,32 @@ def _spec_hash(spec: dict[str, Any]) -> str:
 
 @torch.no_grad()
 def evaluate(
-    model, shard: TokenShard, r: Recipe, device: torch.device, precision: Precision, layout: Layout = ALONE
+    model, shard: TokenShard, r: Recipe, device: torch.device, precision: Precision, layout: SingleProcess = SINGLE
 ) -> float:
-    """Mean validation loss per token over the fixed sample; with several ranks, each takes every
-    world-th batch and the sums are added up."""
+    """Mean validation loss per token over the fixed sample; with several ranks, each scores the
+    batches its layout gives it and the sums are added up (harness.train.layouts)."""
     model.eval()
     total, count = 0.0, 0
-    # Expert-parallel layers run collectively: then every rank evaluates every batch.
-    split = layout.world if layout.expert == 1 else 1
     for i, (x, y) in enumerate(shard.eval_batches(r.eval_batches, r.batch_size)):
-        if i % split != layout.rank % split:
+        if not layout.evaluates(i):
             continue
         with precision.autocast(device):
             out = model(x.to(device), y.to(device))
         total += float(out.loss) * y.numel()
         count += y.numel()
     model.train()
-    if split > 1:
-        total, count = parallel.total([total, float(count)], layout)
+    total, count = layout.eval_totals([total, float(count)])
     return total / count
 
 
-def routing_summary(
-    model, layout: Layout = ALONE, replicas=None, expert_parallel: bool = False
-) -> list[dict[str, Any]]:
+def routing_summary(model, layout: SingleProcess = SINGLE) -> list[dict[str, Any]]:
     """Per MoE layer, on the host (call at log steps only: it synchronises). Token counts are
     the whole global batch's; the losses and entropy those of this rank's batch (of its
     expert-parallel group's, with expert parallelism)."""
     rows = []
     for s in model.routing_stats():
         load = s.tokens_per_expert.float().clone()
-        parallel.all_reduce(load, layout, replicas, expert_parallel)
+        layout.sum_routing(load)
         rows.append(
             {
                 "tokens_per_expert": [int(n) for n in load.tolist()],
@@ -162,7 +161,7 @@ class Trainer:
         device: torch.device | None = None,
     ):
         self.run, self.study, self.r, self.out_dir = run, study, run.recipe, out_dir
-        self.layout = layout
+        self.layout = for_run(layout, run.model.moe is not None)
         if self.r.tensorboard:
             require_tensorboard(study.path)
             if (folder := out_dir / TENSORBOARD_DIR).exists() and not folder.is_dir():
@@ -180,14 +179,14 @@ class Trainer:
         if resume == "previous" and not (out_dir / checkpoint.PREVIOUS).is_file():
             raise HarnessError(self._no_previous())
         self.ckpt_path, self.metrics_path = out_dir / checkpoint.NAME, out_dir / "metrics.jsonl"
-        if layout.main:
+        if self.layout.writes:
             out_dir.mkdir(parents=True, exist_ok=True)
             for name in TRAINING_OUTPUTS:
                 remove_leftovers(out_dir, name)
             write_text(out_dir / "config.yaml", dump_config(run.model))
             if resume == "restart":
                 self._start_over()
-        parallel.barrier(layout)  # no rank reads the folder before the first has tidied it
+        self.layout.barrier()  # no rank reads the folder before the first has tidied it
 
         torch.manual_seed(run.seed)
         self.model = Transformer(run.model).to(self.device)
@@ -199,43 +198,19 @@ class Trainer:
         self.compile_s, self.untimed_steps = 0.0, 0
         self.meter = open_meter(self.device)
         self._resume(resume)
-        self.replicas, self.expert_parallel = self._shard_experts()
-        if layout.main:
+        # Laid out after loading: the checkpoint is always the single-process one.
+        self.model, self.opt, wrapped = self.layout.apply(self.model, self.opt, self._rebuild, self.device)
+        if self.layout.writes:
             write_json(out_dir / SPEC, {"spec_hash": self.spec_hash, "spec": self.spec})
         self.resumed_at = self.elapsed
-        wrapped = parallel.wrap(self.model, self.device, layout, ignored=self._sharded_names())
         self.step_model = torch.compile(wrapped) if self.precision.compile else wrapped
         self.val_loss: float | None = None
-        self.progress = progress and layout.main
+        self.progress = progress and self.layout.writes
+        self.tensorboard = self.r.tensorboard and self.layout.writes
         self.events: TensorBoardLog | None = None  # recipe.tensorboard: opened by fit()
 
-    def _shard_experts(self) -> tuple[Any, bool]:
-        """Expert parallelism (an MoE, layout.expert > 1): each rank keeps its shard of every
-        layer's experts, and the optimizer is rebuilt over the shards with the loaded state cut
-        to them. Returns the replica group (ranks holding the same shards) and whether sharded."""
-        if self.layout.expert == 1 or self.run.model.moe is None:
-            return None, False
-        from models.expert_parallel import expert_groups, shard_experts
-
-        full = self.opt.state_dict()
-        group, replicas = expert_groups(self.layout.expert)
-        shard_experts(self.model, group)
-        self.opt = make_optimizer(self.model, self.r)
-        self.opt.load_state_dict(parallel.shard_optimizer_state(full, self.model))
-        return replicas, True
-
-    def _expert_layout(self) -> dict[str, Any] | None:
-        from models.expert_parallel import describe
-
-        return describe(self.model)
-
-    def _sharded_names(self) -> list[str]:
-        """Parameters DDP must leave alone: the expert shards, reduced by their own group."""
-        if not self.expert_parallel:
-            return []
-        from models.expert_parallel import expert_parameter_names
-
-        return expert_parameter_names(self.model)
+    def _rebuild(self, model: torch.nn.Module) -> torch.optim.AdamW:
+        return make_optimizer(model, self.r)
 
     def _check_data(self, data_dir: Path) -> None:
         """The prepared data fits the run: its vocabulary, enough train tokens for the budget and
@@ -311,8 +286,8 @@ class Trainer:
             except DamagedFile as e:
                 raise DamagedFile(e.path, e.problem, self._damaged_remedy()) from None
             if state.get("spec_hash") != self.spec_hash and resume == "changed":
-                parallel.barrier(self.layout)  # every rank has read it before it goes
-                if self.layout.main:
+                self.layout.barrier()  # every rank has read it before it goes
+                if self.layout.writes:
                     self._start_over()  # asked for: a checkpoint of another configuration
                     write_text(self.metrics_path, "")
                 return
@@ -323,7 +298,7 @@ class Trainer:
                     f"{path}: checkpoint belongs to another configuration of {self.run.run_id} ({what}); "
                     f"`harness train {self.study.path} --run {self.run.run_id} --restart` starts over"
                 )
-            if resume == "previous" and self.layout.main:  # the damaged one must not become "previous"
+            if resume == "previous" and self.layout.writes:  # the damaged one must not become "previous"
                 checkpoint.discard_current(self.out_dir)
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
@@ -338,17 +313,12 @@ class Trainer:
                     self.metrics_path, partial_last=True, remedy=run_file(self.metrics_path, self.study.path)
                 )
                 kept = [json.dumps(row) + "\n" for row in rows if row["step"] <= self.step]
-        parallel.barrier(self.layout)  # every rank has read the log before it is cut
-        if self.layout.main:
+        self.layout.barrier()  # every rank has read the log before it is cut
+        if self.layout.writes:
             write_text(self.metrics_path, "".join(kept))
 
     def save(self) -> None:
-        if self.expert_parallel:  # the single-process checkpoint: shards gathered (collective)
-            from models.expert_parallel import full_state_dict
-
-            model_state, opt_state = full_state_dict(self.model), parallel.full_optimizer_state(self.opt, self.model)
-        else:
-            model_state, opt_state = self.model.state_dict(), self.opt.state_dict()
+        model_state, opt_state = self.layout.full_state(self.model, self.opt)  # collective
         state = {
             "model": model_state,
             "optimizer": opt_state,
@@ -363,13 +333,13 @@ class Trainer:
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
-        if self.layout.main:  # the ranks hold one model: the first writes it
+        if self.layout.writes:  # the ranks hold one model: the first writes it
             checkpoint.save_checkpoint(state, self.ckpt_path)
-        parallel.barrier(self.layout)
+        self.layout.barrier()
 
     def _energy_so_far(self) -> float | None:
         """GPU energy of this segment so far, summed over ranks (None if any rank has none)."""
-        values = parallel.gather(self.meter.energy_so_far_j(), self.layout)
+        values = self.layout.gather(self.meter.energy_so_far_j())
         return None if None in values else sum(values)
 
     def _energy_total(self, segment_j: float | None) -> float | None:
@@ -389,33 +359,18 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         x, y = self.train_shard.train_batch(self.step, self.r.batch_size, self.run.seed)
-        rows = parallel.local_rows(self.r.batch_size, self.layout)  # this rank's slice of the batch
+        rows = self.layout.rows(self.r.batch_size)  # this rank's slice of the batch
         x, y = x[rows], y[rows]
         with self.precision.autocast(self.device):
             out = self.step_model(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
         (out.loss + out.aux_loss).backward()
-        if self.expert_parallel:
-            from models import expert_parallel
-
-            expert_parallel.reduce_expert_gradients(self.model, self.replicas)
-            grad_norm = expert_parallel.clip_grad_norm_(self.model, self.r.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.r.grad_clip)
+        grad_norm = self.layout.reduce_and_clip(self.model, self.r.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self._sum_router_loads()
+        self.layout.sum_router_loads(self.model)
         self.model.update_router_biases()
         self.step += 1
         return out, lr, grad_norm
-
-    def _sum_router_loads(self) -> None:
-        """Aux-loss-free routers update their bias from the load of the whole global batch, so
-        every rank keeps the same bias."""
-        if not self.layout.distributed:
-            return
-        for m in self.model.moe_layers:
-            if m.router.bias is not None:  # expert-parallel layers hold their group's load already
-                parallel.all_reduce(m.router.load_accum, self.layout, self.replicas, self.expert_parallel)
 
     def _set_compilation_apart(self) -> None:
         """The first compiled step of a process: its time goes to compile_s, not training time."""
@@ -433,7 +388,7 @@ class Trainer:
 
     def log(self, out, lr: float, grad_norm: torch.Tensor, evaluating: bool, sink) -> dict[str, Any]:
         run, done = self.run, self.step
-        loss = parallel.mean(out.loss.item(), self.layout)  # the one host sync of a logged step
+        loss = self.layout.mean(out.loss.item())  # the one host sync of a logged step
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"{run.run_id}: loss is {loss} at step {done}; the run is stopped")
         row = {
@@ -442,7 +397,7 @@ class Trainer:
             "flops": done * run.tokens_per_step * run.flops_per_token,
             "lr": lr,
             "loss": loss,
-            "aux_loss": parallel.mean(out.aux_loss.item(), self.layout),
+            "aux_loss": self.layout.mean(out.aux_loss.item()),
             "grad_norm": float(grad_norm),
             "elapsed_s": self.elapsed,
             "tokens_per_s": (done - self.start_step - self.segment_untimed)
@@ -451,7 +406,7 @@ class Trainer:
             **host_load.sample(),  # how busy the host was: its training time is judged by it (plausibility)
         }
         if run.model.moe is not None:
-            row["routing"] = routing_summary(self.model, self.layout, self.replicas, self.expert_parallel)
+            row["routing"] = routing_summary(self.model, self.layout)
         if evaluating:
             self.val_loss = row["val_loss"] = self.score(self.val_shard)
         sink.write(json.dumps(row) + "\n")
@@ -464,7 +419,7 @@ class Trainer:
         run = self.run
         log_every = max(1, run.steps // 200)
         progress = open_progress(run.run_id, run.steps, self.step, self.progress)
-        if self.r.tensorboard and self.step < run.steps and self.layout.main:
+        if self.tensorboard and self.step < run.steps:
             self.events = TensorBoardLog(self.out_dir / TENSORBOARD_DIR, self.step)
         self.start_step, self.mark = self.step, time.perf_counter()
         self.segment_untimed = 0
@@ -485,8 +440,7 @@ class Trainer:
 
     def _loop(self, stop_after: int | None, log_every: int, progress) -> None:
         run, r = self.run, self.r
-        opened = self.metrics_path.open("a") if self.layout.main else contextlib.nullcontext(io.StringIO())
-        with opened as sink:
+        with self.layout.sink(self.metrics_path) as sink:
             while self.step < run.steps:
                 out, lr, grad_norm = self.train_step()
                 if self.precision.compile and self.segment_untimed == 0:
@@ -508,123 +462,12 @@ class Trainer:
                         )
 
     def record(self) -> dict[str, Any]:
-        run, r = self.run, self.r
+        """record.json's fields (harness.train.record), once the run reached its last step."""
+        run = self.run
         rows = read_jsonl(self.metrics_path, remedy=run_file(self.metrics_path, self.study.path))
         if not rows or rows[-1].get("step") != run.steps:
             raise DamagedFile(self.metrics_path, f"its last row is not step {run.steps}", self._damaged_remedy())
         final = rows[-1]
         if self.val_loss is None:  # resumed from the final checkpoint of a run killed before its record
             self.val_loss = final.get("val_loss") or self.score(self.val_shard)
-        return {
-            "run_id": run.run_id,
-            "study": self.study.name,
-            "model": run.model.name,
-            "arm": "dense" if run.model.moe is None else "moe",
-            "experts": None if run.model.moe is None else run.model.moe.experts,
-            "top_k": None if run.model.moe is None else run.model.moe.top_k,
-            "seed": run.seed,
-            "config": run.model.to_dict(),
-            "recipe": {k: getattr(v, "value", v) for k, v in r.__dict__.items()},
-            "identity": run_identity(run),
-            "precision": self.precision.describe(self.device),
-            "parallel": parallel.describe(self.layout, self.device) | {"experts": self._expert_layout()},
-            "params": count_params(run.model).__dict__,
-            "flop_convention": r.flop_convention.value,
-            "flops_per_token": {c.value: training_flops_per_token(run.model, c) for c in FlopConvention},
-            "budget_flops": run.budget,
-            "steps": run.steps,
-            "tokens": run.tokens,
-            "flops_spent": run.flops,
-            "flops_spent_over_budget": run.flops / run.budget,
-            "epochs": run.tokens / self.data_meta["splits"]["train"]["tokens"],
-            "final_train_loss": final["loss"],
-            **smoothed_train_loss(rows),
-            "final_train_split_loss": self.score(self.train_shard),  # the final weights, scored as validation
-            "final_val_loss": self.val_loss,
-            "train_seconds": self.elapsed,
-            "compile_seconds": self.compile_s,
-            "tokens_per_s": (run.steps - self.untimed_steps) * run.tokens_per_step / self.elapsed,
-            "gpu_energy_j": self.energy_j,
-            "gpu_energy_j_per_token": None if self.energy_j is None else self.energy_j / run.tokens,
-            "gpu_energy_absent": self.energy_window.absent.get("energy_j") if self.energy_j is None else None,
-            "gpu_energy_label": "GPU energy (NVML), whole run including evaluation; not wall-socket energy",
-            "data_fingerprint": self.data_meta["fingerprint"],
-            "spec_hash": self.spec_hash,
-            "provenance": provenance(self.device, time_utc=host_load.utc_now()),
-        }
-
-
-class AlreadyTrained(Exception):
-    """The run finished with this configuration and data: nothing to do."""
-
-    def __init__(self, record: dict[str, Any]):
-        super().__init__(record["run_id"])
-        self.record = record
-
-
-def finished_changes(
-    out_dir: Path, run: Run, data_meta: dict[str, Any] | None, study: str = "STUDY"
-) -> list[str] | None:
-    """None when the run has no record; else how its record differs from ``run`` on this data
-    (empty: finished as asked). ``study``: as the user names it, for a damaged record's remedy."""
-    path = out_dir / "record.json"
-    if not path.is_file():
-        return None
-    record = read_json(path, remedy=run_file(path, study))
-    changes = identity_changes(recorded_identity(record), run_identity(run))
-    if data_meta is not None and record.get("data_fingerprint") != data_meta["fingerprint"]:
-        changes.append(f"data fingerprint {record.get('data_fingerprint')} -> {data_meta['fingerprint']}")
-    return changes
-
-
-def train(
-    run: Run,
-    study: Study,
-    data_dir: Path,
-    out_dir: Path,
-    threads: int | None = None,
-    stop_after: int | None = None,
-    progress: bool = True,
-    resume: str = "auto",
-    layout: Layout | None = None,
-) -> dict[str, Any]:
-    """Train ``run`` (resuming from its checkpoint: ``resume`` auto, previous, restart or changed)
-    and write its record.json last. A run already finished as asked raises :class:`AlreadyTrained`;
-    one finished with another configuration is refused unless ``resume`` says to start over.
-    ``layout``: this process's place among torchrun's (harness.train.parallel; default alone).
-    The run's folder is locked for the whole of it: a second training of the run is refused
-    (harness.train.run_lock)."""
-    layout = layout or ALONE
-    _check_finished(run, study, data_dir, out_dir, resume)  # a finished run: its folder untouched
-    with run_lock.training(out_dir, run.run_id, layout.main):
-        _check_finished(run, study, data_dir, out_dir, resume)  # again, now that no one else writes
-        return _train(run, study, data_dir, out_dir, threads, stop_after, progress, resume, layout)
-
-
-def _check_finished(run: Run, study: Study, data_dir: Path, out_dir: Path, resume: str) -> None:
-    """AlreadyTrained when the run finished as asked; refused when it finished otherwise and
-    ``resume`` does not say to start over."""
-    if resume not in ("auto", "changed"):
-        return
-    meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
-    changes = finished_changes(out_dir, run, meta, study.path)
-    if changes == []:
-        raise AlreadyTrained(read_json(out_dir / "record.json"))
-    if changes and resume != "changed":
-        raise HarnessError(
-            f"{out_dir / 'record.json'}: {run.run_id} finished with another configuration "
-            f"({'; '.join(changes)}); `harness train {study.path} --run {run.run_id} --restart` trains it again"
-        )
-
-
-def _train(run, study, data_dir, out_dir, threads, stop_after, progress, resume, layout) -> dict[str, Any]:
-    if threads:
-        torch.set_num_threads(threads)
-    with parallel.process_group(layout, pick_device(study)) as device:
-        trainer = Trainer(run, study, data_dir, out_dir, progress, resume, layout, device)
-        trainer.fit(stop_after)
-        record = trainer.record()
-        if layout.main:
-            write_json(out_dir / "record.json", record)
-        parallel.barrier(layout)
-    return record
+        return run_record(self, rows)

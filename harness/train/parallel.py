@@ -3,10 +3,15 @@
     torchrun --standalone --nproc-per-node 2 -m harness train tiny --run dense-d64_7e12_s0
 
 The study's ``parallel:`` section sets the degrees (``harness.study.spec.Parallel``); the train rule
-launches torchrun with them. Every rank takes an equal slice of each global batch, so a run's
-batch, data order, tokens and steps are the study's whatever the world size; DDP averages the
-gradients, which makes a step the single-process step on the whole batch (up to the order of
-floating-point sums).
+launches torchrun with them. This module holds the pieces: where a process sits (:class:`Layout`,
+read from torchrun's environment), the host checks, the process group, DDP, the collectives on
+host numbers, and the expert shards' optimizer state. harness.train.layouts puts them together
+into the one object the training loop calls (single process, data parallel, data + expert
+parallel), so that the loop never asks how the run is laid out.
+
+Every rank takes an equal slice of each global batch, so a run's batch, data order, tokens and
+steps are the study's whatever the world size; DDP averages the gradients, which makes a step the
+single-process step on the whole batch (up to the order of floating-point sums).
 
 Why DDP and not FSDP2 (``fully_shard``): the models of these studies fit on one device with
 their AdamW state, so replicating them costs memory that is there anyway, and DDP overlaps the
@@ -168,17 +173,6 @@ def total(values: list[float], layout: Layout) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def all_reduce(t: torch.Tensor, layout: Layout, replicas: Any = None, expert_parallel: bool = False) -> None:
-    """Sum a per-rank tensor in place over the ranks whose batches it does not yet hold: all of
-    them, or with expert parallelism (whose layers already sum over their group) the replicas."""
-    if not layout.distributed:
-        return
-    if not expert_parallel:
-        dist.all_reduce(t)
-    elif replicas is not None:
-        dist.all_reduce(t, group=replicas)
 
 
 def gather(obj: Any, layout: Layout) -> list[Any]:
