@@ -4,8 +4,9 @@
     harness report tiny --reference                      # keep it: results/reference/<device>/tiny/
     harness report tiny --results results/reference/cpu  # rebuild that reference from its records alone
 
-The tables are built in ``harness.report.tables``, the analyses in ``harness.analysis``, the figures in
-``harness.report.figures``; this module reads the runs' files, runs them and writes the report.
+The tables are built in ``harness.report.tables`` (the main one in ``harness.report.glance``), the
+analyses in ``harness.analysis``, the figures in ``harness.report.figures``; this module reads the
+runs' files, runs them and writes the report.
 report.html (``harness.report.html``) is report.md rendered for a browser, figures inline.
 A reference folder holds the small records the report reads (``harness.analysis.reproduce``):
 the report needs no checkpoint, token shard or tokenizer.
@@ -26,6 +27,7 @@ from harness.core.io import read_json, write_json, write_text
 from harness.core.remedy import run_file
 from harness.data.current import trained_on_other_data
 from harness.measure.plausibility import LABELS, MARK, mark, overhead_flags
+from harness.report.glance import glance_table, main_table_intro
 from harness.report.html import write_html
 from harness.report.notes import (
     drop_sections,
@@ -44,9 +46,7 @@ from harness.report.tables import (
     eval_table,
     eval_tasks,
     flag_notes,
-    glance_table,
     health_table,
-    main_table_intro,
     microbench_table,
     reproduction_table,
     run_table,
