@@ -211,7 +211,7 @@ def test_the_printed_remeasure_command_measures_the_flagged_run_again(study, mon
 
 
 def test_a_flagged_measurement_gets_its_command_in_the_report_lines():
-    from harness.report.build import _remeasure
+    from harness.report.sections import _remeasure
     from harness.study.spec import load_study
 
     records = tiny_records()
