@@ -175,16 +175,15 @@ def _read(study: Study, results: Path, microbench: Path | None) -> StudyReport:
         ours=ours,
         repro=repro,
         trained=trained,
-        not_run={},
     )
 
 
-def _tables(r: StudyReport, microbench: Path | None) -> dict[str, tuple[list[str], list[list[Any]]]]:
-    """The report's tables by name, each ``(headers, rows)``; the lm-eval tasks not run go to ``r.not_run``."""
+def _tables(r: StudyReport, microbench: Path | None) -> tuple[dict[str, tuple[list[str], list]], dict[str, str]]:
+    """The report's tables by name, each ``(headers, rows)``, and the lm-eval tasks not run (task -> why)."""
     from harness.analysis import scaling_report
 
-    eval_headers, eval_rows, r.not_run = eval_table(r.records, r.evals)
-    return {
+    eval_headers, eval_rows, not_run = eval_table(r.records, r.evals)
+    tables = {
         "main": glance_table(r.records, r.evals, r.measures, r.analysis, r.trained),
         "runs": run_table(r.records, r.evals, r.trained),
         "dense_vs_moe": comparison_table(r.records, r.evals),
@@ -203,6 +202,7 @@ def _tables(r: StudyReport, microbench: Path | None) -> dict[str, tuple[list[str
         "reproduction": reproduction_table(r.repro),
         "microbench": microbench_table(microbench),
     }
+    return tables, not_run
 
 
 def _write_tables(results: Path, tables: dict[str, tuple[list[str], list[list[Any]]]]) -> None:
@@ -240,7 +240,7 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     from harness.analysis import scaling
 
     report = _read(study, results, microbench)
-    report.tables = _tables(report, microbench)
+    report.tables, report.not_run = _tables(report, microbench)
     _write_tables(results, report.tables)
     _draw_figures(report)
     write_json(results / "summary.json", report.ours)

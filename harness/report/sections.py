@@ -44,26 +44,26 @@ class StudyReport:
 
     study: Study
     results: Path
-    overhead: float | None
+    overhead: float | None  # the energy meter's sampling overhead (micro-benchmark); None without one
     records: list[dict[str, Any]]
     measures: dict[str, dict[str, Any]]
     evals: dict[str, dict[str, Any]]
     routing: dict[str, dict[str, Any]]
     data: dict[str, Any]
-    logs: dict[str, list[dict[str, Any]]]
-    series: dict[str, Any]
-    health: dict[str, Any]
+    logs: dict[str, list[dict[str, Any]]]  # each run's metrics.jsonl
+    series: dict[str, Any]  # per MoE run: its routing series over training
+    health: dict[str, Any]  # per MoE run: its routing health per layer
     experts: dict[str, int]
     top_k: dict[str, int]
     seed_rows: list[dict[str, Any]]
     analysis: Any
     claims: list[Any]
-    ours: dict[str, Any]
+    ours: dict[str, Any]  # this study's summary.json
     repro: dict[str, Any]
-    trained: dict[str, list[dict[str, Any]]]
-    not_run: dict[str, str]
+    trained: dict[str, list[dict[str, Any]]]  # each run's flagged training times
     tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict)
-    na: dict[str, str] = field(default_factory=dict)
+    not_run: dict[str, str] = field(default_factory=dict)  # lm-eval task -> why it was not run
+    na: dict[str, str] = field(default_factory=dict)  # what does not apply -> why (``notes.not_applicable``)
 
     def table(self, name: str) -> str:
         """The table as GitHub Markdown; ``(no rows)`` when it has none."""
