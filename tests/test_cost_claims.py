@@ -156,7 +156,7 @@ def test_memory_verdicts_flat_noisy_and_too_few_sizes():
 def test_glance_table_compares_within_seed_and_says_over_what():
     from types import SimpleNamespace
 
-    from harness.report.tables import glance_table, main_table_intro
+    from harness.report.glance import glance_table, main_table_intro
 
     records = _pairs([100.0, 130.0, 90.0], [141.0, 180.0, 128.0])
     for r, loss in zip(records, [3.00, 3.10, 2.95, 2.96, 3.07, 2.90], strict=True):

@@ -19,8 +19,9 @@ from harness.measure.plausibility import (
     flags_for,
     overhead_flags,
 )
-from harness.report.build import _flag_section, overhead_lines
-from harness.report.tables import claim_flags, claims_table, cost_table, flag_notes, glance_table
+from harness.report.glance import glance_table
+from harness.report.sections import _flag_section, overhead_lines
+from harness.report.tables import claim_flags, claims_table, cost_table, flag_notes
 
 DISTURBED = [3.3, 27.7, 25.1, 26.0, 24.9, 3.9, 26.3, 27.0, 25.5, 26.8]  # decode b1 tokens/s, one run
 CLEAN = [25.1, 26.0, 24.9, 26.3, 27.0, 25.5, 26.8, 25.7, 26.1, 25.9]

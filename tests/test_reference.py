@@ -177,7 +177,7 @@ def test_reproduction_compares_the_effect_to_a_tolerance_below_it():
 
 
 def test_reproduction_finds_the_reference_and_knows_when_it_is_one(tmp_path):
-    from harness.report.build import reproduction_lines
+    from harness.report.sections import reproduction_lines
 
     ours = _summary({"m_s0": -0.034})
     study = tmp_path / "results" / "s"

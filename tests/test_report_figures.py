@@ -15,7 +15,8 @@ from conftest import ROOT
 from harness.cli import main
 from harness.core.errors import HarnessError
 from harness.report.browser_check import check, find_browser
-from harness.report.build import FIGURES, _remove_stale_figures, loss_curve_lines
+from harness.report.build import FIGURES, _remove_stale_figures
+from harness.report.sections import loss_curve_lines
 
 LOSS_FIGURES = ("loss_curves", "loss_vs_params", "isoflop", "loss_vs_cost")
 

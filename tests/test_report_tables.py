@@ -17,6 +17,7 @@ from test_plausibility import DISTURBED, _measure
 from harness.analysis import scaling
 from harness.core.host_load import sample, summary, taken_at
 from harness.measure.plausibility import LOAD_LIMIT, MARK, SPREAD_LIMIT, check_training, training_windows
+from harness.report.glance import glance_table
 from harness.report.notes import (
     drop_sections,
     not_applicable,
@@ -28,7 +29,6 @@ from harness.report.tables import (
     MEASURED_TOKENS_PER_S,
     TRAINING_TOKENS_PER_S,
     cost_table,
-    glance_table,
     run_table,
 )
 
@@ -211,7 +211,7 @@ def test_the_printed_remeasure_command_measures_the_flagged_run_again(study, mon
 
 
 def test_a_flagged_measurement_gets_its_command_in_the_report_lines():
-    from harness.report.build import _remeasure
+    from harness.report.sections import _remeasure
     from harness.study.spec import load_study
 
     records = tiny_records()

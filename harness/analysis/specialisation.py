@@ -380,6 +380,64 @@ def _verdict(category: float, topic: float | None) -> tuple[str, str]:
     )
 
 
+def _layer_row(
+    li: int,
+    block: int,
+    experts_NK: np.ndarray,
+    labels: tuple[np.ndarray, np.ndarray, np.ndarray],
+    overall: list[float | None],
+    n_experts: int,
+    n_topics: int,
+    topics_known: bool,
+    permutations: int,
+    seed: int,
+) -> dict[str, Any]:
+    """One MoE layer's entry in routing.json: the expert x category and expert x topic counts, each
+    expert's category shares and lift over the ``overall`` shares, and the association of the experts
+    with category and with topic (None unless ``topics_known``). ``labels`` are the tokens'
+    categories, topics and documents."""
+    cats, topics, documents_N = labels
+    n_cats = len(CATEGORIES)
+    cat_counts = _contingency(experts_NK, cats, n_experts, n_cats)
+    topic_counts = _contingency(experts_NK, topics, n_experts, n_topics)
+    per_expert = cat_counts.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = cat_counts / per_expert
+        lift = share / np.array([s or np.nan for s in overall])
+    return {
+        "layer": li,
+        "block": block,
+        "category_counts": cat_counts.tolist(),
+        "topic_counts": topic_counts.tolist(),
+        "category_share": overall,
+        "expert_category_share": [[_finite(v) for v in row] for row in share],
+        "expert_category_lift": [[_finite(v) for v in row] for row in lift],
+        "category": association(experts_NK, cats, n_experts, n_cats, permutations, [seed, li, 0]),
+        "topic": association(
+            experts_NK, topics, n_experts, n_topics, permutations, [seed, li, 1], documents_N=documents_N
+        )
+        if topics_known
+        else None,
+    }
+
+
+def _summary(rows: list[dict[str, Any]], topics_known: bool) -> dict[str, Any]:
+    """The summary over layers: mean NMI and excess NMI by category and by topic (None when the
+    topics are unknown), the label the experts specialise by and the verdict."""
+    cat_excess = float(np.mean([r["category"]["nmi_excess"] for r in rows]))
+    topic_excess = float(np.mean([r["topic"]["nmi_excess"] for r in rows])) if topics_known else None
+    by, verdict = _verdict(cat_excess, topic_excess)
+    return {
+        "category_nmi": float(np.mean([r["category"]["nmi"] for r in rows])),
+        "category_nmi_excess": cat_excess,
+        "topic_nmi": float(np.mean([r["topic"]["nmi"] for r in rows])) if topics_known else None,
+        "topic_nmi_excess": topic_excess,
+        "min_excess_nmi": MIN_EXCESS_NMI,
+        "specialises_by": by,
+        "verdict": verdict,
+    }
+
+
 def expert_specialisation(
     model,
     tok,
@@ -407,37 +465,13 @@ def expert_specialisation(
     cats, topics = stream.categories[keep].astype(np.int64), stream.topics[keep]
     documents_N = stream.documents_N[keep]
     topics_known = keys is not None
+    labels = (cats, topics, documents_N)
     n_cats, n_topics = len(CATEGORIES), len(stream.topic_names)
     overall = _shares(np.bincount(cats, minlength=n_cats))
-    rows = []
-    for li, (block, experts_NK) in enumerate(zip(blocks, choices, strict=True)):
-        experts_NK = experts_NK[keep]
-        cat_counts = _contingency(experts_NK, cats, n_experts, n_cats)
-        topic_counts = _contingency(experts_NK, topics, n_experts, n_topics)
-        per_expert = cat_counts.sum(1, keepdims=True)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            share = cat_counts / per_expert
-            lift = share / np.array([s or np.nan for s in overall])
-        rows.append(
-            {
-                "layer": li,
-                "block": block,
-                "category_counts": cat_counts.tolist(),
-                "topic_counts": topic_counts.tolist(),
-                "category_share": overall,
-                "expert_category_share": [[_finite(v) for v in row] for row in share],
-                "expert_category_lift": [[_finite(v) for v in row] for row in lift],
-                "category": association(experts_NK, cats, n_experts, n_cats, permutations, [seed, li, 0]),
-                "topic": association(
-                    experts_NK, topics, n_experts, n_topics, permutations, [seed, li, 1], documents_N=documents_N
-                )
-                if topics_known
-                else None,
-            }
-        )
-    cat_excess = float(np.mean([r["category"]["nmi_excess"] for r in rows]))
-    topic_excess = float(np.mean([r["topic"]["nmi_excess"] for r in rows])) if topics_known else None
-    by, verdict = _verdict(cat_excess, topic_excess)
+    rows = [
+        _layer_row(li, block, experts_NK[keep], labels, overall, n_experts, n_topics, topics_known, permutations, seed)
+        for li, (block, experts_NK) in enumerate(zip(blocks, choices, strict=True))
+    ]
     return {
         "experts": n_experts,
         "top_k": layers[0].cfg.top_k,
@@ -453,15 +487,7 @@ def expert_specialisation(
         "nulls": {"category": TOKEN_NULL, "topic": DOCUMENT_NULL if topics_known else None},
         "category_share": overall,
         "layers": rows,
-        "summary": {
-            "category_nmi": float(np.mean([r["category"]["nmi"] for r in rows])),
-            "category_nmi_excess": cat_excess,
-            "topic_nmi": float(np.mean([r["topic"]["nmi"] for r in rows])) if topics_known else None,
-            "topic_nmi_excess": topic_excess,
-            "min_excess_nmi": MIN_EXCESS_NMI,
-            "specialises_by": by,
-            "verdict": verdict,
-        },
+        "summary": _summary(rows, topics_known),
     }
 
 

@@ -361,14 +361,9 @@ def meta_identity(meta: dict[str, Any]) -> tuple:
     )
 
 
-def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
-    """Read the corpus, split it, build the tokenizer and write the shards and data.json. When
-    the folder already holds the same data (same corpus, settings and tokenizers version), it is
-    left untouched (``force``: write it again anyway) and the result says ``unchanged``."""
-    import tokenizers
-    from tokenizers import Tokenizer
-
-    cfg, source = study.data, study.path
+def _split_corpus(cfg: DataConfig, source: str) -> tuple[dict[str, list[Document]], Any, Skipped]:
+    """The corpus's documents by split, the fingerprint of what was read (a hashlib object) and
+    what was skipped (reported on stderr); refused when the train or validation split is empty."""
     docs: dict[str, list[Document]] = {s: [] for s in SPLITS}
     fingerprint = hashlib.sha256()
     skipped = Skipped()
@@ -385,11 +380,14 @@ def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
         )
     for line in skipped.lines():
         print(f"harness data: {line}", file=sys.stderr)
-    config = settings_of(cfg)
-    tok_sha = tokenizer_file_sha(cfg)
-    if not force and (same := _unchanged(out_dir, config, fingerprint.hexdigest(), tok_sha)) is not None:
-        return same
-    train_texts = [d.text for d in docs["train"]]
+    return docs, fingerprint, skipped
+
+
+def _tokenizer(cfg: DataConfig, train_texts: list[str], source: str):
+    """The study's tokenizer (its ``tokenizer_file``, or one trained on ``train_texts``) and its
+    end-of-text id; refused when its vocabulary is not the study's or it has no end-of-text token."""
+    from tokenizers import Tokenizer
+
     if cfg.tokenizer_file:
         path = Path(cfg.tokenizer_file)
         if not path.is_file():
@@ -408,11 +406,13 @@ def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
     eos = tokenizer.token_to_id(EOS)
     if eos is None:
         raise ConfigError("data.tokenizer_file", f"the tokenizer has no '{EOS}' token", source)
-    # Each file is replaced only when its bytes change: data prepared again the same keeps its
-    # times, so Snakemake trains nothing again.
-    atomic_write(out_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)), keep_same=True)
+    return tokenizer, eos
 
-    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+
+def _write_shards(tokenizer, eos: int, dtype, docs: dict[str, list[Document]], out_dir: Path) -> dict[str, Any]:
+    """Write each split's shard (its documents' token ids, each followed by ``eos``) to
+    ``out_dir/<split>.bin``; returns data.json's ``splits``: per split its documents, bytes, tokens,
+    bytes per token, file size and SHA-256."""
     splits: dict[str, Any] = {}
     for split in SPLITS:
         ids: list[int] = []
@@ -431,6 +431,29 @@ def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
             "file_bytes": int(arr.nbytes),
             "sha256": hashlib.sha256(arr.tobytes()).hexdigest(),
         }
+    return splits
+
+
+def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
+    """Read the corpus, split it, build the tokenizer and write the shards and data.json. When
+    the folder already holds the same data (same corpus, settings and tokenizers version), it is
+    left untouched (``force``: write it again anyway) and the result says ``unchanged``."""
+    import tokenizers
+
+    cfg, source = study.data, study.path
+    docs, fingerprint, skipped = _split_corpus(cfg, source)
+    config = settings_of(cfg)
+    tok_sha = tokenizer_file_sha(cfg)
+    if not force and (same := _unchanged(out_dir, config, fingerprint.hexdigest(), tok_sha)) is not None:
+        return same
+    tokenizer, eos = _tokenizer(cfg, [d.text for d in docs["train"]], source)
+    vocab = tokenizer.get_vocab_size()
+    # Each file is replaced only when its bytes change: data prepared again the same keeps its
+    # times, so Snakemake trains nothing again.
+    atomic_write(out_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)), keep_same=True)
+
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    splits = _write_shards(tokenizer, eos, dtype, docs, out_dir)
     meta = {
         "study": study.name,
         "source": cfg.source.value,
