@@ -19,7 +19,7 @@ also redraws the loss it inverts. Below ``MIN_NOISE_DOF`` degrees of freedom no 
 given. Resampling the points themselves cannot do this job with the few sizes a study has: three
 sizes fit a three-parameter law exactly, so every resample returns the same curve and the
 interval is a point, and with four sizes a nominal 95% interval covered about 83% of true values
-(``tests/test_scaling.py`` checks the coverage of this one on synthetic data).
+(``tests/analysis/test_scaling.py`` checks the coverage of this one on synthetic data).
 
 **Degenerate fits.** A fit whose losses do not fall with size, or whose exponent runs to its
 bound, does not describe the data: it is returned as ``(None, reason)`` so that no number

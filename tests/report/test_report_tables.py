@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 from pico_study import RUN, RUNDIR, STUDY, cli
-from test_figures import tiny_records
-from test_plausibility import DISTURBED, _measure
+from synthetic_records import DISTURBED, _measure, tiny_records
 
 from harness.analysis import scaling
 from harness.core.host_load import sample, summary, taken_at
@@ -287,7 +286,7 @@ def test_the_tiny_reference_report_lists_what_does_not_apply_instead_of_empty_ta
 
     from harness.cli import main
 
-    reference = Path(__file__).resolve().parents[1] / "results" / "reference" / "cpu" / "tiny"
+    reference = Path(__file__).resolve().parents[2] / "results" / "reference" / "cpu" / "tiny"
     shutil.copytree(reference, tmp_path / "tiny")
     assert main(["report", "tiny", "--results", str(tmp_path)]) == 0
     md = (tmp_path / "tiny" / "report.md").read_text()

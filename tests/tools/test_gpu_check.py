@@ -18,7 +18,7 @@ from harness.tools import gpu_check as gc
 from harness.tools import host_site, wheelhouse
 from models.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _ctx(tmp_path: Path, **kw) -> gc.Context:

@@ -6,95 +6,19 @@ from __future__ import annotations
 
 import colorsys
 import itertools
-import re
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from matplotlib.colors import to_rgba
+from synthetic_records import MOES, SIZES, _rec, measure_of, study_records, tiny_records
 
 from harness.analysis import curves, scaling
 from harness.report import figure_style, figures
 from harness.study.spec import budget_label
 from harness.train import train_loss
 
-SIZES = {"dense-d48": 1.43e5, "dense-d64": 2.46e5, "dense-d96": 5.5e5}
-MOES = {  # model: (E, k, active non-embedding, total non-embedding, moe settings beyond E and k)
-    "moe-d64-e2k2": (2, 2, 2.47e5, 2.47e5, {}),
-    "moe-d64-e4k2": (4, 2, 2.475e5, 4.44e5, {}),
-    "moe-d64-e8k2": (8, 2, 2.48e5, 8.38e5, {}),
-    "moe-d64-e8k2-auxfree": (8, 2, 2.48e5, 8.38e5, {"routing": "sigmoid-bias"}),
-    "moe-d64-e8k2-nobalance": (8, 2, 2.48e5, 8.38e5, {"load_balance_coef": 0.0}),
-    "moe-d64-e16k2": (16, 2, 2.49e5, 1.63e6, {}),
-}
 CLAIM_WORDS = ("follows", "grows", "better", "worse", "beats", "wins", "shows", "proves", "because", "saves")
-
-
-def _rec(model, arm, budget, active, total, loss, seed=0, experts=None, top_k=None, moe=None, **kw):
-    return {
-        "run_id": f"{model}_{budget_label(budget)}_s{seed}",
-        "model": model,
-        "arm": arm,
-        "experts": experts,
-        "top_k": top_k,
-        "seed": seed,
-        "budget_flops": budget,
-        "flops_spent": budget * (1 + 1e-5 * seed),
-        "train_seconds": budget / 7e10 * (1.3 if arm == "moe" else 1.0),
-        "final_val_loss": loss,
-        "tokens": int(budget / (6 * active)),
-        "params": {
-            "active": active + 1.3e5,
-            "active_non_embedding": active,
-            "total": total + 1.3e5,
-            "total_non_embedding": total,
-        },
-        "config": {
-            "d_model": int(found[1]) if (found := re.search(r"-d(\d+)", model)) else 64,
-            "moe": None if arm == "dense" else {"experts": experts, "top_k": top_k, **(moe or {})},
-        },
-        "flops_per_token": {"detailed": 6.0 * active},
-        "flop_convention": "detailed",
-        "provenance": {"host": {"device": "cpu"}},
-    } | kw
-
-
-def study_records() -> list[dict]:
-    """Like the cpu study: three dense sizes at 7e12 FLOPs, dense-d64 also at 2.5e12, six MoEs of
-    nearly the active parameters of dense-d64 (three of them E8 k2 variants)."""
-    records = [_rec(m, "dense", 7e12, n, n, 3.3 + n / 2e6) for m, n in SIZES.items()]
-    records.append(_rec("dense-d64", "dense", 2.5e12, SIZES["dense-d64"], SIZES["dense-d64"], 4.0))
-    for i, (model, (e, k, active, total, moe)) in enumerate(MOES.items()):
-        records.append(_rec(model, "moe", 7e12, active, total, 3.35 - 0.005 * i, experts=e, top_k=k, moe=moe))
-    return records
-
-
-def tiny_records() -> list[dict]:
-    """Like the tiny study: dense-d64 and its E8 k2 twin, 0.8% apart in active parameters."""
-    return [
-        _rec("dense-d64", "dense", 7e12, 2.463e5, 2.463e5, 2.761),
-        _rec("moe-d64-e8k2", "moe", 7e12, 2.483e5, 8.38e5, 2.727, experts=8, top_k=2),
-    ]
-
-
-def measure_of(rec: dict, windows: list[float] | None = None, fraction: float = 0.3) -> dict:
-    windows = windows or [40_000.0 + 500 * i for i in range(10)]
-    return {
-        "device_name": "cpu",
-        "train": {
-            "tokens_per_s_median": float(np.median(windows)),
-            "tokens_per_s_min": min(windows),
-            "tokens_per_s_max": max(windows),
-            "tokens_per_s_windows": windows,
-        },
-        "memory": {
-            "param_bytes": 4 * rec["params"]["total"],
-            "gradient_bytes": 4 * rec["params"]["total"],
-            "optimizer_state_bytes": 8 * rec["params"]["total"],
-            "peak_training_bytes": 100 * 2**20 + 16 * rec["params"]["total"],
-        },
-        "mfu": {"conventions": {"detailed": {"fraction_of_measured_matmul": fraction, "mfu_vs_spec_peak": None}}},
-    }
 
 
 def _data_lines(ax) -> list:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from test_figures import measure_of, tiny_records
+from synthetic_records import CLEAN, DISTURBED, _measure, tiny_records
 
 from harness.analysis import scaling
 from harness.analysis.claims import evaluate_claims
@@ -22,32 +22,6 @@ from harness.measure.plausibility import (
 from harness.report.glance import glance_table
 from harness.report.sections import _flag_section, overhead_lines
 from harness.report.tables import claim_flags, claims_table, cost_table, flag_notes
-
-DISTURBED = [3.3, 27.7, 25.1, 26.0, 24.9, 3.9, 26.3, 27.0, 25.5, 26.8]  # decode b1 tokens/s, one run
-CLEAN = [25.1, 26.0, 24.9, 26.3, 27.0, 25.5, 26.8, 25.7, 26.1, 25.9]
-
-
-def _section(windows: list[float]) -> dict:
-    s = sorted(windows)
-    return {
-        "tokens_per_s_median": (s[4] + s[5]) / 2,
-        "tokens_per_s_min": s[0],
-        "tokens_per_s_max": s[-1],
-        "tokens_per_s_windows": windows,
-    }
-
-
-def _measure(rec: dict, decode: list[float] = CLEAN, fraction: float = 0.3, train: list[float] | None = None) -> dict:
-    m = measure_of(rec, windows=train, fraction=fraction)
-    m |= {
-        "prefill": _section([100_000.0 + 1000 * i for i in range(10)]),
-        "decode_batch1": _section(decode) | {"batch": 1},
-        "matmul": {"flops_per_s": 1e11, "flops_per_s_windows": [1e11, 1.05e11, 0.98e11]},
-        "energy_train": {"energy_j": None, "j_per_token": None},
-        "energy_prefill": {"energy_j": None, "j_per_token": None},
-    }
-    m["mfu"]["conventions"]["6N_total"] = {"fraction_of_measured_matmul": 1.3, "mfu_vs_spec_peak": None}
-    return m
 
 
 def test_windows_spread_from_3_3_to_27_7_is_flagged_as_disturbed():

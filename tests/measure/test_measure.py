@@ -94,7 +94,7 @@ print(json.dumps(measure(cfg, torch.device("cpu"), settings)["memory"]))
 
 @pytest.mark.slow
 def test_measured_peak_follows_total_parameters():
-    tests = Path(__file__).parent
+    tests = Path(__file__).parents[1]
     procs = {
         arm: subprocess.Popen(
             [sys.executable, "-c", _MEASURE_IN_A_FRESH_PROCESS, json.dumps(moe)],
