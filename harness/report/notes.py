@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shlex
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,54 @@ def training_notes(flags: dict[str, list[dict[str, Any]]]) -> list[str]:
     ]
 
 
+APART_HOURS = 12.0
+"""An MoE and its dense peer measured further apart than this were measured in two sessions of the
+host (another load, perhaps another state of the machine): their speed ratio is noted, and both are
+offered for measuring again in one session."""
+
+
+def _measured_utc(measure: dict[str, Any] | None) -> datetime | None:
+    stamp = ((measure or {}).get("provenance") or {}).get("time_utc")
+    try:
+        return datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
+    except ValueError:
+        return None
+
+
+def measured_apart(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> list[tuple[str, str, float]]:
+    """(MoE run, its dense peer, hours between their measurements) for each MoE whose speed is
+    compared with a dense figure taken more than ``APART_HOURS`` before or after its own."""
+    from harness.analysis.stats import dense_peer
+
+    out = []
+    for r in sorted(records, key=lambda r: r["run_id"]):
+        peer = dense_peer(r, records) if r["arm"] == "moe" else None
+        if peer is None:
+            continue
+        times = _measured_utc(measures.get(r["run_id"])), _measured_utc(measures.get(peer["run_id"]))
+        if None in times:
+            continue
+        hours = abs((times[0] - times[1]).total_seconds()) / 3600
+        if hours > APART_HOURS:
+            out.append((r["run_id"], peer["run_id"], hours))
+    return out
+
+
+def apart_notes(apart: list[tuple[str, str, float]]) -> list[str]:
+    """The notes under the cost table for the pairs ``measured_apart`` found."""
+    if not apart:
+        return []
+    lines = [
+        f"- `{moe}` and its dense peer `{dense}` were measured {hours / 24:.1f} days apart (the measured (UTC) "
+        "column): their speed ratio compares two sessions of the host, not two models in one session"
+        if hours >= 48
+        else f"- `{moe}` and its dense peer `{dense}` were measured {hours:.0f} hours apart (the measured (UTC) "
+        "column): their speed ratio compares two sessions of the host, not two models in one session"
+        for moe, dense, hours in apart
+    ]
+    return [*lines, ""]
+
+
 def study_argument(study: Study) -> str:
     """The study as a command names it: its name when that finds its file, else its path."""
     found = study_path(study.name)
@@ -54,7 +103,12 @@ def study_argument(study: Study) -> str:
 
 
 def remeasure_lines(
-    study: str, results: Path, measured: list[str], trained: list[str], is_reference: bool = False
+    study: str,
+    results: Path,
+    measured: list[str],
+    trained: list[str],
+    is_reference: bool = False,
+    apart: bool = False,
 ) -> list[str]:
     """The report's paragraph that takes the flagged figures again: `harness measure --force` for
     each run with a flagged measurement, `harness train --restart` for each with a flagged training
@@ -78,8 +132,9 @@ def remeasure_lines(
         else ""
     )
     return [
-        f"{MARK} To take the flagged figures again, on a quiet machine (then `harness report {study}{where}`"
-        f"{restart}):",
+        f"{MARK} To take the flagged figures again"
+        + (" (and both runs of each pair measured apart, in one session)" if apart else "")
+        + f", on a quiet machine (then `harness report {study}{where}`{restart}):",
         "",
         "```bash",
         *commands,

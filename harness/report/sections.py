@@ -16,7 +16,9 @@ from tabulate import tabulate
 from harness.measure.plausibility import LABELS, MARK, mark, overhead_flags
 from harness.report.glance import main_table_intro
 from harness.report.notes import (
+    apart_notes,
     drop_sections,
+    measured_apart,
     not_applicable_lines,
     remeasure_lines,
     study_argument,
@@ -138,14 +140,17 @@ def loss_curve_lines(records: list[dict[str, Any]], image: str) -> list[str]:
     return [image, "", text, ""]
 
 
-def _remeasure(study: Study, results: Path, measures, trained, repro: dict[str, Any]) -> list[str]:
+def _remeasure(study: Study, results: Path, measures, trained, repro: dict[str, Any], records=()) -> list[str]:
     """The commands that take the flagged figures again: the flagged measurements of ``measures``
-    and the flagged training times of ``trained``."""
+    (with both runs of an MoE and dense pair measured far apart, ``records`` naming the pairs) and
+    the flagged training times of ``trained``."""
     from harness.report.tables import measure_flags
 
-    measured = sorted(run for run, flags in measure_flags(measures).items() if flags)
+    apart = measured_apart(records, measures) if measures else []
+    flagged = {run for run, flags in measure_flags(measures).items() if flags}
+    measured = sorted(flagged | {run for pair in apart for run in pair[:2]})
     retrain = sorted(run for run, flags in trained.items() if flags)
-    return remeasure_lines(study_argument(study), results, measured, retrain, repro["is_reference"])
+    return remeasure_lines(study_argument(study), results, measured, retrain, repro["is_reference"], bool(apart))
 
 
 def reproduction_lines(repro: dict[str, Any], study: str, device_class: str, table) -> list[str]:
@@ -325,7 +330,8 @@ def _cost(r: StudyReport) -> list[str]:
         r.table("cost"),
         "",
         *_flag_section(flag_notes(r.records, r.measures)),
-        *_remeasure(r.study, r.results, r.measures, {}, r.repro),
+        *apart_notes(measured_apart(r.records, r.measures)),
+        *_remeasure(r.study, r.results, r.measures, {}, r.repro, r.records),
         r.image("cost_scaling", "memory against total parameters, throughput against active parameters"),
         "",
     ]

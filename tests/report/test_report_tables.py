@@ -223,6 +223,32 @@ def test_a_flagged_measurement_gets_its_command_in_the_report_lines():
     assert not any(records[1]["run_id"] in line for line in lines)
 
 
+def test_an_moe_measured_days_after_its_dense_peer_is_noted_and_both_offered_again():
+    """A model added to a study later is measured in another session than the dense figure it is
+    compared with: the report says so under the cost table and prints the commands for both."""
+    from harness.report.notes import apart_notes, measured_apart
+    from harness.report.sections import _remeasure
+    from harness.study.spec import load_study
+
+    records = tiny_records()
+    dense, moe = (r["run_id"] for r in records)
+    measures = {r["run_id"]: _measure(r) for r in records}
+    measures[dense]["provenance"] = {"time_utc": "2026-11-28T17:40:59+00:00"}
+    measures[moe]["provenance"] = {"time_utc": "2026-12-01T09:10:00+00:00"}
+    apart = measured_apart(records, measures)
+    assert [(a, b, round(h)) for a, b, h in apart] == [(moe, dense, 63)]
+    (note, _) = apart_notes(apart)
+    assert note.startswith(f"- `{moe}` and its dense peer `{dense}` were measured 2.6 days apart")
+    lines = _remeasure(load_study("tiny"), Path("results/tiny"), measures, {}, {"is_reference": False}, records)
+    assert (
+        f"harness measure tiny --run {moe} --force" in lines and f"harness measure tiny --run {dense} --force" in lines
+    )
+    assert "both runs of each pair measured apart, in one session" in lines[0]
+    measures[moe]["provenance"] = {"time_utc": "2026-11-28T20:00:00+00:00"}  # the same session: 2.3 hours
+    assert measured_apart(records, measures) == []
+    assert _remeasure(load_study("tiny"), Path("results/tiny"), measures, {}, {"is_reference": False}, records) == []
+
+
 # --- 3. what does not apply to the study: one short list --------------------------------------
 
 
