@@ -76,5 +76,19 @@ def utc_now() -> str:
 def taken_at(doc: dict[str, Any] | None) -> str:
     """When a record or measure.json was written ('2026-12-03 01:23' UTC), from its provenance;
     'not recorded' for one written before records said."""
+    stamp = _stamp(doc)
+    return stamp[:16].replace("T", " ") if stamp is not None else "not recorded"
+
+
+def taken_utc(doc: dict[str, Any] | None) -> datetime.datetime | None:
+    """When a record or measure.json was written, as a time (None where it does not say)."""
+    stamp = _stamp(doc)
+    try:
+        return datetime.datetime.fromisoformat(stamp) if stamp is not None else None
+    except ValueError:
+        return None
+
+
+def _stamp(doc: dict[str, Any] | None) -> str | None:
     stamp = ((doc or {}).get("provenance") or {}).get("time_utc")
-    return stamp[:16].replace("T", " ") if isinstance(stamp, str) else "not recorded"
+    return stamp if isinstance(stamp, str) else None

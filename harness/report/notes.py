@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import shlex
 from collections import defaultdict
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from harness.analysis.stats import arm_label
+from harness.core.host_load import taken_utc
 from harness.measure.plausibility import LABELS, MARK, check_training
 from harness.study.spec import Study, budget_label, study_path
 
@@ -53,14 +53,6 @@ host (another load, perhaps another state of the machine): their speed ratio is 
 offered for measuring again in one session."""
 
 
-def _measured_utc(measure: dict[str, Any] | None) -> datetime | None:
-    stamp = ((measure or {}).get("provenance") or {}).get("time_utc")
-    try:
-        return datetime.fromisoformat(stamp) if isinstance(stamp, str) else None
-    except ValueError:
-        return None
-
-
 def measured_apart(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> list[tuple[str, str, float]]:
     """(MoE run, its dense peer, hours between their measurements) for each MoE whose speed is
     compared with a dense figure taken more than ``APART_HOURS`` before or after its own."""
@@ -71,7 +63,7 @@ def measured_apart(records: list[dict[str, Any]], measures: dict[str, dict[str, 
         peer = dense_peer(r, records) if r["arm"] == "moe" else None
         if peer is None:
             continue
-        times = _measured_utc(measures.get(r["run_id"])), _measured_utc(measures.get(peer["run_id"]))
+        times = taken_utc(measures.get(r["run_id"])), taken_utc(measures.get(peer["run_id"]))
         if None in times:
             continue
         hours = abs((times[0] - times[1]).total_seconds()) / 3600
@@ -85,11 +77,10 @@ def apart_notes(apart: list[tuple[str, str, float]]) -> list[str]:
     if not apart:
         return []
     lines = [
-        f"- `{moe}` and its dense peer `{dense}` were measured {hours / 24:.1f} days apart (the measured (UTC) "
-        "column): their speed ratio compares two sessions of the host, not two models in one session"
-        if hours >= 48
-        else f"- `{moe}` and its dense peer `{dense}` were measured {hours:.0f} hours apart (the measured (UTC) "
-        "column): their speed ratio compares two sessions of the host, not two models in one session"
+        f"- `{moe}` and its dense peer `{dense}` were measured "
+        + (f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.0f} hours")
+        + " apart (the measured (UTC) column): their speed ratio compares two sessions of the host, not two "
+        "models in one session"
         for moe, dense, hours in apart
     ]
     return [*lines, ""]

@@ -140,13 +140,12 @@ def loss_curve_lines(records: list[dict[str, Any]], image: str) -> list[str]:
     return [image, "", text, ""]
 
 
-def _remeasure(study: Study, results: Path, measures, trained, repro: dict[str, Any], records=()) -> list[str]:
+def _remeasure(study: Study, results: Path, measures, trained, repro: dict[str, Any], apart=()) -> list[str]:
     """The commands that take the flagged figures again: the flagged measurements of ``measures``
-    (with both runs of an MoE and dense pair measured far apart, ``records`` naming the pairs) and
+    (with both runs of each MoE and dense pair ``measured_apart`` found: ``apart``) and
     the flagged training times of ``trained``."""
     from harness.report.tables import measure_flags
 
-    apart = measured_apart(records, measures) if measures else []
     flagged = {run for run, flags in measure_flags(measures).items() if flags}
     measured = sorted(flagged | {run for pair in apart for run in pair[:2]})
     retrain = sorted(run for run, flags in trained.items() if flags)
@@ -330,8 +329,8 @@ def _cost(r: StudyReport) -> list[str]:
         r.table("cost"),
         "",
         *_flag_section(flag_notes(r.records, r.measures)),
-        *apart_notes(measured_apart(r.records, r.measures)),
-        *_remeasure(r.study, r.results, r.measures, {}, r.repro, r.records),
+        *apart_notes(apart := measured_apart(r.records, r.measures)),
+        *_remeasure(r.study, r.results, r.measures, {}, r.repro, apart),
         r.image("cost_scaling", "memory against total parameters, throughput against active parameters"),
         "",
     ]

@@ -130,12 +130,9 @@ def run_estimates(runs, states, finished: tuple, device: str, args: argparse.Nam
 
 def recorded_train(results: Path, run) -> float | None:
     """A finished run's training wall time: its train job's benchmark, else its record's
-    ``train_seconds``; None for a run reused from another study (it trained there)."""
-    record = read_record(results, run)
-    if REUSED in record:
-        return None
+    ``train_seconds``."""
     seconds = recorded_seconds(results / "benchmarks" / "train" / f"{run.run_id}.tsv")
-    return seconds if seconds is not None else record.get("train_seconds")
+    return seconds if seconds is not None else read_record(results, run).get("train_seconds")
 
 
 def reused_from(results: Path, run, state: str, sources: dict[str, Path]) -> str | None:
@@ -179,12 +176,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"no GPU is visible and the CPU was not probed ({why}): {gpu}; on this CPU it would take far longer"
         ]
         estimates = run_estimates(runs, states, finished, device, args)
-    recorded = [recorded_train(results, r) if s.state == "done" else None for r, s in zip(runs, states, strict=True)]
+    came = [reused_from(results, r, s.state, sources) for r, s in zip(runs, states, strict=True)]
+    # A reused run trained in the other study: no training time of this one.
+    recorded = [
+        recorded_train(results, r) if s.state == "done" and c is None else None
+        for r, s, c in zip(runs, states, came, strict=True)
+    ]
     rows = [
         row
         | {"state": s.state, "changes": list(s.changes), "est_seconds": None if rec is not None else e.seconds}
-        | {"recorded_seconds": rec, "est_basis": e.basis, "reused_from": reused_from(results, r, s.state, sources)}
-        for row, r, s, e, rec in zip(plan_rows(runs, train_tokens), runs, states, estimates, recorded, strict=True)
+        | {"recorded_seconds": rec, "est_basis": e.basis, "reused_from": c}
+        for row, s, e, rec, c in zip(plan_rows(runs, train_tokens), states, estimates, recorded, came, strict=True)
     ]
     if args.json:
         print(json.dumps(rows, indent=2))

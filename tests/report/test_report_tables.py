@@ -239,14 +239,31 @@ def test_an_moe_measured_days_after_its_dense_peer_is_noted_and_both_offered_aga
     assert [(a, b, round(h)) for a, b, h in apart] == [(moe, dense, 63)]
     (note, _) = apart_notes(apart)
     assert note.startswith(f"- `{moe}` and its dense peer `{dense}` were measured 2.6 days apart")
-    lines = _remeasure(load_study("tiny"), Path("results/tiny"), measures, {}, {"is_reference": False}, records)
+    lines = _remeasure(
+        load_study("tiny"),
+        Path("results/tiny"),
+        measures,
+        {},
+        {"is_reference": False},
+        measured_apart(records, measures),
+    )
     assert (
         f"harness measure tiny --run {moe} --force" in lines and f"harness measure tiny --run {dense} --force" in lines
     )
     assert "both runs of each pair measured apart, in one session" in lines[0]
     measures[moe]["provenance"] = {"time_utc": "2026-11-28T20:00:00+00:00"}  # the same session: 2.3 hours
     assert measured_apart(records, measures) == []
-    assert _remeasure(load_study("tiny"), Path("results/tiny"), measures, {}, {"is_reference": False}, records) == []
+    assert (
+        _remeasure(
+            load_study("tiny"),
+            Path("results/tiny"),
+            measures,
+            {},
+            {"is_reference": False},
+            measured_apart(records, measures),
+        )
+        == []
+    )
 
 
 # --- 3. what does not apply to the study: one short list --------------------------------------
