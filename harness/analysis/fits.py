@@ -127,6 +127,21 @@ def interval(values: np.ndarray) -> tuple[float, float]:
     )
 
 
+def interval_mc_error(values: np.ndarray) -> tuple[float, float]:
+    """Monte-Carlo standard error of each end of ``interval(values)``: half the spread between the
+    order statistics one binomial sd (sqrt(B q (1 - q)) ranks) either side of the end's rank, the
+    distribution-free error of a sample quantile. Zero where the draws there are equal (a bound)."""
+    x = np.sort(np.asarray(values, float))
+    b = len(x)
+    out = []
+    for q in (LOW / 100, HIGH / 100):
+        rank, half = q * (b - 1), math.sqrt(b * q * (1 - q))
+        lo, hi = int(max(0, math.floor(rank - half))), int(min(b - 1, math.ceil(rank + half)))
+        spread = x[hi] - x[lo]
+        out.append(float(spread / 2) if np.isfinite(spread) else math.inf)
+    return out[0], out[1]
+
+
 def sigma_draws(noise: Noise, draws: int, rng: np.random.Generator) -> np.ndarray:
     """``draws`` values of sigma from the sampling distribution of its estimate (scaled inverse chi-square)."""
     return noise.sd * np.sqrt(noise.dof / rng.chisquare(noise.dof, draws))

@@ -215,7 +215,8 @@ class ScalingAnalysis:
 
 def analyse(records: list[dict[str, Any]], bootstrap: int = BOOTSTRAP, seed: int = 0) -> ScalingAnalysis:
     """Every scaling analysis of a study's records (seeded: the same records give the same numbers)."""
-    from harness.analysis.law import identify, law_data
+    from harness.analysis.law import law_data
+    from harness.analysis.law_design import identify
 
     runs = finite_runs(records)
     noise = seed_noise(runs)

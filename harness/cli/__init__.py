@@ -2,7 +2,7 @@
 
     harness count models/configs/moe-s-e8k2.yaml [--json] [--seq-len N]
     harness match models/configs/dense-s.yaml --experts 8 --top-k 2 [--moe KEY=VALUE ...] [--out FILE]
-    harness plan | data | tasks | train | measure | evaluate | routing | export | sample | report STUDY [...]
+    harness plan | forecast | data | tasks | train | measure | evaluate | routing | export | sample | report STUDY [...]
     harness --version
 
 Every expected failure (a bad config, study or flag, a missing earlier step, a damaged file, a
@@ -23,8 +23,8 @@ from harness.core.errors import HarnessError, os_failure
 from harness.train import devices, run_lock
 from models.config import ConfigError
 
-VERBS = ("count", "match", "plan", "data", "tasks", "train", "measure", "evaluate", "routing", "export", "sample")
-VERBS += ("report",)
+VERBS = ("count", "match", "plan", "forecast", "data", "tasks", "train", "measure", "evaluate", "routing", "export")
+VERBS += ("sample", "report")
 """The verbs in pipeline order, as --help lists them."""
 GPU_VERBS = ("train", "measure", "evaluate", "routing")
 """The verbs that run on a GPU when the study does: each takes its own device (harness.train.devices)."""

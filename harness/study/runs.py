@@ -48,6 +48,21 @@ def _check_registration(study: Study, runs: list[Run]) -> None:
                 f"{name} is not trained at {budget_label(primary.budget)} FLOPs (its budgets: {shown})",
                 study.path,
             )
+    seeds = [{r.seed for r in runs if r.model.name == name and r.budget == primary.budget} for name in primary.pair]
+    shared = seeds[0] & seeds[1]
+    if len(shared) < primary.seeds:
+        raise ConfigError(
+            "registration.primary.seeds",
+            f"the arms share {len(shared)} seed(s) at {budget_label(primary.budget)} FLOPs "
+            f"({', '.join(map(str, sorted(shared))) or 'none'}; {primary.dense}: {_seeds(seeds[1])}, "
+            f"{primary.moe}: {_seeds(seeds[0])}), fewer than the {primary.seeds} the registration asks for: "
+            "give both arms the same seeds (their entries' seeds or seeds_per_budget)",
+            study.path,
+        )
+
+
+def _seeds(seeds: set[int]) -> str:
+    return ", ".join(map(str, sorted(seeds))) or "none"
 
 
 def seeds_of(study: Study, spec: ModelSpec, budget: float) -> list[int]:

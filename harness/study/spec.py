@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import glob
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,6 +250,37 @@ class PrimaryContrast:
     test: str = "paired-t"
     """paired-t (one-sided paired t over seeds); the exact Wilcoxon signed-rank test is reported
     beside it as a robustness check."""
+    seeds: int = 2
+    """How many seeds both arms must share (the power analysis's n); fewer is refused at plan time."""
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return self.moe, self.dense
+
+
+@dataclass(frozen=True)
+class LawForecast:
+    """One candidate law's forecast of the primary gain, registered before the runs."""
+
+    law: str
+    """The law's form (``harness.analysis.law.FORMS``): theta, phi or both."""
+    gain: float
+    """The predicted mean gain, dense - MoE validation loss, nats."""
+    interval: list[float]
+    """[low, high]: the forecast's interval at ``Forecast.confidence``, for the mean over the seeds."""
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """What a fitted law predicted for the primary contrast before its runs; the report scores it."""
+
+    source: str
+    """The runs the law was fitted to (a results folder or committed reference), in words."""
+    laws: list[LawForecast]
+    confidence: float = 0.9
+    """Coverage of each forecast's interval."""
+    command: str = ""
+    """The command that printed the forecast (so that it can be checked)."""
 
 
 @dataclass(frozen=True)
@@ -262,6 +295,19 @@ class Registration:
     """Outputs read as exploration, not confirmation."""
     diverged_runs: str = ""
     """What happens to a run whose loss diverges (decided in advance)."""
+    forecast: Forecast | None = None
+    """A scaling law's forecast of the primary gain, scored by the report against the result."""
+
+
+@dataclass(frozen=True)
+class PoolSource:
+    """Another study's finished runs, pooled into this study's joint law and dense frontier."""
+
+    results: str
+    """A folder holding that study's ``runs/`` and ``data/data.json``: ``results/<study>`` or a
+    committed ``results/reference/<device>/<study>``, relative to the project."""
+    differs: list[str] = field(default_factory=list)
+    """Recipe fields that may differ from this study's (anything else must be the same)."""
 
 
 @dataclass(frozen=True)
@@ -281,8 +327,13 @@ class Study:
     parallel: Parallel = field(default_factory=Parallel)
     registration: Registration | None = None
     """A confirmatory study's registered design (None: exploratory; R1 then uses a stated default)."""
+    pool: list[PoolSource] = field(default_factory=list)
+    """Other studies' runs that join the joint law and the dense frontier (never a registered
+    contrast): same data and tokenizer, same recipe but for the fields each source names."""
     path: str = ""
     """The file it was loaded from (set by load_study)."""
+    registration_sha256: str = ""
+    """The hash of the registration block as written (set by load_study; '' without one)."""
 
 
 @dataclass(frozen=True)
@@ -349,7 +400,7 @@ def load_study(name_or_path: str | Path) -> Study:
         shown = path.resolve().relative_to(Path.cwd())
     except ValueError:
         shown = path
-    study = Study(**{**study.__dict__, "path": str(shown)})
+    study = Study(**{**study.__dict__, "path": str(shown), "registration_sha256": registration_hash(data)})
     _check_data_source(data.get("data") or {}, study.data.source, str(path))
     for i, spec in enumerate(study.models):
         if (spec.config is None) == (spec.base is None):
@@ -359,6 +410,15 @@ def load_study(name_or_path: str | Path) -> Study:
         _check_seeds_per_budget(study, spec, f"models[{i}].seeds_per_budget", str(path))
         model_recipe(study, spec, f"models[{i}]")  # refuses a field a model may not set
     return study
+
+
+def registration_hash(study_data: dict[str, Any]) -> str:
+    """SHA-256 of a study mapping's ``registration`` block as written (keys sorted; '' without one):
+    what a run records it was trained under, so that an edit after the runs shows."""
+    block = study_data.get("registration") if isinstance(study_data, dict) else None
+    if block is None:
+        return ""
+    return hashlib.sha256(json.dumps(block, sort_keys=True, default=str).encode()).hexdigest()
 
 
 SOURCE_FIELDS = {

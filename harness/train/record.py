@@ -58,5 +58,6 @@ def run_record(trainer: Trainer, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "gpu_energy_label": "GPU energy (NVML), whole run including evaluation; not wall-socket energy",
         "data_fingerprint": trainer.data_meta["fingerprint"],
         "spec_hash": trainer.spec_hash,
+        "registration_sha256": trainer.study.registration_sha256 or None,  # the block trained under
         "provenance": provenance(trainer.device, time_utc=host_load.utc_now()),
     }
