@@ -116,3 +116,70 @@ def _measure(rec: dict, decode: list[float] = CLEAN, fraction: float = 0.3, trai
     }
     m["mfu"]["conventions"]["6N_total"] = {"fraction_of_measured_matmul": 1.3, "mfu_vs_spec_peak": None}
     return m
+
+
+# The joint law's synthetic studies (tests/analysis/test_law.py, tests/study/test_pool.py)
+
+LAW_TRUE = {"E0": 1.8, "A": 78.0, "alpha": 0.3, "B": 240.0, "beta": 0.3, "theta": 0.5, "rho": 0.02}
+LAW_SIZES = (1e6, 2e6, 4e6, 8e6)
+LAW_BUDGETS = (1e15, 4e15)
+
+
+def true_loss(na, nt, d, routed, t=LAW_TRUE):
+    m = na ** (1 - t["theta"]) * nt ** t["theta"]
+    d_eff = d * (nt / na) ** t.get("phi", 0.0)
+    return t["E0"] + t["A"] * m ** -t["alpha"] + t["B"] * d_eff ** -t["beta"] + t["rho"] * routed
+
+
+def law_study(
+    rng,
+    t=LAW_TRUE,
+    seeds=(0, 1, 2),
+    sd_seed=0.02,
+    sd_resid=0.01,
+    budgets=LAW_BUDGETS,
+    sizes=LAW_SIZES,
+    experts=(2, 4, 8, 16),
+    moe_sizes=(2e6,),
+    fpt_intercept=0.0,
+):
+    """A study drawn from the joint law ``t`` with shared seed effects: dense sizes at each budget,
+    MoEs of ``moe_sizes`` active parameters at E = 2 (= k), 4, 8, 16
+    with k = 2. Training FLOPs per token: 6 N + ``fpt_intercept`` (affine in N, as attention and
+    the unembedding make them)."""
+    u = {s: sd_seed * rng.standard_normal() for s in seeds}
+    recs = []
+
+    def add(model, arm, na, nt, c, e, k, s):
+        d = c / (6 * na + fpt_intercept)
+        y = true_loss(na, nt, d, arm == "moe", t) + u[s] + sd_resid * rng.standard_normal()
+        recs.append(
+            {
+                "run_id": f"{model}_{c:g}_s{s}",
+                "model": model,
+                "arm": arm,
+                "experts": e,
+                "top_k": k,
+                "seed": s,
+                "params": {"active_non_embedding": na, "total_non_embedding": nt, "active": na, "total": nt},
+                "budget_flops": c,
+                "flops_spent": c,
+                "tokens": d,
+                "final_val_loss": float(y),
+                "flops_per_token": {"6N_active": 6 * na + fpt_intercept},
+                "flop_convention": "6N_active",
+                "train_seconds": c / (1e12 if arm == "dense" else 0.8e12),
+                "gpu_energy_j": None,
+                "config": {},
+            }
+        )
+
+    for c in budgets:
+        for s in seeds:
+            for n in sizes:
+                add(f"dense-{n:g}", "dense", n, n, c, None, None, s)
+            for na in moe_sizes:
+                name = "" if len(moe_sizes) == 1 else f"-n{na:g}"
+                for e in experts:
+                    add(f"moe{name}-e{e}k2", "moe", na, na * (1 + (e / 2 - 1) * 2 / 3), c, e, 2, s)
+    return recs

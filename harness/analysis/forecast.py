@@ -74,12 +74,27 @@ def forecast_contrast(
     bootstrap: int | None = None,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Per law form the records identify: the forecast of ``study``'s registered primary gain
-    (point, ``confidence`` prediction interval for the mean over its shared seeds), and the power
-    of its test at that gain with planning sd ``sd``."""
+    """Per law form: the forecast of ``study``'s registered primary gain over its shared seeds
+    (``forecast_gains`` at the arms the study plans)."""
     contrast = study.registration.primary
     dense, moe = contrast_arms(study, contrast)
-    n = contrast.seeds
+    return forecast_gains(records, dense, moe, contrast.seeds, contrast.alpha, sd, confidence, bootstrap, seed)
+
+
+def forecast_gains(
+    records: list[dict[str, Any]],
+    dense: ArmPoint,
+    moe: ArmPoint,
+    seeds: int,
+    alpha: float,
+    sd: float,
+    confidence: float = 0.9,
+    bootstrap: int | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Per law form the records identify: the predicted mean gain dense - MoE over ``seeds`` seeds,
+    its ``confidence`` prediction interval, and the power of the one-sided paired t at level
+    ``alpha`` at that gain with planning sd ``sd``."""
     rows = []
     for form in FORMS:
         kwargs = {} if bootstrap is None else {"bootstrap": bootstrap}
@@ -90,15 +105,15 @@ def forecast_contrast(
             continue
         rng = np.random.default_rng(seed)
         draws = np.array([predicted_gain(law, dense, moe, p) for p in law.draws])
-        predictive = draws + sd / math.sqrt(n) * rng.standard_normal(len(draws))
+        predictive = draws + sd / math.sqrt(seeds) * rng.standard_normal(len(draws))
         tail = (1 - confidence) / 2 * 100
         gain = predicted_gain(law, dense, moe)
         row.update(
             gain=gain,
             interval=(float(np.percentile(predictive, tail)), float(np.percentile(predictive, 100 - tail))),
             draws=len(draws),
-            power=one_sided_power(sd, n, contrast.alpha, gain),
-            seeds_needed=seeds_for_power(sd, contrast.alpha, gain) if gain > 0 else None,
+            power=one_sided_power(sd, seeds, alpha, gain),
+            seeds_needed=seeds_for_power(sd, alpha, gain) if gain > 0 else None,
         )
     return rows
 
@@ -124,3 +139,32 @@ def score_forecast(registration: Registration | None, gains: dict[str, Any] | No
             )
         rows.append(row)
     return rows
+
+
+def forecast_table(study: Study, records: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """The registered forecasts scored against the primary contrast's result (no rows without any)."""
+    from harness.analysis.stats import contrast_gains, paired_gain
+
+    headers = ["law", "where total parameters act", "forecast gain (nats)", "interval", "observed mean gain"]
+    headers += ["inside", "error (nats)", "error in SEs of the observed mean"]
+    reg = study.registration
+    if reg is None or reg.forecast is None or reg.primary is None:
+        return headers, []
+    g = contrast_gains(records, reg.primary)
+    gains = paired_gain(g["gain"], reg.primary.alpha, reg.primary.delta_min) if len(g["gain"]) else None
+    level = f"{reg.forecast.confidence:.0%}"
+    rows = []
+    for r in score_forecast(reg, gains):
+        rows.append(
+            [
+                r["law"],
+                r["label"],
+                f"{r['gain']:+.4f}",
+                f"{level} [{r['interval'][0]:+.4f}, {r['interval'][1]:+.4f}]",
+                "-" if r["observed"] is None else f"{r['observed']:+.4f} ({r['seeds']} seeds)",
+                "-" if r["inside"] is None else ("yes" if r["inside"] else "no"),
+                "-" if r["error"] is None else f"{r['error']:+.4f}",
+                "-" if r["error_se"] is None else f"{r['error_se']:+.2f}",
+            ]
+        )
+    return headers, rows

@@ -2,7 +2,7 @@
 with the dense *frontier* at equal FLOPs, not with one fixed dense size).
 
     rows = frontier_multipliers(records, law)                   # FLOPs
-    rows = cost_multipliers(records, rows, "train_seconds")     # wall-clock, from the FLOP rows
+    (wall-clock and energy: ``harness.analysis.frontier_cost``, from these rows)
 
 The dense frontier at compute C is min over N of the dense law at D = C / fpt(N) (Hoffmann et al.
 2022's compute-optimal frontier), fpt(N) the training FLOPs per token of a dense model of N active
@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from harness.analysis.fits import interval
+from harness.analysis.fits import interval, interval_mc_error
 from harness.analysis.law import LawFit
-from harness.analysis.stats import arm_label, finite_runs, peer_pairs
+from harness.analysis.stats import arm_label, finite_runs
 
 FRONTIER = "dense frontier (joint law)"
 GRID_N, GRID_C = 500, 240  # points of the size and compute grids
@@ -103,12 +103,16 @@ def frontier_multipliers(
             "method": None,
             "multiplier": None,
             "multiplier_ci": None,
+            "multiplier_mc": None,
             "extrapolated": None,
             "dense_compute": None,
             "dense_n_opt": None,
             "loss_adjusted": None,
             "reason": "no joint law (see above)" if law is None else "",
             "interval_note": "",
+            "study": first.get("study"),
+            "moe_runs": [runs[i] for i in index],
+            "draws": None,
         }
         rows.append(row)
         if law is None:
@@ -123,6 +127,7 @@ def _fill(row, law, index, curves, ln_c, fpt, records) -> None:
     loss_c, ln_n = curves[0]
     at = _invert(loss_c, ln_c, target)
     row.update(loss_adjusted=target, method=f"joint law; dense FLOPs/token {fpt[2]}")
+    row["moe_runs"] = [law.data.runs[i] for i in index]
     if not math.isfinite(at):
         row["reason"] = (
             "the MoE's loss is below every dense frontier loss the law reaches"
@@ -144,55 +149,12 @@ def _fill(row, law, index, curves, ln_c, fpt, records) -> None:
     if not len(law.draws):
         row["interval_note"] = "no interval: the variance components need 2 or more degrees of freedom"
         return
-    found = [
-        _invert(curves[b + 1][0], ln_c, law.adjusted(index, draw=b)) for b in range(len(law.draws))
-    ]  # a draw beyond the grid counts as unbounded
-    row["multiplier_ci"] = interval(np.exp(np.array(found)) / cost)
+    found = np.array(
+        [_invert(curves[b + 1][0], ln_c, law.adjusted(index, draw=b)) for b in range(len(law.draws))]
+    )  # a draw beyond the grid counts as unbounded
+    row["multiplier_ci"] = interval(np.exp(found) / cost)
+    row["multiplier_mc"] = interval_mc_error(np.exp(found) / cost)
+    # Per draw: ln C* and the frontier's ln N_opt there (the wall-clock multipliers read them).
+    ln_n_draws = [np.interp(a, ln_c, curves[b + 1][1]) if math.isfinite(a) else math.nan for b, a in enumerate(found)]
+    row["draws"] = {"ln_c": found, "ln_n": np.array(ln_n_draws)}
     row["interval_note"] = f"95% bootstrap interval over {len(found)} refits of the law with seed effects"
-
-
-# ---------------------------------------------------------------------------------------------
-# Wall-clock and energy: the FLOP multiplier times the MoE's FLOPs per second (or joule) over its base's
-
-
-def _rate(rec: dict[str, Any], cost_key: str) -> float | None:
-    cost = rec.get(cost_key)
-    return None if not cost else float(rec["flops_spent"]) / float(cost)
-
-
-def cost_multipliers(
-    records: list[dict[str, Any]], flop_rows: list[dict[str, Any]], cost_key: str = "train_seconds"
-) -> list[dict[str, Any]]:
-    """Per FLOP row: its multiplier times (MoE FLOPs per ``cost_key``) / (its matched dense base's),
-    the rate ratio taken per seed the two share (same budget) and averaged in logs over them."""
-    what = {"train_seconds": "FLOP/s", "gpu_energy_j": "FLOP/J"}.get(cost_key, f"FLOPs per {cost_key}")
-    rows, peers = [], peer_pairs(records)
-    for f in flop_rows:
-        row = dict(f, cost_key=cost_key, multiplier=None, multiplier_ci=None, reason=f["reason"])
-        rows.append(row)
-        pairs = peers.get((f["model"], f["budget_flops"]), [])  # (MoE run, its dense peer) per seed
-        if not pairs:
-            row["reason"] = row["reason"] or f"no dense run at this budget to take the {what} ratio from"
-            continue
-        base = pairs[0][1]["model"]
-        logs = [
-            math.log(_rate(m, cost_key) / _rate(d, cost_key))
-            for m, d in pairs
-            if _rate(m, cost_key) and _rate(d, cost_key)
-        ]
-        if not logs:
-            row["reason"] = row["reason"] or f"no seed shared with {base} that has {cost_key}"
-            continue
-        ratio = math.exp(float(np.mean(logs)))
-        row["method"] = f"FLOP multiplier x {what} ratio to {base} (geometric mean over {len(logs)} shared seed(s))"
-        row["rate_ratio"] = ratio
-        if f["multiplier"] is not None:
-            row["multiplier"] = f["multiplier"] * ratio
-            ci = f["multiplier_ci"]
-            row["multiplier_ci"] = None if ci is None else (ci[0] * ratio, ci[1] * ratio)
-            row["interval_note"] = (
-                f["interval_note"] + f"; the {what} ratio is taken as measured (not resampled)"
-                if ci is not None
-                else f["interval_note"]
-            )
-    return rows

@@ -16,7 +16,7 @@ slope points to. Across budgets N_opt ∝ C^a (Chinchilla found a ≈ 0.5 for de
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from harness.analysis.fits import Noise, fit_parabola, interval, sigma_draws
 from harness.analysis.stats import arm_label, finite_runs
 
 MIN_SIZES = 4  # a parabola has 3 parameters: 4 sizes leave one degree of freedom to see its misfit
-BOOTSTRAP = 400
+BOOTSTRAP = 2000  # draws: 95% ends stable to their printed digit (SCIENCE.md asks for 1000 or more)
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ def _curve(runs: list[dict[str, Any]], noise: Noise, draws: int, seed: int) -> d
         "n": n.tolist(),
         "loss": loss.tolist(),
         "seeds": [sum(r["model"] == m for r in runs) for m in models],
+        "studies": dict(sorted(Counter(str(s) for _, s in {(r["model"], r.get("study")) for r in runs}).items())),
         "n_opt": None,
         "n_opt_ci": None,
         "loss_opt": None,
@@ -114,7 +115,9 @@ def _curve(runs: list[dict[str, Any]], noise: Noise, draws: int, seed: int) -> d
     sigma = sigma_draws(noise, draws, rng)
     sim, _ = seed_adjusted(runs, fitted[:, None] + sigma[None, :] * rng.standard_normal((len(runs), draws)))
     mu = np.array([sim[m] for m in models])  # (models, draws)
-    row["n_opt_ci"] = interval(np.array([_draw_opt(n, mu[:, b]) for b in range(draws)]))
+    optima = np.array([_draw_opt(n, mu[:, b]) for b in range(draws)])
+    row["n_opt_ci"] = interval(optima)
+    row["no_minimum"] = (float(np.mean(optima == 0.0)), float(np.mean(optima == math.inf)))
     row["interval_note"] = f"95% bootstrap interval over {draws} draws of the residual noise ({noise.source})"
     return row
 

@@ -136,6 +136,7 @@ class LawFit:
     identified: dict[str, str]
     elasticities: dict[str, float]
     elasticity_intervals: dict[str, tuple[float, float] | None]
+    elasticity_mc: dict[str, tuple[float, float] | None]
     centre: dict[str, float]
     sd_resid: float
     resid_dof: int
@@ -445,6 +446,7 @@ def fit_law(
         identified=why,
         elasticities=elasticities(p, x),
         elasticity_intervals={k: interval(v) if len(v) else None for k, v in e_values.items()},
+        elasticity_mc={k: interval_mc_error(v) if len(v) else None for k, v in e_values.items()},
         centre=centre_of(x),
         sd_resid=components[0],
         resid_dof=components[1],

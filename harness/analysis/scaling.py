@@ -26,7 +26,7 @@ Losses are final validation losses in nats per token; parameter counts are non-e
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
@@ -34,10 +34,12 @@ import numpy as np
 
 from harness.analysis.clark import clark_theta
 from harness.analysis.fits import MIN_POINTS, Noise, PowerLawFit, fit_power_law, invert
-from harness.analysis.frontier import cost_multipliers, frontier_multipliers
+from harness.analysis.frontier import frontier_multipliers
+from harness.analysis.frontier_cost import fastest_dense_costs, optimal_dense_costs
 from harness.analysis.isoflop import MIN_SIZES, IsoflopAnalysis, isoflop
 from harness.analysis.krajewski import krajewski_check
-from harness.analysis.law import BOOTSTRAP, LawFit, fit_law
+from harness.analysis.law import BOOTSTRAP, LawFit
+from harness.analysis.law_compare import FormComparison, compare_forms
 from harness.analysis.stats import arm_label, finite_runs, seed_noise
 
 PARAM_KEY = "active_non_embedding"
@@ -201,26 +203,39 @@ def dense_equivalents(
 @dataclass(frozen=True)
 class ScalingAnalysis:
     noise: Noise  # seed-to-seed sd of one run's loss, pooled over replicated runs (stats.seed_noise)
-    law: LawFit | None  # the joint law over every run, or None with ``law_reason``
+    law: LawFit | None  # the joint law (theta form) over every run, or None with ``law_reason``
     law_reason: str
     identified: dict[str, str]  # per law parameter: '' or the runs that would identify it
+    forms: FormComparison  # every form of the law the runs identify, compared
     effective: list[dict[str, Any]]  # Clark et al. 2022, at equal tokens
     multiplier_flops: list[dict[str, Any]]  # against the dense frontier of the law
-    multiplier_seconds: list[dict[str, Any]]
-    multiplier_energy: list[dict[str, Any]]  # empty unless every run has NVML energy
+    multiplier_seconds: list[dict[str, Any]]  # (a) the frontier's dense size at its own FLOP/s
+    fastest_seconds: list[dict[str, Any]]  # (b) the fastest dense run reaching the MoE's loss
+    multiplier_energy: list[dict[str, Any]]  # (a) in joules; empty unless every run has NVML energy
+    fastest_energy: list[dict[str, Any]]
     isoflop: IsoflopAnalysis
     clark: list[dict[str, Any]]  # theta implied by Clark et al. 2022's S-BASE law
     krajewski: list[dict[str, Any]]
+    studies: dict[str, int] = field(default_factory=dict)  # study -> runs it gives the analysis
+    refusals: list[str] = field(default_factory=list)  # pooled sources refused, one line each
+
+    @property
+    def pooled(self) -> bool:
+        return len(self.studies) > 1
 
 
-def analyse(records: list[dict[str, Any]], bootstrap: int = BOOTSTRAP, seed: int = 0) -> ScalingAnalysis:
-    """Every scaling analysis of a study's records (seeded: the same records give the same numbers)."""
+def analyse(
+    records: list[dict[str, Any]], bootstrap: int = BOOTSTRAP, seed: int = 0, refusals: list[str] | None = None
+) -> ScalingAnalysis:
+    """Every scaling analysis of ``records`` (a study's, with any pooled studies' runs; seeded: the
+    same records give the same numbers, in any order)."""
     from harness.analysis.law import law_data
     from harness.analysis.law_design import identify
 
     runs = finite_runs(records)
     noise = seed_noise(runs)
-    law, law_reason = fit_law(runs, bootstrap=bootstrap, seed=seed) if runs else (None, "no run with a finite loss")
+    forms = compare_forms(runs, bootstrap=bootstrap, seed=seed) if runs else compare_forms([], 0)
+    law, law_reason = (forms.fits["theta"], forms.reasons["theta"]) if runs else (None, "no run with a finite loss")
     identified = law.identified if law is not None else (identify(law_data(runs))[0] if runs else {})
     flops = frontier_multipliers(runs, law, law_reason)
     resid = (
@@ -228,20 +243,27 @@ def analyse(records: list[dict[str, Any]], bootstrap: int = BOOTSTRAP, seed: int
         if law is not None
         else None
     )
+    energy = bool(runs) and all(r.get("gpu_energy_j") is not None for r in runs)
+    studies: dict[str, int] = defaultdict(int)
+    for r in runs:
+        studies[str(r.get("study"))] += 1
     return ScalingAnalysis(
         noise=noise,
         law=law,
         law_reason=law_reason,
         identified=identified,
+        forms=forms,
         effective=dense_equivalents(runs, bootstrap=bootstrap, seed=seed, noise=noise),
         multiplier_flops=flops,
-        multiplier_seconds=cost_multipliers(runs, flops, "train_seconds"),
-        multiplier_energy=cost_multipliers(runs, flops, "gpu_energy_j")
-        if runs and all(r.get("gpu_energy_j") is not None for r in runs)
-        else [],
+        multiplier_seconds=optimal_dense_costs(runs, flops, "train_seconds"),
+        fastest_seconds=fastest_dense_costs(law, "train_seconds"),
+        multiplier_energy=optimal_dense_costs(runs, flops, "gpu_energy_j") if energy else [],
+        fastest_energy=fastest_dense_costs(law, "gpu_energy_j") if energy else [],
         isoflop=isoflop(runs, noise=resid, seed=seed),
         clark=clark_theta(runs),
         krajewski=krajewski_check(runs),
+        studies=dict(sorted(studies.items())),
+        refusals=list(refusals or []),
     )
 
 

@@ -1,6 +1,6 @@
 """The scaling section of the report: tables and text from a ``harness.analysis.scaling.ScalingAnalysis``.
 
-    headers, rows = law_table(analysis)
+    headers, rows = multiplier_table(analysis)
     lines = markdown(analysis, table)      # ``table(name)`` renders one of the report's tables
 
 Numbers are printed only where the analysis produced them; an empty cell carries the reason in
@@ -13,6 +13,7 @@ from typing import Any
 
 from harness.analysis.isoflop import MIN_SIZES
 from harness.analysis.krajewski import EXPANSION_RATE, MIN_TOKENS
+from harness.analysis.law_report import estimate_cell, law_lines
 from harness.analysis.scaling import ScalingAnalysis
 from harness.study.spec import budget_label
 
@@ -31,51 +32,6 @@ def _ci(ci: tuple[float, float] | None, spec: str = ".3g") -> str:
 
 def _notes(*parts: str) -> str:
     return "; ".join(p for p in parts if p) or "-"
-
-
-LAW_ROWS = [  # (key, label, format, what it is)
-    ("theta", "theta", ".2f", "0: only active parameters count; 1: total parameters count fully"),
-    ("rho", "rho (nats)", "+.4f", "routing penalty: an MoE's loss above dense at equal N_eff and D"),
-    ("n_active", "-dL/d ln N_active (nats)", ".4f", "at the design centre"),
-    ("n_total", "-dL/d ln N_total (nats)", ".4f", "at the design centre, N_active held"),
-    ("tokens", "-dL/d ln D (nats)", ".4f", "at the design centre"),
-    ("alpha", "alpha", ".3f", "weakly identified: read with A and E0"),
-    ("beta", "beta", ".3f", "weakly identified: read with B and E0"),
-    ("E0", "E0 (nats)", ".3f", "weakly identified"),
-    ("A", "A", ".3g", "weakly identified"),
-    ("B", "B", ".3g", "weakly identified"),
-]
-_NEEDS = {"n_active": "alpha", "n_total": "theta", "tokens": "beta"}
-
-
-def law_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
-    headers = ["quantity", "estimate [95% bootstrap interval]", "note"]
-    law, rows = a.law, []
-    for key, label, spec, what in LAW_ROWS:
-        why = a.identified.get(_NEEDS.get(key, key), "") if a.identified else ""
-        if law is None:
-            rows.append([label, "-", "not fitted: see above"])
-            continue
-        if why:
-            rows.append([label, "-", why])
-            continue
-        value = law.elasticities[key] if key in _NEEDS else law.estimates[key]
-        ci = law.elasticity_intervals[key] if key in _NEEDS else law.intervals[key]
-        rows.append([label, _g(value, spec) + _ci(ci, spec), what])
-    if law is not None:
-        rows += [
-            [
-                "residual sd (nats)",
-                _g(law.sd_resid, ".4f"),
-                f"one run about the law, {law.resid_dof} degrees of freedom",
-            ],
-            [
-                "seed sd (nats)",
-                _g(law.sd_seed, ".4f"),
-                f"shared by every run of a seed, {law.seed_dof} degrees of freedom",
-            ],
-        ]
-    return headers, rows
 
 
 def effective_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
@@ -105,40 +61,96 @@ def effective_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
     return headers, rows
 
 
+def _one_sided_ci(ci, mc, spec: str) -> str:
+    """' [lo, hi]' with an end beyond the grid shown open; '' without an interval."""
+    if ci is None:
+        return ""
+    lo = "0" if ci[0] == 0 else _g(ci[0], spec)
+    hi = "∞" if ci[1] == float("inf") else _g(ci[1], spec)
+    return f" [{lo}, {hi}]"
+
+
+def _mc_note(row: dict[str, Any], spec: str = ".2f") -> str:
+    mc = row.get("multiplier_mc")
+    finite = [m for m in mc or () if m != float("inf")]
+    return f"ends ±{_g(max(finite), spec)} (Monte Carlo)" if finite else ""
+
+
 def multiplier_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
     headers = [
         "budget FLOPs",
         "MoE",
+        "study",
         "seeds",
         "seed-adjusted loss (mean over its seeds)",
         "compute multiplier vs dense frontier",
-        "wall-clock multiplier",
-        "energy multiplier",
+        "frontier's dense N at that compute",
+        "wall-clock x (a): compute-optimal dense at its own FLOP/s",
+        "wall-clock x (b): fastest dense run reaching the MoE's loss",
+        "energy x (a)",
         "note",
     ]
     seconds = {(r["model"], r["budget_flops"]): r for r in a.multiplier_seconds}
+    fastest = {(r["model"], r["budget_flops"]): r for r in a.fastest_seconds}
     joules = {(r["model"], r["budget_flops"]): r for r in a.multiplier_energy}
     rows = []
     for r in a.multiplier_flops:
-        t = seconds.get((r["model"], r["budget_flops"]), {})
-        j = joules.get((r["model"], r["budget_flops"]))
+        key = (r["model"], r["budget_flops"])
+        t, f, j = seconds.get(key, {}), fastest.get(key, {}), joules.get(key)
         rows.append(
             [
                 budget_label(r["budget_flops"]),
                 r["model"],
+                r.get("study") or "-",
                 r["seeds"],
                 _g(r["loss_adjusted"], ".4f"),
-                _g(r["multiplier"], ".2f") + _ci(r["multiplier_ci"], ".2f"),
-                _g(t.get("multiplier"), ".2f") + _ci(t.get("multiplier_ci"), ".2f"),
+                _g(r["multiplier"], ".2f") + _one_sided_ci(r["multiplier_ci"], r.get("multiplier_mc"), ".2f"),
+                _g(r["dense_n_opt"]),
+                _g(t.get("multiplier"), ".2f") + _one_sided_ci(t.get("multiplier_ci"), None, ".2f"),
+                _fastest_cell(f),
                 "absent (no NVML energy)" if j is None else _g(j.get("multiplier"), ".2f"),
                 _notes(
                     r["reason"],
                     "extrapolated beyond the sampled budgets or dense sizes" if r["extrapolated"] else "",
-                    t.get("method") or "",
+                    _mc_note(r),
+                    t.get("reason", "") if t.get("reason") != r["reason"] else "",
+                    "(a): N_opt outside the measured dense sizes, held at the nearest one's FLOP/s"
+                    if t.get("outside")
+                    else "",
+                    f.get("reason", "") if f.get("reason") != r["reason"] else "",
                 ),
             ]
         )
     return headers, rows
+
+
+def _fastest_cell(f: dict[str, Any]) -> str:
+    if f.get("multiplier") is None:
+        return "-"
+    return f"{f['multiplier']:.2f} ({f['dense']}: {f['dense_cost']:,.0f} {f['unit']} against {f['moe_cost']:,.0f})"
+
+
+def _sizes(curve: dict[str, Any]) -> str:
+    """The number of sizes, and the models each study gave when several did."""
+    studies = curve.get("studies") or {}
+    if len(studies) < 2:
+        return str(curve["sizes"])
+    return f"{curve['sizes']} ({', '.join(f'{s}: {n} models' for s, n in studies.items())})"
+
+
+def _optimum_ci(curve: dict[str, Any]) -> str:
+    """The N_opt interval; an end where draws had no minimum (falling or rising throughout) is open."""
+    ci = curve["n_opt_ci"]
+    if ci is None:
+        return ""
+    below, above = curve.get("no_minimum", (0.0, 0.0))
+    if ci[0] == 0 and ci[1] == float("inf"):
+        return f"; no interval ({below:.0%} of draws without a minimum below the sizes, {above:.0%} above)"
+    if ci[0] == 0:
+        return f", ≤ {_g(ci[1])} ({below:.0%} of draws without a minimum: no lower end)"
+    if ci[1] == float("inf"):
+        return f", ≥ {_g(ci[0])} ({above:.0%} of draws without a minimum: no upper end)"
+    return _ci(ci)
 
 
 def isoflop_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
@@ -147,8 +159,8 @@ def isoflop_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
         [
             c["arm"],
             budget_label(c["budget_flops"]),
-            c["sizes"],
-            _g(c["n_opt"]) + _ci(c["n_opt_ci"]),
+            _sizes(c),
+            _g(c["n_opt"]) + _optimum_ci(c),
             _g(c["loss_opt"], ".4f"),
             _notes(
                 c["reason"],
@@ -165,7 +177,7 @@ def published_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
     headers = ["MoE", "E", "total / active N", "N_eff / N (Clark S-BASE)", "theta_Clark", "theta (this study)"]
     theta = "-"
     if a.law is not None and not a.identified.get("theta"):
-        theta = _g(a.law.estimates["theta"], ".2f") + _ci(a.law.intervals["theta"], ".2f")
+        theta = estimate_cell(a.law, "theta", ".2f")[0]
     rows = [
         [
             r["model"],
@@ -203,57 +215,6 @@ def krajewski_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
 # Text
 
 
-def _law_text(a: ScalingAnalysis) -> list[str]:
-    fitted = (
-        "L = E0 + A·(N_a^(1−θ)·N_t^θ)^(−α) + B·D^(−β) + ρ·[routed] + u_seed, fitted to every run with a finite loss "
-        "(dense and MoE, every budget; N_a, N_t: active and total non-embedding parameters, D: training tokens, "
-        "[routed] = 1 for every MoE including E = k, u_seed: one shift shared by every run of a seed, fixed effects "
-        "summing to zero). θ = 0 means only active parameters count and θ = 1 that total parameters count fully; "
-        "(N_t/N_a)^θ is the effective-parameter multiplier of Clark et al. 2022. The fit is robust least squares on "
-        "log L (soft-L1, as Hoffmann et al. 2022 fit log L with a Huber loss) from several starting points."
-    )
-    if a.law is None:
-        return [fitted, "", f"**The study cannot fit this law**: {a.law_reason}.", ""]
-    law = a.law
-    c = law.centre
-    ablations = (
-        [
-            f"Left out of the law: {', '.join(law.data.left_out)}, routed otherwise than the MoE runs it describes "
-            "(one law with one ρ describes one way of routing and balancing; these ablations are compared run by "
-            "run in the tables above).",
-            "",
-        ]
-        if law.data.left_out
-        else []
-    )
-    return [
-        fitted,
-        "",
-        *ablations,
-        f"Variance components from the fit: residual sd {law.sd_resid:.4f} nats ({law.resid_dof} degrees of freedom), "
-        f"seed sd {law.sd_seed:.4f} nats ({law.seed_dof} degrees of freedom). Intervals are 95% percentile intervals "
-        f"of a parametric bootstrap ({len(law.draws)} refits) that redraws one seed shift per seed, shared by all its "
-        "runs, and a residual per run, with both sds drawn from the sampling distributions of their estimates "
-        "(Besiroglu et al. 2024 found Hoffmann et al.'s original intervals far too narrow). E0, A, α and B trade off "
-        "against each other; θ, ρ and the local elasticities at the design centre (N_active "
-        f"{c['n_active']:.3g}, N_total {c['n_total']:.3g}, D {c['tokens']:.3g}: geometric means over the runs) are "
-        "better identified, so the table leads with them.",
-        "",
-    ]
-
-
-def _identification_text(a: ScalingAnalysis) -> list[str]:
-    missing = {}
-    for name, why in (a.identified or {}).items():
-        if why:
-            missing.setdefault(why, []).append(name)
-    if not missing:
-        return ["Every parameter of the law is identified by this design.", ""]
-    lines = ["What this study cannot identify, and the runs that would:", ""]
-    lines += [f"- {', '.join(names)}: {why}." for why, names in missing.items()]
-    return [*lines, ""]
-
-
 def _multiplier_text(a: ScalingAnalysis) -> list[str]:
     method = next((r["method"] for r in a.multiplier_flops if r["method"]), "")
     return [
@@ -263,12 +224,32 @@ def _multiplier_text(a: ScalingAnalysis) -> list[str]:
         "equals the MoE's seed-adjusted loss (its runs' mean less their fitted seed effects), over the MoE's FLOPs. "
         "Above 1: the dense frontier needs more FLOPs for the MoE's loss. "
         + (f"Method: {method}. " if method else "")
-        + "The wall-clock (energy) multiplier is that FLOP multiplier times the MoE's training FLOP/s (FLOP/J) over "
-        "its matched dense base's (same budget, closest active parameters), the ratio taken per seed both ran and "
-        "averaged in logs over those seeds. Switch Transformers' 7x is a wall-clock speed-up at 128 or more "
-        "experts and far larger scale, not a FLOP multiplier, so it is not set beside these.",
+        + "Wall-clock multipliers compare with real dense models, never one model's FLOPs at another's speed: "
+        "(a) the frontier's compute-optimal dense size at C* trained at its own FLOP/s (interpolated in ln N over the "
+        "measured training rates of the dense sizes of the MoE's own study, since pooled studies may have run on "
+        "other hosts), over the MoE's measured seconds, with the law's bootstrap; (b) the fastest dense run of the "
+        "MoE's study whose seed-adjusted loss reaches the MoE's, its mean training seconds over the MoE's (measured "
+        "times, no interval). Energy (a) likewise with GPU energy where every run has it. Switch Transformers' 7x is "
+        "a wall-clock speed-up at 128 or more experts and far larger scale, not a FLOP multiplier, so it is not set "
+        "beside these.",
         "",
     ]
+
+
+def _pool_lines(a: ScalingAnalysis) -> list[str]:
+    """Which studies' runs the analysis rests on, and the pooled sources refused."""
+    lines = []
+    if a.pooled:
+        shown = ", ".join(f"{study} ({n} runs)" for study, n in a.studies.items())
+        lines += [
+            f"**Pooled runs.** The law, the dense frontier, the multipliers and the IsoFLOP check below rest on the "
+            f"runs of {shown}: studies on the same data, tokenizer, validation sample and recipe (the study file's "
+            "`pool:`). The registered contrast, the at-a-glance table and the claims use this study's runs only. "
+            "Tables name the study of each MoE; the IsoFLOP sizes say how many each study gave.",
+            "",
+        ]
+    lines += [f"Not pooled: {refusal}." for refusal in a.refusals]
+    return [*lines, ""] if a.refusals else lines
 
 
 def _isoflop_text(a: ScalingAnalysis) -> list[str]:
@@ -331,9 +312,8 @@ def markdown(a: ScalingAnalysis, table, skip=frozenset()) -> list[str]:
         "One joint law over all runs, not a power law in N along one IsoFLOP slice (along a slice a larger model "
         "sees fewer tokens and the curve is U-shaped).",
         "",
-        *_law_text(a),
-        *([table("joint_law"), ""] if a.law is not None else []),
-        *_identification_text(a),
+        *_pool_lines(a),
+        *law_lines(a, table),
         noise,
         "",
         *(_multiplier_block(a, table) if "compute_multiplier" not in skip else []),

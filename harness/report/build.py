@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
+from harness.analysis.forecast import forecast_table
 from harness.core.errors import HarnessError
 from harness.core.io import read_json, write_json, write_text
 from harness.core.remedy import run_file
@@ -43,6 +45,7 @@ from harness.report.tables import (
     seed_table,
     specialisation_table,
 )
+from harness.study.pool import pooled_records
 from harness.study.runs import plan
 from harness.study.spec import Study
 
@@ -149,7 +152,10 @@ def _read(study: Study, results: Path, microbench: Path | None) -> StudyReport:
     logs = _metrics(records, results, study.path)
     series, health, experts, top_k = _routing_series(records, logs)
     seed_rows = seed_comparison(records)
-    analysis = scaling.analyse(records)
+    pooled, refusals = pooled_records(study, records, data)
+    for refusal in refusals:
+        print(f"harness report: {refusal}", file=sys.stderr)
+    analysis = scaling.analyse(records + pooled, refusals=refusals)
     claims = evaluate_claims(records, measures, seed_rows, health, routing, registration=study.registration)
     # This study's name, whatever study a reused or copied record was trained in.
     ours = summary(records, measures, evals) | {"study": study.name}
@@ -181,6 +187,7 @@ def _read(study: Study, results: Path, microbench: Path | None) -> StudyReport:
 def _tables(r: StudyReport, microbench: Path | None) -> tuple[dict[str, tuple[list[str], list]], dict[str, str]]:
     """The report's tables by name, each ``(headers, rows)``, and the lm-eval tasks not run (task -> why)."""
     from harness.analysis import scaling_report
+    from harness.analysis.law_report import forms_table, law_table
 
     eval_headers, eval_rows, not_run = eval_table(r.records, r.evals)
     tables = {
@@ -188,7 +195,9 @@ def _tables(r: StudyReport, microbench: Path | None) -> tuple[dict[str, tuple[li
         "runs": run_table(r.records, r.evals, r.trained),
         "dense_vs_moe": comparison_table(r.records, r.evals),
         "seeds": seed_table(r.seed_rows),
-        "joint_law": scaling_report.law_table(r.analysis),
+        "joint_law": law_table(r.analysis),
+        "law_forms": forms_table(r.analysis),
+        "forecast": forecast_table(r.study, r.records),
         "effective_params": scaling_report.effective_table(r.analysis),
         "compute_multiplier": scaling_report.multiplier_table(r.analysis),
         "isoflop": scaling_report.isoflop_table(r.analysis),

@@ -23,7 +23,7 @@ GLANCE_HEADERS = (
     "val loss MoE - dense (mean over seeds)",
     "bits/byte MoE - dense (mean over seeds with lm-eval)",
     "compute multiplier (vs dense frontier)",
-    "wall-clock multiplier (vs dense frontier)",
+    "wall-clock multiplier (vs compute-optimal dense at its own FLOP/s)",
     "total params x (config)",
     "training memory x (harness measure, measured seeds)",
     "train tokens/s x (harness measure, measured seeds)",
@@ -141,6 +141,8 @@ def main_table_intro() -> str:
         "loss from the training runs, bits/byte from lm-eval). Memory and tokens/s come from `harness measure`; "
         "training FLOP/s from the training runs' FLOPs over their training seconds (at equal FLOPs the "
         "wall-clock gain is the FLOP gain times this), with a 95% t interval over seeds. Multipliers: the "
-        "FLOPs (seconds) the dense frontier needs to reach the MoE's loss over the MoE's own "
-        "(* extrapolated beyond the dense budgets)."
+        "FLOPs the dense frontier needs to reach the MoE's loss over the MoE's own, and the seconds the "
+        "frontier's compute-optimal dense size would take at its own measured FLOP/s over the MoE's measured "
+        "seconds (* extrapolated beyond the dense budgets or sizes; the scaling section also gives the fastest "
+        "dense run that reaches the MoE's loss)."
     )

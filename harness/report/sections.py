@@ -253,6 +253,7 @@ def _claims(r: StudyReport) -> list[str]:
         "analysis (Holm over layers) and the excess NMI by category against topic.",
         "",
         *registration_lines(r.study, r.records),
+        *_forecast(r),
     ]
     if r.one_seed():
         md += [
@@ -269,6 +270,22 @@ def _claims(r: StudyReport) -> list[str]:
             "",
         ]
     return md
+
+
+def _forecast(r: StudyReport) -> list[str]:
+    """The registered forecasts of the primary gain, scored against the result."""
+    if not r.tables.get("forecast", ([], []))[1]:
+        return []
+    return [
+        "**The forecast, scored.** Before the runs, the registration recorded what a joint law fitted to earlier "
+        "runs predicts for the primary gain under each form of the law, with a prediction interval for the mean "
+        "over the contrast's seeds (parameter uncertainty from the law's bootstrap plus the sampling noise of the "
+        "mean at the planning sd). Scored against the observed mean gain: inside the interval or not, and the "
+        "error in standard errors of the observed mean (its sd over the square root of the seeds).",
+        "",
+        r.table("forecast"),
+        "",
+    ]
 
 
 def _runs(r: StudyReport) -> list[str]:
