@@ -351,12 +351,17 @@ _Loader.add_implicit_resolver(
 )
 
 
+def parse_yaml(text: str) -> Any:
+    """YAML text as this project reads it (1e15 and 2.5e-3 are floats, as in YAML 1.2)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_yaml(path: Path, what: str) -> dict[str, Any]:
     """One YAML mapping from ``path``; errors name the file."""
     if not path.is_file():
         raise ConfigError("(file)", f"no such {what} file", str(path))
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -442,7 +442,7 @@ def fit_law(
         estimates=public(p, x),
         intervals={k: interval(v) if len(v) else None for k, v in values.items()},
         mc_error={k: interval_mc_error(v) if len(v) else None for k, v in values.items()},
-        at_bound=bound_shares(p, draws, draw_y, free, bounds),
+        at_bound=bound_shares(p, draws, draw_y, free, bounds, x.y),
         identified=why,
         elasticities=elasticities(p, x),
         elasticity_intervals={k: interval(v) if len(v) else None for k, v in e_values.items()},

@@ -60,12 +60,13 @@ def bound_shares(
     draw_y: np.ndarray,
     free: np.ndarray,
     bounds: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    y: np.ndarray,
 ) -> dict[str, BoundShare]:
     """Per fitted parameter (``LAW_PARAMETERS``, A and B by ln A', ln B'): the share of draws at
     each bound and whether the estimate sits at one. ``bounds(y)`` gives the fit's bounds for
-    losses y (E0's upper bound depends on them)."""
+    losses y (E0's upper bound depends on them); ``y`` the fitted losses."""
     out = {}
-    fit_lo, fit_hi = bounds(np.array([np.inf]))
+    fit_lo, fit_hi = bounds(y)
     for name, i in _INDEX.items():
         if not free[i]:
             continue
@@ -74,9 +75,8 @@ def bound_shares(
         col = draws[:, i] if len(draws) else np.zeros(0)
         low_share = float(_at(col, lo).mean()) if len(col) else 0.0
         high_share = float(_at(col, hi).mean()) if len(col) else 0.0
-        estimate_hi = float(hi[0]) if len(hi) and i != 0 else math.inf
         at = "lower" if _at(np.array([p[i]]), fit_lo[i])[0] else ""
-        if i != 0 and _at(np.array([p[i]]), estimate_hi)[0]:
+        if _at(np.array([p[i]]), fit_hi[i])[0]:
             at = "upper"
         out[name] = BoundShare(float(fit_lo[i]), float(fit_hi[i]), low_share, high_share, at)
     return out

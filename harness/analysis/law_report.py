@@ -89,7 +89,12 @@ def _mc(law: LawFit, key: str, spec: str) -> str:
         return ""
     lo_open, hi_open = open_ends(law.at_bound.get(key))
     ends = [e for e, is_open in zip(mc, (lo_open, hi_open), strict=True) if not is_open]
-    return f"ends ±{_g(max(ends), spec.lstrip('+'))} (Monte Carlo)" if ends else ""
+    return mc_note(max(ends)) if ends else ""
+
+
+def mc_note(error: float) -> str:
+    """The Monte-Carlo error of an interval's ends, to two significant digits."""
+    return f"ends ±{error:.2g} (Monte Carlo)"
 
 
 def _notes(*parts: str) -> str:
@@ -119,7 +124,7 @@ def law_table(a: Any) -> tuple[list[str], list[list[Any]]]:
             ci = law.elasticity_intervals[key]
             cell = _g(law.elasticities[key], spec) + ("" if ci is None else f" [{_g(ci[0], spec)}, {_g(ci[1], spec)}]")
             mc = law.elasticity_mc.get(key)
-            rows.append([label, cell, _notes(what, f"ends ±{_g(max(mc), spec)} (Monte Carlo)" if mc else "")])
+            rows.append([label, cell, _notes(what, mc_note(max(mc)) if mc else "")])
             continue
         cell, bound = estimate_cell(law, key, spec)
         if key == "theta" and preferred != "theta":

@@ -13,7 +13,7 @@ from typing import Any
 
 from harness.analysis.isoflop import MIN_SIZES
 from harness.analysis.krajewski import EXPANSION_RATE, MIN_TOKENS
-from harness.analysis.law_report import estimate_cell, law_lines
+from harness.analysis.law_report import estimate_cell, law_lines, mc_note
 from harness.analysis.scaling import ScalingAnalysis
 from harness.study.spec import budget_label
 
@@ -73,7 +73,7 @@ def _one_sided_ci(ci, mc, spec: str) -> str:
 def _mc_note(row: dict[str, Any], spec: str = ".2f") -> str:
     mc = row.get("multiplier_mc")
     finite = [m for m in mc or () if m != float("inf")]
-    return f"ends ±{_g(max(finite), spec)} (Monte Carlo)" if finite else ""
+    return mc_note(max(finite)) if finite else ""
 
 
 def multiplier_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:

@@ -181,6 +181,7 @@ def _read(study: Study, results: Path, microbench: Path | None) -> StudyReport:
         ours=ours,
         repro=repro,
         trained=trained,
+        pooled=pooled,
     )
 
 
@@ -234,7 +235,7 @@ def _draw_figures(r: StudyReport) -> None:
     _remove_stale_figures(r.results)
     figures.loss_curves(r.records, loss_bands(r.records, r.logs), fig["loss_curves"])
     figures.loss_vs_params(r.records, fig["loss_vs_params"])
-    figures.isoflop_figure(r.records, scaling.isoflop_curves(r.analysis), fig["isoflop"])
+    figures.isoflop_figure(r.records + r.pooled, scaling.isoflop_curves(r.analysis), fig["isoflop"])
     figures.loss_vs_cost(r.records, fig["loss_vs_cost"])
     figures.cost_scaling(r.records, r.measures, fig["cost_scaling"])
     figures.routing_health_figure(r.series, r.experts, fig["routing_health"], r.top_k)

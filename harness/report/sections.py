@@ -58,7 +58,7 @@ class StudyReport:
     experts: dict[str, int]
     top_k: dict[str, int]
     seed_rows: list[dict[str, Any]]
-    analysis: Any
+    analysis: Any  # over the study's runs and those its `pool:` brings (``pooled``)
     claims: list[Any]
     ours: dict[str, Any]  # this study's summary.json
     repro: dict[str, Any]
@@ -66,6 +66,7 @@ class StudyReport:
     tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict)
     not_run: dict[str, str] = field(default_factory=dict)  # lm-eval task -> why it was not run
     na: dict[str, str] = field(default_factory=dict)  # what does not apply -> why (``notes.not_applicable``)
+    pooled: list[dict[str, Any]] = field(default_factory=list)  # other studies' runs in the law (study's `pool:`)
 
     def table(self, name: str) -> str:
         """The table as GitHub Markdown; ``(no rows)`` when it has none."""

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from harness.study.spec import Study, budget_label, project_root, registration_hash
+from models.config import parse_yaml
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess | None:
@@ -89,7 +90,7 @@ def block_hash_at(commit: str, study_file: Path, root: Path) -> str | None:
     if out is None or out.returncode != 0:
         return None
     try:
-        return registration_hash(yaml.safe_load(out.stdout) or {})
+        return registration_hash(parse_yaml(out.stdout) or {})
     except yaml.YAMLError:
         return None
 

@@ -136,6 +136,7 @@ PIPELINE = [
     "count",
     "match",
     "plan",
+    "forecast",
     "data",
     "tasks",
     "train",
