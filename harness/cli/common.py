@@ -137,9 +137,9 @@ def cuda_visible(device: str | None) -> None:
 
 def set_threads(threads: int | None) -> None:
     if threads:
-        from harness.train.precision import set_cpu_threads
+        import torch
 
-        set_cpu_threads(threads)
+        torch.set_num_threads(threads)
 
 
 def version_text() -> str:

@@ -92,7 +92,6 @@ def run(args: argparse.Namespace) -> int:
     from harness.study.runs import find_run
     from harness.study.spec import load_study
     from harness.train import run_lock
-    from harness.train.precision import set_cpu_threads
 
     study = load_study(args.study)
     run = find_run(study, args.run)
@@ -101,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device", "cuda requested but no CUDA device is visible")
     if args.threads:
-        set_cpu_threads(args.threads)
+        torch.set_num_threads(args.threads)
     run_lock.reading(run_dir, run.run_id, "sample")  # refused while the run trains
     if (run_dir / "record.json").is_file():
         record = read_json(run_dir / "record.json")

@@ -63,7 +63,7 @@ from harness.measure.plausibility import annotate
 from harness.study.spec import Recipe
 from harness.train.energy import MIN_WINDOW_S, open_meter
 from harness.train.loop import make_optimizer
-from harness.train.precision import Precision, resolve, set_cpu_threads
+from harness.train.precision import Precision, resolve
 from models.accounting import count_params, forward_flops, training_flops_per_token
 from models.config import ModelConfig
 from models.transformer import KVCache, Transformer
@@ -319,7 +319,7 @@ def _training_peak(
     cfg: ModelConfig, state: dict, x: torch.Tensor, y: torch.Tensor, steps: int, threads: int, precision: Precision
 ):
     mapped = map_large_allocations()
-    set_cpu_threads(threads)
+    torch.set_num_threads(threads)
     _warm_runtime()
     release_freed_memory()
     baseline = rss_bytes()

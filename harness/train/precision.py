@@ -21,18 +21,6 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def set_cpu_threads(threads: int) -> None:
-    """Run on ``threads`` CPU threads: torch's own ops and the C++ kernels torch.compile
-    generates. Inductor otherwise writes each kernel's OpenMP thread count from the thread that
-    compiles it, which can be every core: two runs at one thread each on two cores then each
-    keep a second OpenMP thread spinning at a barrier, and train 4-5x slower (measured on a
-    2-core host: dense-d48 8.2k against 36k tokens/s, its E16 twin 4.4k against 24k)."""
-    import torch._inductor.config as inductor_config
-
-    torch.set_num_threads(threads)
-    inductor_config.cpp.threads = threads
-
-
 @dataclass(frozen=True)
 class Precision:
     dtype: torch.dtype

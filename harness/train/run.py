@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from harness.core.errors import HarnessError
 from harness.core.io import read_json, write_json
 from harness.core.remedy import run_file
@@ -19,7 +21,6 @@ from harness.study.spec import Run, Study
 from harness.train import parallel, run_lock
 from harness.train.loop import Trainer, pick_device
 from harness.train.parallel import ALONE, Layout
-from harness.train.precision import set_cpu_threads
 
 
 class AlreadyTrained(Exception):
@@ -87,7 +88,7 @@ def _check_finished(run: Run, study: Study, data_dir: Path, out_dir: Path, resum
 
 def _train(run, study, data_dir, out_dir, threads, stop_after, progress, resume, layout) -> dict[str, Any]:
     if threads:
-        set_cpu_threads(threads)
+        torch.set_num_threads(threads)
     with parallel.process_group(layout, pick_device(study)) as device:
         trainer = Trainer(run, study, data_dir, out_dir, progress, resume, layout, device)
         trainer.fit(stop_after)

@@ -1,5 +1,4 @@
-"""What a finished run records about how it was trained: the registration block it trained under,
-and the threads its compiled kernels ran on."""
+"""What a finished run records about how it was trained: the registration block it trained under."""
 
 from __future__ import annotations
 
@@ -35,20 +34,3 @@ def test_a_run_records_the_hash_of_the_registration_block_it_trained_under(tmp_p
     assert registration_hash(edited) != registration_hash(spec)
     assert registration_hash(spec | {"description": "another"}) == registration_hash(spec)
     assert registration_hash({"name": "no registration"}) == ""
-
-
-def test_compiled_kernels_run_on_the_runs_threads():
-    """Inductor writes each C++ kernel's OpenMP thread count; left to itself it can take every core,
-    so two one-thread runs on two cores each kept a second thread spinning."""
-    import torch
-    import torch._inductor.config as inductor_config
-
-    from harness.train.precision import set_cpu_threads
-
-    threads, kernel_threads = torch.get_num_threads(), inductor_config.cpp.threads
-    try:
-        set_cpu_threads(1)
-        assert torch.get_num_threads() == 1 and inductor_config.cpp.threads == 1
-    finally:
-        torch.set_num_threads(threads)
-        inductor_config.cpp.threads = kernel_threads
