@@ -65,7 +65,8 @@ def optimal_dense_costs(
     rows = []
     for f in flop_rows:
         # Speeds compare only within one study: pooled studies may have run on other hosts.
-        ln_n, ln_rate = dense_rates([r for r in records if r.get("study") == f.get("study")], cost_key)
+        same = [r for r in records if r.get("study") == f.get("study")]
+        ln_n, ln_rate = dense_rates(same, cost_key)
         row = {k: f[k] for k in ("model", "budget_flops", "study")} | {
             "cost_key": cost_key,
             "multiplier": None,
@@ -75,6 +76,7 @@ def optimal_dense_costs(
             "moe_rate": None,
             "outside": None,
             "reason": f["reason"],
+            "runs": [r["run_id"] for r in f.get("moe_runs") or []] + [r["run_id"] for r in same if r["arm"] == "dense"],
         }
         rows.append(row)
         moe = _moe_cost(f.get("moe_runs") or [], cost_key)
@@ -153,6 +155,7 @@ def fastest_dense_costs(law: LawFit | None, cost_key: str = "train_seconds") -> 
         row.update(
             multiplier=cost / float(np.mean(costs)),
             dense=f"{key[1]} at {key[2]:g} FLOPs",
+            runs=[r["run_id"] for r in runs] + [r["run_id"] for r in dense[key][2]],
             dense_loss=dense_loss,
             dense_cost=cost,
             moe_cost=float(np.mean(costs)),

@@ -76,7 +76,15 @@ def _mc_note(row: dict[str, Any], spec: str = ".2f") -> str:
     return mc_note(max(finite)) if finite else ""
 
 
-def multiplier_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
+def _marked(cell: str, row: dict[str, Any], flagged: set[str]) -> str:
+    """``cell`` with † when a training time it rests on is flagged (``flagged``: run ids)."""
+    return cell + " †" if cell != "-" and flagged.intersection(row.get("runs") or []) else cell
+
+
+def multiplier_table(a: ScalingAnalysis, flagged: set[str] | None = None) -> tuple[list[str], list[list[Any]]]:
+    """The multipliers of each MoE; ``flagged``: runs whose training time is flagged (their wall-clock
+    cells get †)."""
+    flagged = flagged or set()
     headers = [
         "budget FLOPs",
         "MoE",
@@ -106,8 +114,10 @@ def multiplier_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
                 _g(r["loss_adjusted"], ".4f"),
                 _g(r["multiplier"], ".2f") + _one_sided_ci(r["multiplier_ci"], r.get("multiplier_mc"), ".2f"),
                 _g(r["dense_n_opt"]),
-                _g(t.get("multiplier"), ".2f") + _one_sided_ci(t.get("multiplier_ci"), None, ".2f"),
-                _fastest_cell(f),
+                _marked(
+                    _g(t.get("multiplier"), ".2f") + _one_sided_ci(t.get("multiplier_ci"), None, ".2f"), t, flagged
+                ),
+                _marked(_fastest_cell(f), f, flagged),
                 "absent (no NVML energy)" if j is None else _g(j.get("multiplier"), ".2f"),
                 _notes(
                     r["reason"],
@@ -122,6 +132,10 @@ def multiplier_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
             ]
         )
     return headers, rows
+
+
+def _wall_clock(t: dict[str, Any]) -> str:
+    return _g(t.get("multiplier"), ".2f") + _one_sided_ci(t.get("multiplier_ci"), None, ".2f")
 
 
 def _fastest_cell(f: dict[str, Any]) -> str:
@@ -229,7 +243,9 @@ def _multiplier_text(a: ScalingAnalysis) -> list[str]:
         "measured training rates of the dense sizes of the MoE's own study, since pooled studies may have run on "
         "other hosts), over the MoE's measured seconds, with the law's bootstrap; (b) the fastest dense run of the "
         "MoE's study whose seed-adjusted loss reaches the MoE's, its mean training seconds over the MoE's (measured "
-        "times, no interval). Energy (a) likewise with GPU energy where every run has it. Switch Transformers' 7x is "
+        "times, no interval). A cell marked † rests on a training time flagged as disturbed (this study's runs, "
+        "under Runs; a pooled study's flags are in its own report). Energy (a) likewise with GPU energy where every "
+        "run has it. Switch Transformers' 7x is "
         "a wall-clock speed-up at 128 or more experts and far larger scale, not a FLOP multiplier, so it is not set "
         "beside these.",
         "",

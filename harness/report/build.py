@@ -200,7 +200,7 @@ def _tables(r: StudyReport, microbench: Path | None) -> tuple[dict[str, tuple[li
         "law_forms": forms_table(r.analysis),
         "forecast": forecast_table(r.study, r.records),
         "effective_params": scaling_report.effective_table(r.analysis),
-        "compute_multiplier": scaling_report.multiplier_table(r.analysis),
+        "compute_multiplier": scaling_report.multiplier_table(r.analysis, {run for run, f in r.trained.items() if f}),
         "isoflop": scaling_report.isoflop_table(r.analysis),
         "published_laws": scaling_report.published_table(r.analysis),
         "krajewski": scaling_report.krajewski_table(r.analysis),

@@ -119,7 +119,10 @@ def glance_table(
                 _over([m["final_val_loss"] - d["final_val_loss"] for m, d in pairs], n, "+.4f"),
                 _over(bpb_diffs, n, "+.4f"),
                 _multiplier(flops.get((model, budget), {})),
-                _multiplier(secs.get((model, budget), {})),
+                mark(
+                    _multiplier(secs.get((model, budget), {})),
+                    [f for run in secs.get((model, budget), {}).get("runs", []) for f in training_flags.get(run, [])],
+                ),
                 f"{m0['params']['total'] / d0['params']['total']:.2f}",
                 mark(_over(memory, n, ".2f", True), flagged(pairs, "memory")),
                 mark(_over(speed, n, ".2f", True), flagged(pairs, "train")),
