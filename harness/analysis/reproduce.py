@@ -108,6 +108,13 @@ def is_reference(results: Path, ours: dict[str, Any]) -> bool:
     return parts[-3:-1] == ("reference", ours["device_class"]) and parts[-1] == ours["study"]
 
 
+def other_cpu_model(ours: dict[str, Any], ref: dict[str, Any]) -> bool:
+    """Whether a CPU study ran on another CPU model than its reference: bf16 kernels round
+    differently between CPU models, moving a loss by up to about 1% (results/reference/cpu/tiny/
+    README.md), as much as the effect; the per-seed difference is then not checked."""
+    return ours.get("device_class") == "cpu" and bool(ref.get("device")) and ours.get("device") != ref.get("device")
+
+
 def compare(ours: dict[str, Any], ref: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
     """One row per (run, metric) both hold: values, tolerance, and whether it reproduced."""
     if ours["data_fingerprint"] != ref["data_fingerprint"]:
@@ -115,18 +122,22 @@ def compare(ours: dict[str, Any], ref: dict[str, Any]) -> tuple[list[dict[str, A
     else:
         note = ""
     rows = []
+    other_model = other_cpu_model(ours, ref)
     for run, diff in ours.get("differences", {}).items():
         theirs = ref.get("differences", {}).get(run)
         if theirs is None or theirs["dense"] != diff["dense"]:
             continue
+        close = abs(diff["val_loss"] - theirs["val_loss"]) <= DIFFERENCE_TOLERANCE
         rows.append(
             {
                 "run": run,
                 "metric": f"val loss MoE - dense (vs {diff['dense']})",
                 "this run": diff["val_loss"],
                 "reference": theirs["val_loss"],
-                "tolerance": f"{DIFFERENCE_TOLERANCE} absolute",
-                "reproduced": abs(diff["val_loss"] - theirs["val_loss"]) <= DIFFERENCE_TOLERANCE,
+                "tolerance": f"{DIFFERENCE_TOLERANCE} absolute"
+                + (f", on the reference's CPU model ({ref.get('device')})" if other_model else ""),
+                # None: not checked (another CPU model's bf16 kernels round otherwise)
+                "reproduced": None if other_model else close,
                 "difference": True,
             }
         )

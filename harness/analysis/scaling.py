@@ -217,6 +217,7 @@ class ScalingAnalysis:
     clark: list[dict[str, Any]]  # theta implied by Clark et al. 2022's S-BASE law
     krajewski: list[dict[str, Any]]
     studies: dict[str, int] = field(default_factory=dict)  # study -> runs it gives the analysis
+    model_studies: dict[str, str] = field(default_factory=dict)  # model -> the studies of its runs
     refusals: list[str] = field(default_factory=list)  # pooled sources refused, one line each
 
     @property
@@ -245,8 +246,10 @@ def analyse(
     )
     energy = bool(runs) and all(r.get("gpu_energy_j") is not None for r in runs)
     studies: dict[str, int] = defaultdict(int)
+    of_model: dict[str, set[str]] = defaultdict(set)
     for r in runs:
         studies[str(r.get("study"))] += 1
+        of_model[r["model"]].add(str(r.get("study")))
     return ScalingAnalysis(
         noise=noise,
         law=law,
@@ -263,6 +266,7 @@ def analyse(
         clark=clark_theta(runs),
         krajewski=krajewski_check(runs),
         studies=dict(sorted(studies.items())),
+        model_studies={m: ", ".join(sorted(s)) for m, s in of_model.items()},
         refusals=list(refusals or []),
     )
 

@@ -58,7 +58,16 @@ def effective_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
                 _notes(r["reason"], extrapolated, r["interval_note"] if r["ratio_active"] else ""),
             ]
         )
-    return headers, rows
+    return with_study(a, headers, rows, 1)
+
+
+def with_study(a: ScalingAnalysis, headers: list[str], rows: list[list[Any]], at: int):
+    """A pooled analysis's table with a 'study' column after column ``at`` (the model's), naming
+    the studies of that model's runs; a one-study table unchanged."""
+    if not a.pooled:
+        return headers, rows
+    headers = [*headers[: at + 1], "study", *headers[at + 1 :]]
+    return headers, [[*row[: at + 1], a.model_studies.get(row[at], "-"), *row[at + 1 :]] for row in rows]
 
 
 def _one_sided_ci(ci, mc, spec: str) -> str:
@@ -203,7 +212,7 @@ def published_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
         ]
         for r in a.clark
     ]
-    return headers, rows
+    return with_study(a, headers, rows, 0)
 
 
 def krajewski_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:

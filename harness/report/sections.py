@@ -167,7 +167,8 @@ def reproduction_lines(repro: dict[str, Any], study: str, device_class: str, tab
         ]
     if repro["reference"] is None:
         return [f"No committed reference for `{study}` on `{device_class}` under results/reference/.", ""]
-    rows = repro["rows"]
+    unchecked = [r for r in repro["rows"] if r["reproduced"] is None]
+    rows = [r for r in repro["rows"] if r["reproduced"] is not None]
     diffs, per_run = [r for r in rows if r["difference"]], [r for r in rows if not r["difference"]]
     good = sum(r["reproduced"] for r in rows)
     text = (
@@ -177,6 +178,12 @@ def reproduction_lines(repro: dict[str, Any], study: str, device_class: str, tab
         f"the effect) and {sum(r['reproduced'] for r in per_run)} of {len(per_run)} per-run numbers (a 1% "
         "tolerance on a loss is about as large as the effect: these alone do not show it reproduced)."
     )
+    if unchecked:
+        text += (
+            f" {len(unchecked)} per-seed difference(s) not checked: the reference was made on another CPU model, "
+            "whose bf16 kernels round differently and move a loss by up to about 1%, as much as the effect; "
+            "reproducing the effect needs the reference's CPU model."
+        )
     if not repro["has_differences"]:
         text += " The reference predates per-seed differences: it is compared on its per-run numbers only."
     return [" ".join(f"{text} {repro['note']}".split()), "", table("reproduction"), ""]

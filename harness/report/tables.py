@@ -483,7 +483,7 @@ def reproduction_table(repro: dict[str, Any]) -> tuple[list[str], list[list[Any]
             value(r, "this run"),
             value(r, "reference"),
             r["tolerance"],
-            "yes" if r["reproduced"] else "NO",
+            "not checked (another CPU model)" if r["reproduced"] is None else "yes" if r["reproduced"] else "NO",
         ]
         for r in repro["rows"]
     ]

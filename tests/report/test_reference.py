@@ -189,3 +189,32 @@ def test_reproduction_finds_the_reference_and_knows_when_it_is_one(tmp_path):
     text = reproduction_lines(repro, "s", "cpu", lambda name: "(table)")[0]
     assert "compared on its per-run numbers only" in text and "0 of 0 per-seed" in text
     assert reproduction(ref, ours)["is_reference"]
+
+
+def test_on_another_cpu_model_the_effect_is_not_checked_and_the_check_says_so():
+    """bf16 kernels round differently between CPU models (about 1% of a loss, as much as the effect):
+    the per-seed difference is checked on the reference's CPU model only, and CI's check does not
+    fail on it; the per-run losses are still held to 1%."""
+    from harness.report.summary import check_reproduction
+    from harness.report.tables import reproduction_table
+
+    ours = _summary({"m_s0": -0.059}) | {"device": "Intel(R) Xeon(R) Processor"}
+    ref = _summary({"m_s0": -0.049}) | {"device": "AMD EPYC"}
+    rows, _ = compare(ours, ref)
+    (diff,) = [r for r in rows if r["difference"]]
+    assert diff["reproduced"] is None and "on the reference's CPU model (AMD EPYC)" in diff["tolerance"]
+    same, _ = compare(ours, ref | {"device": "Intel(R) Xeon(R) Processor"})
+    assert [r["reproduced"] for r in same if r["difference"]] == [False]
+    headers, table = reproduction_table({"rows": rows})
+    text = "## Reproduction\n\n" + "\n".join(
+        ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(r) + " |" for r in table]
+    )
+    passed, verdict = check_reproduction(text)
+    assert passed and "Not checked: `m_s0`" in verdict and "another CPU model" in verdict
+    worse = ours | {"runs": {k: {"final_val_loss": 3.2} for k in ours["runs"]}}  # 6.7% off: still a failure
+    rows, _ = compare(worse, ref)
+    headers, table = reproduction_table({"rows": rows})
+    text = "## Reproduction\n\n" + "\n".join(
+        ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(r) + " |" for r in table]
+    )
+    assert check_reproduction(text)[0] is False

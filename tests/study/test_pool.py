@@ -110,3 +110,20 @@ def test_the_pooled_law_names_each_runs_study(tmp_path):
     assert "Not pooled: pool[1] (results/x): data.vocab_size 4096: not pooled." in text
     studies = {row[2] for row in scaling_report.multiplier_table(a)[1]}
     assert studies == {"first", "second"}
+
+
+def test_every_table_of_a_pooled_law_names_the_study_of_each_model():
+    from synthetic_records import law_study as synthetic
+
+    from harness.analysis import scaling, scaling_report
+
+    recs = synthetic(np.random.default_rng(3), experts=(2, 8))
+    for r in recs:
+        r["study"] = "later" if r["model"] == "moe-e8k2" else "first"
+    a = scaling.analyse(recs, bootstrap=10)
+    for table in (scaling_report.effective_table(a), scaling_report.published_table(a)):
+        headers, rows = table
+        at = headers.index("study")
+        assert {(row[at - 1], row[at]) for row in rows} >= {("moe-e8k2", "later"), ("moe-e2k2", "first")}
+    one = scaling.analyse([r | {"study": "first"} for r in recs], bootstrap=10)
+    assert "study" not in scaling_report.published_table(one)[0]
