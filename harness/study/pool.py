@@ -93,6 +93,19 @@ def _source(study: Study, i: int, own_data: dict[str, Any]) -> tuple[list[dict[s
     return records, ""
 
 
+def pool_files(study: Study) -> list[str]:
+    """The files of ``study.pool``'s sources a report reads (data.json and each record.json, those
+    that exist): the workflow's report rule takes them as inputs, so a changed source reruns it."""
+    files = []
+    for source in study.pool:
+        folder = Path(source.results)
+        folder = folder if folder.is_absolute() else project_root() / folder
+        files += [
+            str(p) for p in [folder / "data" / "data.json", *sorted(folder.glob("runs/*/record.json"))] if p.is_file()
+        ]
+    return files
+
+
 def pooled_records(
     study: Study, own: list[dict[str, Any]], own_data: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], list[str]]:

@@ -8,6 +8,7 @@ from harness.data.corpus import sync_corpus
 from harness.workflow.disk import CHECK_KEY, guard_disk
 from harness.train.parallel import check_workflow
 from harness.workflow.reuse import finished_elsewhere, our_data
+from harness.study.pool import pool_files
 from harness.study.runs import analysed, plan
 from harness.study.spec import load_study
 from harness.train.loop import pick_device

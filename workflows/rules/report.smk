@@ -15,6 +15,7 @@ rule report:
         evals=expand(f"{RESULTS}/runs/{{run}}/eval.json", run=ANALYSED),
         routing=expand(f"{RESULTS}/runs/{{run}}/routing.json", run=ANALYSED),
         microbench=rules.microbench.output.json,
+        pooled=pool_files(STUDY),  # other studies' runs in the law (the study's `pool:`)
     output:
         md=f"{RESULTS}/report.md",
         summary=f"{RESULTS}/summary.json",
@@ -66,6 +67,18 @@ rule report:
             caption="../report/joint_law.rst",
             category="Tables (CSV)",
             labels={"#": "06", "table": "joint law: active versus total"},
+        ),
+        law_forms_csv=report(
+            f"{RESULTS}/tables/law_forms.csv",
+            caption="../report/law_forms.rst",
+            category="Tables (CSV)",
+            labels={"#": "06b", "table": "where total parameters act: the law's forms"},
+        ),
+        forecast_csv=report(
+            f"{RESULTS}/tables/forecast.csv",
+            caption="../report/forecast.rst",
+            category="Tables (CSV)",
+            labels={"#": "02b", "table": "registered forecast, scored"},
         ),
         published_laws_csv=report(
             f"{RESULTS}/tables/published_laws.csv",
@@ -139,6 +152,8 @@ rule report:
         dense_vs_moe_html=f"{RESULTS}/tables/dense_vs_moe.html",
         seeds_html=f"{RESULTS}/tables/seeds.html",
         joint_law_html=f"{RESULTS}/tables/joint_law.html",
+        law_forms_html=f"{RESULTS}/tables/law_forms.html",
+        forecast_html=f"{RESULTS}/tables/forecast.html",
         published_laws_html=f"{RESULTS}/tables/published_laws.html",
         effective_params_html=f"{RESULTS}/tables/effective_params.html",
         compute_multiplier_html=f"{RESULTS}/tables/compute_multiplier.html",
