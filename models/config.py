@@ -39,7 +39,7 @@ class ConfigError(ValueError):
 
 
 class Routing(enum.StrEnum):
-    """How router scores become the chosen experts and their gate weights (SCIENCE.md table)."""
+    """How router scores become the chosen experts and their gate weights."""
 
     SOFTMAX_TOPK = "softmax-topk"  # softmax over E, top-k, optional renorm (Mixtral; Switch k=1)
     TOPK_SOFTMAX = "topk-softmax"  # top-k on logits, softmax over the k (Shazeer 2017, Megatron)

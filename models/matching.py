@@ -5,9 +5,9 @@ FFN. With routed experts of width d_expert, compute matching requires
 
     (top_k + shared_experts) * d_expert = d_ff,
 
-so active parameters and FLOPs per token equal the dense model's up to the router (SCIENCE.md
-"Matching dense and MoE"). Granularity G = d_ff / d_expert (Krajewski et al. 2024) is then
-top_k + shared_experts: finer experts mean more of them chosen per token.
+so active parameters and FLOPs per token equal the dense model's up to the router (the
+matching of Fedus et al. 2022 and Dai et al. 2024). Granularity G = d_ff / d_expert (Krajewski
+et al. 2024) is then top_k + shared_experts: finer experts mean more of them chosen per token.
 """
 
 from __future__ import annotations

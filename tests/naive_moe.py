@@ -1,7 +1,8 @@
 """A deliberately naive MoE reference: one token at a time, one chosen expert at a time.
 
-Written from the formulas in SCIENCE.md, not from models/moe.py, so that the vectorised
-dispatch is checked against something that shares none of its indexing.
+Written from the published formulas (Shazeer et al. 2017, Fedus et al. 2022, DeepSeek-V3), not
+from models/moe.py, so that the vectorised dispatch is checked against something that shares
+none of its indexing.
 """
 
 from __future__ import annotations

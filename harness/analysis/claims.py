@@ -1,4 +1,4 @@
-"""The expectations of the literature (../SCIENCE.md) that a study can test, with its verdicts.
+"""The expectations of the literature that a study can test, with its verdicts.
 
     for c in evaluate_claims(records, measures, seed_rows, health, routing, study.registration):
         print(c.claim, c.verdict, c.evidence)
@@ -188,7 +188,7 @@ def iso_flop_gain(
 
 def routing_penalty_text(seed_rows: list[dict[str, Any]]) -> str:
     """The E = k arms' MoE - dense differences (within seed, 95% paired t interval): the cost of the
-    router and the split FFN alone, with no sparsity (SCIENCE.md). Reported, never a verdict."""
+    router and the split FFN alone, with no sparsity. Reported, never a verdict."""
     rows = [r for r in seed_rows if not r["sparse"]]
     if not rows:
         return "No E = k arm: the routing penalty is not measured."

@@ -10,7 +10,7 @@ neither way) or ``not enough data`` (no test could run), at ALPHA = 0.05:
   MoE's wall-clock gain is its FLOP gain times its training FLOP/s over its dense peer's. Each
   seed gives one such ratio from the two training runs (``flops_spent / train_seconds``; the
   peer is ``stats.dense_peer``: same budget and seed, so same data order). Replicates are the
-  seeds, never the timing windows of one process (SCIENCE.md): a one-sample t interval on the
+  seeds, never the timing windows of one process: a one-sample t interval on the
   log ratios. Supported when the interval lies below 1, not supported above 1, inconclusive when
   it includes 1, not enough data with fewer than two paired seeds. ``harness measure`` results of
   two or more separately measured pairs are a second, independent interval.

@@ -3,7 +3,7 @@
     rows = forecast_contrast(records, study)         # per law form: predicted gain, interval, power
     rows = score_forecast(study.registration, gains)  # per registered forecast: inside, error in SEs
 
-A law earns trust by predicting runs it has not seen (SCIENCE.md; GPT-4's report predicted final
+A law earns trust by predicting runs it has not seen (GPT-4's report predicted final
 loss from 1/1000 of the compute). The forecast of the primary gain, dense - MoE validation loss
 averaged over the contrast's seeds, is the law's difference between the two arms at their
 planned (N_active, N_total, tokens), the MoE paying rho. Its interval carries the law's

@@ -1,4 +1,4 @@
-"""Compute multipliers against the dense frontier the joint law implies (SCIENCE.md: compare an MoE
+"""Compute multipliers against the dense frontier the joint law implies (compare an MoE
 with the dense *frontier* at equal FLOPs, not with one fixed dense size).
 
     rows = frontier_multipliers(records, law)                   # FLOPs

@@ -1,4 +1,4 @@
-"""Wall-clock and energy multipliers of an MoE against real dense models (SCIENCE.md: a wall-clock
+"""Wall-clock and energy multipliers of an MoE against real dense models (a wall-clock
 or energy multiplier multiplies a FLOP multiplier by a *real* model's speed).
 
     rows = optimal_dense_costs(records, flop_rows, "train_seconds")   # (a) the frontier's dense size

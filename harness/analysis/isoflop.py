@@ -26,7 +26,7 @@ from harness.analysis.fits import Noise, fit_parabola, interval, sigma_draws
 from harness.analysis.stats import arm_label, finite_runs
 
 MIN_SIZES = 4  # a parabola has 3 parameters: 4 sizes leave one degree of freedom to see its misfit
-BOOTSTRAP = 2000  # draws: 95% ends stable to their printed digit (SCIENCE.md asks for 1000 or more)
+BOOTSTRAP = 2000  # draws: 95% ends stable to their printed digit (95% ends want 1000 or more)
 
 
 @dataclass(frozen=True)

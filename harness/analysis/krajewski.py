@@ -11,7 +11,7 @@ where N is the model's *total* non-embedding parameter count, D the training tok
 G = d_ff / d_expert the granularity. The MoE law was fitted at one expansion rate, 64 (the
 routed experts' parameters over a dense feed-forward layer's, E * d_expert / d_ff): G = 1 is a
 64-expert MoE, not a dense model, which is why dense runs take the dense row. Both were fitted
-to runs of 16B tokens or more (SCIENCE.md). Outside that range the law is not evaluated: the
+to runs of 16B tokens or more (Krajewski et al. 2024). Outside that range the law is not evaluated: the
 row's ``reason`` says which condition fails, and no gap is predicted. The absolute level belongs
 to the paper's data and tokenizer, so only MoE - dense gaps compare with ours.
 """

@@ -18,7 +18,7 @@ count, 1: total parameters count fully); phi lets the expert pool act on the dat
 exponent interactions gamma, zeta held at 0 and E entering through r. N_a, N_t: active and total
 non-embedding parameters; D: training tokens; [routed] = 1 for every MoE run, E = k included (the
 dense FFN split in two with a router: it identifies rho); u_seed: the shift every run of one seed
-shares (same data order, SCIENCE.md), fixed effects that sum to zero.
+shares (same data order), fixed effects that sum to zero.
 
 **Fit.** ``scipy.optimize.least_squares`` on log L (Hoffmann et al. 2022, approach 3, fit log L
 with a Huber loss) with ``loss="soft_l1"`` and ``F_SCALE_LOG`` (residuals beyond about 1% of
@@ -62,7 +62,7 @@ F_SCALE_LOG = 0.01  # on log L: about 0.03 nats at L = 3, twice a run's residual
 LOWER = np.array([0.0, -30.0, 0.01, -30.0, 0.01, -0.5, -1.0, -1.0])
 UPPER = np.array([np.inf, 30.0, 2.0, 30.0, 2.0, 1.5, 3.0, 1.0])  # E0's upper bound: the smallest loss
 MAX_CONDITION = 1e8  # scaled Jacobian condition number above which the fit is numerically unidentified
-BOOTSTRAP = 2000  # refits: 95% ends stable to their printed digit (SCIENCE.md asks for 1000 or more)
+BOOTSTRAP = 2000  # refits: 95% ends stable to their printed digit (95% ends want 1000 or more)
 ELASTIC = ("n_active", "n_total", "tokens")
 
 

@@ -2,7 +2,7 @@
 
     c = compare_forms(records)      # c.fits["theta"], c.rows, c.preferred ("theta", "phi", ... or None)
 
-A law's form is a hypothesis (SCIENCE.md). Where the MoE runs sit at one (N_active, D), "total
+A law's form is a hypothesis. Where the MoE runs sit at one (N_active, D), "total
 parameters act on the parameter term" (theta) and "they act on the data term" (phi) can fit
 equally well, and theta's reading as "the share of total parameters that counts" belongs to its
 form. Each form the design identifies is fitted to the same runs; they are compared by AICc on

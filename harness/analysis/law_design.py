@@ -12,7 +12,7 @@ the smaller singular value of the centred (ln N, ln D) points over the larger mu
 rho, an E = k run or two sparse E values; both together need sparse MoEs at two or more (active
 size, tokens) points, where the parameter and data terms weigh differently.
 
-**The fit.** An interval end that sits at an optimiser's bound is not an estimate (SCIENCE.md):
+**The fit.** An interval end that sits at an optimiser's bound is not an estimate:
 ``bound_shares`` counts, per parameter, the bootstrap draws (and the estimate) at each bound, and
 the report prints a parameter with draws there one-sided.
 """

@@ -43,7 +43,7 @@ DIFFERENCE_TOLERANCE = 0.005
 """Nats, absolute, on each seed's MoE - dense validation loss. The 1% relative tolerance on a loss
 (about 0.03 nats at loss 3) is as large as the effect the studies report (tiny: -0.034), so a
 reproduction could reverse the effect and still pass. 0.005 nats is below the smallest effects
-SCIENCE.md lists (routing variants, ~0.005) and a seventh of tiny's effect; hosts of one device
+the literature reports (routing variants, ~0.005) and a seventh of tiny's effect; hosts of one device
 class have given identical losses (results/reference/cpu/tiny/README.md), and a difference of
 two runs on one host cancels much of what a change of host moves in both."""
 

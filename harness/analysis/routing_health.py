@@ -24,7 +24,7 @@ balanced).
 
 Collapse is judged on tokens, not on the T*k assignments: an expert can take at most one of a
 token's k slots, so its share of assignments is at most 1/k and a rule such as "one expert takes
-half of the assignments" can never fire for k >= 3 (SCIENCE.md, R3). Max/mean load is the same
+half of the assignments" can never fire for k >= 3 (R3). Max/mean load is the same
 in both views: an expert's token share over its balanced share k/E.
 """
 

@@ -241,7 +241,7 @@ def krajewski_table(a: ScalingAnalysis) -> tuple[list[str], list[list[Any]]]:
 def _multiplier_text(a: ScalingAnalysis) -> list[str]:
     method = next((r["method"] for r in a.multiplier_flops if r["method"]), "")
     return [
-        "Compute multiplier against the dense frontier of the law (SCIENCE.md: compare an MoE with the dense "
+        "Compute multiplier against the dense frontier of the law (compare an MoE with the dense "
         "*frontier* at equal FLOPs, not one fixed dense size): the frontier loss at compute C is the dense law "
         "minimised over N at D = C / FLOPs-per-token(N); the multiplier is the dense compute C* whose frontier loss "
         "equals the MoE's seed-adjusted loss (its runs' mean less their fitted seed effects), over the MoE's FLOPs. "

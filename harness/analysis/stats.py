@@ -5,7 +5,7 @@
     test = paired_gain(dense - moe, alpha=0.05, delta_min=0.01)   # one-sided, with power
 
 Runs with the same seed share the data order (``TokenShard.train_batch`` depends only on seed
-and step), so seed effects are shared by every model (SCIENCE.md, "Statistics and design": ICC
+and step), so seed effects are shared by every model (ICC
 about 0.66 on the `cpu` study). Every comparison is therefore within seed: an MoE run and its
 dense peer of the same seed form a pair, a mean over seeds uses only the seeds both share, and
 the tests are paired over seeds (``scipy.stats.ttest_rel``; the exact Wilcoxon signed-rank test

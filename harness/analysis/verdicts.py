@@ -1,7 +1,7 @@
 """What a claim's verdict can be, and the record of one (``harness.analysis.claims``,
 ``harness.analysis.cost_claims``).
 
-A rule must be able to say yes, no and "inconclusive" (SCIENCE.md, "Statistics and design"):
+A rule must be able to say yes, no and "inconclusive":
 ``inconclusive`` is a test that ran and decided neither way; ``not enough data`` is a test that
 could not run (too few seeds, sizes or measured runs).
 """

@@ -15,7 +15,7 @@ numbers) and ``values`` (the numbers and the threshold). The rules:
 - ``window_spread``: the timing windows of one figure disagree by more than :data:`SPREAD_LIMIT`
   (fastest window over slowest). The same computation repeated in one process runs at one rate
   up to noise; a larger spread means other work shared the machine during some windows, and the
-  median then depends on how many windows it hit. MEASUREMENT.md asks for the median *and the
+  median then depends on how many windows it hit. A timing is reported as the median *and the
   spread* of the windows; this rule reads the spread.
 - ``above_measured_matmul``: model FLOP/s above a large matmul's measured in the same run
   (fraction > :data:`MATMUL_CEILING`). The matmul is the practical ceiling; above it, the

@@ -3,7 +3,7 @@
     harness measure tiny --run moe-d64-e16k2_7e12_s0     # a trained run (its checkpoint)
     harness measure --config models/configs/moe-s-e8k2.yaml --out m.json   # random weights
 
-Protocol (MEASUREMENT.md): warm-up steps excluded; every window synchronised at both ends on
+Protocol: warm-up steps excluded; every window synchronised at both ends on
 CUDA; the median, spread and every window's rate (ten windows by default, so a ratio of two
 throughputs can be given a confidence interval from the windows); training step = forward +
 backward + optimizer; prefill and decode (KV cache, batch 1 and a large batch) separately;

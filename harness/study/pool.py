@@ -4,7 +4,7 @@
     pooled, refusals = pooled_records(study, own_records, own_data)  # those that may join, and why not
 
 A law fitted over more runs is better identified, and a fresh study's runs are what an older
-law is tested on (SCIENCE.md: fit over every comparable study's runs, never pooling into a
+law is tested on (fit over every comparable study's runs, never pooling into a
 registered contrast). Runs are comparable only when their numbers mean the same thing: the same
 data (fingerprint), tokenizer and validation sample, and the same recipe but for the fields the
 study names in ``differs``. A source that is not is refused in one line naming the field; its

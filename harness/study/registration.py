@@ -4,7 +4,7 @@
 
 The registration is the study file's ``registration:`` block (``harness.study.spec.Registration``):
 the primary contrast, its test and smallest gain of interest, the secondary estimands and what
-is exploratory (SCIENCE.md, "Statistics and design"). What makes it a registration is that it was
+is exploratory. What makes it a registration is that it was
 committed before the runs it judges, and that the runs were trained under the block the report
 prints. So the report names the commit that first added the block to the study file (``git log
 -S``), checks that this commit is an ancestor of every commit the runs were trained from (``git

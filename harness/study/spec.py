@@ -233,8 +233,8 @@ class Parallel:
 @dataclass(frozen=True)
 class PrimaryContrast:
     """The one comparison a confirmatory study's iso-FLOP verdict (R1) rests on, registered in the
-    study file before any reported run (SCIENCE.md, "Statistics and design"). The gain is
-    dense - MoE validation loss, paired by seed; the claim is that it is positive."""
+    study file before any reported run. The gain is dense - MoE validation loss, paired by seed;
+    the claim is that it is positive."""
 
     moe: str
     """Model name of the MoE arm (as in run ids)."""

@@ -51,7 +51,7 @@ from harness.core.io import read_json, write_json, write_text
 ROOT = Path(__file__).resolve().parents[2]
 
 ENERGY_AGREEMENT = 0.05
-"""Counter joules and the trace integral agree within this fraction (MEASUREMENT.md)."""
+"""Counter joules and the trace integral agree within this fraction."""
 MFU_GOAL = 0.40
 """Dense training FLOP/s over the measured bf16 matmul, at d >= WIDE_D_MODEL."""
 WIDE_D_MODEL = 1024
