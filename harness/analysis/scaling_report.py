@@ -70,7 +70,7 @@ def with_study(a: ScalingAnalysis, headers: list[str], rows: list[list[Any]], at
     return headers, [[*row[: at + 1], a.model_studies.get(row[at], "-"), *row[at + 1 :]] for row in rows]
 
 
-def _one_sided_ci(ci, mc, spec: str) -> str:
+def _one_sided_ci(ci, spec: str) -> str:
     """' [lo, hi]' with an end beyond the grid shown open; '' without an interval."""
     if ci is None:
         return ""
@@ -79,7 +79,7 @@ def _one_sided_ci(ci, mc, spec: str) -> str:
     return f" [{lo}, {hi}]"
 
 
-def _mc_note(row: dict[str, Any], spec: str = ".2f") -> str:
+def _mc_note(row: dict[str, Any]) -> str:
     mc = row.get("multiplier_mc")
     finite = [m for m in mc or () if m != float("inf")]
     return mc_note(max(finite)) if finite else ""
@@ -121,11 +121,9 @@ def multiplier_table(a: ScalingAnalysis, flagged: set[str] | None = None) -> tup
                 r.get("study") or "-",
                 r["seeds"],
                 _g(r["loss_adjusted"], ".4f"),
-                _g(r["multiplier"], ".2f") + _one_sided_ci(r["multiplier_ci"], r.get("multiplier_mc"), ".2f"),
+                _multiplier_cell(r),
                 _g(r["dense_n_opt"]),
-                _marked(
-                    _g(t.get("multiplier"), ".2f") + _one_sided_ci(t.get("multiplier_ci"), None, ".2f"), t, flagged
-                ),
+                _marked(_multiplier_cell(t), t, flagged),
                 _marked(_fastest_cell(f), f, flagged),
                 "absent (no NVML energy)" if j is None else _g(j.get("multiplier"), ".2f"),
                 _notes(
@@ -143,8 +141,9 @@ def multiplier_table(a: ScalingAnalysis, flagged: set[str] | None = None) -> tup
     return headers, rows
 
 
-def _wall_clock(t: dict[str, Any]) -> str:
-    return _g(t.get("multiplier"), ".2f") + _one_sided_ci(t.get("multiplier_ci"), None, ".2f")
+def _multiplier_cell(row: dict[str, Any]) -> str:
+    """A multiplier with its interval (an end beyond the grid shown open); '-' without one."""
+    return _g(row.get("multiplier"), ".2f") + _one_sided_ci(row.get("multiplier_ci"), ".2f")
 
 
 def _fastest_cell(f: dict[str, Any]) -> str:
