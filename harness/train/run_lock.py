@@ -1,5 +1,6 @@
-"""One writer per run folder: training holds an exclusive lock, the steps that read a trained
-run (measure, evaluate, routing, export) a shared one.
+"""One writer per run folder: training, and reuse (a finished run of another study brought in),
+hold an exclusive lock; the steps that read a trained run (measure, evaluate, routing, export) a
+shared one.
 
 Two ``harness train`` of the same run at once, by hand, from two workflows, or one of each,
 would write one checkpoint and one metrics log in turn. So training takes an exclusive,
@@ -73,12 +74,9 @@ def _take(run_dir: Path, run_id: str, exclusive: bool, verb: str) -> int:
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
-        if exclusive and "harness train" not in holder:
-            what = f"is being read by {holder}"
-            todo = "wait for it to finish, then train again"
-        else:
-            what = f"is being trained by {holder}"
-            todo = "wait for it to finish" + ("" if exclusive else f", then run `harness {verb}` again")
+        doing = "trained" if "harness train" in holder else "reused" if "harness reuse" in holder else "read"
+        what = f"is being {doing} by {holder}"
+        todo = f"wait for it to finish, then run {_command(verb)} again"
         raise RunBusy(f"{run_dir / NAME}: run {run_id} {what}; {todo}") from None
     # Who holds it, for a refusal: one write at offset 0, so readers that share the lock at most
     # leave each other's line.
@@ -87,21 +85,28 @@ def _take(run_dir: Path, run_id: str, exclusive: bool, verb: str) -> int:
     return fd
 
 
+def _command(verb: str) -> str:
+    return "`python -m harness.reuse`" if verb == "reuse" else f"`harness {verb}`"
+
+
 @contextlib.contextmanager
-def training(run_dir: Path, run_id: str, main: bool = True) -> Iterator[None]:
+def training(run_dir: Path, run_id: str, main: bool = True, verb: str = "train") -> Iterator[None]:
     """Hold the run's exclusive lock for the block (``main``: this process is rank 0; the
-    other ranks of a torchrun take nothing)."""
+    other ranks of a torchrun take nothing). ``verb``: who writes the run (train, or reuse,
+    which brings a finished run of another study in)."""
     if not main:
         yield
         return
-    created = not run_dir.exists()
-    fd = _take(run_dir, run_id, exclusive=True, verb="train")
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    fd = _take(run_dir, run_id, exclusive=True, verb=verb)
     try:
         yield
     finally:
-        if created and [p.name for p in run_dir.iterdir()] == [NAME]:  # refused before any work
+        if made and [p.name for p in run_dir.iterdir()] == [NAME]:  # refused before any work
             (run_dir / NAME).unlink()
-            run_dir.rmdir()
+            for folder in made:  # and the folders made for it, where nothing else came meanwhile
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         os.close(fd)  # closing the descriptor drops the lock
 
 

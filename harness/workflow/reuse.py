@@ -16,13 +16,14 @@ came from. Measurement and evaluation run again, under this study's settings.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from harness.core.errors import HarnessError
+from harness.core.errors import DamagedFile, HarnessError, os_failure
 from harness.core.io import read_json_object
 from harness.study.runs import find_run, identity_changes, recorded_identity, run_identity
 from harness.study.spec import Run, Study, load_study
@@ -96,52 +97,160 @@ def finished_elsewhere(run: Run, results: Path, ours: tuple[tuple, dict | None] 
     return None
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.reuse.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # another file system, or one without hard links
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+def describe(source: Path) -> str:
+    """A run folder as a refusal names it: the run, its study and where it lies."""
+    return f"run {source.name} of study {source.parent.parent.name} ({source})"
 
 
-def reuse(study: Study, run: Run, results: Path, source: Path) -> dict[str, Any]:
-    """Bring the finished run ``source`` in as ``run`` of ``study``, after checking again that it
-    has the run's identity and was trained on this study's prepared data, token for token."""
-    from harness.core.io import atomic_write, write_json
-    from harness.data.prepare import meta_identity, read_meta
-
-    meta = read_meta(results / "data", f"harness data {study.path}")
+def _source_record(study: Study, run: Run, source: Path) -> dict[str, Any]:
+    """The record of the finished run in ``source``, whose checkpoint verifies; else one line
+    naming the source study and run and the command that trains this run instead."""
     from harness.train import checkpoint
 
+    train = f"`harness train {study.path} --run {run.run_id}` trains it here instead"
+    if not source.is_dir():
+        raise HarnessError(f"{source}: the run to reuse is gone ({describe(source)} no longer exists); {train}")
     record = read_json_object(source / "record.json")
     damaged = checkpoint.problem(source / checkpoint.NAME)
     if record is None or damaged is not None:
-        why = "no record.json" if record is None else f"its {checkpoint.NAME} does not verify ({damaged})"
-        raise HarnessError(
-            f"{source}: no finished run to reuse ({why}); `harness train {study.path} --run {run.run_id}` trains it"
-        )
-    changes = identity_changes(recorded_identity(record), run_identity(run))
-    if changes or not _same_data(source, (meta_identity(meta), _shards(meta)), record):
-        why = "; ".join(changes) or "it was trained on other data than this study's"
-        raise HarnessError(
-            f"{source}: not the same run as {run.run_id} of {study.path} ({why}); "
-            f"`harness train {study.path} --run {run.run_id}` trains it"
-        )
-    out = results / "runs" / run.run_id
+        why = "no readable record.json" if record is None else f"its {checkpoint.NAME} does not verify ({damaged})"
+        raise HarnessError(f"{source}: {describe(source)} is no finished run to reuse ({why}); {train}")
+    return record
+
+
+def _what_changed(own: dict[str, Any], record: dict[str, Any], source: Path) -> list[str]:
+    """How this study's copy differs from the source run as it is now (empty: the same)."""
+    came = (own.get(REUSED) or {}).get("run_dir")
+    if came is not None and Path(came) != source:
+        return [f"the copy came from {came}, not {source}"]
+    ours = {k: v for k, v in own.items() if k not in ("study", REUSED)}
+    theirs = {k: v for k, v in record.items() if k not in ("study", REUSED)}
+    if ours == theirs:
+        return []
+    old, new = ours.get("final_val_loss"), theirs.get("final_val_loss")
+    if old != new and isinstance(old, float) and isinstance(new, float):
+        return [f"it was trained again there (val loss {old:.4f} -> {new:.4f})"]
+    fields = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    return [f"its record.json differs in {', '.join(fields[:6])}{' ...' if len(fields) > 6 else ''}"]
+
+
+def _replaceable(study: Study, run: Run, out: Path, record: dict[str, Any], source: Path, force: bool) -> bool:
+    """Whether ``out`` may take the copy: True when it holds none or ``force`` replaces an older
+    one; False when it holds this very copy already. A run this study trained is never replaced,
+    a copy of a source that has changed since only with ``force``."""
     own = read_json_object(out / "record.json")
-    if own is not None and REUSED not in own:
+    if own is None:
+        return True
+    if REUSED not in own:
         raise HarnessError(f"{out / 'record.json'}: {run.run_id} was trained in this study; it is not replaced")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in LINKED:
-        if (source / name).is_file():
-            _link_or_copy(source / name, out / name)
-    for name in COPIED:
-        if (source / name).is_file():
-            atomic_write(out / name, lambda p, name=name: shutil.copyfile(source / name, p))
-    reused = record | {"study": study.name, REUSED: {"study": record.get("study"), "run_dir": str(source)}}
-    write_json(out / "record.json", reused)
+    changes = _what_changed(own, record, source)
+    if not changes:
+        return False
+    if force:
+        return True
+    raise HarnessError(
+        f"{out / 'record.json'}: this study's finished copy of {run.run_id} is kept: {describe(source)}, which it "
+        f"came from, has changed since ({'; '.join(changes)}). `python -m harness.reuse {study.path} --run "
+        f"{run.run_id} --force` replaces the copy with that run as it is now (in the workflow: `snakemake "
+        f"--config study={study.path} retrain=stale`); `harness train {study.path} --run {run.run_id} --restart` "
+        "trains it here instead"
+    )
+
+
+def _recorded_digest(path: Path) -> str | None:
+    from harness.train import checkpoint
+
+    try:
+        words = checkpoint.checksum_path(path).read_text(errors="replace").split()
+    except OSError:
+        return None
+    return words[0] if words else None
+
+
+def _stage(source: Path, out: Path, staged: list[tuple[Path, Path]]) -> None:
+    """Every file of the source run, linked (checkpoints, where the file system allows) or copied
+    under a temporary name in ``out``, each checked against the source: a checkpoint against the
+    checksum recorded beside it, another file byte for byte. Adds (temporary, final) pairs to
+    ``staged`` as it goes, so that a failure half-way can remove what it wrote."""
+    from harness.core.io import sha256_file
+
+    for name in (*LINKED, *COPIED):
+        if not (source / name).is_file():
+            continue
+        tmp = out / f".{name}.reuse.tmp"
+        tmp.unlink(missing_ok=True)
+        staged.append((tmp, out / name))
+        if name in LINKED:
+            try:
+                os.link(source / name, tmp)
+            except OSError:  # another file system, or one without hard links
+                shutil.copyfile(source / name, tmp)
+            digest = _recorded_digest(source / name)
+            if digest is None or sha256_file(tmp) != digest:
+                raise DamagedFile(
+                    out / name, f"the copy of {source / name} does not match its recorded checksum", "run it again"
+                )
+        else:
+            shutil.copyfile(source / name, tmp)
+            if not filecmp.cmp(source / name, tmp, shallow=False):
+                raise DamagedFile(out / name, f"the copy of {source / name} differs from it", "run it again")
+
+
+def _failure(e: BaseException, study: Study, run: Run, source: Path, out: Path) -> BaseException:
+    """The one-line error for a failure while the run is copied: the source vanishing under it
+    (named with its study), else the operating system's refusal in ``out``."""
+    named = getattr(e, "filename", None)
+    if isinstance(e, FileNotFoundError) and named is not None and Path(named).is_relative_to(source):
+        return HarnessError(
+            f"{named}: {describe(source)} changed or vanished while it was copied; nothing of it was kept in {out}: "
+            f"run it again, or `harness train {study.path} --run {run.run_id}` trains it here instead"
+        )
+    if isinstance(e, OSError) and (failure := os_failure(e, out)) is not None:
+        return HarnessError(f"{failure} (nothing of the copy was kept)")
+    return e
+
+
+def reuse(study: Study, run: Run, results: Path, source: Path, force: bool = False) -> dict[str, Any] | None:
+    """Bring the finished run ``source`` in as ``run`` of ``study``, after checking again that it
+    has the run's identity and was trained on this study's prepared data, token for token. Holds
+    the run's lock (and a reader's lock on the source) throughout; every file is checked against
+    the source before any replaces what the run folder holds, record.json last, so a failure
+    leaves the folder as it was. None when the folder already holds this very copy."""
+    from harness.core.io import write_json
+    from harness.data.prepare import meta_identity, read_meta
+    from harness.train import run_lock
+
+    meta = read_meta(results / "data", f"harness data {study.path}")
+    out = results / "runs" / run.run_id
+    with run_lock.training(out, run.run_id, verb="reuse"), run_lock.released():
+        record = _source_record(study, run, source)
+        if source.resolve() != out.resolve():  # this study's own run is refused below
+            run_lock.reading(source, source.name, "reuse")
+        changes = identity_changes(recorded_identity(record), run_identity(run))
+        if changes or not _same_data(source, (meta_identity(meta), _shards(meta)), record):
+            why = "; ".join(changes) or "it was trained on other data than this study's"
+            raise HarnessError(
+                f"{source}: {describe(source)} is not the same run as {run.run_id} of {study.path} ({why}); "
+                f"`harness train {study.path} --run {run.run_id}` trains it"
+            )
+        if not _replaceable(study, run, out, record, source, force):
+            return None
+        staged: list[tuple[Path, Path]] = []
+        try:
+            _stage(source, out, staged)
+            for tmp, final in staged:
+                os.replace(tmp, final)
+            kept = {final.name for _, final in staged}
+            for name in (*LINKED, *COPIED):  # an older copy's file the source no longer has
+                if name not in kept:
+                    (out / name).unlink(missing_ok=True)
+            reused = record | {"study": study.name, REUSED: {"study": record.get("study"), "run_dir": str(source)}}
+            write_json(out / "record.json", reused)
+        except Exception as e:
+            raise _failure(e, study, run, source, out) from None
+        finally:
+            for tmp, _ in staged:
+                tmp.unlink(missing_ok=True)
     return reused
 
 
@@ -166,12 +275,38 @@ def reuse_lines(study: Study, sources: dict[str, Path]) -> list[str]:
     ]
 
 
+def _no_source(study: Study, run: Run, results: Path) -> HarnessError:
+    """Why ``python -m harness.reuse`` without --from has nothing to bring in, naming the source
+    an earlier copy came from."""
+    own = read_json_object(results / "runs" / run.run_id / "record.json") or {}
+    train = f"`harness train {study.path} --run {run.run_id}"
+    if REUSED in own:
+        came = Path((own[REUSED] or {}).get("run_dir") or "?")
+        return HarnessError(
+            f"{results / 'runs' / run.run_id / 'record.json'}: this study's copy of {run.run_id} came from "
+            f"{describe(came)}, which is no longer a finished run with the same identity and data (gone, or "
+            f"trained again otherwise); the copy is kept as it is, and {train} --restart` trains the run here instead"
+        )
+    if own:
+        return HarnessError(f"{run.run_id}: trained in this study ({results / 'runs' / run.run_id}); nothing to reuse")
+    return HarnessError(
+        f"{run.run_id}: no other study under {results.parent} finished it with the same identity and data; "
+        f"{train}` trains it"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.reuse", description=__doc__.splitlines()[0])
     parser.add_argument("study", help="a study name in workflows/studies/ or a path to a study YAML")
     parser.add_argument("--run", required=True, help="run id")
     parser.add_argument("--from", dest="source", help="the finished run folder (default: found by identity)")
     parser.add_argument("--results", default="results", help="results root (default: results)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace this study's copy of the run when the run it came from has changed since (never a run "
+        "this study trained itself)",
+    )
     args = parser.parse_args(argv)
     try:
         study = load_study(args.study)
@@ -179,15 +314,20 @@ def main(argv: list[str] | None = None) -> int:
         results = Path(args.results) / study.name
         source = Path(args.source) if args.source else finished_elsewhere(run, results, our_data(study, results, None))
         if source is None:
-            raise HarnessError(
-                f"{run.run_id}: no other study under {results.parent} finished it with the same identity and data "
-                f"(or this study has its own record); `harness train {study.path} --run {run.run_id}` trains it"
-            )
-        record = reuse(study, run, results, source)
+            raise _no_source(study, run, results)
+        record = reuse(study, run, results, source, force=args.force)
     except (ConfigError, HarnessError) as e:
         print(f"harness reuse: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(f"{run.run_id}: reused from {source} (val loss {record['final_val_loss']:.4f}), not trained again")
+    except OSError as e:
+        if (failure := os_failure(e)) is None:
+            raise
+        print(f"harness reuse: error: {' '.join(str(failure).split())}", file=sys.stderr)
+        return 2
+    if record is None:
+        print(f"{run.run_id}: already reused from {source}, unchanged there; nothing to do")
+    else:
+        print(f"{run.run_id}: reused from {source} (val loss {record['final_val_loss']:.4f}), not trained again")
     return 0
 
 

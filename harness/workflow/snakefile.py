@@ -199,6 +199,54 @@ def identity_text(run: Run) -> str:
     return json.dumps(run_identity(run), sort_keys=True, indent=1) + "\n"
 
 
+def identity_problem(path: Path, text: str) -> str | None:
+    """How a run's identity.json differs from ``text``, what the workflow writes there: None when
+    it does not, else "is missing" or "is damaged (...)"."""
+    try:
+        content = path.read_text()
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, UnicodeDecodeError) as e:
+        return f"is damaged (unreadable: {getattr(e, 'strerror', None) or type(e).__name__})"
+    if content == text:
+        return None
+    try:
+        json.loads(content)
+    except ValueError:
+        return "is damaged (not JSON)"
+    return "is damaged (not this run's identity as the study gives it)"
+
+
+def identity_repairs(runs: list[Run], results: Path, stale: set[str]) -> dict[str, str]:
+    """The identity files of finished or started runs that are missing or damaged while their run
+    is current (not in ``stale``): path -> the problem. The workflow writes them again from the
+    study, with a time before the record's, so that nothing is trained again."""
+    out = {}
+    for run in runs:
+        run_dir = results / "runs" / run.run_id
+        if run.run_id in stale or not any((run_dir / f).is_file() for f in ("record.json", "spec.json")):
+            continue
+        path = run_dir / IDENTITY
+        if (problem := identity_problem(path, identity_text(run))) is not None:
+            out[str(path)] = problem
+    return out
+
+
+def repair_lines(repairs: dict[str, str], dry_run: bool) -> list[str]:
+    """What a real run and a dry run both say of the identity files they (would) write again."""
+    does = "a real run writes it again" if dry_run else "written again"
+    return [
+        f"moe-harness: {path} {problem}; {does} from the study (the run is current: nothing is trained again)"
+        for path, problem in repairs.items()
+    ]
+
+
+def _backdated(run_dir: Path) -> float | None:
+    """The time an identity file gets when its run's record is current: just before the record's."""
+    record = run_dir / "record.json"
+    return record.stat().st_mtime - 1 if record.is_file() else None
+
+
 def sync_identities(
     study: Study,
     runs: list[Run],
@@ -209,29 +257,28 @@ def sync_identities(
 ) -> list[RunState]:
     """Write each run's identity.json where it is missing or differs. A finished or started run
     whose identity changed stops this (:class:`RetrainRefused`) unless ``retrain_stale``. A new
-    identity file of a run finished as asked gets its record's time, so that it reruns nothing.
-    ``write`` False (a dry run): only check. Returns the runs that are trained again."""
+    identity file of a run finished as asked gets its record's time, so that it reruns nothing;
+    one that was missing or damaged is named on stderr. ``write`` False (a dry run): only check
+    and say what a real run would write. Returns the runs that are trained again."""
     from harness.core.io import write_text
 
     stale = {s.run_id: s for s in retrained_runs(study, runs, results, corpus)}
     if stale and not retrain_stale:
         raise RetrainRefused(retrain_refusal(list(stale.values()), study))
+    for line in repair_lines(identity_repairs(runs, results, set(stale)), dry_run=not write):
+        print(line, file=sys.stderr)
     if not write:
         return list(stale.values())
     for run in runs:
         run_dir = results / "runs" / run.run_id
         path, text = run_dir / IDENTITY, identity_text(run)
-        try:
-            if path.read_text() == text:
-                if run.run_id in stale:  # the same identity on other data: retrained all the same
-                    os.utime(path)
-                continue
-        except OSError:
-            pass
+        if identity_problem(path, text) is None:
+            if run.run_id in stale:  # the same identity on other data: retrained all the same
+                os.utime(path)
+            continue
         write_text(path, text)
-        record = run_dir / "record.json"
-        if run.run_id not in stale and record.is_file():
-            when = record.stat().st_mtime - 1
+        when = None if run.run_id in stale else _backdated(run_dir)
+        if when is not None:
             os.utime(path, (when, when))
     return list(stale.values())
 
@@ -240,46 +287,71 @@ _STAND_INS: list[Any] = []
 """The temporary folders of this process's dry-run stand-ins, removed when it exits."""
 
 
-def stand_ins(files: dict[str, str]) -> dict[str, str]:
-    """For a dry run, which writes nothing under results/: each file a real run would write newer
-    than its job's outputs when it starts (path: its text), written instead to a temporary folder
-    (removed when Snakemake exits), so that the dry run lists the jobs a real run would run."""
+def stand_ins(files: dict[str, tuple[str, float | None]]) -> dict[str, str]:
+    """For a dry run, which writes nothing under results/: each file a real run would write when
+    it starts (path: its text and the time it would get, None for now), written instead to a
+    temporary folder (removed when Snakemake exits), so that the dry run lists the jobs a real run
+    would run."""
     import tempfile
 
     if not files:
         return {}
     _STAND_INS.append(tempfile.TemporaryDirectory(prefix="moe-harness-dry-run-"))
     out = {}
-    for path, text in files.items():
+    for path, (text, when) in files.items():
         stand_in = Path(_STAND_INS[-1].name) / path
         stand_in.parent.mkdir(parents=True, exist_ok=True)
         stand_in.write_text(text)
+        if when is not None:
+            os.utime(stand_in, (when, when))
         out[path] = str(stand_in)
     return out
 
 
-def dry_run_files(runs: list[Run], retrained: list[RunState], results: Path, corpus: dict[str, Any]) -> dict[str, str]:
-    """The files a real run would now write newer than the outputs that depend on them: the
-    identity of each run it trains again, and corpus.json when the corpus changed in content."""
+def dry_run_files(
+    runs: list[Run], retrained: list[RunState], results: Path, corpus: dict[str, Any]
+) -> dict[str, tuple[str, float | None]]:
+    """The files a real run would now write (path: text and time, None for now): the identity of
+    each run it trains again (new), of each run whose identity file is missing or damaged (with
+    the time before its record's, as :func:`sync_identities` gives it), and corpus.json when the
+    corpus changed in content."""
     from harness.data.corpus import CORPUS, corpus_rewritten
 
     again = {s.run_id for s in retrained}
-    files = {str(results / "runs" / run.run_id / IDENTITY): identity_text(run) for run in runs if run.run_id in again}
+    files: dict[str, tuple[str, float | None]] = {}
+    for run in runs:
+        run_dir, text = results / "runs" / run.run_id, identity_text(run)
+        if run.run_id in again:
+            files[str(run_dir / IDENTITY)] = (text, None)
+        elif (run_dir / "record.json").is_file() and identity_problem(run_dir / IDENTITY, text) is not None:
+            files[str(run_dir / IDENTITY)] = (text, _backdated(run_dir))
     if corpus_rewritten(results, corpus):
-        files[str(results / "data" / CORPUS)] = json.dumps(corpus, sort_keys=True, indent=1) + "\n"
+        files[str(results / "data" / CORPUS)] = (json.dumps(corpus, sort_keys=True, indent=1) + "\n", None)
     return files
 
 
-def written_input(path: str, dry_run: bool, stand_in: dict[str, str] | None = None) -> list[str]:
+def written_input(path: str, dry_run: bool, stand_in: dict[str, str] | None = None) -> list[Any]:
     """An input the workflow writes when it starts (corpus.json, identity.json). A dry run writes
-    nothing there: one a real run would write anew is its stand-in (:func:`stand_ins`), so the
-    dry run lists what a real run would run; a missing one is left out (its job runs all the
-    same: its output is missing too, or the file would be written with the output's time)."""
+    nothing there: one a real run would write anew is its stand-in (:func:`stand_ins`), which
+    Snakemake compares and prints under the path it stands in for, so that the dry run lists
+    what a real run would run; a missing one is left out (its job runs all the same: its output
+    is missing too)."""
     if not dry_run:
         return [path]
     if stand_in and path in stand_in:
-        return [stand_in[path]]
+        return [_standing_in(stand_in[path], path)]
     return [path] if Path(path).exists() else []
+
+
+def _standing_in(stand_in: str, path: str) -> Any:
+    """The stand-in as an input that Snakemake records and prints as ``path``: the flag of a file
+    Snakemake itself keeps a copy of elsewhere. Without it (another Snakemake), the stand-in's
+    own path, which differs from the recorded one only where Snakemake kept a record of inputs."""
+    try:
+        from snakemake.io import sourcecache_entry
+    except ImportError:
+        return stand_in
+    return sourcecache_entry(stand_in, path)
 
 
 class RetrainRefused(Exception):
@@ -324,11 +396,28 @@ def _scheduled_retrains(dag, results: Path) -> tuple[dict[str, str], list[str]]:
     for job in jobs:
         run_id = getattr(job, "wildcards_dict", {}).get("run")
         reason = str(dag.reason(job)).replace("\n", "; ")
-        if job.rule.name == "train" and run_id and (results / "runs" / run_id / "record.json").is_file():
+        finished = run_id and (results / "runs" / run_id / "record.json").is_file()
+        if job.rule.name == "train" and finished:
             runs[run_id] = reason
+        elif job.rule.name == "reuse" and finished:
+            runs[run_id] = _reuse_reason(job, reason)
         elif job.rule.name == "data":
             upstream.append(f"the data step runs again first (Snakemake: {reason})")
     return runs, upstream
+
+
+def _reuse_reason(job: Any, reason: str) -> str:
+    """Why a finished copy of another study's run would be replaced: that run, named with its
+    study, changed since it was copied."""
+    from harness.workflow.reuse import describe
+
+    try:
+        source = Path(str(job.input.source)).parent
+    except AttributeError:  # the rule's inputs renamed: Snakemake's reason alone
+        return f"Snakemake: {reason}"
+    return (
+        f"its copy of {describe(source)} would be replaced: that run changed since it was copied (Snakemake: {reason})"
+    )
 
 
 METADATA_HINT = (

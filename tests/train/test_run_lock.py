@@ -52,7 +52,7 @@ def test_a_second_training_is_refused_and_a_killed_holder_blocks_nothing(study: 
     assert code == 2, err
     assert err.strip().splitlines() == [
         f"harness train: error: {RUNDIR}/.lock: run {RUN} is being trained by pid {holder.pid} "
-        f"on {os.uname().nodename} (harness train); wait for it to finish"
+        f"on {os.uname().nodename} (harness train); wait for it to finish, then run `harness train` again"
     ]
     assert (study / RUNDIR / "metrics.jsonl").read_bytes() == before, "the refused run wrote nothing"
     assert not (study / RUNDIR / "record.json").exists()

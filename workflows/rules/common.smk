@@ -88,6 +88,8 @@ with refusals():
     )
     # Not a parameter of the train rule: it must not make the next plain run retrain anything.
     RESTART_FLAG = "--restart-if-changed" if RETRAIN == "stale" else ""
+    # Nor this: a finished copy of another study's run that changed there is replaced only when asked.
+    REUSE_FLAG = "--force" if RETRAIN == "stale" else ""
     # The corpus by content (harness.data.corpus): data/corpus.json, an input of the data rule, changes
     # when what the corpus holds changes, not when it is copied or moved. It is written once the
     # identities are checked, so that a refused change leaves every file as it was.

@@ -42,4 +42,5 @@ rule reuse:
     log:
         f"{RESULTS}/logs/reuse/{{run}}.log",
     shell:
-        "{PY:q} -m harness.reuse {STUDY_FILE:q} --run {wildcards.run:q} --from {params.source:q} > {log:q} 2>&1"
+        "{PY:q} -m harness.reuse {STUDY_FILE:q} --run {wildcards.run:q} --from {params.source:q} {REUSE_FLAG}"
+        " > {log:q} 2>&1"
