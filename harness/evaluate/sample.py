@@ -1,7 +1,8 @@
 """The sampling behind ``harness sample`` (its command: ``harness.cli.sample``): a run's model loaded
 from its ``checkpoint.pt``, new tokens one at a time through a KV cache, each the argmax at
-temperature 0, else drawn from softmax(logits / temperature) over the ``top_k`` likeliest tokens
-(top-k sampling, Fan et al. 2018, "Hierarchical Neural Story Generation") with a seeded generator.
+temperature 0 (or one so small that softmax(logits / temperature) is one-hot: :data:`GREEDY_WEIGHT`),
+else drawn from softmax(logits / temperature) over the ``top_k`` likeliest tokens (top-k sampling,
+Fan et al. 2018, "Hierarchical Neural Story Generation") with a seeded generator.
 """
 
 from __future__ import annotations
@@ -15,9 +16,25 @@ if TYPE_CHECKING:
     import torch
 
 
+GREEDY_WEIGHT = 2.0**-53
+"""Double precision's unit roundoff. At a temperature where the other tokens weigh together
+(exp((logit - max) / T), summed) less than this against the one likeliest token, softmax(logits / T)
+gives it probability 1 in double precision, so :func:`pick` takes the argmax there, exactly as at
+temperature 0. Every other logit (36.8 + ln V) * T or more below the maximum suffices:
+(V - 1) * exp(-36.8 - ln V) < 2**-53. Tokens tied at the maximum share it at every temperature (the
+limit as T goes to 0 too), so they are drawn among.
+Float32 logits / T would overflow to inf, and softmax to NaN, only at far smaller temperatures
+(below |logit| / 3.4e38, e.g. 1e-45), deep inside this greedy range: two float32 logits that
+differ do so by at least about 6e-8 of their size."""
+
+
 def pick(logits_V: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:
     """The next token: the argmax at temperature 0, else a draw from softmax(logits / T) over the
-    ``top_k`` likeliest tokens (all when None)."""
+    ``top_k`` likeliest tokens (all when None). A temperature small enough that the draw is the
+    likeliest token to double precision (:data:`GREEDY_WEIGHT`) takes the argmax, without a draw, so
+    a vanishing temperature gives the tokens of temperature 0 (but draws among tokens tied at the top).
+    Any finite T > 0 is safe: the logits are scaled as (logits - max) / T in double precision, all
+    <= 0, which neither overflows to inf at a tiny T nor makes -inf / inf a NaN at a huge one."""
     import torch
 
     if temperature == 0:
@@ -25,7 +42,11 @@ def pick(logits_V: torch.Tensor, temperature: float, top_k: int | None, generato
     if top_k is not None and top_k < logits_V.numel():
         kth = torch.topk(logits_V, top_k).values[-1]
         logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
-    probs_V = torch.softmax(logits_V.float() / temperature, dim=-1)
+    scaled_V = (logits_V.double() - logits_V.max()) / temperature
+    rest = float(scaled_V[scaled_V < 0].exp().sum())  # the other tokens' weight, the likeliest's 1
+    if rest < GREEDY_WEIGHT and int((scaled_V == 0).sum()) == 1:
+        return int(logits_V.argmax())
+    probs_V = torch.softmax(scaled_V.float(), dim=-1)
     return int(torch.multinomial(probs_V, 1, generator=generator))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from conftest import tiny_config
 from pico_study import RUN, RUNDIR, STUDY, cli_output
 
 from harness.data.prepare import EOS, load_tokenizer
-from harness.evaluate.sample import generate, load_model, pick
+from harness.evaluate.sample import GREEDY_WEIGHT, generate, load_model, pick
 from harness.study.runs import find_run
 from harness.study.spec import load_study
 from models.transformer import Transformer
@@ -72,6 +73,31 @@ def test_top_k_draws_only_among_the_k_likeliest():
     assert drawn == {1, 3}
     assert {pick(logits, 5.0, None, torch.Generator().manual_seed(s)) for s in range(200)} == set(range(5))
     assert pick(logits, 0.0, None, torch.Generator()) == 1
+
+
+def test_a_vanishing_temperature_is_the_argmax_and_a_huge_one_draws_evenly():
+    logits, tied = torch.tensor([0.0, 3.0, 1.0, 2.9, -1.0]), torch.tensor([0.0, 3.0, 1.0, 3.0, -1.0])
+    for temperature in (1e-3, 1e-45, 5e-324):
+        g = torch.Generator().manual_seed(0)
+        state = g.get_state()
+        assert pick(logits, temperature, None, g) == 1 == pick(logits, 0.0, None, g)
+        assert torch.equal(g.get_state(), state), "greedy draws nothing"
+        # Tokens tied at the top share the probability at every temperature: a draw among them.
+        assert {pick(tied, temperature, None, torch.Generator().manual_seed(s)) for s in range(50)} == {1, 3}
+    for top_k in (None, 2, 5):  # 1e300 and 1.7e308 are inf in float32: -inf / inf was NaN under top-k
+        drawn = {pick(logits, t, top_k, torch.Generator().manual_seed(s)) for s in range(100) for t in (1e300, 1.7e308)}
+        assert drawn == ({1, 3} if top_k == 2 else set(range(5)))
+
+
+def test_greedy_starts_where_the_rest_weighs_under_double_precision():
+    # Two tokens a gap g apart: the rest weighs exp(-g / T) of the likeliest; greedy below 2**-53.
+    at = math.log(2) * 53
+    for ratio, greedy in ((at * 1.01, True), (at * 0.99, False)):
+        g = torch.Generator().manual_seed(0)
+        state = g.get_state()
+        pick(torch.tensor([0.0, -1.0]), 1 / ratio, None, g)
+        assert torch.equal(g.get_state(), state) is greedy, ratio
+    assert GREEDY_WEIGHT == 2.0**-53
 
 
 def test_a_stopped_run_is_sampled_from_its_latest_checkpoint(study: Path, monkeypatch, one_thread):
