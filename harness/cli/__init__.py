@@ -21,6 +21,7 @@ import traceback
 from harness.cli.common import Version
 from harness.core.errors import HarnessError, os_failure
 from harness.train import devices, run_lock
+from harness.train.launch import under_plain_torchrun
 from models.config import ConfigError
 
 VERBS = ("count", "match", "plan", "forecast", "data", "tasks", "train", "measure", "evaluate", "routing", "export")
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except (ConfigError, HarnessError) as e:
         message = " ".join(str(e).split())  # one line, whatever a library put in the message
-        print(f"harness {args.verb}: error: {message}", file=sys.stderr)
+        print(f"harness {args.verb}: error: {message}{under_plain_torchrun(2)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"harness {args.verb}: interrupted", file=sys.stderr)
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         # Read-only, no permission, no space, a file where a folder belongs: the OS's refusal,
         # or a library's error that carries its text, is one line too.
         if (failure := os_failure(e)) is not None:
-            print(f"harness {args.verb}: error: {' '.join(str(failure).split())}", file=sys.stderr)
+            message = " ".join(str(failure).split())
+            print(f"harness {args.verb}: error: {message}{under_plain_torchrun(2)}", file=sys.stderr)
             return 2
         traceback.print_exc()
         print(

@@ -12,6 +12,7 @@ import sys
 from harness.cli.common import POSITIVE, data_ready, study_results
 from harness.study.runs import find_run
 from harness.study.spec import load_study
+from harness.train.launch import under_plain_torchrun
 from models.config import ConfigError
 
 HELP = "train one run of a study (resumes from its checkpoint)"
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     except Stopped as e:
         if layout.main:
-            print(f"harness train: {e}", file=sys.stderr)
+            print(f"harness train: {e}{under_plain_torchrun(3)}", file=sys.stderr)
         return 3
     except NonFiniteLoss as e:
         print(f"harness train: error: {e}", file=sys.stderr)

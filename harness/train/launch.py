@@ -12,9 +12,13 @@ launches runs of several processes through it.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
+LAUNCHED = "MOE_HARNESS_LAUNCH"
+"""Set for the ranks this launcher starts: a rank that finds torchrun's variables without it was
+started by plain torchrun, whose exit code is 1 whatever the rank's."""
 MEANING = {
     2: "refused to go on (its one line above says why)",
     3: "stopped where --stop-after said; run it again to resume",
@@ -26,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ[LAUNCHED] = "1"
     try:
         run(args)
     except ChildFailedError as e:
@@ -39,6 +44,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"harness.launch: rank {rank} {what}; exit code {code}", file=sys.stderr)
         return code
     return 0
+
+
+def under_plain_torchrun(code: int) -> str:
+    """What a rank adds to its refusal or stop (exit ``code``) when plain torchrun started it:
+    torchrun reports exit code 1 with a traceback, and the launcher would not."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get(LAUNCHED):
+        return ""
+    return (
+        f" (torchrun prints its own traceback after this and exits 1 where this rank exits {code}: "
+        "`python -m harness.launch`, with the same arguments, exits with the rank's code and no traceback)"
+    )
 
 
 if __name__ == "__main__":

@@ -251,6 +251,28 @@ def test_each_rank_refuses_a_batch_that_does_not_split_and_the_launch_exits_2(st
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("extra", "code"), [([], 2), (["--restart", "--stop-after", "2"], 3)], ids=["refused", "stopped"]
+)
+def test_under_plain_torchrun_the_rank_names_the_launcher_that_keeps_its_code(study: Path, extra, code):
+    """torchrun exits 1 with its own traceback whatever the rank's code: the rank's line says so
+    and gives the launcher, and the launcher, run as typed, exits with the rank's code."""
+    if code == 2:
+        (study / RUNDIR / "record.json").unlink()
+    ranks = 3 if code == 2 else 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "harness"]
+    cmd += ["--", *TRAIN, "--results", "results", *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, cwd=study, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 1, done.stderr[-3000:]
+    said = done.stderr  # the ranks' lines may interleave
+    assert f"where this rank exits {code}: `python -m harness.launch`, with the same arguments" in said, said[-3000:]
+    launched = _launch(study, ranks, *extra)
+    assert launched.returncode == code, launched.stderr[-3000:]
+    assert "torchrun prints its own traceback" not in launched.stderr
+
+
+@pytest.mark.slow
 def test_a_stopped_multi_rank_run_exits_3(study: Path):
     done = _launch(study, 2, "--restart", "--stop-after", "2")
     assert done.returncode == 3, done.stderr[-3000:]
