@@ -265,6 +265,14 @@ def sync_identities(
     stale = {s.run_id: s for s in retrained_runs(study, runs, results, corpus)}
     if stale and not retrain_stale:
         raise RetrainRefused(retrain_refusal(list(stale.values()), study))
+    for run in runs:  # refused alike by a dry run, which would otherwise find nothing in the way
+        path = results / "runs" / run.run_id / IDENTITY
+        if (path.exists() or path.is_symlink()) and (path.is_symlink() or not path.is_file()):
+            what = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "no regular file"
+            raise HarnessError(
+                f"{path}: {what} is where the run's identity file belongs; move it aside, and the workflow "
+                "writes the file from the study"
+            )
     for line in repair_lines(identity_repairs(runs, results, set(stale)), dry_run=not write):
         print(line, file=sys.stderr)
     if not write:

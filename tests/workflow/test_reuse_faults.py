@@ -262,3 +262,16 @@ def test_the_dry_run_lists_what_the_real_run_runs_when_an_identity_file_is_damag
     assert f"{SOURCE}/identity.json {said}; written again from the study" in real.stderr, real.stderr
     assert identity.stat().st_mtime < (root / SOURCE / "record.json").stat().st_mtime
     assert "Nothing to be done" in _pico_snakemake(root, dry=True).stdout
+
+
+@pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "real-run"])
+def test_a_folder_where_an_identity_file_belongs_is_refused_by_both_runs(root, dry):
+    (root / SOURCE / "identity.json").mkdir()
+    before = snapshot(root / "results")
+    done = _pico_snakemake(root, dry=dry)
+    said = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert said[-1].startswith("moe-harness: error: ") and f"{SOURCE}/identity.json: a folder" in said[-1], said
+    assert "move it aside" in said[-1]
+    assert_unchanged(before, snapshot(root / "results"))
