@@ -200,10 +200,14 @@ def test_a_copy_whose_source_is_gone_names_the_source_study(root):
     shutil.rmtree(root / SOURCE)
     before = snapshot(root / "results")
     done = run_verb(REUSE[:4], root)  # found by identity: there is none now
-    assert_one_line(done, PREFIX, [f"{OURS}/record.json", f"run {RUN} of study pico", "kept", "--restart"])
+    line = assert_one_line(done, PREFIX, [f"{OURS}/record.json", f"run {RUN} of study pico", "kept", "--restart"])
     done = run_verb(REUSE, root)
     assert_one_line(done, PREFIX, [SOURCE, f"run {RUN} of study pico", "no longer exists", "harness train"])
     assert_unchanged(before, snapshot(root / "results"))
+    remedy = line.split("`harness ")[1].split("`")[0].split()  # as typed: trains the run here
+    trained = run_verb(["harness", *remedy, "--quiet", "--threads", "1"], root)
+    assert trained.returncode == 0, trained.stderr
+    assert "reused_from" not in json.loads((root / OURS / "record.json").read_text())
 
 
 def _snakemake(root: Path, *config: str, dry: bool = False) -> subprocess.CompletedProcess:
