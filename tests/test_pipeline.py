@@ -17,9 +17,10 @@ import torch
 import yaml
 from conftest import PICO_MODEL, ROOT
 
-from harness.core.errors import HarnessError
+from harness.core.errors import DamagedFile, HarnessError
 from harness.core.io import read_json
-from harness.data.prepare import TokenShard, _python_files, _site_dirs, iter_documents, prepare, split_of
+from harness.data.listing import python_files, site_dirs
+from harness.data.prepare import TokenShard, iter_documents, prepare, split_of
 from harness.report.build import write_report
 from harness.study.runs import analysed, find_run, plan
 from harness.study.spec import DataConfig, DataSource, budget_label, load_study
@@ -284,10 +285,10 @@ def test_stdlib_source_is_offline_and_ordered():
     assert docs and all(d.key.startswith("stdlib/") for d in docs)
     assert [d.key for d in docs] == sorted(d.key for d in docs)
     assert sum(len(d.text.encode()) for d in docs[:-1]) < 200_000
-    keys = [key for key, _ in _python_files(Path(sysconfig.get_paths()["stdlib"]), "stdlib", skip_packages=True)]
+    keys = [key for key, _ in python_files(Path(sysconfig.get_paths()["stdlib"]), "stdlib", skip_packages=True)]
     assert not any("site-packages" in k for k in keys)
     # python-site adds the installed packages, e.g. the one that holds PyYAML.
-    assert Path(yaml.__file__).parents[1] in _site_dirs()
+    assert Path(yaml.__file__).parents[1] in site_dirs()
 
 
 def test_hf_source_through_datasets_on_a_local_folder(tmp_path, monkeypatch):
@@ -462,10 +463,11 @@ def test_report_tables(prepared):
     assert (results / "tables" / "dense_vs_moe.html").read_text().startswith("<table>")
     lines = (results / "tables" / "runs.csv").read_text().splitlines()
     assert len(lines) == 1 + len(plan(study))
-    # A study copied under another name reports under its own name, whatever its records say.
+    # Records name their study: another study's, in this study's folder, are refused (a reused
+    # run's record is rewritten under the study that reuses it).
     copied = dataclasses.replace(study, name="pico-copy")
-    assert write_report(copied, results, bench).read_text().startswith("# Study `pico-copy`")
-    assert json.loads((results / "summary.json").read_text())["study"] == "pico-copy"
+    with pytest.raises(DamagedFile, match="the record of study 'pico', not of 'pico-copy', whose results hold it"):
+        write_report(copied, results, bench)
 
 
 def test_cli_routing_of_a_trained_moe_run(prepared, tmp_path, capsys):

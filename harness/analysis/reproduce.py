@@ -27,11 +27,14 @@ import contextlib
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.analysis.stats import peer_pairs, task_metric
 from harness.core.errors import HarnessError
 from harness.core.io import atomic_write, read_json
+
+if TYPE_CHECKING:
+    from harness.study.spec import Study
 
 TOLERANCE = {
     "final_val_loss": ("relative", 0.01),
@@ -197,30 +200,35 @@ def _copy(src: Path, dest: Path) -> None:
     atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
 
 
-def require_finished(results: Path, run_ids: list[str]) -> None:
-    """Refuse, naming the runs, when a run of ``results`` has no record.json (has not finished), or
-    was trained on other data than its data/data.json describes."""
-    unfinished = [run for run in run_ids if not (results / "runs" / run / "record.json").is_file()]
+def require_finished(results: Path, run_ids: list[str], study: Study | None = None) -> None:
+    """Refuse, naming the runs, when a run of ``results`` (the folder of ``study``) has no
+    record.json (has not finished), or was trained on other data than its data/data.json
+    describes; a damaged record, or one of another run or study, is refused (harness.study.records)."""
+    unfinished = [run for run in run_ids if not (results / "runs" / run / "record.json").exists()]
     if unfinished:
         shown = ", ".join(unfinished[:5]) + (f" and {len(unfinished) - 5} more" if len(unfinished) > 5 else "")
         raise HarnessError(
             f"{results / 'runs'}: {len(unfinished)} of {len(run_ids)} runs have not finished (no record.json: "
             f"{shown}); a reference keeps a finished study only"
         )
+    from harness.core.remedy import run_file
     from harness.data.current import trained_on_other_data
+    from harness.study.records import read_record
 
-    records = [read_json(results / "runs" / run / "record.json") for run in run_ids]
-    if refusal := trained_on_other_data(records, results / "data" / "data.json"):
+    paths = [results / "runs" / run / "record.json" for run in run_ids]
+    name, as_named = (None, "STUDY") if study is None else (study.name, study.path)
+    records = [read_record(p, name, run_file(p, as_named)) for p in paths]
+    if refusal := trained_on_other_data(records, results / "data" / "data.json", study):
         raise HarnessError(refusal)
 
 
-def keep_reference(results: Path, run_ids: list[str], dest: Path) -> list[Path]:
+def keep_reference(results: Path, run_ids: list[str], dest: Path, study: Study | None = None) -> list[Path]:
     """Copy the small records of a finished study (``results``: its folder, ``run_ids``: every run
     of its plan) into the reference folder ``dest``; each file written atomically. Refused, naming
     the runs, when one has no record.json (it has not finished). Records of runs no longer in the
     plan are removed from ``dest`` (their record files, and their folder once empty); README.md,
     report files and anything else a user put there are left as they are."""
-    require_finished(results, run_ids)
+    require_finished(results, run_ids, study)
     if not (results / "data" / "data.json").is_file():
         raise HarnessError(f"{results / 'data' / 'data.json'} does not exist: run `harness data` first")
     if dest.resolve() == results.resolve():

@@ -37,8 +37,6 @@ from typing import Any
 
 import numpy as np
 
-from harness.core.io import read_jsonl
-
 END_FRACTION = 0.1  # the end state: the last tenth of logged steps
 COLLAPSE_IMBALANCE = 0.5  # halfway from balanced (max/mean 1) to every token on k experts (E/k)
 
@@ -75,10 +73,11 @@ class LayerHealth:
 
 
 def read_metrics(path: Path, study: str = "STUDY") -> list[dict[str, Any]]:
-    """A run's metrics.jsonl; a damaged line is named with what to do (``study``: as the user names it)."""
-    from harness.core.remedy import run_file
+    """A run's metrics.jsonl, each row checked; a damaged line is named with what to do
+    (``study``: as the user names it; harness.study.records)."""
+    from harness.study.records import read_metrics as checked
 
-    return read_jsonl(path, made_by=f"harness train {study} --run {path.parent.name}", remedy=run_file(path, study))
+    return checked(path, study)
 
 
 def routing_series(metrics: list[dict[str, Any]]) -> dict[str, np.ndarray]:

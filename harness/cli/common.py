@@ -51,17 +51,19 @@ def study_results(args: argparse.Namespace, study) -> Path:
 
 
 def trained_run(args: argparse.Namespace, study):
-    """(run, results folder, run folder) of --run, which must have finished training."""
+    """(run, results folder, run folder) of --run, which must have finished training: its
+    record.json whole and its own (harness.study.records), on the data prepared now."""
     run = find_run(study, args.run)
     results = study_results(args, study)
     run_dir = results / "runs" / run.run_id
     run_lock.reading(run_dir, run.run_id, args.verb)  # refused while the run trains
-    if not (run_dir / "record.json").is_file():
+    if not (run_dir / "record.json").exists():
         raise MissingStep(run_dir / "record.json", f"harness train {study.path} --run {run.run_id}", "not trained")
-    from harness.core.io import read_json
     from harness.data.current import trained_on_other_data
+    from harness.study.records import study_record
 
-    if refusal := trained_on_other_data([read_json(run_dir / "record.json")], results / "data" / "data.json"):
+    record = study_record(study, run_dir / "record.json")
+    if refusal := trained_on_other_data([record], results / "data" / "data.json", study):
         raise HarnessError(refusal)
     return run, results, run_dir
 
@@ -85,10 +87,11 @@ def checkpoint_kept(study, run, run_dir: Path) -> None:
 def data_ready(results: Path, study, verify: bool = True) -> Path:
     """The study's prepared data folder, its shards checked against data.json (``verify``);
     refused when `harness data` has not run or its output is damaged."""
-    from harness.data.prepare import read_meta, verify_shards
+    from harness.data.prepare import verify_shards
+    from harness.study.records import read_data_meta
 
     data_dir, made_by = results / "data", f"harness data {study.path}"
-    meta = read_meta(data_dir, made_by)
+    meta = read_data_meta(data_dir / "data.json", made_by, study.name)
     if verify:
         verify_shards(data_dir, meta, made_by)
     return data_dir

@@ -1,5 +1,6 @@
 """``harness data STUDY``: read the study's corpus, train its tokenizer and write the token shards
-under RESULTS/STUDY/data/ (nothing to do when they are already made from this corpus).
+under RESULTS/STUDY/data/ (nothing to do when they are already made from this corpus). A symbolic
+link in the corpus is read as its target (harness.data.listing); one that leads nowhere is refused.
 
     harness data tiny [--force]
 """

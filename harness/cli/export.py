@@ -1,6 +1,11 @@
 """``harness export STUDY --run RUN_ID``: write a trained run as a Hugging Face model directory.
 
 harness export tiny --run dense-d64_7e12_s0 [--out DIR]
+
+An --out that is a symbolic link is refused, naming the path to give instead (its target): the
+export writes a folder of its own there and replaces no link. A link in a folder above --out is
+followed (the export is written in its target), and no other: a link inside an earlier export is
+the user's, so exporting into it again is refused, naming the link (harness.evaluate.export).
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ STUDY = True
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run id")
-    p.add_argument("--out", help="output directory (default results/<study>/export/<run>)")
+    p.add_argument(
+        "--out",
+        help="output directory (default results/<study>/export/<run>); not a symbolic link (a link in a folder "
+        "above it is followed), and if it exists, an earlier export holding no file or link of the user's",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.evaluate.export import NotExportable, export, hf_family
+    from harness.evaluate.export import NotExportable, check_destination, export, hf_family
 
     study = load_study(args.study)
     run, results, run_dir = trained_run(args, study)
@@ -33,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         hf_family(run.model)  # a model with no faithful class is refused before anything is read
         if not tokenizer.is_file():
             raise MissingStep(tokenizer, f"harness data {study.path}")
+        check_destination(out)  # before the checkpoint is read
         state = trained_state(study, run, run_dir)["model"]
         source = f"study {study.name}, run {run.run_id}"
         cls = export(run.model, state, tokenizer, out, source=source)

@@ -55,16 +55,13 @@ def _keep_reference(args: argparse.Namespace, study, results: Path) -> Path:
     <results root>/reference/<device class>/<study>/ and return that folder, where the report is
     then built from the copy alone."""
     from harness.analysis.reproduce import device_class, keep_reference, reference_folder, require_finished
-    from harness.core.io import read_json
+    from harness.study.records import study_record
 
     run_ids = [run.run_id for run in plan(study)]
-    require_finished(results, run_ids)
-    from harness.core.remedy import run_file
-
-    first = results / "runs" / run_ids[0] / "record.json"
-    cls = device_class(read_json(first, remedy=run_file(first, study.path)))
+    require_finished(results, run_ids, study)
+    cls = device_class(study_record(study, results / "runs" / run_ids[0] / "record.json"))
     dest = reference_folder(Path(args.results), study.name, cls)
-    copied = keep_reference(results, run_ids, dest)
+    copied = keep_reference(results, run_ids, dest, study)
     if args.microbench:  # the named micro-benchmark becomes the reference's
         from harness.core.io import atomic_write
 

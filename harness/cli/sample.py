@@ -159,9 +159,9 @@ def _tokens(asked: int | None, prompt: int, context: int, run_id: str) -> int:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from harness.core.io import read_json
     from harness.data.current import trained_on_other_data
     from harness.data.prepare import EOS, load_tokenizer
+    from harness.study.records import study_record
     from harness.study.runs import find_run
     from harness.study.spec import load_study
     from harness.train import run_lock
@@ -176,8 +176,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     run_lock.reading(run_dir, run.run_id, "sample")  # refused while the run trains
     if (run_dir / "record.json").is_file():
-        record = read_json(run_dir / "record.json")
-        if refusal := trained_on_other_data([record], results / "data" / "data.json"):
+        record = study_record(study, run_dir / "record.json")
+        if refusal := trained_on_other_data([record], results / "data" / "data.json", study):
             raise HarnessError(refusal)
     model, step = load_model(study, run, run_dir, args.device)
     tok = load_tokenizer(results / "data", f"harness data {study.path}")

@@ -114,7 +114,7 @@ def read_json(path: str | Path, made_by: str | None = None, remedy: str | None =
     writes it) when given; not JSON: :class:`DamagedFile` with ``remedy`` (default: delete it and
     run ``made_by`` again)."""
     path = Path(path)
-    if made_by is not None and not path.is_file():
+    if made_by is not None and not path.exists():
         raise MissingStep(path, made_by)
     try:
         return json.loads(path.read_bytes())
@@ -133,13 +133,18 @@ def read_json_object(path: str | Path) -> dict[str, Any] | None:
 
 
 def read_jsonl(
-    path: str | Path, made_by: str | None = None, partial_last: bool = False, remedy: str | None = None
+    path: str | Path,
+    made_by: str | None = None,
+    partial_last: bool = False,
+    remedy: str | None = None,
+    check: Callable[[Any], str | None] | None = None,
 ) -> list[Any]:
-    """Every line of a JSON-lines file; a line that does not parse is named by its number, with
-    ``remedy`` as in :func:`read_json`. ``partial_last``: a last line cut short (a writer killed
-    mid-line) is dropped, not an error."""
+    """Every line of a JSON-lines file; a line that does not parse, or that ``check`` finds a
+    problem with (a phrase, None when the row is sound), is named by its number, with ``remedy``
+    as in :func:`read_json`. ``partial_last``: a last line cut short (a writer killed mid-line) is
+    dropped, not an error."""
     path = Path(path)
-    if made_by is not None and not path.is_file():
+    if made_by is not None and not path.exists():
         raise MissingStep(path, made_by)
     lines = path.read_bytes().splitlines()
     rows = []
@@ -147,11 +152,14 @@ def read_jsonl(
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             if partial_last and i == len(lines):
                 break
             raise DamagedFile(path, f"line {i} is not valid JSON ({e})", remedy or _remedy(made_by)) from None
+        if check is not None and (problem := check(row)):
+            raise DamagedFile(path, f"line {i}: {problem}", remedy or _remedy(made_by))
+        rows.append(row)
     return rows
 
 

@@ -12,6 +12,12 @@ data.json was made from that content: only a change of content reruns the data s
 Reading the whole corpus is skipped while the same files have the same sizes and times as when
 it was last read (``signature``). An ``hf`` dataset is not read here (it may need the network):
 its settings, parameters of the data rule, stand for it.
+
+corpus.json is checked before it is believed: a file that is not a JSON object of these fields is
+refused in one line, and so is one whose fingerprint is not that of the files its signature
+stands for (read again whenever corpus.json would say the corpus changed since the data was
+prepared): a hand-edited corpus.json is named as damaged, never taken for a new corpus that
+would prepare the data and train every run again.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from harness.core.io import read_json_object
+from harness.core.errors import DamagedFile
+from harness.core.io import read_json, read_json_object
+from harness.study.records import TEXT, fields_problem, optional, shown
 from harness.study.runs import essential_fields
 from harness.study.spec import Study
 from models.config import ConfigError
@@ -35,8 +43,10 @@ READ_SETTINGS = ("source", "paths", "text_field", "max_bytes")
 
 
 def _signature(study: Study) -> str | None:
-    """A hash of the settings that decide what is read and of each file's path, size and time;
-    None for a source that is not a set of local files."""
+    """A hash of the settings that decide what is read and of each file's path, size, time and
+    identity (device and inode); None for a source that is not a set of local files. The files are
+    those the data step reads (``corpus_files``): a symbolic link stands for its target, whose
+    stat it gives, so a link turned to another file of the same size and time changes it too."""
     from harness.data.prepare import TRAINING_SIDE, corpus_files
 
     files = corpus_files(study.data, study.path)
@@ -45,7 +55,7 @@ def _signature(study: Study) -> str | None:
     digest = hashlib.sha256(json.dumps(essential_fields(study.data, TRAINING_SIDE), sort_keys=True).encode())
     for path in files:
         stat = path.stat()
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_dev}:{stat.st_ino}\n".encode())
     return digest.hexdigest()
 
 
@@ -56,14 +66,57 @@ def corpus_content(study: Study, results: Path) -> dict[str, Any]:
 
     try:
         signature = _signature(study)
-        old = read_json_object(results / "data" / CORPUS)
+        old = read_corpus(results / "data" / CORPUS)
         if signature is not None and old and old.get("signature") == signature and set(CONTENT) <= old.keys():
-            return {k: old[k] for k in CONTENT} | {"signature": signature}
+            cached = {k: old[k] for k in CONTENT} | {"signature": signature}
+            return _checked(study, results, cached)
         fingerprint = None if signature is None else corpus_fingerprint(study.data, study.path)
         tokenizer = tokenizer_file_sha(study.data)
     except OSError as e:
         raise ConfigError("data.paths", f"cannot read {e.filename}: {e.strerror}", study.path) from None
     return {"fingerprint": fingerprint, "tokenizer_file_sha256": tokenizer, "signature": signature}
+
+
+AGAIN = "the workflow (`snakemake`) reads the corpus again and writes it anew when it next starts"
+REWRITE = f"delete it: it only records what the corpus holds, and {AGAIN}"
+"""The remedy for a damaged corpus.json."""
+
+
+def read_corpus(path: Path) -> dict[str, Any] | None:
+    """data/corpus.json (None where there is none), refused when it is not a JSON object whose
+    fields are those :func:`sync_corpus` writes, of their kinds (a missing one: read the corpus)."""
+    if not path.exists():
+        return None
+    if not path.is_file():
+        raise DamagedFile(path, "a folder is where corpus.json belongs", f"move it aside: {AGAIN}")
+    content = read_json(path, remedy=REWRITE)
+    if not isinstance(content, dict):
+        raise DamagedFile(path, f"it holds {shown(content)}, not a JSON object", REWRITE)
+    if why := fields_problem(content, {}, {k: optional(TEXT) for k in (*CONTENT, "signature")}):
+        raise DamagedFile(path, why, REWRITE)
+    return content
+
+
+def _checked(study: Study, results: Path, cached: dict[str, Any]) -> dict[str, Any]:
+    """``cached`` (corpus.json's content, its signature that of the files now) as it is, once it
+    is believed: at once when the prepared data was made from it (or none is prepared), else only
+    after the corpus is read again and gives its fingerprint. Refused when it does not (the file
+    was edited); the tokenizer file, which the signature does not cover, is hashed anew."""
+    from harness.data.prepare import corpus_fingerprint, tokenizer_file_sha
+
+    meta = read_json_object(results / "data" / "data.json")
+    if meta is None or made_from(meta, cached):
+        return cached
+    fingerprint = corpus_fingerprint(study.data, study.path)
+    if fingerprint != cached["fingerprint"]:
+        path = results / "data" / CORPUS
+        raise DamagedFile(
+            path,
+            f"its fingerprint {str(cached['fingerprint'])[:16]} is not that of the corpus files its signature "
+            f"stands for, unchanged since it was written, which hold {fingerprint[:16]} (edited by hand?)",
+            REWRITE,
+        )
+    return cached | {"tokenizer_file_sha256": tokenizer_file_sha(study.data)}
 
 
 def made_from(meta: dict[str, Any] | None, content: dict[str, Any]) -> bool:
@@ -86,7 +139,7 @@ def sync_corpus(
     content = content or corpus_content(study, results)
     if not write:
         return content
-    old = read_json_object(path)
+    old = read_corpus(path)
     if old != content:
         same = old is not None and all(old.get(k) == content[k] for k in CONTENT)
         when = path.stat().st_mtime if same else None
@@ -105,7 +158,7 @@ def sync_corpus(
 def corpus_rewritten(results: Path, content: dict[str, Any]) -> bool:
     """Whether :func:`sync_corpus` would write corpus.json newer than the prepared data: its
     content is new, and the prepared data (if any) was not made from it."""
-    old = read_json_object(results / "data" / CORPUS)
+    old = read_corpus(results / "data" / CORPUS)
     if old is not None and all(old.get(k) == content[k] for k in CONTENT):
         return False
     return not made_from(read_json_object(results / "data" / "data.json"), content)

@@ -21,16 +21,23 @@ and reported on stderr. A record without the configured text field is a configur
 Each shard's size and SHA-256 are recorded in ``data.json``; :func:`verify_shards` checks them,
 and that every token id is inside the vocabulary, before a run trains on them.
 
+Symbolic links in ``data.paths`` are read as what they point to (:mod:`harness.data.listing`).
+The data folder itself (``results/<study>/data``, or a folder above it) may be a link to a folder
+elsewhere, another disk say: the data is written in its target; a link there that leads nowhere
+is refused. The step replaces no link: a file it writes (``tokenizer.json``, the shards,
+``data.json``) that is a link is refused before anything is written; when the data is unchanged
+nothing is written, and such a link is read as its target.
+
     harness data tiny            # writes results/tiny/data/
 """
 
 from __future__ import annotations
 
-import glob
+import errno
 import hashlib
 import io
 import json
-import site
+import os
 import sys
 import sysconfig
 import tokenize
@@ -44,6 +51,7 @@ import numpy as np
 
 from harness.core.errors import DamagedFile, HarnessError
 from harness.core.io import atomic_write, read_json, sha256_file, write_json
+from harness.data.listing import expand_paths, python_files, site_dirs
 from harness.study.spec import DataConfig, DataSource, Study
 from models.config import ConfigError
 
@@ -87,21 +95,6 @@ def split_of(key: str, validation_fraction: float, test_fraction: float) -> str:
     if u < validation_fraction + test_fraction:
         return "test"
     return "train"
-
-
-def _python_files(root: Path, prefix: str, skip_packages: bool) -> Iterator[tuple[str, Path]]:
-    """``.py`` files under root in sorted order; for the standard library, without any
-    site-packages folder it contains (installed packages are the python-site source)."""
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if skip_packages and any(part in ("site-packages", "dist-packages") for part in rel.parts):
-            continue
-        yield f"{prefix}/{rel.as_posix()}", path
-
-
-def _site_dirs() -> list[Path]:
-    dirs = {Path(p) for p in [*site.getsitepackages(), sysconfig.get_paths()["purelib"]] if Path(p).is_dir()}
-    return sorted(dirs)
 
 
 def _read_text(path: Path) -> str | None:
@@ -159,32 +152,6 @@ def _records(path: Path, text_field: str, source: str, skipped: Skipped) -> Iter
                 yield i, text
 
 
-def _glob_base(pattern: str) -> Path:
-    """The folder a pattern's keys are relative to: its leading components without wildcards, less
-    the last one (so that a folder's name stays in its files' keys)."""
-    parts = Path(pattern).parts
-    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
-    return Path(*parts[: max(fixed - 1, 0) if fixed == len(parts) else fixed]) if parts else Path()
-
-
-def _expand(paths: list[str], source: str) -> list[tuple[str, Path]]:
-    """(key, file) for every file the patterns name. A key is the file's path relative to its
-    pattern's base (``corpus/mod_001.py`` for ``/data/corpus``): it decides the file's split and
-    enters the data fingerprint, so it must not depend on where the corpus lies."""
-    out: list[tuple[str, Path]] = []
-    for i, pattern in enumerate(paths):
-        base = _glob_base(pattern)
-        matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True)) or [Path(pattern)]
-        for m in matches:
-            if m.is_dir():
-                out.extend((p.relative_to(base).as_posix(), p) for p in sorted(m.rglob("*")) if p.is_file())
-            elif m.is_file():
-                out.append((m.relative_to(base).as_posix(), m))
-            else:
-                raise ConfigError(f"data.paths[{i}]", f"no such file or folder: {pattern}", source)
-    return out
-
-
 def _hf_documents(cfg: DataConfig, source: str) -> Iterator[Document]:
     import datasets
 
@@ -234,17 +201,17 @@ def iter_documents(cfg: DataConfig, source: str = "", skipped: Skipped | None = 
             yield doc
 
     if cfg.source in (DataSource.PYTHON_STDLIB, DataSource.PYTHON_SITE):
-        files = list(_python_files(Path(sysconfig.get_paths()["stdlib"]), "stdlib", skip_packages=True))
+        files = list(python_files(Path(sysconfig.get_paths()["stdlib"]), "stdlib", skip_packages=True))
         if cfg.source is DataSource.PYTHON_SITE:
-            for i, d in enumerate(_site_dirs()):
-                files.extend(_python_files(d, f"site{i}", skip_packages=False))
+            for i, d in enumerate(site_dirs()):
+                files.extend(python_files(d, f"site{i}", skip_packages=False))
         yield from capped(_text_documents(files, skipped))
     elif cfg.source is DataSource.FILES:
         if not cfg.paths:
             raise ConfigError("data.paths", "required with source 'files'", source)
 
         def docs() -> Iterator[Document]:
-            for key, path in _expand(cfg.paths, source):
+            for key, path in expand_paths(cfg.paths, source):
                 if path.suffix in RECORD_SUFFIXES:
                     for i, text in _records(path, cfg.text_field, source, skipped):
                         yield Document(f"{key}#{i}", text)
@@ -262,15 +229,15 @@ def corpus_files(cfg: DataConfig, source: str = "") -> list[Path] | None:
     """Every file the data step may read, in reading order; None for an ``hf`` dataset (not a
     set of local files)."""
     if cfg.source in (DataSource.PYTHON_STDLIB, DataSource.PYTHON_SITE):
-        files = [p for _, p in _python_files(Path(sysconfig.get_paths()["stdlib"]), "stdlib", skip_packages=True)]
+        files = [p for _, p in python_files(Path(sysconfig.get_paths()["stdlib"]), "stdlib", skip_packages=True)]
         if cfg.source is DataSource.PYTHON_SITE:
-            for i, d in enumerate(_site_dirs()):
-                files.extend(p for _, p in _python_files(d, f"site{i}", skip_packages=False))
+            for i, d in enumerate(site_dirs()):
+                files.extend(p for _, p in python_files(d, f"site{i}", skip_packages=False))
         return files
     if cfg.source is DataSource.FILES:
         if not cfg.paths:
             raise ConfigError("data.paths", "required with source 'files'", source)
-        return [p for _, p in _expand(cfg.paths, source)]
+        return [p for _, p in expand_paths(cfg.paths, source)]
     return None
 
 
@@ -434,18 +401,56 @@ def _write_shards(tokenizer, eos: int, dtype, docs: dict[str, list[Document]], o
     return splits
 
 
+WRITES = ("tokenizer.json", *(f"{split}.bin" for split in SPLITS), "data.json")
+"""The files the data step writes in its folder."""
+
+
+def _check_data_folder(out_dir: Path) -> None:
+    """Refuse a data folder, or a folder above it, that is a symbolic link leading nowhere: the data
+    is written in a linked folder's target, which must exist."""
+    for folder in reversed([out_dir, *out_dir.parents]):
+        if not folder.is_symlink():
+            continue
+        try:
+            folder.stat()
+        except OSError as e:
+            link = f"{folder} is a symbolic link to {os.readlink(folder)}"
+            if e.errno == errno.ELOOP:
+                raise HarnessError(f"{link}, which loops: make it lead to a folder, or remove the link") from None
+            raise HarnessError(
+                f"{link}, which does not exist: the data is written in a linked folder's target, so create "
+                f"{os.path.realpath(folder)}, or remove the link"
+            ) from None
+
+
+def _check_no_links(out_dir: Path) -> None:
+    """Refuse, before anything is written, a file the data step writes that is a symbolic link: it
+    would replace the link, not write its target."""
+    links = [
+        f"{name} (a symbolic link to {os.readlink(out_dir / name)})" for name in WRITES if (out_dir / name).is_symlink()
+    ]
+    if links:
+        raise HarnessError(
+            f"{out_dir} holds symbolic links where harness data writes its files: {', '.join(links)}; it replaces no "
+            "link: remove them (their targets stay as they are), or link the whole data folder instead"
+        )
+
+
 def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
     """Read the corpus, split it, build the tokenizer and write the shards and data.json. When
     the folder already holds the same data (same corpus, settings and tokenizers version), it is
-    left untouched (``force``: write it again anyway) and the result says ``unchanged``."""
+    left untouched (``force``: write it again anyway) and the result says ``unchanged``. A data
+    folder that is a link is written in its target; a file in it that is a link is refused."""
     import tokenizers
 
     cfg, source = study.data, study.path
+    _check_data_folder(out_dir)
     docs, fingerprint, skipped = _split_corpus(cfg, source)
     config = settings_of(cfg)
     tok_sha = tokenizer_file_sha(cfg)
     if not force and (same := _unchanged(out_dir, config, fingerprint.hexdigest(), tok_sha)) is not None:
         return same
+    _check_no_links(out_dir)
     tokenizer, eos = _tokenizer(cfg, [d.text for d in docs["train"]], source)
     vocab = tokenizer.get_vocab_size()
     # Each file is replaced only when its bytes change: data prepared again the same keeps its

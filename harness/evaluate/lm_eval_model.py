@@ -38,8 +38,9 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from harness.core.errors import HarnessError
-from harness.core.io import read_json
+from harness.core.remedy import run_file
 from harness.data.prepare import EOS
+from harness.study.records import read_record
 from harness.train.checkpoint import gone, load_checkpoint
 from models.config import ConfigError, load_config
 from models.transformer import KVCache, Transformer
@@ -126,7 +127,10 @@ class HarnessLM(TemplateLM):
             raise ConfigError("tokenizer", f"{tok_path} has no '{EOS}' token")
         self._eot = eot
         record = self.run_dir / "record.json"
-        trained_ctx = read_json(record)["recipe"]["seq_len"] if record.is_file() else self.cfg.max_seq_len
+        if record.exists():  # whole and this run's (harness.study.records)
+            trained_ctx = read_record(record, None, run_file(record, "STUDY"))["recipe"]["seq_len"]
+        else:
+            trained_ctx = self.cfg.max_seq_len
         self._max_length = int(max_length or trained_ctx)
         if self._max_length > self.cfg.max_seq_len:
             raise ConfigError(

@@ -25,7 +25,7 @@ from tabulate import tabulate
 from harness.analysis.forecast import forecast_table
 from harness.core.errors import HarnessError
 from harness.core.io import read_json, write_json, write_text
-from harness.core.remedy import run_file
+from harness.core.remedy import lost_log, run_file
 from harness.data.current import trained_on_other_data
 from harness.report.glance import glance_table
 from harness.report.html import write_html
@@ -46,6 +46,7 @@ from harness.report.tables import (
     specialisation_table,
 )
 from harness.study.pool import pooled_records
+from harness.study.records import read_data_meta, read_metrics, study_record
 from harness.study.runs import plan
 from harness.study.spec import Study
 
@@ -79,30 +80,36 @@ def _load_all(results: Path, runs, name: str, study: str = "STUDY") -> dict[str,
 def _records(study: Study, results: Path, runs) -> list[dict]:
     """Every run's record.json; refused, naming the runs and how to train them, if any is missing
     or was trained on other data than data/data.json describes (the report would mix the two)."""
-    missing = [run.run_id for run in runs if not (results / "runs" / run.run_id / "record.json").is_file()]
+    missing = [run.run_id for run in runs if not (results / "runs" / run.run_id / "record.json").exists()]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise HarnessError(
             f"{results / 'runs'}: {len(missing)} of {len(runs)} runs have no record.json ({shown}); "
             f"train them with `snakemake --config study={study.name}` or `harness train {study.path} --run RUN`"
         )
-    paths = [results / "runs" / run.run_id / "record.json" for run in runs]
-    records = [read_json(p, remedy=run_file(p, study.path)) for p in paths]
-    if refusal := trained_on_other_data(records, results / "data" / "data.json"):
+    records = [study_record(study, results / "runs" / run.run_id / "record.json") for run in runs]
+    if refusal := trained_on_other_data(records, results / "data" / "data.json", study):
         raise HarnessError(refusal)
     return records
 
 
 def _metrics(records: list[dict[str, Any]], results: Path, study: str) -> dict[str, list[dict[str, Any]]]:
-    """Every run's metrics.jsonl; a record without ``train_loss_smoothed`` (trained before it was
-    recorded) gets it from its log, computed as training computes it (``harness.train.train_loss``)."""
-    from harness.analysis.routing_health import read_metrics
+    """Every run's metrics.jsonl, each row checked; a record without ``train_loss_smoothed``
+    (trained before it was recorded) gets it from its log, computed as training computes it
+    (``harness.train.train_loss``). A finished run whose log is gone is refused: its curve, its
+    training-time flags and, for an MoE, its routing health would be missing from the report."""
     from harness.train.train_loss import train_loss_smoothed
 
     logs = {}
     for r in records:
         path = results / "runs" / r["run_id"] / "metrics.jsonl"
-        logs[r["run_id"]] = read_metrics(path, study) if path.is_file() or r["arm"] == "moe" else []
+        if not path.exists():
+            routing = ", its routing health" if r["arm"] == "moe" else ""
+            raise HarnessError(
+                f"{path} is missing, though record.json says the run finished; the report draws its training "
+                f"curve{routing} and its training-time flags from it: {lost_log(path, study)}"
+            )
+        logs[r["run_id"]] = read_metrics(path, study)
         if r.get("train_loss_smoothed") is None:
             r["train_loss_smoothed"] = train_loss_smoothed(logs[r["run_id"]])
     return logs
@@ -148,7 +155,7 @@ def _read(study: Study, results: Path, microbench: Path | None) -> StudyReport:
     measures = _load_all(results, runs, "measure.json", study.path)
     evals = _load_all(results, runs, "eval.json", study.path)
     routing = _load_all(results, runs, "routing.json", study.path)
-    data = read_json(results / "data" / "data.json")
+    data = read_data_meta(results / "data" / "data.json", f"harness data {study.path}", study.name)
     logs = _metrics(records, results, study.path)
     series, health, experts, top_k = _routing_series(records, logs)
     seed_rows = seed_comparison(records)
@@ -157,10 +164,10 @@ def _read(study: Study, results: Path, microbench: Path | None) -> StudyReport:
         print(f"harness report: {refusal}", file=sys.stderr)
     analysis = scaling.analyse(records + pooled, refusals=refusals)
     claims = evaluate_claims(records, measures, seed_rows, health, routing, registration=study.registration)
-    # This study's name, whatever study a reused or copied record was trained in.
+    # This study's name: every record names it (harness.study.records), a reused one too.
     ours = summary(records, measures, evals) | {"study": study.name}
     repro = reproduction(results, ours)
-    trained = training_flags(results, records, study.path)
+    trained = training_flags(records, logs)
     return StudyReport(
         study=study,
         results=results,

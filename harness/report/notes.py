@@ -1,7 +1,7 @@
 """What the report says around its tables: which figures are disturbed and how to take them
 again, and which tables and figures do not apply to a study.
 
-    flags = training_flags(results, records, "tiny")     # run -> flags of its training time
+    flags = training_flags(records, logs)                # run -> flags of its training time
     lines = remeasure_lines("tiny", results, measured, trained)   # the commands, one a line
     na = not_applicable(tables, records, analysis, curves)  # name -> why it does not apply
 
@@ -21,15 +21,12 @@ from harness.measure.plausibility import LABELS, MARK, check_training
 from harness.study.spec import Study, budget_label, study_path
 
 
-def training_flags(results: Path, records: list[dict[str, Any]], study: str) -> dict[str, list[dict[str, Any]]]:
-    """Run id -> the flags of its training time, from its metrics.jsonl (``check_training``)."""
-    from harness.analysis.routing_health import read_metrics
-
-    out = {}
-    for r in records:
-        path = results / "runs" / r["run_id"] / "metrics.jsonl"
-        out[r["run_id"]] = check_training(r, read_metrics(path, study) if path.is_file() else [])
-    return out
+def training_flags(
+    records: list[dict[str, Any]], logs: dict[str, list[dict[str, Any]]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Run id -> the flags of its training time, from its metrics.jsonl rows (``logs``, as the
+    report read them; ``check_training``)."""
+    return {r["run_id"]: check_training(r, logs.get(r["run_id"], [])) for r in records}
 
 
 def training_notes(flags: dict[str, list[dict[str, Any]]]) -> list[str]:

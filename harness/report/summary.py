@@ -15,6 +15,10 @@ and adds its verdict: exit status 1 when a loss, bits-per-byte or accuracy numbe
 MoE - dense difference) did not reproduce within its tolerance. Throughput is annotated only:
 shared runners are noisy, and a host of the same class may run at another speed. A report with
 nothing to compare (no committed reference, or the reference itself) passes and says so.
+
+A report.md that is not the whole report harness.report.build wrote (cut short: it ends before its
+last section, ``## Manifest``, or inside a table row; not UTF-8 text; a folder in its place) is
+refused in one line naming it and the command that writes it again, exit status 2.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from harness.core.errors import HarnessError
+from harness.core.errors import DamagedFile, HarnessError
 
 SECTIONS = ("At a glance", "Claims", "Reproduction")
 """The headings (level 2) of report.md that make the summary, in this order."""
+LAST = "Manifest"
+"""The last section of every report harness.report.build writes: a report without it was cut short."""
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
@@ -61,19 +67,60 @@ def sections(text: str, titles: Sequence[str] = SECTIONS, source: str | Path = "
         have = ", ".join(title for _, level, title in top if level == 2) or "none"
         raise HarnessError(
             f"{source}: no section {', '.join(f'`## {t}`' for t in missing)} (its level-2 headings: {have}); "
-            "rewrite it with `harness report STUDY`"
+            f"{rewrite(Path(source))}"
         )
     return "\n\n".join(found[t] for t in titles) + "\n"
+
+
+def _project() -> tuple[Path, list[str]]:
+    """The studies folder (relative to the working folder) of the project around it, and the
+    names of the studies shipped there."""
+    here = Path.cwd().resolve()
+    root = next((d for d in (here, *here.parents) if (d / "workflows" / "studies").is_dir()), here)
+    studies = Path(os.path.relpath(root / "workflows" / "studies"))
+    return studies, sorted(p.stem for p in studies.glob("*.yaml"))
+
+
+def rewrite(report: Path) -> str:
+    """What writes ``report`` (RESULTS/<study>/report.md) again: ``harness report`` of its study,
+    named as the project ships it (else STUDY, its file), with --results where not the default."""
+    study, root = report.parent.name, report.parent.parent
+    if not study:
+        return "`harness report STUDY` writes it again"
+    named = study if study in _project()[1] else "STUDY"
+    results = "" if os.path.normpath(root) == "results" else f" --results {root}"
+    which = "" if named == study else f" (STUDY: the file of study '{study}')"
+    return f"`harness report {named}{results}` writes it again{which}"
+
+
+def read_report(report: Path) -> str:
+    """The text of ``report``, refused in one line when it is absent, not a file, not UTF-8 or not
+    the whole report (it lacks its last section, ``LAST``)."""
+    if report.exists() and not report.is_file():
+        raise HarnessError(f"{report}: a folder is where the report belongs: move it aside; {rewrite(report)}")
+    if not report.exists():
+        raise HarnessError(missing(report))
+    try:
+        text = report.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"byte 0x{e.object[e.start]:02x} at offset {e.start:,}"
+        raise DamagedFile(report, f"it is not UTF-8 text ({where})", rewrite(report)) from None
+    except OSError as e:
+        raise HarnessError(f"{report}: cannot read it ({e.strerror}); check its permissions and disk") from None
+    if not any(level == 2 and title == LAST for _, level, title in _headings(text.splitlines())):
+        raise DamagedFile(
+            report,
+            f"it ends before its last section, `## {LAST}`, which every report ends with (cut short?)",
+            rewrite(report),
+        )
+    return text
 
 
 def missing(report: Path) -> str:
     """Why ``report`` (results/<study>/report.md) is absent, in one line: the study has not run,
     or there is no such study; then which studies there are and which have a report."""
     study = report.parent.name
-    here = Path.cwd().resolve()
-    root = next((d for d in (here, *here.parents) if (d / "workflows" / "studies").is_dir()), here)
-    studies = Path(os.path.relpath(root / "workflows" / "studies"))
-    shipped = sorted(p.stem for p in studies.glob("*.yaml"))
+    studies, shipped = _project()
     reported = sorted(p.parent.name for p in report.parent.parent.glob("*/report.md"))
     if study in shipped:
         return f"{report} does not exist: study '{study}' has no report yet; `make study STUDY={study}` runs it"
@@ -98,8 +145,18 @@ def reproduction_rows(text: str, source: str | Path = "report.md") -> list[dict[
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     headers = cells[0]
     if "metric" not in headers or "reproduced" not in headers:
-        raise HarnessError(f"{source}: the Reproduction table has no 'metric' or 'reproduced' column: {headers}")
-    return [dict(zip(headers, row, strict=False)) for row in cells[2:]]
+        raise DamagedFile(
+            source, f"the Reproduction table has no 'metric' or 'reproduced' column: {headers}", rewrite(Path(source))
+        )
+    for n, row in enumerate(cells[2:], 1):
+        if len(row) != len(headers) or not row[headers.index("reproduced")]:
+            raise DamagedFile(
+                source,
+                f"row {n} of the Reproduction table has {len(row)} of its {len(headers)} cells, or no "
+                "'reproduced' value (cut short or edited)",
+                rewrite(Path(source)),
+            )
+    return [dict(zip(headers, row, strict=True)) for row in cells[2:]]
 
 
 def _named(row: dict[str, str]) -> str:
@@ -153,14 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
-        if not args.report.is_file():
-            raise HarnessError(missing(args.report))
-        text = args.report.read_text(encoding="utf-8")
-        sys.stdout.write(sections(text, args.section or SECTIONS, args.report))
+        text = read_report(args.report)
+        out = sections(text, args.section or SECTIONS, args.report)
         passed, verdict = check_reproduction(text, args.report) if args.check_reproduction else (True, "")
-    except HarnessError as e:
-        print(f"report_summary: error: {e}", file=sys.stderr)
+    except HarnessError as e:  # nothing printed: a job summary gets no half of a damaged report
+        print(f"report_summary: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    sys.stdout.write(out)
     if verdict:
         sys.stdout.write(f"\n{verdict}\n")
     if not passed:

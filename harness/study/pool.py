@@ -9,7 +9,9 @@ registered contrast). Runs are comparable only when their numbers mean the same 
 data (fingerprint), tokenizer and validation sample, and the same recipe but for the fields the
 study names in ``differs``. A source that is not is refused in one line naming the field; its
 runs stay out. A pooled run that is one of the study's own (a reused run: same identity) is
-counted once. Every pooled record keeps its ``study``, which the tables show.
+counted once. Every pooled record keeps its ``study``, which the tables show. A source's record
+or data.json that is damaged, or not of the study whose folder holds it, stops the report in one
+line (harness.study.records): that file is another study's, and no step of this one writes it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.core.errors import HarnessError
-from harness.core.io import read_json
+from harness.study.records import read_data_meta, read_record
 from harness.study.spec import Recipe, Study, project_root
 
 NOT_COMPARED = ("eval_every", "checkpoint_every", "train_threads", "min_steps", "tensorboard")
@@ -28,18 +30,17 @@ CPU threads, a guard). ``eval_batches`` is compared: it sets the sample of the f
 DATA_FIELDS = ("vocab_size", "tokenizer_file", "validation_fraction", "test_fraction", "max_bytes", "source")
 
 
+RESTORE = "restore it from that study's results, or `git restore` it where it is committed"
+"""The remedy for a damaged file of a pooled study: it is another study's, and this one does not write it."""
+
+
 def folder_records(folder: Path) -> list[dict[str, Any]]:
-    """Every ``runs/*/record.json`` under ``folder``, in run order; a damaged one is refused."""
+    """Every ``runs/*/record.json`` under ``folder`` (a study's results), in run order; a damaged
+    one, or one of another run or study than its folder's, is refused (harness.study.records)."""
     runs = folder / "runs"
     if not runs.is_dir():
         raise HarnessError(f"{folder}: no runs/ folder with records to read")
-    out = []
-    for path in sorted(runs.glob("*/record.json")):
-        rec = read_json(path, remedy="restore it from the study's results or its committed reference")
-        if not isinstance(rec, dict) or rec.get("run_id") != path.parent.name:
-            raise HarnessError(f"{path}: not the record of run {path.parent.name}; restore it or remove the folder")
-        out.append(rec)
-    return out
+    return [read_record(path, folder.name, RESTORE) for path in sorted(runs.glob("*/record.json"))]
 
 
 def _recipe_difference(rec: dict[str, Any], study: Study, differs: list[str]) -> str:
@@ -81,8 +82,8 @@ def _source(study: Study, i: int, own_data: dict[str, Any]) -> tuple[list[dict[s
     data = folder / "data" / "data.json"
     if not data.is_file():
         return [], f"{where}: no data/data.json there, so its data cannot be compared: not pooled"
-    theirs = read_json(data, remedy="restore it from the source study's results")
-    if why := _data_difference(theirs if isinstance(theirs, dict) else {}, own_data):
+    theirs = read_data_meta(data, "harness data", folder.name, RESTORE)
+    if why := _data_difference(theirs, own_data):
         return [], f"{where}: {why}: not pooled"
     records = folder_records(folder)
     for rec in records:

@@ -30,9 +30,9 @@ import torch
 
 from harness.core import host_load
 from harness.core.errors import DamagedFile, HarnessError
-from harness.core.io import read_json, read_jsonl, remove_leftovers, write_json, write_text
-from harness.core.remedy import run_file
+from harness.core.io import remove_leftovers, write_json, write_text
 from harness.data.prepare import TokenShard, verify_shards
+from harness.study.records import read_data_meta, read_metrics
 from harness.study.runs import identity_changes, run_identity
 from harness.study.spec import Recipe, Run, Schedule, Study
 from harness.train import checkpoint
@@ -169,7 +169,7 @@ class Trainer:
                     f"{folder}: a file is where the run's TensorBoard folder belongs (recipe.tensorboard is "
                     "true): move the file aside, or set recipe.tensorboard: false"
                 )
-        self.data_meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
+        self.data_meta = read_data_meta(data_dir / "data.json", f"harness data {study.path}", study.name)
         self._check_data(data_dir)
         self.device = device or pick_device(study)
         check_memory(run.model, self.r.batch_size, self.r.seq_len, self.device, run.run_id)
@@ -309,9 +309,7 @@ class Trainer:
             self.compile_s, self.untimed_steps = state.get("compile_s", 0.0), state.get("untimed_steps", 0)
             self.energy_j = state.get("gpu_energy_j")
             if self.metrics_path.exists():
-                rows = read_jsonl(
-                    self.metrics_path, partial_last=True, remedy=run_file(self.metrics_path, self.study.path)
-                )
+                rows = read_metrics(self.metrics_path, self.study.path, partial_last=True)
                 kept = [json.dumps(row) + "\n" for row in rows if row["step"] <= self.step]
         self.layout.barrier()  # every rank has read the log before it is cut
         if self.layout.writes:
@@ -464,7 +462,7 @@ class Trainer:
     def record(self) -> dict[str, Any]:
         """record.json's fields (harness.train.record), once the run reached its last step."""
         run = self.run
-        rows = read_jsonl(self.metrics_path, remedy=run_file(self.metrics_path, self.study.path))
+        rows = read_metrics(self.metrics_path, self.study.path)
         if not rows or rows[-1].get("step") != run.steps:
             raise DamagedFile(self.metrics_path, f"its last row is not step {run.steps}", self._damaged_remedy())
         final = rows[-1]

@@ -16,6 +16,7 @@ import torch
 from harness.core.errors import HarnessError
 from harness.core.io import read_json, write_json
 from harness.core.remedy import run_file
+from harness.study.records import read_data_meta, read_record
 from harness.study.runs import identity_changes, recorded_identity, run_identity
 from harness.study.spec import Run, Study
 from harness.train import parallel, run_lock
@@ -32,14 +33,15 @@ class AlreadyTrained(Exception):
 
 
 def finished_changes(
-    out_dir: Path, run: Run, data_meta: dict[str, Any] | None, study: str = "STUDY"
+    out_dir: Path, run: Run, data_meta: dict[str, Any] | None, study: str = "STUDY", study_name: str | None = None
 ) -> list[str] | None:
     """None when the run has no record; else how its record differs from ``run`` on this data
-    (empty: finished as asked). ``study``: as the user names it, for a damaged record's remedy."""
+    (empty: finished as asked). ``study``: as the user names it, for a damaged record's remedy;
+    ``study_name``: the study whose results hold it (None: not checked; harness.study.records)."""
     path = out_dir / "record.json"
-    if not path.is_file():
+    if not path.exists():
         return None
-    record = read_json(path, remedy=run_file(path, study))
+    record = read_record(path, study_name, run_file(path, study))
     changes = identity_changes(recorded_identity(record), run_identity(run))
     if data_meta is not None and record.get("data_fingerprint") != data_meta["fingerprint"]:
         changes.append(f"data fingerprint {record.get('data_fingerprint')} -> {data_meta['fingerprint']}")
@@ -75,8 +77,8 @@ def _check_finished(run: Run, study: Study, data_dir: Path, out_dir: Path, resum
     ``resume`` does not say to start over."""
     if resume not in ("auto", "changed"):
         return
-    meta = read_json(data_dir / "data.json", made_by=f"harness data {study.path}")
-    changes = finished_changes(out_dir, run, meta, study.path)
+    meta = read_data_meta(data_dir / "data.json", f"harness data {study.path}", study.name)
+    changes = finished_changes(out_dir, run, meta, study.path, study.name)
     if changes == []:
         raise AlreadyTrained(read_json(out_dir / "record.json"))
     if changes and resume != "changed":

@@ -165,5 +165,6 @@ def finished_rates(results: Path, runs: list[Run]) -> tuple[dict[str, float], fl
 
 
 def read_record(results: Path, run: Run) -> dict:
-    """A run's record.json ({} when it has none or it does not parse)."""
+    """A run's record.json ({} when it has none or it does not parse; `harness plan` refuses a
+    damaged or misplaced one before it reads any, harness.workflow.plan.check_records)."""
     return read_json_object(results / "runs" / run.run_id / "record.json") or {}

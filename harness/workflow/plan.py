@@ -149,16 +149,29 @@ def cpu_not_probed(runs, estimates) -> str | None:
     return min(missing)[1].removeprefix("not probed: ") if missing else None
 
 
+def check_records(study, runs, results: Path) -> None:
+    """Refuse, in one line naming the file and the remedy, a finished run's record.json that is
+    damaged or not its run's and study's (harness.study.records): the plan reads them leniently
+    afterwards (``read_record``), and would count such a run done, or to run, on its word."""
+    from harness.study.records import study_record
+
+    for run in runs:
+        if (path := results / "runs" / run.run_id / "record.json").exists():
+            study_record(study, path)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    from harness.data.prepare import read_meta
+    from harness.study.records import read_data_meta
     from harness.workflow.snakefile import run_states
 
     study = load_study(args.study)
     results = Path(args.results) / study.name
-    data_dir = results / "data"
-    exists = (data_dir / "data.json").exists()
-    train_tokens = read_meta(data_dir, f"harness data {study.path}")["splits"]["train"]["tokens"] if exists else None
+    data_json = results / "data" / "data.json"
+    made_by = f"harness data {study.path}"
+    meta = read_data_meta(data_json, made_by, study.name) if data_json.exists() else None
+    train_tokens = None if meta is None else meta["splits"]["train"]["tokens"]
     runs = plan(study, train_tokens=train_tokens)
+    check_records(study, runs, results)
     device, warnings = plan_device(study, runs, args)
     states = run_states(study, runs, results)
     sources = reusable_sources(study, runs, results)

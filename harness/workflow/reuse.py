@@ -25,6 +25,7 @@ from typing import Any
 
 from harness.core.errors import DamagedFile, HarnessError, os_failure
 from harness.core.io import read_json_object
+from harness.study.records import record_problem, study_record
 from harness.study.runs import find_run, identity_changes, recorded_identity, run_identity
 from harness.study.spec import Run, Study, load_study
 from models.config import ConfigError
@@ -115,6 +116,8 @@ def _source_record(study: Study, run: Run, source: Path) -> dict[str, Any]:
     if record is None or damaged is not None:
         why = "no readable record.json" if record is None else f"its {checkpoint.NAME} does not verify ({damaged})"
         raise HarnessError(f"{source}: {describe(source)} is no finished run to reuse ({why}); {train}")
+    if why := record_problem(record, source.name, source.parent.parent.name):
+        raise HarnessError(f"{source / 'record.json'}: {describe(source)} is no finished run to reuse ({why}); {train}")
     return record
 
 
@@ -138,9 +141,9 @@ def _replaceable(study: Study, run: Run, out: Path, record: dict[str, Any], sour
     """Whether ``out`` may take the copy: True when it holds none or ``force`` replaces an older
     one; False when it holds this very copy already. A run this study trained is never replaced,
     a copy of a source that has changed since only with ``force``."""
-    own = read_json_object(out / "record.json")
-    if own is None:
+    if not (out / "record.json").exists():
         return True
+    own = study_record(study, out / "record.json")  # a damaged record is named, not replaced
     if REUSED not in own:
         raise HarnessError(f"{out / 'record.json'}: {run.run_id} was trained in this study; it is not replaced")
     changes = _what_changed(own, record, source)

@@ -125,7 +125,18 @@ def _last_step(metrics: Path) -> int | None:
     return None
 
 
-def run_state(run: Run, results: Path, data: tuple[str | None, list[str]] = (None, [])) -> RunState:
+def _record(path: Path, results: Path, study_path: str) -> dict[str, Any]:
+    """A finished run's record.json, refused in one line when it is damaged or misplaced (a
+    workflow that went on would report it, or train over it)."""
+    from harness.core.remedy import run_file
+    from harness.study.records import read_record
+
+    return read_record(path, results.name, run_file(path, study_path))
+
+
+def run_state(
+    run: Run, results: Path, data: tuple[str | None, list[str]] = (None, []), study_path: str = "STUDY"
+) -> RunState:
     """``data``: the prepared data's fingerprint and how the study's data differs from it
     (:func:`_data_now`); a run trained on other data, or on data about to be prepared again,
     is stale."""
@@ -133,9 +144,7 @@ def run_state(run: Run, results: Path, data: tuple[str | None, list[str]] = (Non
     run_dir = results / "runs" / run.run_id
     record = run_dir / "record.json"
     if record.is_file():
-        content = _read(record)
-        if content is None:
-            return RunState(run.run_id, "to run", ("record.json does not parse",))
+        content = _record(record, results, study_path)
         changes = identity_changes(recorded_identity(content), run_identity(run))
         changes += other_data(content.get("data_fingerprint"), prepared) + data_changed
         return RunState(run.run_id, "stale" if changes else "done", tuple(changes))
@@ -157,7 +166,7 @@ def run_states(study: Study, runs: list[Run], results: Path, corpus: dict[str, A
     on: a run is done only when its identity is the same and it was trained on the prepared
     data, made from the corpus as it is now (``corpus``: its content, when already read)."""
     data = _data_now(study, results, corpus)
-    return [run_state(run, results, data) for run in runs]
+    return [run_state(run, results, data, str(study.path)) for run in runs]
 
 
 def retrained_runs(

@@ -12,6 +12,7 @@ import torch
 import yaml
 from conftest import PICO_MODEL, tiny_config, with_moe
 from pico_study import cli_output, study_dict
+from synthetic_records import _rec, written
 
 from harness.evaluate.export import NotExportable, export, hf_balancing, hf_family
 from harness.study.runs import plan
@@ -214,7 +215,10 @@ def trained_study(root, model_fields: dict, tokenizer: bool = True) -> tuple[str
     results = root / "results" / "pico"
     run_dir = results / "runs" / run.run_id
     run_dir.mkdir(parents=True)
-    (run_dir / "record.json").write_text("{}")
+    moe = run.model.moe
+    arm = {"arm": "dense"} if moe is None else {"arm": "moe", "experts": moe.experts, "top_k": moe.top_k}
+    record = _rec(run.model.name, budget=run.budget, active=1e5, total=1e5, loss=3.0, seed=run.seed, **arm)
+    (run_dir / "record.json").write_text(json.dumps(written(record, "pico")))
     save_checkpoint({"model": Transformer(run.model).state_dict()}, run_dir / "checkpoint.pt")
     if tokenizer:
         write_tokenizer(results / "data" / "tokenizer.json")

@@ -25,7 +25,7 @@ from harness.workflow.snakefile import choose_study
 from models.config import NAME_PATTERN, ConfigError
 
 RULES = sorted((ROOT / "workflows" / "rules").glob("*.smk"))
-UNQUOTED = {"threads", "LAUNCH", "RESTART_FLAG", "params.download"}
+UNQUOTED = {"threads", "LAUNCH", "RESTART_FLAG", "REUSE_FLAG", "params.download"}
 """Placeholders that are no path: numbers, flags, and LAUNCH, a command line that quotes its own."""
 
 

@@ -9,14 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from synthetic_records import _rec, written
 
+from harness.core.errors import DamagedFile
 from harness.study.pool import folder_records, pooled_records
 from harness.study.spec import load_study
 
+SPLIT = {"documents": 10, "tokens": 1000, "file_bytes": 2000, "sha256": "0" * 64}
 DATA = {
     "fingerprint": "f" * 64,
+    "source": "python-stdlib",
     "config": {"source": "python-stdlib", "vocab_size": 2048, "validation_fraction": 0.02, "test_fraction": 0.01},
-    "tokenizer": {"vocab_size": 2048, "trained": True, "file_sha256": None},
+    "tokenizer": {"vocab_size": 2048, "eos_id": 0, "trained": True, "file_sha256": None},
+    "dtype": "uint16",
+    "splits": {"train": SPLIT, "validation": SPLIT, "test": SPLIT},
 }
 RECIPE = {"batch_size": 16, "seq_len": 128, "lr": 3e-3, "eval_batches": 48, "train_threads": 1}
 
@@ -27,10 +33,16 @@ def _source(root: Path, name: str, data: dict = DATA, recipe: dict = RECIPE, run
     (folder / "data" / "data.json").write_text(json.dumps(data))
     for run in runs:
         (folder / "runs" / run).mkdir(parents=True)
-        rec = {"run_id": run, "study": name, "data_fingerprint": data["fingerprint"], "recipe": recipe}
-        rec["identity"] = {"model": run.split("_")[0], "seed": int(run.rsplit("s", 1)[1])}
-        (folder / "runs" / run / "record.json").write_text(json.dumps(rec))
+        (folder / "runs" / run / "record.json").write_text(json.dumps(_record(run, name, data, recipe)))
     return f"results/{name}"
+
+
+def _record(run: str, study: str, data: dict = DATA, recipe: dict = RECIPE) -> dict:
+    """record.json of the dense run ``run`` of ``study``, as training writes it."""
+    model, budget, seed = run.split("_")
+    rec = _rec(model, "dense", float(budget), 1e5, 1e5, 3.3, seed=int(seed.removeprefix("s")))
+    rec = written(rec, study, data_fingerprint=data["fingerprint"], recipe=recipe)
+    return rec | {"identity": {"model": model, "seed": rec["seed"]}}
 
 
 def _study(root: Path, monkeypatch, pool: list[dict], recipe: dict | None = None):
@@ -88,8 +100,15 @@ def test_a_missing_or_damaged_source_is_named(tmp_path, monkeypatch):
         "pool[0] (results/nowhere): no data/data.json there, so its data cannot be compared: not pooled"
     ]
     src = _source(tmp_path, "cpu")
-    (tmp_path / src / "runs" / "dense-d48_7e12_s200" / "record.json").write_text('{"run_id": "another"}')
-    with pytest.raises(Exception, match="not the record of run dense-d48_7e12_s200"):
+    record = tmp_path / src / "runs" / "dense-d48_7e12_s200" / "record.json"
+    record.write_text(json.dumps(_record("dense-d64_7e12_s200", "cpu")))  # another run's record
+    with pytest.raises(DamagedFile, match="record of run dense-d64_7e12_s200, not of dense-d48_7e12_s200"):
+        folder_records(tmp_path / src)
+    record.write_text(json.dumps(_record("dense-d48_7e12_s200", "tiny")))  # another study's
+    with pytest.raises(DamagedFile, match=r"record of study 'tiny', not of 'cpu'.*`git restore`"):
+        folder_records(tmp_path / src)
+    record.write_text('{"run_id": "another"}')
+    with pytest.raises(DamagedFile, match=r"record\.json: damaged: it has no field"):
         folder_records(tmp_path / src)
 
 

@@ -279,3 +279,24 @@ def test_a_folder_where_an_identity_file_belongs_is_refused_by_both_runs(root, d
     assert said[-1].startswith("moe-harness: error: ") and f"{SOURCE}/identity.json: a folder" in said[-1], said
     assert "move it aside" in said[-1]
     assert_unchanged(before, snapshot(root / "results"))
+
+
+@pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "real-run"])
+def test_a_damaged_record_stops_the_workflow_in_one_line(root, dry):
+    (root / SOURCE / "record.json").write_text("[]\n")
+    before = snapshot(root / "results")
+    done = _pico_snakemake(root, dry=dry)
+    said = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert said[-1].startswith(f"moe-harness: error: {SOURCE}/record.json: damaged: it holds"), said
+    assert f"harness train {STUDY} --run {RUN}" in said[-1], said
+    assert_unchanged(before, snapshot(root / "results"))
+
+
+def test_a_damaged_copy_is_named_not_replaced(root):
+    _reused(root)
+    (root / OURS / "record.json").write_text('{"run_id": 3}\n')
+    before = snapshot(root / "results")
+    done = run_verb(REUSE, root)
+    assert_one_line(done, PREFIX, [f"{OURS}/record.json: damaged", "harness train"])
+    assert_unchanged(before, snapshot(root / "results"))
