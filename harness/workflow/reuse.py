@@ -10,7 +10,16 @@ training: the checkpoints are hard-linked (copied where the file system cannot l
 files copied, and the record rewritten under this study's name with ``reused_from`` saying where it
 came from. Measurement and evaluation run again, under this study's settings.
 
-    python -m harness.reuse workflows/studies/tiny2.yaml --run dense-s_1e15_s0
+The reuse writes the run folder as a training does: under the run's lock (harness.train.run_lock),
+with a reader's lock on the source, so that neither is trained meanwhile. Every file is linked or
+copied under a temporary name and checked against the source (a checkpoint against the SHA-256
+recorded beside it, another file byte for byte) before any replaces what the folder holds,
+record.json last; a failure (a full disk, a read-only folder, a source that vanishes) removes what
+it wrote and is one line. A finished copy is replaced only with ``--force`` (the workflow passes
+it under ``--config retrain=stale``), when the run it came from has changed since; a run this
+study trained itself never is.
+
+    python -m harness.reuse workflows/studies/tiny2.yaml --run dense-s_1e15_s0 [--force]
 """
 
 from __future__ import annotations
