@@ -127,41 +127,44 @@ def made_from(meta: dict[str, Any] | None, content: dict[str, Any]) -> bool:
     return meta.get("fingerprint") == content["fingerprint"] and tokenizer == content["tokenizer_file_sha256"]
 
 
-def sync_corpus(
-    study: Study, results: Path, write: bool = True, content: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Write data/corpus.json where it is missing or its content changed; keep its time when only
-    the signature did; make it older than the prepared data when that was made from this content.
-    Returns the content (``content``: already read). ``write`` False (a dry run): only read."""
-    from harness.core.io import write_text
-
+def corpus_update(results: Path, content: dict[str, Any]) -> tuple[str, float | None] | None:
+    """What :func:`sync_corpus` does to data/corpus.json for ``content``: the text it holds then
+    and the time it gets (None: now), or None when it leaves the file as it is. Its time is kept
+    when only the signature changed, and made older than the prepared data when that was made
+    from this content, so that only a change of content reruns the data step."""
     path, data_json = results / "data" / CORPUS, results / "data" / "data.json"
-    content = content or corpus_content(study, results)
-    if not write:
-        return content
     old = read_corpus(path)
-    if old != content:
-        same = old is not None and all(old.get(k) == content[k] for k in CONTENT)
-        when = path.stat().st_mtime if same else None
-        write_text(path, json.dumps(content, sort_keys=True, indent=1) + "\n")
-        if when is not None:
-            os.utime(path, (when, when))
+    same = old is not None and all(old.get(k) == content[k] for k in CONTENT)
+    when = path.stat().st_mtime if same else None
     if made_from(read_json_object(data_json), content):
         # Older than every output of the data rule: Snakemake compares an input with the oldest.
         outputs = [data_json, *(results / "data").glob("*.bin"), results / "data" / "tokenizer.json"]
         made = min(p.stat().st_mtime for p in outputs if p.is_file())
-        if path.stat().st_mtime >= made:
-            os.utime(path, (made - 1, made - 1))
+        if when is None or when >= made:
+            when = made - 1
+    if old == content and when == path.stat().st_mtime:
+        return None
+    return json.dumps(content, sort_keys=True, indent=1) + "\n", when
+
+
+def sync_corpus(
+    study: Study, results: Path, write: bool = True, content: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write data/corpus.json where it is missing or its content changed, with the time
+    :func:`corpus_update` gives it. Returns the content (``content``: already read). ``write``
+    False (a dry run): only read."""
+    from harness.core.io import write_text
+
+    path = results / "data" / CORPUS
+    content = content or corpus_content(study, results)
+    if not write or (update := corpus_update(results, content)) is None:
+        return content
+    text, when = update
+    if read_corpus(path) != content:
+        write_text(path, text)
+    if when is not None:
+        os.utime(path, (when, when))
     return content
-
-
-def corpus_rewritten(results: Path, content: dict[str, Any]) -> bool:
-    """Whether :func:`sync_corpus` would write corpus.json newer than the prepared data: its
-    content is new, and the prepared data (if any) was not made from it."""
-    old = read_corpus(results / "data" / CORPUS)
-    if old is not None and all(old.get(k) == content[k] for k in CONTENT):
-        return False
-    return not made_from(read_json_object(results / "data" / "data.json"), content)
 
 
 def corpus_changes(study: Study, results: Path, content: dict[str, Any] | None = None) -> list[str]:

@@ -27,7 +27,7 @@ from typing import Any
 
 from harness.core.errors import DamagedFile
 from harness.core.io import read_json, read_jsonl
-from harness.core.remedy import run_file
+from harness.core.remedy import lost_log, run_file
 from harness.study.spec import Study, budget_label
 
 Kind = tuple[Callable[[Any], bool], str]
@@ -262,7 +262,10 @@ def read_metrics(path: str | Path, study: str = "STUDY", partial_last: bool = Fa
     ``partial_last``: a last line cut short (a writer killed mid-line) is dropped."""
     path = Path(path)
     train = f"harness train {study} --run {path.parent.name}"
-    return read_jsonl(path, made_by=train, partial_last=partial_last, remedy=run_file(path, study), check=row_problem)
+    rows = read_jsonl(path, made_by=train, partial_last=partial_last, remedy=run_file(path, study), check=row_problem)
+    if not rows and (path.parent / "record.json").is_file():
+        raise DamagedFile(path, "it holds no rows, though record.json says the run finished", lost_log(path, study))
+    return rows
 
 
 def data_problem(meta: Any, study: str | None) -> str | None:

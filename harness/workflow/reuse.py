@@ -109,6 +109,8 @@ def finished_elsewhere(run: Run, results: Path, ours: tuple[tuple, dict | None] 
 
 def describe(source: Path) -> str:
     """A run folder as a refusal names it: the run, its study and where it lies."""
+    if source.parent.name != "runs" or not source.parent.parent.name:
+        return str(source)  # not a run folder of a study's results
     return f"run {source.name} of study {source.parent.parent.name} ({source})"
 
 

@@ -85,6 +85,17 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _data_meta(study: Study, results: Path) -> dict[str, Any] | None:
+    """The prepared data's data.json (None where there is none), refused in one line when it is
+    damaged or another study's: a dry run and a real run alike stop there."""
+    from harness.study.records import read_data_meta
+
+    path = results / "data" / "data.json"
+    if not (path.exists() or path.is_symlink()):
+        return None
+    return read_data_meta(path, f"harness data {study.path}", study.name)
+
+
 def data_changes(study: Study, results: Path, corpus: dict[str, Any] | None = None) -> list[str]:
     """How the study's data section and its corpus differ from those the prepared data was made
     with (empty when they do not, or when no data is prepared yet). Where the corpus lies is no
@@ -93,7 +104,7 @@ def data_changes(study: Study, results: Path, corpus: dict[str, Any] | None = No
     from harness.data.prepare import NOT_TOKENS
     from models.config import from_dict
 
-    meta = _read(results / "data" / "data.json")
+    meta = _data_meta(study, results)
     if not meta or "config" not in meta:
         return []
     try:
@@ -107,7 +118,7 @@ def data_changes(study: Study, results: Path, corpus: dict[str, Any] | None = No
 def _data_now(study: Study, results: Path, corpus: dict[str, Any] | None) -> tuple[str | None, list[str]]:
     """The fingerprint of the prepared data (None when there is none) and how the study's data
     now differs from it: a finished run is current only on that data, unchanged."""
-    meta = _read(results / "data" / "data.json")
+    meta = _data_meta(study, results)
     fingerprint = meta.get("fingerprint") if meta else None
     return fingerprint, (data_changes(study, results, corpus) if fingerprint else [])
 
@@ -330,9 +341,9 @@ def dry_run_files(
 ) -> dict[str, tuple[str, float | None]]:
     """The files a real run would now write (path: text and time, None for now): the identity of
     each run it trains again (new), of each run whose identity file is missing or damaged (with
-    the time before its record's, as :func:`sync_identities` gives it), and corpus.json when the
-    corpus changed in content."""
-    from harness.data.corpus import CORPUS, corpus_rewritten
+    the time before its record's, as :func:`sync_identities` gives it), and corpus.json where
+    :func:`harness.data.corpus.sync_corpus` would write it or change its time."""
+    from harness.data.corpus import CORPUS, corpus_update
 
     again = {s.run_id for s in retrained}
     files: dict[str, tuple[str, float | None]] = {}
@@ -342,8 +353,8 @@ def dry_run_files(
             files[str(run_dir / IDENTITY)] = (text, None)
         elif (run_dir / "record.json").is_file() and identity_problem(run_dir / IDENTITY, text) is not None:
             files[str(run_dir / IDENTITY)] = (text, _backdated(run_dir))
-    if corpus_rewritten(results, corpus):
-        files[str(results / "data" / CORPUS)] = (json.dumps(corpus, sort_keys=True, indent=1) + "\n", None)
+    if (update := corpus_update(results, corpus)) is not None:
+        files[str(results / "data" / CORPUS)] = update
     return files
 
 

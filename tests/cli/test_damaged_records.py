@@ -203,6 +203,12 @@ CASES = [
         [METRICS, "line 6: field 'loss' is a string 'high', not a finite number", f"{TRAIN} --restart"],
     ),
     Case(
+        "metrics-of-a-finished-run-emptied",
+        lambda root: (root / METRICS).write_text(""),
+        ["harness", "report", STUDY, *RESULTS],
+        [METRICS, "holds no rows, though record.json says the run finished", f"{TRAIN} --restart"],
+    ),
+    Case(
         "metrics-line-not-an-object-on-resume",
         lambda root: (edit_line(METRICS, 3, lambda row: 7)(root), (root / RECORD).unlink()),
         ["harness", "train", STUDY, "--run", RUN, "--threads", "1", *RESULTS],
