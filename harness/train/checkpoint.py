@@ -118,7 +118,15 @@ def gone(path: Path, train: str) -> str | None:
         r = json.loads(record.read_bytes())
         said = f" (step {r['steps']}, val loss {r['final_val_loss']:.4f})"
     except (ValueError, KeyError, TypeError):
-        said = ""
+        r, said = {}, ""
+    came = (r.get("reused_from") or {}).get("run_dir") if isinstance(r, dict) else None
+    if came:  # a run reused from another study (harness.workflow.reuse): its weights may be there still
+        study = train.removeprefix("harness train ").rsplit(" --run ", 1)[0]
+        return (
+            f"{path} is gone, though {record.name} says the run finished{said}; it was reused from {came}: "
+            f"`python -m harness.reuse {study} --run {path.parent.name}` links it again from there, or "
+            f"`{train} --restart` trains the run here"
+        )
     return (
         f"{path} is gone, though {record.name} says the run finished{said}; the weights exist nowhere else: "
         f"`{train} --restart` trains the run again to get them back"

@@ -158,8 +158,10 @@ def _replaceable(study: Study, run: Run, out: Path, record: dict[str, Any], sour
     if REUSED not in own:
         raise HarnessError(f"{out / 'record.json'}: {run.run_id} was trained in this study; it is not replaced")
     changes = _what_changed(own, record, source)
-    if not changes:
-        return False
+    if not changes:  # the same run: its files are linked again where the copy lost or damaged one
+        from harness.train import checkpoint
+
+        return checkpoint.problem(out / checkpoint.NAME) is not None
     if force:
         return True
     raise HarnessError(

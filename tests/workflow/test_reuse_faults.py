@@ -300,3 +300,19 @@ def test_a_damaged_copy_is_named_not_replaced(root):
     done = run_verb(REUSE, root)
     assert_one_line(done, PREFIX, [f"{OURS}/record.json: damaged", "harness train"])
     assert_unchanged(before, snapshot(root / "results"))
+
+
+def test_a_copy_that_lost_its_checkpoint_names_the_reuse_that_links_it_again(root):
+    from harness.train import checkpoint
+
+    _reused(root)
+    (root / OURS / checkpoint.NAME).unlink()
+    sample = ["harness", "sample", COPY, "--run", RUN, "--results", "results", "--tokens", "2"]
+    done = run_verb(sample, root)
+    line = assert_one_line(done, "harness sample: error: ", [f"{OURS}/checkpoint.pt is gone", SOURCE, "--restart"])
+    remedy = line.split("`python -m ")[1].split("`")[0].split()
+    assert remedy == REUSE[:4], remedy
+    relinked = run_verb(remedy, root)
+    assert relinked.returncode == 0, relinked.stderr
+    assert checkpoint.problem(root / OURS / checkpoint.NAME) is None
+    assert run_verb(sample, root).returncode == 0
