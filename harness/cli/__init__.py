@@ -36,11 +36,18 @@ snakemake runs a whole study; each step runs alone too, and "harness VERB --help
 it takes. An expected failure is one line, "harness VERB: error: ...", with exit code 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose refusal of a flag says what plain torchrun does to its exit code."""
+
+    def error(self, message: str):
+        super().error(message + under_plain_torchrun(2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the harness command: each verb's subcommand comes from its module, harness/cli/VERB.py, which
     declares HELP (the verb's line in --help), STUDY (whether it takes a study and --results),
     add_arguments(parser) and run(args), the verb's exit code."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="harness",
         description=__doc__.splitlines()[0],
         epilog=EPILOG,

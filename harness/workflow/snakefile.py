@@ -488,8 +488,8 @@ def at_a_glance(results: Path) -> str:
     report is (empty when no report was written)."""
     report = results / "report.md"
     try:
-        text = report.read_text()
-    except OSError:
+        text = report.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):  # none, or not one the report step wrote: nothing to show
         return ""
     lines, inside = [], False
     for line in text.splitlines():
