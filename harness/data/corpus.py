@@ -85,6 +85,8 @@ REWRITE = f"delete it: it only records what the corpus holds, and {AGAIN}"
 def read_corpus(path: Path) -> dict[str, Any] | None:
     """data/corpus.json (None where there is none), refused when it is not a JSON object whose
     fields are those :func:`sync_corpus` writes, of their kinds (a missing one: read the corpus)."""
+    if path.is_symlink():  # the workflow writes this file: it replaces no link
+        raise DamagedFile(path, "a symbolic link is where corpus.json belongs", f"move it aside: {AGAIN}")
     if not path.exists():
         return None
     if not path.is_file():

@@ -46,6 +46,12 @@ def _corpus_moved(root: Path) -> None:
     _fingerprint_edited(root)
 
 
+def _corpus_json_a_link(root: Path) -> None:
+    path = root / DATA / "corpus.json"
+    path.rename(root / "mine.json")
+    path.symlink_to(root / "mine.json")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("damage", "refusal"),
@@ -53,8 +59,9 @@ def _corpus_moved(root: Path) -> None:
         (_corpus_moved, None),
         (lambda root: (root / DATA / "data.json").write_text("{"), f"{DATA}/data.json: damaged: not valid JSON"),
         (lambda root: (root / DATA / "corpus.json").write_text("[]"), f"{DATA}/corpus.json: damaged: it holds a list"),
+        (_corpus_json_a_link, f"{DATA}/corpus.json: damaged: a symbolic link is where corpus.json belongs"),
     ],
-    ids=["corpus-moved-and-its-json-edited", "data-json-garbled", "corpus-json-a-list"],
+    ids=["corpus-moved-and-its-json-edited", "data-json-garbled", "corpus-json-a-list", "corpus-json-a-link"],
 )
 def test_the_dry_run_lists_what_the_real_run_runs(study: Path, damage, refusal):
     assert _snakemake(study, dry=False).returncode == 0  # the workflow's own files written once
