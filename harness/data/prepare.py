@@ -451,6 +451,7 @@ def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
     if not force and (same := _unchanged(out_dir, config, fingerprint.hexdigest(), tok_sha)) is not None:
         return same
     _check_no_links(out_dir)
+    before = _times(out_dir)
     tokenizer, eos = _tokenizer(cfg, [d.text for d in docs["train"]], source)
     vocab = tokenizer.get_vocab_size()
     # Each file is replaced only when its bytes change: data prepared again the same keeps its
@@ -480,7 +481,20 @@ def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
         "heldout_keys": {split: [d.key for d in docs[split]] for split in ("validation", "test")},
     }
     write_json(out_dir / "data.json", meta, keep_same=True)  # written last: its presence means the data is complete
+    if before and _times(out_dir) == before:
+        # The tokens are those already there, byte for byte (a damaged or deleted data.json written
+        # again): data.json takes their time, so that nothing trained on them is trained again.
+        when = max(before.values())
+        os.utime(out_dir / "data.json", ns=(when, when))
     return meta
+
+
+def _times(out_dir: Path) -> dict[str, int]:
+    """The times of the tokenizer and the shards in ``out_dir`` (empty unless all are there)."""
+    paths = [out_dir / name for name in WRITES if name != "data.json"]
+    if not all(p.is_file() for p in paths):
+        return {}
+    return {p.name: p.stat().st_mtime_ns for p in paths}
 
 
 META_FIELDS = ("fingerprint", "dtype", "tokenizer", "splits")

@@ -279,6 +279,11 @@ def test_a_folder_where_an_identity_file_belongs_is_refused_by_both_runs(root, d
     assert said[-1].startswith("moe-harness: error: ") and f"{SOURCE}/identity.json: a folder" in said[-1], said
     assert "move it aside" in said[-1]
     assert_unchanged(before, snapshot(root / "results"))
+    if not dry:  # the remedy, as told: the workflow then writes the file and trains nothing
+        (root / SOURCE / "identity.json").rename(root / "aside")
+        again = _pico_snakemake(root, dry=False)
+        assert again.returncode == 0 and "rule train" not in again.stdout, again.stderr
+        assert (root / SOURCE / "identity.json").is_file()
 
 
 @pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "real-run"])
