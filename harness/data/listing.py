@@ -9,7 +9,9 @@ are read as what they point to, under their own path: the keys, the splits and t
 are those of a copy of the target put where the link is. A link to a folder is walked as a
 folder (one folder reached through two links is read twice, under both keys). A link whose
 target does not exist, and a link that leads back into a folder it lies in (a loop), are
-refused, naming the link.
+refused, naming the link. The data folder the step writes may itself be a link to a folder (it
+is written in its target); a link there that leads nowhere, and a link where the step writes a
+file, are refused.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from harness.core.errors import HarnessError
 from models.config import ConfigError
 
 
@@ -138,3 +141,34 @@ def python_files(root: Path, prefix: str, skip_packages: bool) -> Iterator[tuple
 def site_dirs() -> list[Path]:
     dirs = {Path(p) for p in [*site.getsitepackages(), sysconfig.get_paths()["purelib"]] if Path(p).is_dir()}
     return sorted(dirs)
+
+
+def check_data_folder(out_dir: Path) -> None:
+    """Refuse a data folder, or a folder above it, that is a symbolic link leading nowhere: the data
+    is written in a linked folder's target, which must exist."""
+    for folder in reversed([out_dir, *out_dir.parents]):
+        if not folder.is_symlink():
+            continue
+        try:
+            folder.stat()
+        except OSError as e:
+            link = f"{folder} is a symbolic link to {os.readlink(folder)}"
+            if e.errno == errno.ELOOP:
+                raise HarnessError(f"{link}, which loops: make it lead to a folder, or remove the link") from None
+            raise HarnessError(
+                f"{link}, which does not exist: the data is written in a linked folder's target, so create "
+                f"{os.path.realpath(folder)}, or remove the link"
+            ) from None
+
+
+def check_no_links(out_dir: Path, writes: tuple[str, ...]) -> None:
+    """Refuse, before anything is written, a file the data step writes (``writes``) that is a
+    symbolic link: it would replace the link, not write its target."""
+    links = [
+        f"{name} (a symbolic link to {os.readlink(out_dir / name)})" for name in writes if (out_dir / name).is_symlink()
+    ]
+    if links:
+        raise HarnessError(
+            f"{out_dir} holds symbolic links where harness data writes its files: {', '.join(links)}; it replaces no "
+            "link: remove them (their targets stay as they are), or link the whole data folder instead"
+        )

@@ -33,7 +33,6 @@ nothing is written, and such a link is read as its target.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
@@ -51,7 +50,7 @@ import numpy as np
 
 from harness.core.errors import DamagedFile, HarnessError
 from harness.core.io import atomic_write, read_json, sha256_file, write_json
-from harness.data.listing import expand_paths, python_files, site_dirs
+from harness.data.listing import check_data_folder, check_no_links, expand_paths, python_files, site_dirs
 from harness.study.spec import DataConfig, DataSource, Study
 from models.config import ConfigError
 
@@ -405,37 +404,6 @@ WRITES = ("tokenizer.json", *(f"{split}.bin" for split in SPLITS), "data.json")
 """The files the data step writes in its folder."""
 
 
-def _check_data_folder(out_dir: Path) -> None:
-    """Refuse a data folder, or a folder above it, that is a symbolic link leading nowhere: the data
-    is written in a linked folder's target, which must exist."""
-    for folder in reversed([out_dir, *out_dir.parents]):
-        if not folder.is_symlink():
-            continue
-        try:
-            folder.stat()
-        except OSError as e:
-            link = f"{folder} is a symbolic link to {os.readlink(folder)}"
-            if e.errno == errno.ELOOP:
-                raise HarnessError(f"{link}, which loops: make it lead to a folder, or remove the link") from None
-            raise HarnessError(
-                f"{link}, which does not exist: the data is written in a linked folder's target, so create "
-                f"{os.path.realpath(folder)}, or remove the link"
-            ) from None
-
-
-def _check_no_links(out_dir: Path) -> None:
-    """Refuse, before anything is written, a file the data step writes that is a symbolic link: it
-    would replace the link, not write its target."""
-    links = [
-        f"{name} (a symbolic link to {os.readlink(out_dir / name)})" for name in WRITES if (out_dir / name).is_symlink()
-    ]
-    if links:
-        raise HarnessError(
-            f"{out_dir} holds symbolic links where harness data writes its files: {', '.join(links)}; it replaces no "
-            "link: remove them (their targets stay as they are), or link the whole data folder instead"
-        )
-
-
 def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
     """Read the corpus, split it, build the tokenizer and write the shards and data.json. When
     the folder already holds the same data (same corpus, settings and tokenizers version), it is
@@ -444,13 +412,13 @@ def prepare(study: Study, out_dir: Path, force: bool = False) -> dict[str, Any]:
     import tokenizers
 
     cfg, source = study.data, study.path
-    _check_data_folder(out_dir)
+    check_data_folder(out_dir)
     docs, fingerprint, skipped = _split_corpus(cfg, source)
     config = settings_of(cfg)
     tok_sha = tokenizer_file_sha(cfg)
     if not force and (same := _unchanged(out_dir, config, fingerprint.hexdigest(), tok_sha)) is not None:
         return same
-    _check_no_links(out_dir)
+    check_no_links(out_dir, WRITES)
     before = _times(out_dir)
     tokenizer, eos = _tokenizer(cfg, [d.text for d in docs["train"]], source)
     vocab = tokenizer.get_vocab_size()
