@@ -46,6 +46,15 @@ def state_bytes(obj: Any) -> int:
     return 0
 
 
+def recorded_digest(path: Path) -> str | None:
+    """The SHA-256 recorded beside ``path`` in its checksum file (None where there is none)."""
+    try:
+        words = checksum_path(path).read_text(errors="replace").split()
+    except OSError:
+        return None
+    return words[0] if words else None
+
+
 def problem(path: Path) -> str | None:
     """Why ``path`` cannot be trusted, or None when its checksum matches."""
     if not path.is_file():
@@ -59,8 +68,7 @@ def problem(path: Path) -> str | None:
             pending.unlink()
     if not sums.is_file():
         return f"{sums.name} is missing, so it cannot be verified (an interrupted save)"
-    recorded = sums.read_text(errors="replace").split()
-    if not recorded or recorded[0] != actual:
+    if recorded_digest(path) != actual:
         size = path.stat().st_size
         return f"its SHA-256 does not match {sums.name} ({size:,} bytes on disk: truncated or overwritten)"
     return None
@@ -79,8 +87,7 @@ def _keep_previous(path: Path) -> None:
     except OSError:
         shutil.copyfile(path, link)
     os.replace(link, prev)
-    digest = checksum_path(path).read_text().split()[0]
-    write_text(checksum_path(prev), f"{digest}  {prev.name}\n")
+    write_text(checksum_path(prev), f"{recorded_digest(path)}  {prev.name}\n")
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> str:

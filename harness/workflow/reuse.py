@@ -173,22 +173,13 @@ def _replaceable(study: Study, run: Run, out: Path, record: dict[str, Any], sour
     )
 
 
-def _recorded_digest(path: Path) -> str | None:
-    from harness.train import checkpoint
-
-    try:
-        words = checkpoint.checksum_path(path).read_text(errors="replace").split()
-    except OSError:
-        return None
-    return words[0] if words else None
-
-
 def _stage(source: Path, out: Path, staged: list[tuple[Path, Path]]) -> None:
     """Every file of the source run, linked (checkpoints, where the file system allows) or copied
     under a temporary name in ``out``, each checked against the source: a checkpoint against the
     checksum recorded beside it, another file byte for byte. Adds (temporary, final) pairs to
     ``staged`` as it goes, so that a failure half-way can remove what it wrote."""
     from harness.core.io import sha256_file
+    from harness.train import checkpoint
 
     for name in (*LINKED, *COPIED):
         if not (source / name).is_file():
@@ -201,7 +192,7 @@ def _stage(source: Path, out: Path, staged: list[tuple[Path, Path]]) -> None:
                 os.link(source / name, tmp)
             except OSError:  # another file system, or one without hard links
                 shutil.copyfile(source / name, tmp)
-            digest = _recorded_digest(source / name)
+            digest = checkpoint.recorded_digest(source / name)
             if digest is None or sha256_file(tmp) != digest:
                 raise DamagedFile(
                     out / name, f"the copy of {source / name} does not match its recorded checksum", "run it again"
