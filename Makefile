@@ -4,15 +4,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is installed first and on its own, so that the package's bare `torch` requirement finds
 # it. Which build is the user's choice, one variable away:
+#   TORCH_BUILD=auto     (the default) the CPU-only build from PyTorch's own index on a machine
+#                        with no NVIDIA driver where pip's configured index would give the CUDA
+#                        build; pip's choice everywhere else (harness/tools/torch_build.py)
 #   TORCH_BUILD=default  whatever pip's configured index gives for TORCH_SPEC; on PyPI for Linux
 #                        x86_64 that is the CUDA build (several GB of CUDA libraries)
 #   TORCH_BUILD=cpu      the CPU-only build, from PyTorch's own index
 #   TORCH_BUILD=cu126    a CUDA build (cu118, cu124, cu126, ...), from PyTorch's own index
 #   TORCH_BUILD=none     (make wheelhouse) no torch: the node's venv takes its system's torch
 TORCH_SPEC ?= torch==2.13.0
-TORCH_BUILD ?= default
-TORCH_URL := $(if $(filter default none,$(TORCH_BUILD)),,https://download.pytorch.org/whl/$(TORCH_BUILD))
-TORCH_INDEX := $(if $(TORCH_URL),--index-url $(TORCH_URL))
+TORCH_BUILD ?= auto
+TORCH_URL := $(if $(filter auto default none,$(TORCH_BUILD)),,https://download.pytorch.org/whl/$(TORCH_BUILD))
+# auto: asked of pip when the recipe runs (a dry run, metadata only), by the Python that installs
+TORCH_AUTO = $$($(1) -m harness.tools.torch_build $(2) '$(TORCH_SPEC)')
+TORCH_INDEX = $(if $(filter auto,$(TORCH_BUILD)),$(call TORCH_AUTO,$(BIN)/python),$(if $(TORCH_URL),--index-url $(TORCH_URL)))
 STAMP := $(VENV)/.installed
 # On a machine whose Python already has a CUDA torch, the venv can use it (and whatever else that
 # Python has, pip included: no ensurepip needed) instead of installing its own: SITE_FROM=python3
@@ -25,9 +30,9 @@ EXTRAS ?= dev,tensorboard
 # WHEELS=DIR` filled elsewhere, checked against its SHA256SUMS first; torch from it too, if there.
 WHEELS ?=
 PIP_FROM := $(if $(WHEELS),--no-index --find-links $(abspath $(WHEELS)))
-TORCH_REQ := $(if $(WHEELS),torch,"$(TORCH_SPEC)" $(TORCH_INDEX))
+TORCH_REQ = $(if $(WHEELS),torch,"$(TORCH_SPEC)" $(TORCH_INDEX))
 
-.PHONY: install wheelhouse check-offline test test-unit bench lint study report-check test-cluster gpu-wheelhouse gpu-check gpu-check-rehearsal clean
+.PHONY: install wheelhouse check-offline test test-slow test-all bench lint study report-check test-cluster gpu-wheelhouse gpu-check gpu-check-rehearsal clean
 
 $(STAMP): pyproject.toml
 	$(if $(WHEELS),cd $(WHEELS) && sha256sum --check --quiet SHA256SUMS)
@@ -50,7 +55,8 @@ WHEELHOUSE_EXCLUDE ?=
 wheelhouse:
 	@test -n "$(WHEELS)" || { echo "make wheelhouse WHEELS=DIR: name the folder to fill" >&2; exit 2; }
 	$(PYTHON) -m harness.tools.wheelhouse $(WHEELS) --extras '$(EXTRAS)' \
-		--torch $(if $(filter none,$(TORCH_BUILD)),none,'$(TORCH_SPEC)') $(if $(TORCH_URL),--torch-index $(TORCH_URL)) \
+		--torch $(if $(filter none,$(TORCH_BUILD)),none,'$(TORCH_SPEC)') \
+		$(if $(filter auto,$(TORCH_BUILD)),$(if $(PLATFORM),,--torch-index "$(call TORCH_AUTO,$(PYTHON),--url)"),$(if $(TORCH_URL),--torch-index $(TORCH_URL))) \
 		$(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION)) $(if $(PLATFORM),--platform $(PLATFORM)) \
 		--exclude $(WHEELHOUSE_EXCLUDE)
 
@@ -80,15 +86,22 @@ check-offline:
 	$(MAKE) --no-print-directory gpu-wheelhouse GPU_WHEELS=$(OFFLINE)/gpu-wheels
 	rm -rf $(OFFLINE)
 
-test: install
+# The README's test command: lint, then every test not marked `slow` (about 3 minutes on two quiet
+# cores). `make test-slow` runs the slow tier (end to end through snakemake, torchrun, lm-eval, a
+# browser; long simulations); `make test-all` runs both. CI runs `make test` then `make test-slow`.
+lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/actionlint
-	$(BIN)/python -m pytest
 
-# The unit tier alone (what to run while editing): `make test` less the tests marked `slow`.
-test-unit: install
+test: lint
 	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow
+
+test-all: lint
+	$(BIN)/python -m pytest
 
 # Micro-benchmarks (pytest-benchmark), kept out of `make test`.
 bench: install

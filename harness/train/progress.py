@@ -9,15 +9,20 @@ stderr) a carriage-return bar is one endless line, so it writes plain lines inst
 With ``recipe.tensorboard: true`` each metrics.jsonl row is also written as TensorBoard scalars
 in ``<run_dir>/tensorboard/`` (offline; ``pip install 'moe-harness[tensorboard]'``), flushed at
 each log so a running ``tensorboard --logdir results/<study>/runs`` shows the curves as they grow.
+A run that finished before ``recipe.tensorboard`` was switched on gets its events written from its
+metrics.jsonl when the workflow starts (:func:`backfill_events`): the same scalars at the same steps.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
+from harness.study.records import read_metrics
 from models.config import ConfigError
 
 LINE_EVERY_S = 30.0
@@ -69,7 +74,9 @@ class Bar:
 
 class Lines:
     """Plain progress lines, flushed: one every ``every_s`` seconds and one at each evaluation.
-    Loss and tokens/s are those of the last logged step; eta is this process's pace so far."""
+    Loss and tokens/s are those of the last logged step. The eta is this process's pace since its
+    first step ended: that step holds compilation and warm-up (a minute, where a step takes
+    milliseconds), so a pace that counted it would promise days right after it."""
 
     def __init__(
         self, run_id: str, total: int, initial: int, stream: TextIO, every_s: float = LINE_EVERY_S, clock=time.monotonic
@@ -78,10 +85,13 @@ class Lines:
         self.every_s, self.clock = every_s, clock
         self.step, self.loss, self.val, self.tokens_per_s = initial, None, None, None
         self.start = self.last = clock()
+        self.paced_from: tuple[int, float] | None = None  # (step, time) where the first step ended
         self.write("resumed" if initial > 0 else "started")
 
     def update(self, step: int, row: dict[str, Any] | None = None) -> None:
         self.step = step
+        if self.paced_from is None:
+            self.paced_from = (step, self.clock())
         if row is not None:
             self.loss, self.tokens_per_s = row["loss"], row.get("tokens_per_s")
             self.val = row.get("val_loss", self.val)
@@ -101,9 +111,10 @@ class Lines:
             text += f" | {self.tokens_per_s:,.0f} tok/s"
         elapsed = self.clock() - self.start
         timing = f"elapsed {duration(elapsed)}"
-        done = self.step - self.initial
-        if 0 < done and self.step < self.total:
-            timing += f", eta {duration(elapsed / done * (self.total - self.step))}"
+        if self.paced_from is not None and self.paced_from[0] < self.step < self.total:
+            step0, time0 = self.paced_from
+            per_step = (self.clock() - time0) / (self.step - step0)
+            timing += f", eta {duration(per_step * (self.total - self.step))}"
         return f"{text} | {timing}"
 
     def write(self, event: str = "") -> None:
@@ -165,3 +176,43 @@ class TensorBoardLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def write_events(run_dir: Path, study: str) -> Path:
+    """The TensorBoard events of a finished run, written from its metrics.jsonl into a temporary
+    folder that then takes the place of ``<run_dir>/tensorboard``: never half a folder."""
+    rows = read_metrics(run_dir / "metrics.jsonl", study)
+    folder, tmp = run_dir / TENSORBOARD_DIR, run_dir / f".{TENSORBOARD_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log = TensorBoardLog(tmp, 0)
+    try:
+        for row in rows:
+            log.write(row)
+    finally:
+        log.close()
+    tmp.rename(folder)
+    return folder
+
+
+def backfill_events(runs: Iterable, results: Path, study: str, write: bool, stream: TextIO | None = None) -> list[str]:
+    """Runs with ``recipe.tensorboard`` that finished without TensorBoard events (it was switched on
+    afterwards: a bookkeeping field, so nothing trains again) get them from their metrics logs;
+    ``write`` False (a dry run) says which would. Returns the runs."""
+    stream = sys.stderr if stream is None else stream
+    missing = [
+        run.run_id
+        for run in runs
+        if run.recipe.tensorboard
+        and (results / "runs" / run.run_id / "record.json").is_file()
+        and not (results / "runs" / run.run_id / TENSORBOARD_DIR).exists()
+    ]
+    if missing and write:
+        require_tensorboard(None)
+    for run_id in missing:
+        said = f"moe-harness: {run_id} finished before recipe.tensorboard was on: "
+        if write:
+            folder = write_events(results / "runs" / run_id, study)
+            stream.write(said + f"its events written to {folder} from its metrics.jsonl\n")
+        else:
+            stream.write(said + "a real run writes its events from its metrics.jsonl\n")
+    return missing

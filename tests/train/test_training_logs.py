@@ -13,10 +13,10 @@ import yaml
 from pico_study import MODEL, study_dict, write_corpus
 
 from harness.data.prepare import prepare
-from harness.study.runs import find_run, run_identity
+from harness.study.runs import find_run, plan, run_identity
 from harness.study.spec import load_study
 from harness.train.loop import Stopped
-from harness.train.progress import Bar, Lines, Silent, duration, open_progress
+from harness.train.progress import Bar, Lines, Silent, backfill_events, duration, open_progress
 from harness.train.run import train
 from models.config import ConfigError
 
@@ -79,6 +79,8 @@ def test_duration_reads_at_a_glance():
 def test_lines_every_interval_and_at_each_evaluation():
     clock, out = Clock(), io.StringIO()
     lines = Lines("run", 1288, 0, out, every_s=30, clock=clock)
+    clock.now = 4
+    lines.update(1)  # the first step: its time (compilation, warm-up) is not the pace
     clock.now = 10
     lines.update(100, {"step": 100, "loss": 3.5, "tokens_per_s": 9000.0})
     assert len(out.getvalue().splitlines()) == 1, "only the opening line before 30 s"
@@ -88,18 +90,33 @@ def test_lines_every_interval_and_at_each_evaluation():
     lines.update(120, {"step": 120, "loss": 3.412, "val_loss": 3.51, "tokens_per_s": 12345.0})
     first, timed, evaluated = out.getvalue().splitlines()
     assert first == "run step 0/1288 (0%) started | elapsed 0s"
-    assert timed == "run step 101/1288 (7%) loss 3.500 | 9,000 tok/s | elapsed 31s, eta 6m04s"
+    # 27 s for the 100 steps after the first: 0.27 s a step, 1187 steps to go
+    assert timed == "run step 101/1288 (7%) loss 3.500 | 9,000 tok/s | elapsed 31s, eta 5m20s"
     assert evaluated.startswith("run step 120/1288 (9%) loss 3.412 val 3.510 | 12,345 tok/s | elapsed 40s, eta ")
+
+
+def test_eta_leaves_out_the_first_steps_compilation():
+    """A first step of 60 s (torch.compile) and 0.01 s a step after it: the eta is minutes, not days."""
+    clock, out = Clock(), io.StringIO()
+    lines = Lines("run", 100_000, 0, out, every_s=30, clock=clock)
+    clock.now = 60.0
+    lines.update(1)
+    assert "eta" not in lines.line(), "no pace yet: one step, and it held the compilation"
+    clock.now = 61.0
+    lines.update(101)
+    assert lines.line().endswith("elapsed 1m01s, eta 16m39s")
 
 
 def test_resumed_lines_say_so_and_time_this_process():
     clock, out = Clock(), io.StringIO()
     lines = Lines("run", 200, 100, out, every_s=30, clock=clock)
+    clock.now = 5
+    lines.update(101)
     clock.now = 50
     lines.update(150, {"step": 150, "loss": 2.0, "tokens_per_s": 1.0, "val_loss": 2.1})
     assert out.getvalue().splitlines() == [
         "run step 100/200 (50%) resumed | elapsed 0s",
-        "run step 150/200 (75%) loss 2.000 val 2.100 | 1 tok/s | elapsed 50s, eta 50s",
+        "run step 150/200 (75%) loss 2.000 val 2.100 | 1 tok/s | elapsed 50s, eta 46s",
     ]
 
 
@@ -208,3 +225,27 @@ def test_resumed_tensorboard_shows_no_step_twice(pico):
     events = scalars(out)["train/loss"]
     assert [step for step, _ in events] == [r["step"] for r in rows] == list(range(1, run.steps + 1))
     assert [v for _, v in events] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+
+
+def test_tensorboard_switched_on_after_training_writes_events_from_the_log(pico):
+    """recipe.tensorboard is bookkeeping, so switching it on trains nothing again: the workflow's
+    start writes a finished run's events from its metrics.jsonl (a dry run only says so)."""
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed: pip install 'moe-harness[tensorboard]'")
+    root, study = pico
+    results = root / "late"
+    run_dir = results / "runs" / DENSE
+    train(find_run(study, DENSE), study, root / "data", run_dir, progress=False)
+    assert not (run_dir / "tensorboard").exists()
+    on = with_tensorboard(study)
+    said = io.StringIO()
+    assert backfill_events(plan(on), results, "pico", write=False, stream=said) == [DENSE]
+    assert "a real run writes its events" in said.getvalue() and not (run_dir / "tensorboard").exists()
+    assert backfill_events(plan(study), results, "pico", write=True, stream=said) == [], "switched off: nothing"
+    assert backfill_events(plan(on), results, "pico", write=True, stream=said) == [DENSE]
+    rows = metrics(run_dir)
+    events = scalars(run_dir)
+    assert [step for step, _ in events["train/loss"]] == [r["step"] for r in rows]
+    assert [v for _, v in events["train/loss"]] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    assert [step for step, _ in events["val/loss"]] == [r["step"] for r in rows if "val_loss" in r]
+    assert not list(run_dir.glob(".tensorboard*")), "no temporary folder left"
+    assert backfill_events(plan(on), results, "pico", write=True, stream=said) == [], "written once"

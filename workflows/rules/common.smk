@@ -12,6 +12,7 @@ from harness.study.pool import pool_files
 from harness.study.runs import analysed, plan
 from harness.study.spec import load_study
 from harness.train.loop import pick_device
+from harness.train.progress import backfill_events
 from harness.workflow.snakefile import (
     at_a_glance,
     choose_study,
@@ -102,6 +103,9 @@ with refusals():
     if not DRY_RUN:
         sync_corpus(STUDY, Path(RESULTS), content=CORPUS)
     STAND_IN = stand_ins(dry_run_files(list(RUNS.values()), RETRAINED, Path(RESULTS), CORPUS)) if DRY_RUN else {}
+    # recipe.tensorboard switched on after runs finished (it retrains nothing): their events are
+    # written from their metrics logs now (harness.train.progress.backfill_events).
+    backfill_events(RUNS.values(), Path(RESULTS), STUDY.name, write=not DRY_RUN)
 
     # Finished runs of other studies that this one reuses (harness.workflow.reuse): where a run has none, its
     # reuse job lacks an input and Snakemake trains it (ruleorder: reuse > train).
