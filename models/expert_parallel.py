@@ -32,7 +32,7 @@ needs on the host (with the capacity and the sequence lengths in the same copy).
 counts, capacity positions and losses stay on the device. (The float32 expert loop of
 ``Experts.forward_sorted`` syncs too, on one rank as on one process; bf16 uses grouped GEMMs.)
 
-Tests: ``pytest tests/test_expert_parallel.py`` (gloo, 2 and 4 processes on CPU); benchmark:
+Tests: ``pytest tests/models/test_expert_parallel.py`` (gloo, 2 and 4 processes on CPU); benchmark:
 ``tests/benchmarks/test_expert_parallel_dispatch.py`` (``make bench``).
 
 Shape legend beyond models/moe.py's: P ranks in the EP group, L = E / P experts per rank,

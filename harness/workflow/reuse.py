@@ -19,7 +19,7 @@ it wrote and is one line. A finished copy is replaced only with ``--force`` (the
 it under ``--config retrain=stale``), when the run it came from has changed since; a run this
 study trained itself never is.
 
-    python -m harness.reuse workflows/studies/tiny2.yaml --run dense-s_1e15_s0 [--force]
+    python -m harness.reuse STUDY.yaml --run RUN --from results/OTHER/runs/RUN [--force]
 """
 
 from __future__ import annotations
