@@ -2,6 +2,12 @@
 
 harness export tiny --run dense-d64_7e12_s0 [--out DIR]
 
+The folder holds the transformers class that computes what the run's model does (Llama, Qwen3,
+Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE, or GLM-4.5 for sigmoid-bias routing:
+harness.evaluate.export_families), its weights, the study's tokenizer (its model_max_length the
+training context) and a README.md whose snippet continues a prompt as ``harness sample`` does. A
+model no class computes exactly is refused in one line naming the field.
+
 An --out that is a symbolic link is refused, naming the path to give instead (its target): the
 export writes a folder of its own there and replaces no link. A link in a folder above --out is
 followed (the export is written in its target), and no other: a link inside an earlier export is

@@ -2,29 +2,13 @@
 
     harness export tiny --run dense-d64_7e12_s0 --out exported/dense-d64
 
-The target class is the one whose computation equals ours; a variant with no faithful
-equivalent is refused with the reason rather than exported approximately:
-
-  dense, no QK-norm                         -> LlamaForCausalLM
-  dense, per-head QK-norm                   -> Qwen3ForCausalLM
-  MoE softmax-topk + renorm, every block    -> MixtralForCausalLM   (no QK-norm, no shared experts)
-  MoE softmax-topk, per-head QK-norm        -> Qwen3MoeForCausalLM  (norm_topk_prob = renormalize)
-  MoE softmax-topk, full QK-norm            -> OlmoeForCausalLM     (every block MoE, n_heads * head_dim = d_model)
-  MoE softmax-topk, gated shared experts    -> Qwen2MoeForCausalLM  (no QK-norm)
-
-Every class takes head_dim, num_key_value_heads (grouped-query attention), the RoPE base
-(rope_parameters), rms_norm_eps and tie_word_embeddings from its config, so those fields map one
-to one, head_dim given explicitly (Qwen3-MoE, OLMoE and Qwen2-MoE read it through
-``getattr(config, "head_dim", ...)``). The exception is OLMoE's full-width QK-norm: OlmoeAttention
-sizes q_norm from hidden_size and k_norm from hidden_size // n_heads * n_kv_heads, which are our
-n_heads * head_dim and n_kv_heads * head_dim only when head_dim = d_model / n_heads; any other
-head_dim is refused. Qwen's MoE classes place sparse layers as we do ((i + 1) % decoder_sparse_step
-== 0, with ``mlp_only_layers`` for leading dense blocks); Mixtral and OLMoE have an MoE in every
-block, so a model with dense blocks is refused there. Also refused: a dense model with full QK-norm
-(OLMo 2 has one, but normalises after attention and FFN, Olmo2DecoderLayer), routing other than
-softmax over E then top-k, capacity dispatch, route_scale other than 1, forced-balanced routing,
-and shared experts other than Qwen2-MoE's (gated, no QK-norm). The tokenizer is exported as a fast
-tokenizer.
+The target class is the one whose computation equals ours, a variant with no faithful equivalent
+refused with the reason rather than exported approximately (harness.evaluate.export_families):
+Llama or Qwen3 for a dense model; Mixtral, Qwen3-MoE, OLMoE or Qwen2-MoE for softmax-topk routing;
+GLM-4.5 (Glm4MoeForCausalLM) for sigmoid-bias routing, DeepSeek-V3's auxiliary-loss-free balancing
+that the shipped studies train. The tokenizer is exported as a fast tokenizer whose
+``model_max_length`` is the training context, and the folder's README.md shows how to continue a
+prompt with transformers as ``harness sample`` does (harness.evaluate.export_readme).
 
 Should transformers still build something other than the mapping expects, the export stops with
 the tensors that do not fit, naming the run, before anything is written; the folder is written
@@ -41,10 +25,11 @@ refuses, naming them, the links in it, whatever their names: an export writes no
 link there is a user's (moving a link out of the folder leaves its target as it is).
 
 The run's balancing losses travel with the weights: the load-balance coefficient becomes the
-class's ``router_aux_loss_coef`` (rescaled to transformers' form of the loss), a coefficient
-with a field of its own in the class fills it, and every coefficient the run used that the
-class has no field for is named in the folder's README.md and under ``moe_harness`` in
-config.json, with the run's whole model config, rather than dropped.
+class's ``router_aux_loss_coef`` (rescaled to transformers' form of the loss) where it has one, a
+coefficient with a field of its own in the class fills it, and every coefficient the run used that
+the class has no field for (GLM-4.5 computes no balancing loss, nor updates its selection bias) is
+named in the folder's README.md and under ``moe_harness`` in config.json, with the run's whole model
+config, rather than dropped.
 """
 
 from __future__ import annotations
@@ -56,226 +41,37 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 
 from harness.core.errors import DiskFull, HarnessError, os_failure
 from harness.core.io import NO_SPACE, follow_umask, free_bytes
-from models.config import Dispatch, ModelConfig, MoEConfig, QKNorm, Routing
+from harness.evaluate.export_families import (
+    CLASSES,
+    LOSSES,
+    NotExportable,
+    hf_balancing,
+    hf_config,
+    hf_family,
+    hf_state_dict,
+)
+from harness.evaluate.export_readme import new_tokens, readme
+from models.config import ModelConfig
 
-
-class NotExportable(ValueError):
-    pass
-
-
-def hf_family(cfg: ModelConfig) -> str:
-    """The transformers architecture that computes exactly what ``cfg`` does, or NotExportable."""
-    m = cfg.moe
-    if m is None:
-        if cfg.qk_norm is QKNorm.NONE:
-            return "llama"
-        if cfg.qk_norm is QKNorm.PER_HEAD:
-            return "qwen3"
-        raise NotExportable(
-            f"{cfg.name}: qk_norm '{cfg.qk_norm.value}' on a dense model has no transformers class "
-            "(OLMo 2's full-width QK-norm comes with norms after attention and FFN, not before)"
-        )
-    problems = []
-    if m.routing is not Routing.SOFTMAX_TOPK:
-        problems.append(f"routing '{m.routing.value}' (transformers' MoE classes use softmax over E, then top-k)")
-    if m.dispatch is not Dispatch.DROPLESS:
-        problems.append("capacity dispatch drops tokens; transformers' MoE blocks are dropless")
-    if m.route_scale != 1.0:
-        problems.append(f"route_scale {m.route_scale}")
-    if m.force_balanced:
-        problems.append("force_balanced routing")
-    dense_blocks = cfg.n_dense_layers > 0
-    if m.shared_experts:
-        if not m.shared_gate or cfg.qk_norm is not QKNorm.NONE:
-            problems.append("shared experts export only as Qwen2-MoE: with shared_gate and without QK-norm")
-        family = "qwen2_moe"
-    elif cfg.qk_norm is QKNorm.PER_HEAD:
-        family = "qwen3_moe"
-    elif cfg.qk_norm is QKNorm.FULL:
-        family = "olmoe"
-        if dense_blocks:
-            problems.append("OLMoE has an MoE in every block")
-        # OlmoeAttention sizes q_norm from hidden_size and k_norm from hidden_size // n_heads *
-        # n_kv_heads: ours span n_heads * head_dim and n_kv_heads * head_dim, equal only here.
-        if cfg.n_heads * cfg.head_dim != cfg.d_model:
-            problems.append(
-                f"head_dim {cfg.head_dim} with qk_norm 'full': the norms span n_heads * head_dim = "
-                f"{cfg.n_heads * cfg.head_dim}, but OLMoE sizes them from hidden_size (d_model {cfg.d_model})"
-            )
-    else:
-        family = "mixtral" if m.renormalize and not dense_blocks else "qwen3_moe"
-        if family == "qwen3_moe":
-            problems.append(
-                "without QK-norm only Mixtral matches (renormalised gates, MoE in every block); "
-                "Qwen3-MoE would add a QK-norm"
-            )
-    if problems:
-        raise NotExportable(f"{cfg.name} has no faithful transformers equivalent: " + "; ".join(problems))
-    return family
-
-
-LOSSES = {
-    "z_loss_coef": ("router z-loss (ST-MoE)", "router_z_loss_coef"),
-    "importance_coef": ("CV(importance)^2 loss (Shazeer et al. 2017)", None),
-    "load_coef": ("smooth CV(load)^2 loss (Shazeer et al. 2017)", None),
-    "seq_balance_coef": ("sequence-wise balance loss (DeepSeek-V3)", None),
-}
-"""Our balancing coefficients besides load_balance_coef: what each weights, and the transformers
-config field that holds it where some class has one (Switch Transformers' router_z_loss_coef)."""
-
-CLASSES = {
-    "llama": "LlamaConfig",
-    "qwen3": "Qwen3Config",
-    "mixtral": "MixtralConfig",
-    "olmoe": "OlmoeConfig",
-    "qwen3_moe": "Qwen3MoeConfig",
-    "qwen2_moe": "Qwen2MoeConfig",
-}
-
-
-def hf_balancing(m: MoEConfig, config_class: type) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
-    """The run's balancing losses for ``config_class``: (its config fields, how each was derived,
-    a note per coefficient the run used that it has no field for)."""
-    name = config_class.__name__
-    # transformers' load_balancing_loss_func counts all T*k assignments, so sum_i f_i = k, where
-    # ours normalises sum_i f_i = 1 (models/moe.py switch_balance_loss, Fedus et al. 2021 eq. 4):
-    # its loss is k times ours, and alpha / k applies the run's penalty.
-    fields: dict[str, Any] = {"router_aux_loss_coef": m.load_balance_coef / m.top_k}
-    carried = {
-        "router_aux_loss_coef": (
-            f"load_balance_coef {m.load_balance_coef} / top_k {m.top_k}: transformers' load-balancing "
-            "loss counts all k choices per token, so it is k times ours. It pools the counts and "
-            "probabilities over layers before the product where we average per-layer losses: the "
-            "two agree for one MoE layer and for uniform routing"
-        ),
-        # On, transformers cannot generate from a padded batch (the new token's router logits
-        # meet the whole attention mask), so the export is for inference as trained.
-        "output_router_logits": (
-            "false, so batched generation works; set it to true to fine-tune with the load-balance loss"
-        ),
-    }
-    fields["output_router_logits"] = False
-    defaults = config_class()
-    missing = {}
-    for coef, (what, field) in LOSSES.items():
-        value = getattr(m, coef)
-        if field is not None and hasattr(defaults, field):
-            fields[field] = value
-            carried[field] = f"{coef} {value}"
-        elif value:
-            missing[coef] = (
-                f"{coef} {value}: the run trained with the {what}; {name} has no field for it, so "
-                "transformers computes no such loss when training this model further"
-            )
-    return fields, carried, missing
-
-
-def hf_config(cfg: ModelConfig, family: str, eos_id: int | None, source: str | None = None):
-    """The transformers config of ``family`` for ``cfg``; ``moe_harness`` in it records the run's
-    model config, how its balancing losses were carried and which have no field."""
-    import transformers
-
-    common: dict[str, Any] = {
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": eos_id,
-        "eos_token_id": eos_id,
-        "torch_dtype": "float32",
-    }
-    cls = getattr(transformers, CLASSES[family])
-    common["moe_harness"] = {"source": source, "config": cfg.to_dict()}
-    m = cfg.moe
-    if m is None:
-        return cls(**common, intermediate_size=cfg.d_ff, attention_bias=False)
-    balancing, carried, missing = hf_balancing(m, cls)
-    common["moe_harness"] |= {"carried": carried, "not_carried": missing}
-    moe = {"num_experts_per_tok": m.top_k, **balancing}
-    if family == "mixtral":
-        return cls(**common, **moe, intermediate_size=m.d_expert, num_local_experts=m.experts, router_jitter_noise=0.0)
-    if family == "olmoe":
-        return cls(**common, **moe, intermediate_size=m.d_expert, num_experts=m.experts, norm_topk_prob=m.renormalize)
-    sparse = {
-        "num_experts": m.experts,
-        "moe_intermediate_size": m.d_expert,
-        "intermediate_size": cfg.d_ff or m.d_expert,
-        "norm_topk_prob": m.renormalize,
-        "decoder_sparse_step": m.every,
-        "mlp_only_layers": list(range(m.first_dense)),
-    }
-    if family == "qwen3_moe":
-        return cls(**common, **moe, **sparse)
-    return cls(**common, **moe, **sparse, shared_expert_intermediate_size=m.shared_experts * m.d_expert)
-
-
-def hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
-    out = {"model.embed_tokens.weight": state["tok_emb.weight"], "model.norm.weight": state["norm.weight"]}
-    out["lm_head.weight"] = state["tok_emb.weight" if cfg.tie_embeddings else "lm_head.weight"]
-    for i in range(cfg.n_layers):
-        src, dst = f"blocks.{i}.", f"model.layers.{i}."
-        out[dst + "input_layernorm.weight"] = state[src + "attn_norm.weight"]
-        out[dst + "post_attention_layernorm.weight"] = state[src + "ffn_norm.weight"]
-        for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
-            out[f"{dst}self_attn.{theirs}.weight"] = state[f"{src}attn.{ours}.weight"]
-        if family == "qwen2_moe":  # its attention has q/k/v biases: ours are zero
-            for name in ("q_proj", "k_proj", "v_proj"):
-                w = out[f"{dst}self_attn.{name}.weight"]
-                out[f"{dst}self_attn.{name}.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
-        if cfg.qk_norm is not QKNorm.NONE:
-            out[dst + "self_attn.q_norm.weight"] = state[src + "attn.q_norm.weight"]
-            out[dst + "self_attn.k_norm.weight"] = state[src + "attn.k_norm.weight"]
-        if not cfg.is_moe_layer(i):
-            for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-                out[f"{dst}mlp.{theirs}.weight"] = state[f"{src}ffn.{ours}.weight"]
-            continue
-        out[dst + "mlp.gate.weight"] = state[src + "ffn.router.weight"]
-        out[dst + "mlp.experts.gate_up_proj"] = torch.cat(
-            [state[src + "ffn.experts.w1"], state[src + "ffn.experts.w3"]], dim=1
-        )
-        out[dst + "mlp.experts.down_proj"] = state[src + "ffn.experts.w2"]
-        if cfg.moe.shared_experts:
-            for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-                out[f"{dst}mlp.shared_expert.{theirs}.weight"] = state[f"{src}ffn.shared.{ours}.weight"]
-            out[dst + "mlp.shared_expert_gate.weight"] = state[src + "ffn.shared_gate.weight"]
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
-
-
-def readme(cfg: ModelConfig, class_name: str, hf_cfg) -> str:
-    """The exported folder's README.md: where the model comes from and what of its training
-    losses the transformers config holds."""
-    import transformers
-
-    meta = hf_cfg.moe_harness
-    source = meta["source"] or "a harness model"
-    lines = [
-        f"# {cfg.name}",
-        "",
-        f"Exported by harness export from {source} as {class_name} (transformers {transformers.__version__}),",
-        "whose logits equal the harness model's.",
-    ]
-    if cfg.moe is not None:
-        lines += ["", "## Balancing losses of the training run", ""]
-        lines += [f"- {field}: {how}" for field, how in meta["carried"].items()]
-        lines += [f"- not carried: {note}" for note in meta["not_carried"].values()]
-        if not meta["not_carried"]:
-            lines.append(f"- every balancing loss the run used has a field in {type(hf_cfg).__name__}")
-    config = yaml.safe_dump(meta["config"], sort_keys=False)
-    lines += ["", "## Model config (moe_harness.config in config.json)", "", "```yaml", config.rstrip(), "```", ""]
-    return "\n".join(lines)
+__all__ = [
+    "CLASSES",
+    "LOSSES",
+    "MANIFEST",
+    "NotExportable",
+    "check_destination",
+    "export",
+    "hf_balancing",
+    "hf_config",
+    "hf_family",
+    "hf_model",
+    "hf_state_dict",
+    "readme",
+]
 
 
 def hf_model(
@@ -455,7 +251,10 @@ def export(
     eos_id = None
     tokenizer = None
     if tokenizer_file is not None:
-        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token="<|endoftext|>")
+        # model_max_length: the training context, where transformers would otherwise say 1e30.
+        tokenizer = transformers.PreTrainedTokenizerFast(
+            tokenizer_file=str(tokenizer_file), eos_token="<|endoftext|>", model_max_length=cfg.max_seq_len
+        )
         eos_id = tokenizer.eos_token_id
     model = hf_model(cfg, state, family, eos_id, source)
     tmp = old = None
@@ -465,7 +264,11 @@ def export(
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
         model.save_pretrained(tmp)
-        (tmp / "README.md").write_text(readme(cfg, type(model).__name__, model.config))
+        if tokenizer is None:
+            text = readme(cfg, type(model).__name__, model.config)
+        else:
+            text = readme(cfg, type(model).__name__, model.config, out_dir.absolute(), new_tokens(cfg, tokenizer))
+        (tmp / "README.md").write_text(text)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps({"files": _files(tmp)}, indent=2) + "\n")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import io
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -36,6 +39,7 @@ FAMILIES = {
     "qwen3-moe": (sensitive(moe={"renormalize": False}, qk_norm=QKNorm.PER_HEAD), "Qwen3MoeForCausalLM"),
     "olmoe": (sensitive(moe={"renormalize": False}, qk_norm=QKNorm.FULL), "OlmoeForCausalLM"),
     "qwen2-moe": (sensitive(moe={"shared_experts": 1, "shared_gate": True}), "Qwen2MoeForCausalLM"),
+    "glm4-moe": (sensitive(moe={"routing": Routing.SIGMOID_BIAS}), "Glm4MoeForCausalLM"),
 }
 """One model per target class, each with grouped-query attention."""
 
@@ -57,7 +61,37 @@ CASES = {
     **{f"{f}-tied": variant(f, tie_embeddings=True) for f in FAMILIES},
     # Mixtral and OLMoE have an MoE in every block: refused below.
     **{f"{f}-interleaved": variant(f, **INTERLEAVED) for f in ("qwen3-moe", "qwen2-moe")},
+    # Sigmoid-bias routing: the bias picks experts, the unbiased scores weigh them.
+    "glm4-moe-shared": variant("glm4-moe", moe={"shared_experts": 2}),
+    "glm4-moe-no-renorm": variant("glm4-moe", moe={"renormalize": False}),
+    "glm4-moe-route-scale": variant("glm4-moe", moe={"route_scale": 2.5}),
+    "glm4-moe-qk-norm": variant("glm4-moe", qk_norm=QKNorm.PER_HEAD),
+    # Blocks 0-1 dense, 2-3 MoE: first_k_dense_replace 2.
+    "glm4-moe-first-dense": variant("glm4-moe", moe={"first_dense": 2}, n_layers=4, d_ff=48),
+    "glm4-moe-all-at-once": variant(
+        "glm4-moe",
+        moe={"first_dense": 1, "shared_experts": 1, "renormalize": False, "route_scale": 1.5},
+        n_layers=3,
+        d_ff=40,
+        qk_norm=QKNorm.PER_HEAD,
+        tie_embeddings=True,
+        head_dim=12,
+    ),
 }
+
+
+def spread(model: Transformer) -> Transformer:
+    """Routers with enough spread that top-k choices are not ties, selection biases that change
+    some choices (test_export_sigmoid_bias.py shows they do), and norms that differ, so each
+    must land in its place."""
+    for m in model.moe_layers:
+        m.router.weight.normal_(std=0.5)
+        if m.router.bias is not None:
+            m.router.bias.normal_(std=0.3)
+    for key, w in model.named_parameters():
+        if "norm" in key:
+            w.normal_(1.0, 0.3)
+    return model
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -67,11 +101,7 @@ def test_exported_logits_equal_ours(name, tmp_path):
     cfg, expected_class = CASES[name]
     model = Transformer(cfg).eval()
     with torch.no_grad():
-        for m in model.moe_layers:  # give routers enough spread that top-k choices are not ties
-            m.router.weight.normal_(std=0.5)
-        for key, w in model.named_parameters():  # norms that differ, so each must land in its place
-            if "norm" in key:
-                w.normal_(1.0, 0.3)
+        spread(model)
     cls = export(cfg, model.state_dict(), None, tmp_path / "hf")
     assert cls == expected_class
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -83,11 +113,14 @@ def test_exported_logits_equal_ours(name, tmp_path):
         torch.testing.assert_close(theirs(idx).logits, model(idx).logits, rtol=1e-4, atol=1e-4)
 
 
+SB = {"routing": Routing.SIGMOID_BIAS}
+
+
 @pytest.mark.parametrize(
     ("moe", "overrides", "fragment"),
     [
-        ({"routing": Routing.SIGMOID_BIAS}, {}, "routing 'sigmoid-bias'"),
         ({"routing": Routing.TOPK_SOFTMAX}, {}, "routing 'topk-softmax'"),
+        ({"routing": Routing.NOISY_TOPK}, {}, "routing 'noisy-topk'"),
         ({"dispatch": Dispatch.CAPACITY}, {}, "capacity dispatch"),
         ({"route_scale": 2.5}, {}, "route_scale 2.5"),
         ({"force_balanced": True}, {}, "force_balanced"),
@@ -100,6 +133,12 @@ def test_exported_logits_equal_ours(name, tmp_path):
         ({}, {"qk_norm": QKNorm.FULL, "head_dim": 12}, "head_dim 12 with qk_norm 'full'.* = 48.*d_model 32"),
         ({}, {"qk_norm": QKNorm.FULL, "head_dim": 4}, "head_dim 4 with qk_norm 'full'.* = 16.*d_model 32"),
         (None, {"qk_norm": QKNorm.FULL}, "qk_norm 'full' on a dense model"),
+        ({**SB, "shared_experts": 1, "shared_gate": True}, {}, "shared_gate: no transformers class"),
+        (SB, {"qk_norm": QKNorm.FULL}, "qk_norm 'full' with sigmoid-bias routing"),
+        ({**SB, "every": 2}, {"n_layers": 4, "d_ff": 48}, r"moe.every 2 leaves block\(s\) \[2\] dense after"),
+        ({**SB, "experts": 1, "top_k": 1}, {}, "experts 1"),
+        ({**SB, "dispatch": Dispatch.CAPACITY}, {}, "capacity dispatch"),
+        ({**SB, "force_balanced": True}, {}, "force_balanced"),
     ],
     ids=[
         "sigmoid-bias",
@@ -116,6 +155,12 @@ def test_exported_logits_equal_ours(name, tmp_path):
         "olmoe-head-dim-wider",
         "olmoe-head-dim-narrower",
         "dense-full-qk-norm",
+        "sigmoid-bias-shared-gate",
+        "sigmoid-bias-full-qk-norm",
+        "sigmoid-bias-interleaved",
+        "sigmoid-bias-one-expert",
+        "sigmoid-bias-capacity",
+        "sigmoid-bias-force-balanced",
     ],
 )
 def test_variants_without_an_equivalent_are_refused(moe, overrides, fragment):
@@ -124,20 +169,16 @@ def test_variants_without_an_equivalent_are_refused(moe, overrides, fragment):
 
 
 def write_tokenizer(path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    """The project's byte-level BPE (harness.data.prepare), trained on a line of Python."""
+    from harness.data.prepare import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 50, trainer=trainer)
+    tok = train_tokenizer(["def f(x):\n    return x + 1\n"] * 50, 300)
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return tok
 
 
-def test_export_writes_a_fast_tokenizer(tmp_path):
+def test_export_writes_a_fast_tokenizer_that_knows_the_context(tmp_path):
     from transformers import AutoTokenizer
 
     tok = write_tokenizer(tmp_path / "tokenizer.json")
@@ -146,6 +187,7 @@ def test_export_writes_a_fast_tokenizer(tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert loaded.is_fast and loaded.eos_token == "<|endoftext|>"
     assert loaded("return x")["input_ids"] == tok.encode("return x").ids
+    assert loaded.model_max_length == cfg.max_seq_len == 16, "the training context, not transformers' 1e30"
     assert not list(tmp_path.glob(".hf.*")), "no temporary directory left behind"
 
 
@@ -205,12 +247,18 @@ def test_a_failed_write_leaves_the_earlier_export_and_no_temporary_folder(tmp_pa
     assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
 
 
-def trained_study(root, model_fields: dict, tokenizer: bool = True) -> tuple[str, str, str]:
+def trained_study(
+    root, model_fields: dict, tokenizer: bool = True, weights=None, vocab_size: int | None = None
+) -> tuple[str, str, str]:
     """A study folder whose one run of ``model_fields`` has finished: record.json, a checkpoint
-    of freshly initialised weights and (``tokenizer``) the tokenizer. (study file, results root,
-    run id)."""
+    of freshly initialised weights (changed in place by ``weights``, given the model) and
+    (``tokenizer``) the tokenizer; ``vocab_size``, the study's vocabulary and so its models', where
+    given. (study file, results root, run id)."""
     (root / "model.yaml").write_text(yaml.safe_dump(model_fields))
-    (root / "study.yaml").write_text(yaml.safe_dump(study_dict(root)))
+    spec = study_dict(root)
+    if vocab_size is not None:
+        spec["data"]["vocab_size"] = vocab_size
+    (root / "study.yaml").write_text(yaml.safe_dump(spec))
     (run,) = plan(load_study(root / "study.yaml"))
     results = root / "results" / "pico"
     run_dir = results / "runs" / run.run_id
@@ -219,7 +267,11 @@ def trained_study(root, model_fields: dict, tokenizer: bool = True) -> tuple[str
     arm = {"arm": "dense"} if moe is None else {"arm": "moe", "experts": moe.experts, "top_k": moe.top_k}
     record = _rec(run.model.name, budget=run.budget, active=1e5, total=1e5, loss=3.0, seed=run.seed, **arm)
     (run_dir / "record.json").write_text(json.dumps(written(record, "pico")))
-    save_checkpoint({"model": Transformer(run.model).state_dict()}, run_dir / "checkpoint.pt")
+    model = Transformer(run.model)
+    if weights is not None:
+        with torch.no_grad():
+            weights(model)
+    save_checkpoint({"model": model.state_dict()}, run_dir / "checkpoint.pt")
     if tokenizer:
         write_tokenizer(results / "data" / "tokenizer.json")
     return str(root / "study.yaml"), str(root / "results"), run.run_id
@@ -316,6 +368,7 @@ def test_a_class_field_is_filled_and_only_used_coefficients_get_a_note():
     moe = tiny_config(moe={"z_loss_coef": 0.001, "seq_balance_coef": 1e-4}).moe
 
     class WithZLoss:  # as Switch Transformers' config has
+        router_aux_loss_coef = 0.001
         router_z_loss_coef = 0.0
 
     fields, carried, missing = hf_balancing(moe, WithZLoss)
@@ -323,7 +376,56 @@ def test_a_class_field_is_filled_and_only_used_coefficients_get_a_note():
     assert set(missing) == {"seq_balance_coef"} and "WithZLoss has no field" in missing["seq_balance_coef"]
 
     class NoField:
-        pass
+        router_aux_loss_coef = 0.001
 
     _, _, missing = hf_balancing(tiny_config(moe={}).moe, NoField)
     assert missing == {}, "coefficients left at 0 were not used by the run"
+
+
+SIGMOID_BIAS_MODEL = {
+    "name": "moe-sb",
+    "vocab_size": 512,  # the study's: the tokenizer's
+    "d_model": 32,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "max_seq_len": 32,
+    "tie_embeddings": True,
+    "init_std": 0.3,  # logits far enough apart that no greedy step is a near tie
+    "moe": {"experts": 4, "top_k": 2, "d_expert": 24, "routing": "sigmoid-bias", "load_balance_coef": 0.0},
+}
+"""The shipped studies' MoE in small: sigmoid-bias routing, tied embeddings, grouped-query attention."""
+
+
+def readme_snippet(readme: str) -> str:
+    (code,) = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    return code
+
+
+def test_the_readmes_snippet_prints_what_harness_sample_prints(tmp_path, monkeypatch):
+    """The exported folder's README.md loads it with transformers alone and continues the prompt
+    greedily after an end-of-text token, printing the text harness sample prints at temperature 0."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = write_tokenizer(tmp_path / "results" / "pico" / "data" / "tokenizer.json")
+    vocab = tok.get_vocab_size()
+    study, results, run_id = trained_study(tmp_path, SIGMOID_BIAS_MODEL, False, spread, vocab_size=vocab)
+    out = tmp_path / "hf"
+    code, printed, err = cli_output("export", study, "--results", results, "--run", run_id, "--out", str(out))
+    assert code == 0 and "Glm4MoeForCausalLM" in printed, err
+    readme = (out / "README.md").read_text()
+    snippet = readme_snippet(readme)
+    tokens = 32 - 1 - len(tok.encode("def ").ids)  # what the end-of-text token and the prompt leave
+    assert f"folder = {str(out)!r}" in snippet and f"prompt, new_tokens = 'def ', {tokens}" in snippet
+    assert f"--prompt 'def ' --tokens {tokens} --temperature 0" in readme
+    argv = ("sample", study, "--results", results, "--run", run_id, "--prompt", "def ", "--tokens", str(tokens))
+    code, sampled, err = cli_output(*argv, "--temperature", "0")
+    assert code == 0, err
+    assert sampled.startswith("def ") and len(tok.encode(sampled.removesuffix("\n")).ids) > 10, sampled
+    with contextlib.redirect_stdout(io.StringIO()) as generated:
+        exec(compile(snippet, str(out / "README.md"), "exec"), {})
+    assert generated.getvalue() == sampled
+    # Without the end-of-text token first, the continuation is another one: the snippet needs it.
+    without = snippet.replace("[[eos, *prompt_ids]]", "[prompt_ids]")
+    with contextlib.redirect_stdout(io.StringIO()) as other:
+        exec(compile(without, "without-eos", "exec"), {})
+    assert other.getvalue() != sampled
