@@ -40,6 +40,7 @@ from harness.analysis.cost_claims import memory_follows_total, wall_clock_below_
 from harness.analysis.routing_health import COLLAPSE_IMBALANCE, run_imbalance
 from harness.analysis.stats import (
     ALPHA,
+    DEFAULT_RULE,
     contrast_gains,
     default_contrast,
     holm,
@@ -115,10 +116,7 @@ def _contrast_text(c: PrimaryContrast, registered: bool) -> str:
     rule = f"alpha {c.alpha:g}, smallest gain of interest {c.delta_min:g} nats"
     if registered:
         return f"registered primary contrast: {what} ({rule})"
-    return (
-        f"no registered contrast; stated default (the sparse E > k arm at the largest budget with the most "
-        f"seeds, ties: the largest E): {what} ({rule})"
-    )
+    return f"no registered contrast; stated default, {DEFAULT_RULE}: {what} ({rule})"
 
 
 def _test_text(t: dict[str, Any], c: PrimaryContrast) -> str:

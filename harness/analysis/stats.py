@@ -30,8 +30,39 @@ DEFAULT_ALPHA = 0.05  # R1 without a registered contrast: the level of the one-s
 DEFAULT_DELTA_MIN = 0.01  # ... and the smallest gain of interest, nats
 
 
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
 def arm_label(rec: dict[str, Any]) -> str:
-    return "dense" if rec["arm"] == "dense" else f"MoE E{rec['experts']} k{rec['top_k']}"
+    """How the report names a run's architecture: 'dense', or the MoE's E and k followed by each
+    choice that changes its parameter count beyond them (``models.config.MoEConfig``): shared
+    experts ('+1 shared', 'gated' with a shared-expert gate), an expert width other than the
+    compute-matched d_ff / (k + shared) of ``models.matching`` ('d_expert d_ff/8', or 'd_expert 64'
+    where the config has no d_ff), a noisy router (its noise projection doubles the router), and
+    MoE layers in only some blocks ('MoE in every 2nd block', 'first 1 block dense'). Every part is
+    the same at every width of one design, so a label names one arm across model sizes."""
+    if rec["arm"] == "dense":
+        return "dense"
+    cfg = rec.get("config") or {}
+    moe = cfg.get("moe") or {}
+    k, shared = rec["top_k"], moe.get("shared_experts") or 0
+    label = f"MoE E{rec['experts']} k{k}"
+    if shared:
+        label += f" +{shared} shared" + (" (gated)" if moe.get("shared_gate") else "")
+    parts = []
+    width, d_ff = moe.get("d_expert"), cfg.get("d_ff")
+    if width and not d_ff:
+        parts.append(f"d_expert {width}")
+    elif width and width * (k + shared) != d_ff:
+        parts.append(f"d_expert d_ff/{d_ff / width:.3g}")
+    if moe.get("routing") == "noisy-topk":
+        parts.append("noisy router")
+    if (moe.get("every") or 1) > 1:
+        parts.append(f"MoE in every {_ordinal(moe['every'])} block")
+    if first := moe.get("first_dense"):
+        parts.append(f"first {first} block{'s' * (first > 1)} dense")
+    return ", ".join([label, *parts])
 
 
 def dense_peer(moe: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -304,10 +335,17 @@ def paired_gain(gain: np.ndarray, alpha: float, delta_min: float) -> dict[str, A
     }
 
 
+DEFAULT_RULE = (
+    "the sparse MoE arm, E > k, at the largest budget with the most seeds, ties going to the largest E and then "
+    "to the model name last in alphabetical order, against its dense peer"
+)
+"""How ``default_contrast`` chooses, in the words the report and the plan's warning use."""
+
+
 def default_contrast(seed_rows: list[dict[str, Any]]) -> PrimaryContrast | None:
-    """R1's contrast when the study registers none: the sparse (E > k) MoE arm at the largest
-    budget with the most seeds (ties: the largest E, then the model name) against its dense peer,
-    alpha DEFAULT_ALPHA, smallest gain of interest DEFAULT_DELTA_MIN nats."""
+    """R1's contrast when the study registers none (``DEFAULT_RULE``): the sparse (E > k) MoE arm
+    at the largest budget with the most seeds (ties: the largest E, then the model name) against
+    its dense peer, alpha DEFAULT_ALPHA, smallest gain of interest DEFAULT_DELTA_MIN nats."""
     sparse = [r for r in seed_rows if r["sparse"]]
     if not sparse:
         return None

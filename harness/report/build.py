@@ -22,12 +22,13 @@ from typing import Any
 
 from tabulate import tabulate
 
+from harness.analysis.contrast import recorded_contrast, report_contrast, write_contrast
 from harness.analysis.forecast import forecast_table
 from harness.core.errors import HarnessError
 from harness.core.io import read_json, write_json, write_text
 from harness.core.remedy import lost_log, run_file
 from harness.data.current import trained_on_other_data
-from harness.report.glance import glance_table
+from harness.report.glance import glance
 from harness.report.html import write_html
 from harness.report.notes import not_applicable, training_flags
 from harness.report.sections import FIGURES, StudyReport, report_lines
@@ -198,8 +199,9 @@ def _tables(r: StudyReport, microbench: Path | None) -> tuple[dict[str, tuple[li
     from harness.analysis.law_report import forms_table, law_table
 
     eval_headers, eval_rows, not_run = eval_table(r.records, r.evals)
+    headers, rows, r.withheld = glance(r.records, r.evals, r.measures, r.analysis, r.trained)
     tables = {
-        "main": glance_table(r.records, r.evals, r.measures, r.analysis, r.trained),
+        "main": (headers, rows),
         "runs": run_table(r.records, r.evals, r.trained),
         "dense_vs_moe": comparison_table(r.records, r.evals),
         "seeds": seed_table(r.seed_rows),
@@ -233,18 +235,22 @@ def _write_tables(results: Path, tables: dict[str, tuple[list[str], list[list[An
 
 
 def _draw_figures(r: StudyReport) -> None:
-    """Every figure of ``FIGURES`` under figures/, after removing those the report no longer draws."""
+    """Every figure of ``FIGURES`` under figures/, after removing those the report no longer draws;
+    one the report lists as not applicable (``r.na``) holds only what it needs."""
     from harness.analysis import scaling
     from harness.analysis.curves import loss_bands
-    from harness.report import figures
+    from harness.report import cost_figures, figures
 
     fig = {k: r.results / v for k, v in FIGURES.items()}
     _remove_stale_figures(r.results)
     figures.loss_curves(r.records, loss_bands(r.records, r.logs), fig["loss_curves"])
     figures.loss_vs_params(r.records, fig["loss_vs_params"])
-    figures.isoflop_figure(r.records + r.pooled, scaling.isoflop_curves(r.analysis), fig["isoflop"])
-    figures.loss_vs_cost(r.records, fig["loss_vs_cost"])
-    figures.cost_scaling(r.records, r.measures, fig["cost_scaling"])
+    figures.isoflop_figure(
+        r.records + r.pooled, scaling.isoflop_curves(r.analysis), fig["isoflop"], r.na.get("figure:isoflop")
+    )
+    disturbed = {run for run, flags in r.trained.items() if flags}
+    cost_figures.loss_vs_cost(r.records, fig["loss_vs_cost"], disturbed)
+    cost_figures.cost_scaling(r.records, r.measures, fig["cost_scaling"])
     figures.routing_health_figure(r.series, r.experts, fig["routing_health"], r.top_k)
     spec_run, spec_layer = _specialisation_example(r.routing)
     figures.specialisation_figure(spec_run, spec_layer, fig["specialisation"])
@@ -259,10 +265,14 @@ def write_report(study: Study, results: Path, microbench: Path | None = None) ->
     report = _read(study, results, microbench)
     report.tables, report.not_run = _tables(report, microbench)
     _write_tables(results, report.tables)
+    report.na = not_applicable(report.tables, report.records, report.analysis, scaling.isoflop_curves(report.analysis))
     _draw_figures(report)
     write_json(results / "summary.json", report.ours)
-    report.na = not_applicable(report.tables, report.records, report.analysis, scaling.isoflop_curves(report.analysis))
+    # The contrast R1 tests, beside the one the last report tested: a change of models cannot move it silently.
+    report.contrast, report.contrast_rule = report_contrast(study, report.seed_rows)
+    report.previous_contrast = recorded_contrast(results)
     path = write_text(results / "report.md", "\n".join(report_lines(report)))
+    write_contrast(results, study, report.contrast, report.contrast_rule)
     # report.html: the same text for a browser, figures inline (and the pages `snakemake --report` shows).
     write_html(results)
     return path

@@ -13,7 +13,8 @@ study a factor < 4 apart never share one). Each MoE's hue is set by its number o
 ``e<E>k<k>``: -auxfree, -nobalance, ...) takes the lighter partner of the hue and a marker chosen by
 a hash of its name; the hue is darker or lighter by an octave of width (width 64 keeps it).
 Hollow markers are left for flagged measurements (``harness.measure.plausibility``)
-and one-seed points.
+and one-seed points; where one figure shows several budgets, marker size tells them apart
+(``harness.report.figures.budget_sizes``), with a legend entry per budget.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import hashlib
 import math
 import re
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -33,7 +35,10 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+from harness.core.io import atomic_write
+
 NOT_ENOUGH = "not enough data"
+NOT_APPLICABLE = "not applicable to this study"
 # Cool colours for dense models: a step per quarter octave of width, cycling every two octaves.
 # Index = round(4 log2 d_model) mod 8: widths 40, 48, 56 take 5, 6, 7 (light to mid), 64, 80, 96 take 0, 1, 2.
 DENSE_COLOURS = ("#2171b5", "#08519c", "#08306b", "#17becf", "#0b7a75", "#9ecae1", "#6baed6", "#4292c6")
@@ -136,13 +141,26 @@ def set_axis(ax, axis: str, values) -> None:
     set_lim(centre - half, centre + half)
 
 
-def not_enough(ax, reason: str) -> None:
-    """No axes, only 'not enough data: <reason>' in the middle of the panel (a figure of one such
-    panel is also made low, so that it takes little room in the report)."""
+def save(fig: Figure, path: Path) -> Path:
+    """The figure as a PNG at ``path`` (written whole or not at all), then closed."""
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
+def subplots(n: int, width: float, height: float, **kw) -> tuple[Figure, np.ndarray]:
+    """A row of ``n`` panels of ``width`` x ``height`` inches, with room for the legend on the right."""
+    fig, axes = plt.subplots(1, n, figsize=(width * n + 1.8, height), layout="constrained", squeeze=False, **kw)
+    return fig, axes[0]
+
+
+def not_enough(ax, reason: str, what: str = NOT_ENOUGH) -> None:
+    """No axes, only 'not enough data: <reason>' (or ``what``: <reason>) in the middle of the panel
+    (a figure of one such panel is also made low, so that it takes little room in the report)."""
     if len(ax.figure.axes) == 1:
         ax.figure.set_size_inches(ax.figure.get_figwidth(), 1.8)
     ax.set_axis_off()
-    text = textwrap.fill(f"{NOT_ENOUGH}: {reason}", 48)
+    text = textwrap.fill(f"{what}: {reason}", 48)
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="dimgray")
 
 

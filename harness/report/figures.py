@@ -1,5 +1,7 @@
 """The report's figures (matplotlib, PNG): for each, a ``draw_*`` function that returns the
-matplotlib Figure and a function that saves it and returns its path.
+matplotlib Figure and a function that saves it and returns its path. The figures of measured cost
+(time, speed, energy, memory), which mark what a disturbed host measured, are in
+``harness.report.cost_figures``.
 
 Every model has its own style, the same in every figure, and one legend per figure names the
 models (``harness.report.figure_style``: dense sizes in a sequential blue palette, each MoE model its own
@@ -7,7 +9,9 @@ colour). Parameter, FLOP, time and energy axes are logarithmic where the values 
 factor of three, with ticks that do not collide; a linear axis over values a few percent apart
 is widened to at least ±5% of their centre, so a small spread does not fill the axis. A panel
 with nothing meaningful to draw shows "not enough data: <reason>" and no axes, so the report
-keeps the same figures. Titles say what is plotted, never what it is supposed to show.
+keeps the same figures; a figure the report lists as not applicable to the study shows only
+"not applicable to this study: <reason>". Titles say what is plotted, never what it is supposed
+to show.
 """
 
 from __future__ import annotations
@@ -29,47 +33,42 @@ from matplotlib.ticker import FuncFormatter
 
 from harness.analysis.curves import CURVE_WINDOW, Band
 from harness.analysis.isoflop import MIN_SIZES, seed_adjusted
-from harness.analysis.stats import arm_label, state_bytes, task_metric, training_memory
-from harness.core.io import atomic_write
-from harness.measure.plausibility import MARK, check_measure
-from harness.report.figure_style import compact, legend, model_styles, not_enough, set_axis, suptitle
+from harness.analysis.stats import arm_label, task_metric
+from harness.report.figure_style import (
+    NOT_APPLICABLE,
+    compact,
+    legend,
+    model_styles,
+    not_enough,
+    save,
+    set_axis,
+    subplots,
+    suptitle,
+)
 from harness.study.spec import budget_label
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
-    plt.close(fig)
-    return path
 
 
 def _budgets_text(budgets) -> str:
     return ", ".join(budget_label(b) for b in sorted(set(budgets))) + " FLOPs"
 
 
+def budget_sizes(budgets) -> dict[float, float]:
+    """Marker size per budget, a model's own colour and marker kept: the largest budget's points
+    7 points across, each smaller budget's 0.7 times the next larger (at least 3)."""
+    return {b: max(7 * 0.7**i, 3.0) for i, b in enumerate(sorted(set(budgets), reverse=True))}
+
+
+def _budget_handles(sizes: dict[float, float]) -> list[tuple[Any, str]]:
+    """A legend entry per budget (largest first), drawn at its marker size."""
+    return [
+        (Line2D([], [], marker="o", linestyle="none", color="0.3", markersize=size), f"{budget_label(b)} FLOPs")
+        for b, size in sorted(sizes.items(), reverse=True)
+    ]
+
+
 def _budget_styles(records: list[dict[str, Any]]) -> dict[float, str]:
     styles = ["-", "--", ":", "-."]
     return {b: styles[i % len(styles)] for i, b in enumerate(sorted({r["budget_flops"] for r in records}))}
-
-
-def _mean_over_seeds(records: list[dict[str, Any]], key) -> list[dict[str, Any]]:
-    """One record per (model, budget) with ``key``'s value averaged over seeds."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        groups[(r["model"], r["budget_flops"])].append(r)
-    out = []
-    for group in groups.values():
-        values = [key(r) for r in group]
-        if any(v is None for v in values):
-            continue
-        out.append(
-            group[0] | {"_x": float(np.mean(values)), "_loss": float(np.mean([r["final_val_loss"] for r in group]))}
-        )
-    return out
-
-
-def _subplots(n: int, width: float, height: float, **kw) -> tuple[Figure, np.ndarray]:
-    fig, axes = plt.subplots(1, n, figsize=(width * n + 1.8, height), layout="constrained", squeeze=False, **kw)
-    return fig, axes[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +142,7 @@ def draw_loss_curves(records: list[dict[str, Any]], bands: list[Band]) -> Figure
 
 
 def loss_curves(records: list[dict[str, Any]], bands: list[Band], path: Path) -> Path:
-    return _save(draw_loss_curves(records, bands), path)
+    return save(draw_loss_curves(records, bands), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,13 +172,14 @@ def draw_loss_vs_params(records: list[dict[str, Any]]) -> Figure:
     """Validation loss against active and against total non-embedding parameters: a point per model
     and budget, seed-adjusted, with a standard-error bar over its seeds; a one-seed point hollow.
     No line joins sizes: along one budget a larger model sees fewer tokens (an IsoFLOP slice)."""
-    fig, axes = _subplots(2, 5.2, 4.4, sharey=True)
+    fig, axes = subplots(2, 5.2, 4.4, sharey=True)
     styles, budgets = model_styles(records), sorted({r["budget_flops"] for r in records})
+    sizes = budget_sizes(budgets)
     points = sorted(_adjusted_points(records), key=lambda p: (p["model"], p["budget_flops"]))
     one_seed = False
     for ax, key, what in [(axes[0], "active_non_embedding", "active"), (axes[1], "total_non_embedding", "total")]:
         for p in points:
-            style = dict(styles[p["model"]])
+            style = dict(styles[p["model"]]) | {"markersize": sizes[p["budget_flops"]]}
             if p["_se"] is None:
                 style["markerfacecolor"], one_seed = "white", True
             x = p["params"][key]
@@ -198,10 +198,12 @@ def draw_loss_vs_params(records: list[dict[str, Any]]) -> Figure:
         ax.set_title(f"seed-adjusted validation loss vs {what} non-embedding parameters", fontsize=10)
         ax.grid(alpha=0.3, which="major")
     axes[0].set_ylabel("validation loss (nats/token)")
+    smaller = "; smaller markers: smaller budgets" if len(budgets) > 1 else ""
     fig.suptitle(
-        f"one point per model and budget ({_budgets_text(budgets)}); bars: standard error over seeds", fontsize=9
+        f"one point per model and budget ({_budgets_text(budgets)}){smaller}; bars: standard error over seeds",
+        fontsize=9,
     )
-    extra = []
+    extra = _budget_handles(sizes) if len(budgets) > 1 else []
     if one_seed:
         extra.append((Line2D([], [], marker="o", markerfacecolor="white", color="0.3", linestyle="none"), "one seed"))
     legend(fig, extra, order=list(styles))
@@ -209,7 +211,7 @@ def draw_loss_vs_params(records: list[dict[str, Any]]) -> Figure:
 
 
 def loss_vs_params(records: list[dict[str, Any]], path: Path) -> Path:
-    return _save(draw_loss_vs_params(records), path)
+    return save(draw_loss_vs_params(records), path)
 
 
 def _most_sizes(records: list[dict[str, Any]]) -> tuple[int, str]:
@@ -222,11 +224,11 @@ def _most_sizes(records: list[dict[str, Any]]) -> tuple[int, str]:
 
 def _isoflop_points(ax, records: list[dict[str, Any]], styles: dict[str, dict[str, Any]]) -> bool:
     """Every model's seed-adjusted loss at each budget, at its active non-embedding parameters, the
-    smaller budgets' points smaller; True when any point is drawn."""
+    smaller budgets' points smaller (``budget_sizes``); True when any point is drawn."""
     points = sorted(_adjusted_points(records), key=lambda p: (p["model"], p["budget_flops"]))
-    largest = max((p["budget_flops"] for p in points), default=None)
+    sizes = budget_sizes(p["budget_flops"] for p in points)
     for p in points:
-        size = 7 if p["budget_flops"] == largest else 4.5
+        size = sizes[p["budget_flops"]]
         ax.plot(
             [p["params"]["active_non_embedding"]],
             [p["_loss"]],
@@ -277,13 +279,20 @@ def _parabola(ax, c: dict[str, Any], colour, linestyle: str) -> None:
         )
 
 
-def draw_isoflop(records: list[dict[str, Any]], curves: list[dict[str, Any]]) -> Figure:
+def draw_isoflop(
+    records: list[dict[str, Any]], curves: list[dict[str, Any]], not_applicable: str | None = None
+) -> Figure:
     """Chinchilla approach 2: seed-adjusted validation loss against active non-embedding parameters,
     every model at every budget (MoE models too, at their active parameters), with a parabola in
     log N per (arm, budget) that has MIN_SIZES or more sizes, drawn only over the sampled sizes, its
-    minimum (a star, where it lies within them) and the N_opt interval."""
-    fig, (ax,) = _subplots(1, 6.8, 4.4)
+    minimum (a star, where it lies within them) and the N_opt interval. Where the report lists the
+    IsoFLOP figure as not applicable (``not_applicable``: why), only that is shown."""
+    fig, (ax,) = subplots(1, 6.8, 4.4)
     title = "IsoFLOP: validation loss vs active non-embedding parameters"
+    if not_applicable:
+        ax.set_title(title, fontsize=10)
+        not_enough(ax, not_applicable, NOT_APPLICABLE)
+        return fig
     styles, budgets = model_styles(records), _budget_styles(records)
     if not _isoflop_points(ax, records, styles):
         ax.set_title(title, fontsize=10)
@@ -301,6 +310,9 @@ def draw_isoflop(records: list[dict[str, Any]], curves: list[dict[str, Any]]) ->
     notes = []
     if len(budgets) > 1:
         notes.append("smaller markers: smaller budgets")
+        extra = _budget_handles(budget_sizes(budgets))
+    else:
+        extra = []
     if not curves:
         most, where = _most_sizes(records)
         notes.append(
@@ -309,123 +321,14 @@ def draw_isoflop(records: list[dict[str, Any]], curves: list[dict[str, Any]]) ->
         )
     if notes:
         suptitle(fig, "; ".join(notes))
-    legend(fig, order=list(styles))
+    legend(fig, extra, order=list(styles))
     return fig
 
 
-def isoflop_figure(records: list[dict[str, Any]], curves: list[dict[str, Any]], path: Path) -> Path:
-    return _save(draw_isoflop(records, curves), path)
-
-
-def _device(records: list[dict[str, Any]]) -> str:
-    devices = {((r.get("provenance") or {}).get("host") or {}).get("device") for r in records} - {None}
-    return ", ".join(sorted(devices)) or "this device"
-
-
-def draw_loss_vs_cost(records: list[dict[str, Any]]) -> Figure:
-    """Validation loss against training FLOPs, wall-clock seconds and GPU joules, side by side: how
-    much of a FLOP gain survives as a time and an energy gain. A line per model across budgets."""
-    fig, axes = _subplots(3, 4.4, 4.4, sharey=True)
-    styles = model_styles(records)
-    panels = [
-        (axes[0], lambda r: r["flops_spent"], "training FLOPs", "no run has its FLOPs spent"),
-        (axes[1], lambda r: r["train_seconds"], "training wall-clock (s)", "no run has its training time"),
-        (
-            axes[2],
-            lambda r: r.get("gpu_energy_j"),
-            "GPU energy (J, NVML)",
-            f"no GPU energy was measured on {_device(records)} (no NVML): absent, not zero",
-        ),
-    ]
-    for ax, key, label, why in panels:
-        ax.set_title(f"validation loss vs {label}", fontsize=10)
-        points = _mean_over_seeds(records, key)
-        if not points:
-            not_enough(ax, why)
-            continue
-        by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for p in points:
-            by_model[p["model"]].append(p)
-        for model, pts in sorted(by_model.items()):
-            pts.sort(key=lambda p: p["_x"])
-            ax.plot([p["_x"] for p in pts], [p["_loss"] for p in pts], label=model, **styles[model])
-        set_axis(ax, "x", [p["_x"] for p in points])
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3, which="major")
-    axes[0].set_ylabel("validation loss (nats/token)")
-    axes[0].yaxis.set_tick_params(labelleft=True)
-    legend(fig, order=list(styles))
-    return fig
-
-
-def loss_vs_cost(records: list[dict[str, Any]], path: Path) -> Path:
-    return _save(draw_loss_vs_cost(records), path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Measured cost
-
-
-def _flagged_handle() -> tuple[Any, str]:
-    handle = Line2D([], [], marker="o", linestyle="none", color="0.3", markerfacecolor="white")
-    return handle, f"hollow, {MARK}: flagged measurement (see the report)"
-
-
-def draw_cost_scaling(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> Figure:
-    """Training memory against total parameters and training throughput against active parameters
-    (from ``harness measure``), a point per measured run; throughput with the range of its timing
-    windows. A measurement flagged by ``harness.measure.plausibility`` is drawn hollow and marked."""
-    fig, axes = _subplots(2, 5.2, 4.4)
-    titles = ["training memory vs total parameters", "training tokens/s vs active parameters"]
-    measured = [r for r in records if r["run_id"] in measures]
-    if not measured:
-        for ax, title in zip(axes, titles, strict=True):
-            ax.set_title(title, fontsize=10)
-            not_enough(ax, "no run was measured (`harness measure`)")
-        return fig
-    styles = model_styles(records)
-    device = measures[measured[0]["run_id"]]["device_name"]
-    peaks = all(training_memory(measures[r["run_id"]]) is not None for r in measured)
-    xs: list[list[float]] = [[], []]
-    ys: list[list[float]] = [[], []]
-    any_flagged = False
-    for r in measured:
-        m = measures[r["run_id"]]
-        flags = check_measure(m)
-        style = dict(styles[r["model"]])
-        mem = (training_memory(m) if peaks else state_bytes(m)) / 2**20
-        train = m["train"]
-        rate = train["tokens_per_s_median"]
-        bars = [[rate - train.get("tokens_per_s_min", rate)], [train.get("tokens_per_s_max", rate) - rate]]
-        for i, (ax, x, y, figure) in enumerate(
-            [(axes[0], r["params"]["total"], mem, "memory"), (axes[1], r["params"]["active"], rate, "train")]
-        ):
-            flagged = bool(flags.get(figure))
-            any_flagged |= flagged
-            s = style | ({"markerfacecolor": "white"} if flagged else {})
-            if figure == "train":
-                ax.errorbar([x], [y], yerr=bars, linestyle="none", capsize=3, label=r["model"], zorder=3, **s)
-            else:
-                ax.plot([x], [y], linestyle="none", label=r["model"], zorder=3, **s)
-            if flagged:
-                ax.annotate(MARK, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=10)
-            xs[i].append(x)
-            ys[i] += [y] if figure == "memory" else [y - bars[0][0], y + bars[1][0]]
-    for i, ax in enumerate(axes):
-        set_axis(ax, "x", xs[i])
-        set_axis(ax, "y", ys[i])
-        ax.set_title(titles[i], fontsize=10)
-        ax.grid(alpha=0.3, which="major")
-    axes[0].set_xlabel("total parameters")
-    axes[0].set_ylabel(f"training peak memory, measured (MiB, {device})" if peaks else "parameters + optimizer (MiB)")
-    axes[1].set_xlabel("active parameters")
-    axes[1].set_ylabel(f"training tokens/s ({device}; bars: slowest to fastest window)")
-    legend(fig, [_flagged_handle()] if any_flagged else [], order=list(styles))
-    return fig
-
-
-def cost_scaling(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]], path: Path) -> Path:
-    return _save(draw_cost_scaling(records, measures), path)
+def isoflop_figure(
+    records: list[dict[str, Any]], curves: list[dict[str, Any]], path: Path, not_applicable: str | None = None
+) -> Path:
+    return save(draw_isoflop(records, curves, not_applicable), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +348,7 @@ def draw_routing_health(
     top_k = top_k or {}
     runs = [run for run, s in series.items() if s]
     if not runs:
-        fig, (ax,) = _subplots(1, 6.0, 3.0)
+        fig, (ax,) = subplots(1, 6.0, 3.0)
         ax.set_title("router statistics per layer over training", fontsize=10)
         not_enough(ax, "no MoE run: no routing to show")
         return fig
@@ -511,13 +414,13 @@ def draw_routing_health(
 def routing_health_figure(
     series: dict[str, dict[str, np.ndarray]], experts: dict[str, int], path: Path, top_k: dict[str, int] | None = None
 ) -> Path:
-    return _save(draw_routing_health(series, experts, top_k), path)
+    return save(draw_routing_health(series, experts, top_k), path)
 
 
 def draw_specialisation(run: str | None, layer: dict[str, Any] | None) -> Figure:
     """Lift (expert's share of a token category over the category's overall share) per expert
     and category, for one layer of one MoE run: 1 means no preference."""
-    fig, (ax,) = _subplots(1, 5.6, 4.2)
+    fig, (ax,) = subplots(1, 5.6, 4.2)
     if layer is None:
         ax.set_title("token-category lift per expert", fontsize=10)
         not_enough(ax, "no routing analysis of an MoE run (`harness routing`)")
@@ -533,13 +436,13 @@ def draw_specialisation(run: str | None, layer: dict[str, Any] | None) -> Figure
 
 
 def specialisation_figure(run: str | None, layer: dict[str, Any] | None, path: Path) -> Path:
-    return _save(draw_specialisation(run, layer), path)
+    return save(draw_specialisation(run, layer), path)
 
 
 def draw_downstream(records: list[dict[str, Any]], evals: dict[str, dict[str, Any]], tasks: dict[str, str]) -> Figure:
     """Each task's primary metric against validation loss, one point per run, a style per model
     (the view of Abnar et al. 2025)."""
-    fig, axes = _subplots(max(1, len(tasks)), 4.2, 3.8)
+    fig, axes = subplots(max(1, len(tasks)), 4.2, 3.8)
     if not tasks:
         axes[0].set_title("downstream metric vs validation loss", fontsize=10)
         not_enough(axes[0], "no lm-eval results (`harness evaluate`)")
@@ -579,4 +482,4 @@ def draw_downstream(records: list[dict[str, Any]], evals: dict[str, dict[str, An
 def downstream_figure(
     records: list[dict[str, Any]], evals: dict[str, dict[str, Any]], tasks: dict[str, str], path: Path
 ) -> Path:
-    return _save(draw_downstream(records, evals, tasks), path)
+    return save(draw_downstream(records, evals, tasks), path)

@@ -3,15 +3,25 @@ dense run, compared within seed and summarised over seeds, and the text that int
 ``(headers, rows)`` pair like the tables of ``harness.report.tables``, rendered by ``harness.report.build``.
 
     headers, rows = glance_table(records, evals, measures, analysis)
+    headers, rows, withheld = glance(records, evals, measures, analysis, training_flags)
+    lines = withheld_lines(withheld, study, results, is_reference)   # the notes under the table
+
+A figure computed from a measurement that ``harness.measure.plausibility`` flags (disturbed or
+impossible) is no headline: its cell says so and points to a numbered note under the table
+(``withheld_lines``), which holds the value, the flagged measurements it rests on and the commands
+that take them again.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from harness.analysis.stats import peer_pairs, task_metric, training_memory
-from harness.measure.plausibility import mark
+from harness.measure.plausibility import LABELS, MARK
 from harness.report.tables import measure_flags
 from harness.study.spec import budget_label
 
@@ -77,18 +87,58 @@ def _flop_rate(rate: dict[str, Any] | None, n: int) -> str:
     return text + ("" if rate["n"] == n else f" ({rate['n']} of {n} seeds)")
 
 
-def glance_table(
+@dataclass
+class Withheld:
+    """A glance figure computed from flagged measurements: shown in a note, not in the table."""
+
+    n: int
+    """Its note's number (the cell reads 'disturbed: see †n below')."""
+    column: str
+    row: str
+    """The MoE, its dense peer and the budget, in words."""
+    value: str
+    """What the cell would have shown."""
+    flags: list[tuple[str, dict[str, Any]]]
+    """(run id, flag) of each flagged measurement it rests on."""
+    measured: set[str] = field(default_factory=set)
+    """Runs whose ``harness measure`` figures are flagged (measured again with --force)."""
+    trained: set[str] = field(default_factory=set)
+    """Runs whose training time is flagged (trained again with --restart)."""
+
+
+def _withhold(
+    text: str, flags: list[tuple[str, dict[str, Any]]], column: int, row: str, by_training: bool, withheld: list
+) -> str:
+    """``text`` as it is when no flag concerns it (or it holds no figure for another reason than an
+    impossible one); else the cell that points to its note, a ``Withheld`` added to ``withheld``
+    (``by_training``: the flags are of training times, not of ``harness measure``'s figures)."""
+    impossible = any(f["reason"].startswith("impossible") for _, f in flags)
+    if not flags or (text.strip() == "-" and not impossible):  # no figure, for another reason than a flag
+        return text
+    runs = {run for run, _ in flags}
+    n = len(withheld) + 1
+    withheld.append(
+        Withheld(
+            n, GLANCE_HEADERS[column], row, text, flags, set() if by_training else runs, runs if by_training else set()
+        )
+    )
+    return f"{'impossible' if impossible else 'disturbed'}: see {MARK}{n} below"
+
+
+def glance(
     records: list[dict[str, Any]],
     evals: dict[str, dict[str, Any]],
     measures: dict[str, dict[str, Any]],
     analysis,
     training_flags: dict[str, list[dict[str, Any]]] | None = None,
-) -> tuple[list[str], list[list[Any]]]:
-    """What each MoE bought and cost against its compute-matched dense run: the main table. Every
-    measured column is a within-seed comparison (a difference or ratio of the MoE and its dense peer
-    of the same seed), summarised over the seeds both arms share that have the figure: differences
-    by their mean, ratios by their geometric mean; a cell says when fewer seeds than the pair count
-    have it. The multipliers are read from ``analysis.multiplier_flops`` / ``multiplier_seconds``."""
+) -> tuple[list[str], list[list[Any]], list[Withheld]]:
+    """What each MoE bought and cost against its compute-matched dense run: the main table, and the
+    figures it withholds. Every measured column is a within-seed comparison (a difference or ratio
+    of the MoE and its dense peer of the same seed), summarised over the seeds both arms share that
+    have the figure: differences by their mean, ratios by their geometric mean; a cell says when
+    fewer seeds than the pair count have it. The multipliers are read from
+    ``analysis.multiplier_flops`` / ``multiplier_seconds``. A cell computed from a flagged
+    measurement (``harness.measure.plausibility``) holds no number: it points to its ``Withheld``."""
     from harness.analysis.cost_claims import training_rate_ratios
 
     training_flags = training_flags or {}
@@ -96,20 +146,26 @@ def glance_table(
     secs = {(r["model"], r["budget_flops"]): r for r in analysis.multiplier_seconds}
     rates = training_rate_ratios(records)
     flags = measure_flags(measures)
+    withheld: list[Withheld] = []
 
-    def flagged(pairs: list[tuple[dict, dict]], figure: str) -> list[dict[str, Any]]:
-        return [f for pair in pairs for r in pair for f in flags.get(r["run_id"], {}).get(figure, [])]
+    def measured(pairs: list[tuple[dict, dict]], figure: str) -> list[tuple[str, dict[str, Any]]]:
+        return [(r["run_id"], f) for pair in pairs for r in pair for f in flags.get(r["run_id"], {}).get(figure, [])]
+
+    def trained(runs: list[str]) -> list[tuple[str, dict[str, Any]]]:
+        return [(run, f) for run in runs for f in training_flags.get(run, [])]
 
     rows = []
     for (model, budget), pairs in peer_pairs(records).items():
         m0, d0 = pairs[0]
         n = len(pairs)
+        row = f"`{model}` against `{d0['model']}` at {budget_label(budget)} FLOPs"
         bpb_diffs = [
             None if _bpb(evals, m) is None or _bpb(evals, d) is None else _bpb(evals, m) - _bpb(evals, d)
             for m, d in pairs
         ]
         memory = [_ratio(measures, m, d, training_memory) for m, d in pairs]
         speed = [_ratio(measures, m, d, _tokens_per_s) for m, d in pairs]
+        paired_runs = [r["run_id"] for pair in pairs for r in pair]
         rows.append(
             [
                 budget_label(budget),
@@ -119,20 +175,62 @@ def glance_table(
                 _over([m["final_val_loss"] - d["final_val_loss"] for m, d in pairs], n, "+.4f"),
                 _over(bpb_diffs, n, "+.4f"),
                 _multiplier(flops.get((model, budget), {})),
-                mark(
+                _withhold(
                     _multiplier(secs.get((model, budget), {})),
-                    [f for run in secs.get((model, budget), {}).get("runs", []) for f in training_flags.get(run, [])],
+                    trained(secs.get((model, budget), {}).get("runs", [])),
+                    7,
+                    row,
+                    True,
+                    withheld,
                 ),
                 f"{m0['params']['total'] / d0['params']['total']:.2f}",
-                mark(_over(memory, n, ".2f", True), flagged(pairs, "memory")),
-                mark(_over(speed, n, ".2f", True), flagged(pairs, "train")),
-                mark(
-                    _flop_rate(rates.get((model, budget)), n),
-                    [f for pair in pairs for r in pair for f in training_flags.get(r["run_id"], [])],
-                ),
+                _withhold(_over(memory, n, ".2f", True), measured(pairs, "memory"), 9, row, False, withheld),
+                _withhold(_over(speed, n, ".2f", True), measured(pairs, "train"), 10, row, False, withheld),
+                _withhold(_flop_rate(rates.get((model, budget)), n), trained(paired_runs), 11, row, True, withheld),
             ]
         )
-    return list(GLANCE_HEADERS), rows
+    return list(GLANCE_HEADERS), rows, withheld
+
+
+def glance_table(
+    records: list[dict[str, Any]],
+    evals: dict[str, dict[str, Any]],
+    measures: dict[str, dict[str, Any]],
+    analysis,
+    training_flags: dict[str, list[dict[str, Any]]] | None = None,
+) -> tuple[list[str], list[list[Any]]]:
+    """The main table (``glance``) as a ``(headers, rows)`` pair."""
+    headers, rows, _ = glance(records, evals, measures, analysis, training_flags)
+    return headers, rows
+
+
+def withheld_lines(withheld: list[Withheld], study: str, results: Path, is_reference: bool = False) -> list[str]:
+    """The notes under the glance table: each withheld figure with its value and the flagged
+    measurements it rests on, then the commands that take those measurements again
+    (``harness.report.notes.remeasure_lines``; ``study`` as a command names it)."""
+    from harness.report.notes import remeasure_lines
+
+    if not withheld:
+        return []
+    lines = [
+        f"{MARK} Not shown as a number: a figure computed from measurements that `harness/measure/plausibility.py` "
+        "flags as disturbed or impossible is no headline. Each is here, with what it rests on (why each measurement "
+        "is flagged: the notes under Runs and Cost per run):",
+        "",
+    ]
+    for w in withheld:
+        groups: dict[tuple[str, str], set[str]] = defaultdict(set)
+        for run, f in w.flags:
+            groups[(LABELS.get(f["figure"], f["figure"]), f["rule"])].add(run)
+        rests = "; ".join(
+            f"the {label} of {', '.join(f'`{run}`' for run in sorted(runs))}, flagged {rule}"
+            for (label, rule), runs in sorted(groups.items())
+        )
+        value = "no value (the flagged figures give none)" if w.value.strip() == "-" else f"{w.value}, not a fact"
+        lines.append(f"- {MARK}{w.n} {w.column}, {w.row}: {value}; it rests on {rests}")
+    measured = sorted({run for w in withheld for run in w.measured})
+    trained = sorted({run for w in withheld for run in w.trained})
+    return [*lines, "", *remeasure_lines(study, results, measured, trained, is_reference)]
 
 
 def main_table_intro() -> str:
@@ -147,5 +245,7 @@ def main_table_intro() -> str:
         "FLOPs the dense frontier needs to reach the MoE's loss over the MoE's own, and the seconds the "
         "frontier's compute-optimal dense size would take at its own measured FLOP/s over the MoE's measured "
         "seconds (* extrapolated beyond the dense budgets or sizes; the scaling section also gives the fastest "
-        "dense run that reaches the MoE's loss)."
+        "dense run that reaches the MoE's loss). A figure computed from measurements flagged as disturbed or "
+        f"impossible is not shown: its cell says so and points to its note under the table ({MARK}n), which "
+        "holds the value and the commands that take the measurements again."
     )

@@ -14,7 +14,7 @@ import numpy as np
 from tabulate import tabulate
 
 from harness.measure.plausibility import LABELS, MARK, mark, overhead_flags
-from harness.report.glance import main_table_intro
+from harness.report.glance import main_table_intro, withheld_lines
 from harness.report.notes import (
     apart_notes,
     drop_sections,
@@ -67,6 +67,10 @@ class StudyReport:
     not_run: dict[str, str] = field(default_factory=dict)  # lm-eval task -> why it was not run
     na: dict[str, str] = field(default_factory=dict)  # what does not apply -> why (``notes.not_applicable``)
     pooled: list[dict[str, Any]] = field(default_factory=list)  # other studies' runs in the law (study's `pool:`)
+    contrast: Any = None  # the PrimaryContrast R1 tests (None: none), chosen by ``contrast_rule``
+    contrast_rule: str = ""  # registered or default (``harness.analysis.contrast``)
+    previous_contrast: dict[str, Any] | None = None  # what the last report of this folder recorded testing
+    withheld: list[Any] = field(default_factory=list)  # flagged at-a-glance figures (``harness.report.glance``)
 
     def table(self, name: str) -> str:
         """The table as GitHub Markdown; ``(no rows)`` when it has none."""
@@ -226,14 +230,36 @@ def _title(r: StudyReport) -> list[str]:
 def _glance(r: StudyReport) -> list[str]:
     """At a glance: each MoE against its compute-matched dense run."""
     md = ["## At a glance", "", main_table_intro(), "", r.table("main"), ""]
-    if _marked(r.tables["main"]):
-        md += [f"{MARK} Computed from a flagged measurement (see the notes under Cost per run): not a fact.", ""]
-    return md
+    return md + withheld_lines(r.withheld, study_argument(r.study), r.results, r.repro["is_reference"])
+
+
+def _contrast_sentence(r: StudyReport) -> str:
+    """Which contrast R1 tests and the rule that chose it; and the one the last report of this folder
+    tested, where the study's models or registration have moved it since."""
+    from harness.analysis.contrast import REGISTERED, describe, same
+    from harness.analysis.stats import DEFAULT_ALPHA, DEFAULT_DELTA_MIN, DEFAULT_RULE
+
+    c, before = r.contrast, r.previous_contrast
+    if r.contrast_rule == REGISTERED:
+        text = f"the study's registered primary contrast, {describe(c)}"
+    elif c is None:
+        text = f"no contrast is registered, and the stated default, {DEFAULT_RULE}, finds none"
+    else:
+        text = (
+            f"no contrast is registered, so the stated default, {DEFAULT_RULE}: here {describe(c)}, alpha "
+            f"{DEFAULT_ALPHA:g}, smallest gain of interest {DEFAULT_DELTA_MIN:g} nats"
+        )
+    if before is not None and before["contrast"] is not None and not same(before["contrast"], c):
+        text += (
+            f" (**changed**: the last report of this folder tested {describe(before['contrast'])}"
+            + (", registered" if before["rule"] == REGISTERED else "")
+            + "; the study's models or its registration moved it; `registration.primary` in the study file pins one)"
+        )
+    return text
 
 
 def _claims(r: StudyReport) -> list[str]:
     """Claims: how each expectation from the literature is judged, and the verdicts."""
-    primary = r.study.registration.primary if r.study.registration else None
     md = [
         "## Claims",
         "",
@@ -242,13 +268,7 @@ def _claims(r: StudyReport) -> list[str]:
         "Comparisons are within seed (a seed fixes the data order for every model).",
         "",
         "- Iso-FLOP gain (R1) rests on one contrast: "
-        + (
-            f"the study's registered primary contrast, {primary.moe} against {primary.dense}"
-            if primary
-            else "no contrast is registered, so the stated default: the sparse (E > k) arm at the largest budget "
-            "with the most seeds (ties: the largest E) against its dense peer, alpha 0.05, smallest gain of "
-            "interest 0.01 nats"
-        )
+        + _contrast_sentence(r)
         + ". Gain = dense - MoE validation loss paired by seed; supported when the one-sided paired t-test "
         "rejects 'no gain' at alpha, not supported when the one-sided upper confidence bound of the gain is "
         "below the smallest gain of interest, inconclusive otherwise. The evidence gives the exact Wilcoxon "

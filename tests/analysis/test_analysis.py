@@ -290,7 +290,7 @@ def test_scaling_figures_and_tables_with_four_sizes_per_budget(tmp_path):
     """A study shaped like `full`: four dense sizes and a matched MoE family per size at two
     budgets, losses on parabolas in log N; the analysis finds the optima and the figures draw."""
     from harness.analysis import scaling, scaling_report
-    from harness.report import figures
+    from harness.report import cost_figures, figures
 
     records = []
     for budget, n_star in ((1e16, 2e6), (1e17, 6e6)):
@@ -318,6 +318,6 @@ def test_scaling_figures_and_tables_with_four_sizes_per_budget(tmp_path):
     for name, draw in {
         "isoflop": lambda p: figures.isoflop_figure(records, curves, p),
         "params": lambda p: figures.loss_vs_params(records, p),
-        "cost": lambda p: figures.loss_vs_cost(records, p),
+        "cost": lambda p: cost_figures.loss_vs_cost(records, p),
     }.items():
         assert draw(tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

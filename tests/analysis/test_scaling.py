@@ -277,7 +277,7 @@ def test_isoflop_optima_and_their_exponent_per_arm():
             loss = 3.0 + 0.04 * math.log(n / n_star) ** 2
             records.append(rec(f"d{n:.3g}", n, c, loss))
             records.append(rec(f"m{n:.3g}", n, c, loss - 0.05, experts=8, top_k=2))
-        records.append(rec("m-E4", 1e7, c, 3.0, experts=4, top_k=1))  # one size: no profile
+        records.append(rec("m-E4", 1e7, c, 3.0, experts=4, top_k=1, d_expert=512))  # one size: no profile
     iso = isoflop(records, draws=0)
     dense = [row for row in iso.curves if row["arm"] == "dense"]
     assert [row["budget_flops"] for row in dense] == [1e17, 1e18, 1e19]

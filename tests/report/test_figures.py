@@ -14,7 +14,7 @@ from matplotlib.colors import to_rgba
 from synthetic_records import MOES, SIZES, _rec, measure_of, study_records, tiny_records
 
 from harness.analysis import curves, scaling
-from harness.report import figure_style, figures
+from harness.report import cost_figures, figure_style, figures
 from harness.study.spec import budget_label
 from harness.train import train_loss
 
@@ -46,7 +46,7 @@ def test_every_model_has_its_own_style_and_legend_entry():
     moe_families = {to_rgba(styles[m]["color"]) for m in ("moe-d64-e2k2", "moe-d64-e4k2", "moe-d64-e8k2")}
     assert len(moe_families) == 3  # and so are MoEs of different E
 
-    fig = figures.draw_loss_vs_cost(records)
+    fig = cost_figures.draw_loss_vs_cost(records)
     ax = fig.axes[1]  # training wall-clock
     by_label = {line.get_label(): to_rgba(line.get_color()) for line in _data_lines(ax)}
     assert set(by_label) == set(SIZES) | set(MOES)
@@ -122,8 +122,8 @@ def test_every_legend_names_each_model_once():
         figures.draw_loss_curves(records, curves.loss_bands(records, _logs(records))),
         figures.draw_loss_vs_params(records),
         figures.draw_isoflop(records, scaling.isoflop_curves(scaling.analyse(records, bootstrap=10))),
-        figures.draw_loss_vs_cost(records),
-        figures.draw_cost_scaling(records, measures),
+        cost_figures.draw_loss_vs_cost(records),
+        cost_figures.draw_cost_scaling(records, measures),
     ]
     for fig in drawn:
         labels = [t.get_text() for t in fig.legends[0].get_texts()]
@@ -155,19 +155,19 @@ def test_tick_labels_do_not_collide(records):
     measures = {r["run_id"]: measure_of(r) for r in records}
     for fig in (
         figures.draw_loss_vs_params(records),
-        figures.draw_loss_vs_cost(records),
-        figures.draw_cost_scaling(records, measures),
+        cost_figures.draw_loss_vs_cost(records),
+        cost_figures.draw_cost_scaling(records, measures),
     ):
         assert _overlaps(fig, "x") == [] and _overlaps(fig, "y") == []
 
 
 def test_a_small_spread_does_not_fill_the_axis():
     records = tiny_records()  # active parameters 0.8% apart, FLOPs spent identical
-    fig = figures.draw_cost_scaling(records, {r["run_id"]: measure_of(r) for r in records})
+    fig = cost_figures.draw_cost_scaling(records, {r["run_id"]: measure_of(r) for r in records})
     lo, hi = fig.axes[1].get_xlim()
     xs = [r["params"]["active"] for r in records]
     assert (max(xs) - min(xs)) / (hi - lo) < 0.2 and hi - lo >= 0.1 * np.mean(xs)
-    fig = figures.draw_loss_vs_cost(records)
+    fig = cost_figures.draw_loss_vs_cost(records)
     lo, hi = fig.axes[0].get_xlim()
     assert hi - lo >= 0.1 * 7e12 and fig.axes[0].get_xscale() == "linear"
 
@@ -235,7 +235,7 @@ def test_loss_vs_params_joins_no_sizes_and_marks_one_seed_points():
 
 
 def test_energy_on_a_cpu_is_not_an_empty_panel():
-    fig = figures.draw_loss_vs_cost(study_records())  # no gpu_energy_j: no NVML
+    fig = cost_figures.draw_loss_vs_cost(study_records())  # no gpu_energy_j: no NVML
     energy = fig.axes[2]
     assert not energy.axison and energy.get_lines() == []
     (text,) = [" ".join(t.get_text().split()) for t in energy.texts]
@@ -245,7 +245,7 @@ def test_energy_on_a_cpu_is_not_an_empty_panel():
 
 def test_unmeasured_study_and_missing_routing_say_not_enough_data():
     for fig in (
-        figures.draw_cost_scaling(tiny_records(), {}),
+        cost_figures.draw_cost_scaling(tiny_records(), {}),
         figures.draw_routing_health({}, {}),
         figures.draw_specialisation(None, None),
         figures.draw_downstream(tiny_records(), {}, {}),
@@ -260,8 +260,8 @@ def test_titles_describe_what_is_plotted_not_a_claim():
     drawn = [
         figures.draw_loss_vs_params(records),
         figures.draw_isoflop(records, scaling.isoflop_curves(scaling.analyse(records, bootstrap=10))),
-        figures.draw_loss_vs_cost(records),
-        figures.draw_cost_scaling(records, measures),
+        cost_figures.draw_loss_vs_cost(records),
+        cost_figures.draw_cost_scaling(records, measures),
     ]
     titles = [ax.get_title() for fig in drawn for ax in fig.axes] + [fig.get_suptitle() for fig in drawn]
     assert all(" vs " in t for fig in drawn for ax in fig.axes if (t := ax.get_title()))
@@ -274,17 +274,17 @@ def test_a_flagged_throughput_is_drawn_hollow_and_marked():
     measures = {r["run_id"]: measure_of(r) for r in records}
     dense = records[0]["run_id"]
     measures[dense] = measure_of(records[0], windows=[3.3, 27.7, 20.0, 21.0, 22.0])
-    fig = figures.draw_cost_scaling(records, measures)
+    fig = cost_figures.draw_cost_scaling(records, measures)
     ax = fig.axes[1]
     marked = {c.get_label(): c.lines[0].get_markerfacecolor() for c in ax.containers}  # errorbars: window range
     assert to_rgba(marked["dense-d64"]) == to_rgba("white") and to_rgba(marked["moe-d64-e8k2"]) != to_rgba("white")
-    assert [t.get_text() for t in ax.texts] == [figures.MARK]
+    assert [t.get_text() for t in ax.texts] == [cost_figures.MARK]
     assert any("flagged" in t.get_text() for t in fig.legends[0].get_texts())
 
 
 def test_figures_are_written_under_their_names(tmp_path):
     records = tiny_records()
-    path = figures.loss_vs_cost(records, tmp_path / "figures" / "loss_vs_cost.png")
+    path = cost_figures.loss_vs_cost(records, tmp_path / "figures" / "loss_vs_cost.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
 
 import pytest
 from conftest import ROOT
 
 from harness.cli import main
 from harness.core.errors import HarnessError
+from harness.core.io import read_json
 from harness.report.browser_check import check, find_browser
 from harness.report.build import FIGURES, _remove_stale_figures
 from harness.report.sections import loss_curve_lines
@@ -96,6 +98,24 @@ def test_a_rebuilt_reference_draws_every_figure_anew_loss_curves_first(rebuilt):
     order = [md.index(FIGURES[name]) for name in placed]
     assert order == sorted(order) and md.index(FIGURES["loss_curves"]) < md.index("## Runs") + 2000
     assert "Train loss in the table is the mean of the logged batch losses" in md
+
+
+@pytest.mark.slow
+def test_a_figure_the_report_calls_not_applicable_is_not_drawn_and_the_contrast_is_named(rebuilt):
+    from harness.analysis.contrast import FILE, contrast_warning
+    from harness.study.spec import load_study
+
+    md = (rebuilt / "report.md").read_text()
+    assert "\n- IsoFLOP figure (needs " in md and FIGURES["isoflop"] not in md
+    png = (rebuilt / "figures" / "isoflop.png").read_bytes()
+    assert struct.unpack(">II", png[16:24])[1] == 216  # one low panel saying why (1.8 inches at 120 dpi)
+    assert "here `moe-d64-e16k2` against `dense-d64` at 7e12 FLOPs" in md  # R1's default, named
+    assert read_json(rebuilt / FILE) == {
+        "study": "tiny",
+        "rule": "default",
+        "contrast": {"moe": "moe-d64-e16k2", "dense": "dense-d64", "budget_flops": 7e12},
+    }
+    assert contrast_warning(load_study("tiny"), rebuilt) is None  # the plan chooses as the report did
 
 
 @pytest.mark.slow
