@@ -78,7 +78,7 @@ def cli_output(*argv: str) -> tuple[int, str, str]:
 
 
 def make_pristine(root: Path) -> Path:
-    """A study folder with data, one trained run (with a previous checkpoint) and its tasks."""
+    """A study folder with data, one trained run (finished: its checkpoint holds the weights alone) and its tasks."""
     write_corpus(root)
     (root / MODEL_FILE).write_text(yaml.safe_dump(MODEL))
     (root / STUDY).write_text(yaml.safe_dump(study_dict(root)))

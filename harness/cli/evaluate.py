@@ -1,7 +1,12 @@
 """``harness evaluate STUDY --run RUN_ID``: evaluate a trained run with lm-eval on the study's tasks,
-written to the run's eval.json.
+written to the run's eval.json with the inputs its numbers depend on
+(``harness.evaluate.lm_eval_run.eval_inputs``).
 
     harness evaluate tiny --run dense-d64_7e12_s0 [--device cuda]
+    harness evaluate tiny2 --run dense-d64_7e12_s0 --reuse results/tiny/runs/dense-d64_7e12_s0/eval.json
+
+``--reuse FILE`` takes another study's eval.json of this run (a reused run: harness.workflow.reuse)
+when it records the same inputs, and evaluates as usual where anything differs.
 """
 
 from __future__ import annotations
@@ -34,6 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="where to write eval.json (default: the run's folder)")
     p.add_argument("--download", action="store_true", help="let lm-eval fetch datasets (overrides eval.download)")
     p.add_argument(
+        "--reuse",
+        metavar="FILE",
+        help="another study's eval.json of this run: taken when made of the same checkpoint, data, settings and "
+        "device, else the run is evaluated",
+    )
+    p.add_argument(
         "--force", action="store_true", help="evaluate again even when eval.json is up to date; replace any --out file"
     )
 
@@ -49,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
         go_offline()  # before anything imports datasets or huggingface_hub
     from harness.core.io import read_json, write_json
     from harness.core.provenance import provenance
-    from harness.evaluate.lm_eval_run import evaluate_run
+    from harness.evaluate.lm_eval_run import eval_device, eval_inputs, evaluate_run
+    from harness.train.checkpoint import recorded_digest
+    from harness.workflow.reuse import take_result
 
     run, results, run_dir = trained_run(args, study)
     cuda_visible(args.device)
@@ -57,18 +70,25 @@ def run(args: argparse.Namespace) -> int:
     if up_to_date(run_dir / "eval.json", [run_dir / "record.json", tasks_dir / "tasks.json"], args):
         return 0
     checkpoint_kept(study, run, run_dir)
+    tasks = None
     if any(t in LOCAL_TASKS for t in study.eval.tasks):
-        read_json(tasks_dir / "tasks.json", made_by=f"harness tasks {study.path}")  # present and whole
+        tasks = read_json(tasks_dir / "tasks.json", made_by=f"harness tasks {study.path}")  # present and whole
+    out = Path(args.out) if args.out else run_dir / "eval.json"
+    fingerprint = read_json(run_dir / "record.json").get("data_fingerprint")
+    device, dtype = eval_device(args.device, args.dtype)
+    inputs = eval_inputs(study.eval, recorded_digest(run_dir / "checkpoint.pt"), fingerprint, tasks, device, dtype)
+    if args.reuse and take_result(study, run, Path(args.reuse), inputs, out) is not None:
+        print(f"{run.run_id}: evaluation reused from {args.reuse} (the same checkpoint, data, settings) -> {out}")
+        return 0
     set_threads(args.threads)
     result = evaluate_run(run_dir, tasks_dir, study.eval, device=args.device, dtype=args.dtype)
     import torch
 
-    out = Path(args.out) if args.out else run_dir / "eval.json"
     write_json(
         out,
         {"run_id": run.run_id, "study": study.name}
         | result
-        | {"provenance": provenance(torch.device(result["device"]))},
+        | {"inputs": inputs, "provenance": provenance(torch.device(result["device"]))},
     )
     for task, metrics in result["tasks"].items():
         shown = {k: v for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_stderr")}

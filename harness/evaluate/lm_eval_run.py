@@ -43,6 +43,43 @@ def _metrics(task_results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def eval_device(device: str | None, dtype: str | None) -> tuple[str, str]:
+    """(device type, dtype) an evaluation runs in, as the model resolves them: CUDA when visible
+    unless ``device`` says otherwise; bfloat16 there and float32 on a CPU unless ``dtype`` says."""
+    import torch
+
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return kind, dtype or ("bfloat16" if kind == "cuda" else "float32")
+
+
+def eval_inputs(
+    cfg: EvalConfig,
+    checkpoint_sha256: str | None,
+    data_fingerprint: str | None,
+    tasks: dict[str, Any] | None,
+    device: str,
+    dtype: str,
+) -> dict[str, Any]:
+    """What the numbers of an evaluation depend on, eval.json's ``inputs``: the checkpoint by its
+    recorded SHA-256, the data by fingerprint, the eval settings, the local tasks' files by their
+    fingerprint (``tasks``: tasks.json; None where no local task runs), the device type and dtype,
+    lm-eval's version and the bootstrap. A reused run's evaluation is taken from the study it came
+    from only when these are the same (harness.workflow.reuse)."""
+    from importlib.metadata import version
+
+    local = any(t in LOCAL_TASKS for t in cfg.tasks)
+    return {
+        "checkpoint_sha256": checkpoint_sha256,
+        "data_fingerprint": data_fingerprint,
+        "eval": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in cfg.__dict__.items()},
+        "tasks_fingerprint": (tasks or {}).get("fingerprint") if local else None,
+        "device": device,
+        "dtype": dtype,
+        "lm_eval_version": version("lm_eval"),
+        "bootstrap_iters": BOOTSTRAP_ITERS,
+    }
+
+
 def evaluate_run(
     run_dir: Path,
     tasks_dir: Path,

@@ -330,6 +330,12 @@ class Study:
     pool: list[PoolSource] = field(default_factory=list)
     """Other studies' runs that join the joint law and the dense frontier (never a registered
     contrast): same data and tokenizer, same recipe but for the fields each source names."""
+    keep_optimizer_state: bool = False
+    """Keep the AdamW state in a finished run's checkpoint.pt (12 bytes a parameter in all, not
+    the weights' 4), say to train the run further by hand. Off: a finished run keeps its weights
+    and counters, which is all that measure, evaluate, routing, export, sample and reuse read.
+    Either way the previous checkpoint goes when the run finishes. Changes no number of a run and
+    retrains nothing; it applies to runs that finish after it is set."""
     path: str = ""
     """The file it was loaded from (set by load_study)."""
     registration_sha256: str = ""

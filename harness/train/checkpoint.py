@@ -1,11 +1,17 @@
 """Checkpoints that prove they are whole: ``checkpoint.pt`` with its SHA-256 beside it.
 
 Every save writes ``checkpoint.pt`` atomically and then ``checkpoint.pt.sha256`` (the format of
-``sha256sum``, so ``sha256sum -c checkpoint.pt.sha256`` checks it by hand). The checkpoint it
-replaces is kept, when it verifies, as ``checkpoint.prev.pt`` with its own checksum. Every load
-checks the checksum first: a truncated, overwritten or unverifiable checkpoint is refused as
-:class:`~harness.core.errors.DamagedFile`, and training offers the choice of the previous checkpoint
-(``harness train --from-previous``) or a fresh start (``--restart``).
+``sha256sum``, so ``sha256sum -c checkpoint.pt.sha256`` checks it by hand). While a run trains,
+the checkpoint a save replaces is kept, when it verifies, as ``checkpoint.prev.pt`` with its own
+checksum. Every load checks the checksum first: a truncated, overwritten or unverifiable
+checkpoint is refused as :class:`~harness.core.errors.DamagedFile`, and training offers the choice
+of the previous checkpoint (``harness train --from-previous``) or a fresh start (``--restart``).
+
+A finished run keeps what the later steps read: its final ``checkpoint.pt`` holds the weights
+and the run's counters, and the AdamW state (:data:`OPTIMIZER`) only where the study sets
+``keep_optimizer_state``; the previous checkpoint, which only a run in training resumes from, is
+removed once ``record.json`` is written (:func:`discard_previous`). Every reader takes the weights
+(``state["model"]``), so a finished run's checkpoint and a full one written before are read alike.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from harness.core.io import atomic_write, free_bytes, sha256_file, write_text
 
 NAME = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
+OPTIMIZER = "optimizer"
+"""The key of the AdamW state in a checkpoint: absent from a finished run's (harness.train.loop)."""
 
 
 def checksum_path(path: Path) -> Path:
@@ -166,8 +174,13 @@ def discard_current(run_dir: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def discard_previous(run_dir: Path) -> None:
+    """Remove checkpoint.prev.pt and its checksums: once a run has finished, nothing resumes from it."""
+    for p in (run_dir / PREVIOUS, checksum_path(run_dir / PREVIOUS), _pending_path(run_dir / PREVIOUS)):
+        p.unlink(missing_ok=True)
+
+
 def discard(run_dir: Path) -> None:
     """Remove a run's checkpoints and their checksums (``harness train --restart``)."""
     discard_current(run_dir)
-    for p in (run_dir / PREVIOUS, checksum_path(run_dir / PREVIOUS), _pending_path(run_dir / PREVIOUS)):
-        p.unlink(missing_ok=True)
+    discard_previous(run_dir)

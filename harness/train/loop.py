@@ -197,6 +197,8 @@ class Trainer:
         # Compiled runs: the first step of each process compiles; its time is kept apart.
         self.compile_s, self.untimed_steps = 0.0, 0
         self.meter = open_meter(self.device)
+        # Whether the final checkpoint keeps the AdamW state (False once resumed from one without).
+        self.keeps_optimizer = study.keep_optimizer_state
         self._resume(resume)
         # Laid out after loading: the checkpoint is always the single-process one.
         self.model, self.opt, wrapped = self.layout.apply(self.model, self.opt, self._rebuild, self.device)
@@ -301,7 +303,12 @@ class Trainer:
             if resume == "previous" and self.layout.writes:  # the damaged one must not become "previous"
                 checkpoint.discard_current(self.out_dir)
             self.model.load_state_dict(state["model"])
-            self.opt.load_state_dict(state["optimizer"])
+            if checkpoint.OPTIMIZER in state:
+                self.opt.load_state_dict(state[checkpoint.OPTIMIZER])
+            elif int(state["step"]) < self.run.steps:  # only a finished run's final weights go without it
+                raise DamagedFile(path, f"it holds no optimizer state at step {state['step']}", self._damaged_remedy())
+            else:  # the final weights of a run killed before its record: nothing left to train
+                self.keeps_optimizer = False
             torch.set_rng_state(state["rng_cpu"].cpu())
             if self.device.type == "cuda" and "rng_cuda" in state:
                 torch.cuda.set_rng_state(state["rng_cuda"].cpu())
@@ -316,10 +323,13 @@ class Trainer:
             write_text(self.metrics_path, "".join(kept))
 
     def save(self) -> None:
+        """Write the checkpoint; the final one keeps the AdamW state only where the study asks
+        (``keep_optimizer_state``): nothing resumes from a finished run, and the later steps read
+        its weights alone."""
         model_state, opt_state = self.layout.full_state(self.model, self.opt)  # collective
         state = {
             "model": model_state,
-            "optimizer": opt_state,
+            checkpoint.OPTIMIZER: opt_state,
             "step": self.step,
             "elapsed_s": self.elapsed,
             "compile_s": self.compile_s,
@@ -331,6 +341,8 @@ class Trainer:
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
+        if self.step >= self.run.steps and not self.keeps_optimizer:
+            del state[checkpoint.OPTIMIZER]
         if self.layout.writes:  # the ranks hold one model: the first writes it
             checkpoint.save_checkpoint(state, self.ckpt_path)
         self.layout.barrier()

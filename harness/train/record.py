@@ -57,6 +57,8 @@ def run_record(trainer: Trainer, rows: list[dict[str, Any]]) -> dict[str, Any]:
         "gpu_energy_absent": trainer.energy_window.absent.get("energy_j") if trainer.energy_j is None else None,
         "gpu_energy_label": "GPU energy (NVML), whole run including evaluation; not wall-socket energy",
         "data_fingerprint": trainer.data_meta["fingerprint"],
+        # Whether checkpoint.pt keeps the AdamW state (study.keep_optimizer_state); else weights alone.
+        "checkpoint_optimizer_state": trainer.keeps_optimizer,
         "spec_hash": trainer.spec_hash,
         "registration_sha256": trainer.study.registration_sha256 or None,  # the block trained under
         "provenance": provenance(trainer.device, time_utc=host_load.utc_now()),

@@ -3,7 +3,9 @@
     harness train tiny --run moe-xs-e8k2_3e12_s0
 
 A run finished as asked is not trained again (:class:`AlreadyTrained`); the run's folder is
-locked while it trains (harness.train.run_lock); harness.train.loop holds the loop itself.
+locked while it trains (harness.train.run_lock); harness.train.loop holds the loop itself. Once
+record.json is written, the previous checkpoint goes: a finished run keeps its final checkpoint
+alone (harness.train.checkpoint).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from harness.core.remedy import run_file
 from harness.study.records import read_data_meta, read_record
 from harness.study.runs import identity_changes, recorded_identity, run_identity
 from harness.study.spec import Run, Study
-from harness.train import parallel, run_lock
+from harness.train import checkpoint, parallel, run_lock
 from harness.train.loop import Trainer, pick_device
 from harness.train.parallel import ALONE, Layout
 
@@ -97,5 +99,7 @@ def _train(run, study, data_dir, out_dir, threads, stop_after, progress, resume,
         record = trainer.record()
         if trainer.layout.writes:
             write_json(out_dir / "record.json", record)
+            # Finished: nothing resumes from the previous checkpoint now (harness.train.checkpoint).
+            checkpoint.discard_previous(out_dir)
         trainer.layout.barrier()
     return record

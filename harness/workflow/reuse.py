@@ -6,9 +6,19 @@ recipe) and on the tokens it trained on, nothing else. So when ``results/<other 
 holds a finished run (record and checkpoint) with the same identity, trained on data that is the
 same token for token (the same data identity, ``harness.data.prepare.data_identity``, and the same shard
 hashes once this study's data is prepared), the workflow's ``reuse`` rule brings it in instead of
-training: the checkpoints are hard-linked (copied where the file system cannot link), the small
-files copied, and the record rewritten under this study's name with ``reused_from`` saying where it
-came from. Measurement and evaluation run again, under this study's settings.
+training: the final checkpoint is hard-linked (copied where the file system cannot link), the
+small files copied, and the record rewritten under this study's name with ``reused_from`` saying
+where it came from.
+
+Its evaluation and routing analysis come with it when the study it came from made them of the
+same checkpoint (its recorded SHA-256), data, settings and device: each eval.json and routing.json
+records those ``inputs`` (``harness.evaluate.lm_eval_run.eval_inputs``,
+:func:`routing_inputs`), and the workflow's ``reuse_eval`` and ``reuse_routing``
+rules run ``harness evaluate --reuse`` and ``harness routing --reuse``, which check the file
+again (whole, of this run, inputs equal to what this study's job would record) and write it under
+this study's name, atomically; where anything differs they evaluate as the plain rules do
+(:func:`result_elsewhere` decides which rule makes the file, :func:`reused_result` checks it).
+Speed is measured again (``harness measure``), so that a study's speed ratios come from one session.
 
 The reuse writes the run folder as a training does: under the run's lock (harness.train.run_lock),
 with a reader's lock on the source, so that neither is trained meanwhile. Every file is linked or
@@ -41,11 +51,14 @@ from models.config import ConfigError
 
 REUSED = "reused_from"
 """The record field of a reused run: the study and run folder it was trained in."""
-LINKED = ("checkpoint.pt", "checkpoint.prev.pt")
+LINKED = ("checkpoint.pt",)
 """Files shared by hard link: large, and always replaced whole (written to a temporary name)."""
-COPIED = ("checkpoint.pt.sha256", "checkpoint.prev.pt.sha256", "config.yaml", "spec.json", "metrics.jsonl")
-"""The other products of training (the checkpoints' checksums among them), copied; record.json is
+COPIED = ("checkpoint.pt.sha256", "config.yaml", "spec.json", "metrics.jsonl")
+"""The other products of training (the checkpoint's checksum among them), copied; record.json is
 written last, under this study's name."""
+NOT_BROUGHT = ("checkpoint.prev.pt", "checkpoint.prev.pt.sha256")
+"""What a source finished before finished runs kept their final checkpoint alone may still hold:
+never brought in, and removed from an older copy (harness.train.checkpoint)."""
 
 
 def _shards(meta: dict[str, Any]) -> dict[str, Any]:
@@ -248,7 +261,7 @@ def reuse(study: Study, run: Run, results: Path, source: Path, force: bool = Fal
             for tmp, final in staged:
                 os.replace(tmp, final)
             kept = {final.name for _, final in staged}
-            for name in (*LINKED, *COPIED):  # an older copy's file the source no longer has
+            for name in (*LINKED, *COPIED, *NOT_BROUGHT):  # an older copy's file the source no longer has
                 if name not in kept:
                     (out / name).unlink(missing_ok=True)
             reused = record | {"study": study.name, REUSED: {"study": record.get("study"), "run_dir": str(source)}}
@@ -259,6 +272,107 @@ def reuse(study: Study, run: Run, results: Path, source: Path, force: bool = Fal
             for tmp, _ in staged:
                 tmp.unlink(missing_ok=True)
     return reused
+
+
+RESULT_KEYS = {"eval.json": "tasks", "routing.json": "moe"}
+"""The results a reused run may take from the study it came from, each with a key only its verb
+writes."""
+UNKNOWN_BEFORE_JOB = ("tasks_fingerprint",)
+"""Inputs the workflow cannot know before its jobs run (this study's tasks.json may not exist or
+be about to change): checked by the job."""
+
+
+def reused_result(
+    path: Path, run_id: str, inputs: dict[str, Any], unknown: tuple[str, ...] = ()
+) -> tuple[dict[str, Any] | None, str]:
+    """The result in ``path`` (another study's eval.json or routing.json of run ``run_id``) when it
+    is whole, that run's, and records ``inputs`` (but for the keys in ``unknown``); else None and
+    why not, in words."""
+    key = RESULT_KEYS.get(path.name)
+    data = read_json_object(path)
+    if key is None or data is None or key not in data:
+        return None, f"{path} is no whole harness {path.stem} result"
+    study = path.parent.parent.parent.name if path.parent.parent.name == "runs" else data.get("study")
+    if data.get("run_id") != run_id or path.parent.name != run_id or data.get("study") != study:
+        return (
+            None,
+            f"{path} is not {run_id}'s result in that folder (run {data.get('run_id')}, study {data.get('study')})",
+        )
+    recorded = data.get("inputs")
+    if not isinstance(recorded, dict):
+        return None, f"{path} records no inputs (made before they were recorded)"
+    differ = sorted(k for k in inputs.keys() | recorded.keys() if k not in unknown and recorded.get(k) != inputs.get(k))
+    if differ:
+        return None, f"{path} was made with other {', '.join(differ)}"
+    return data, ""
+
+
+def routing_inputs(checkpoint_sha256: str | None, data_fingerprint: str | None, max_tokens: int, device: str) -> dict:
+    """What the numbers of a routing analysis depend on, routing.json's ``inputs``: the checkpoint
+    by its recorded SHA-256, the data by fingerprint, the held-out tokens routed, the permutation
+    baseline and the device type."""
+    from harness.analysis.specialisation import DEFAULT_PERMUTATIONS, DEFAULT_SEED
+
+    return {
+        "checkpoint_sha256": checkpoint_sha256,
+        "data_fingerprint": data_fingerprint,
+        "max_tokens": max_tokens,
+        "permutations": DEFAULT_PERMUTATIONS,
+        "seed": DEFAULT_SEED,
+        "device": device,
+    }
+
+
+def result_inputs(
+    study: Study, name: str, checkpoint_sha256: str | None, data_fingerprint: str | None, device: str, **given: Any
+) -> dict[str, Any]:
+    """What the job making ``name`` (eval.json or routing.json) records as its inputs, with the
+    verb's defaults (``given``: tasks, download, dtype, max_tokens, as the verb has them)."""
+    if name == "eval.json":
+        from dataclasses import replace
+
+        from harness.evaluate.lm_eval_run import eval_inputs
+
+        cfg = replace(study.eval, download=True) if given.get("download") else study.eval
+        dtype = given.get("dtype") or ("bfloat16" if device == "cuda" else "float32")
+        return eval_inputs(cfg, checkpoint_sha256, data_fingerprint, given.get("tasks"), device, dtype)
+    from harness.analysis.specialisation import DEFAULT_MAX_TOKENS
+
+    return routing_inputs(checkpoint_sha256, data_fingerprint, given.get("max_tokens", DEFAULT_MAX_TOKENS), device)
+
+
+def result_elsewhere(
+    study: Study, run: Run, results: Path, ours: tuple[tuple, dict | None] | None, name: str, device: str, **given: Any
+) -> Path | None:
+    """The ``name`` (eval.json or routing.json) that the study a reused run comes from holds of it,
+    when its recorded inputs are those this study's job would record on ``device``: the workflow
+    then takes it (rule reuse_eval or reuse_routing) instead of evaluating. None where the run is
+    not reused or anything differs; the inputs the job alone can know are checked there."""
+    from harness.train import checkpoint
+
+    source = finished_elsewhere(run, results, ours)
+    if source is None:
+        return None
+    record = read_json_object(source / "record.json") or {}
+    digest = checkpoint.recorded_digest(source / checkpoint.NAME)
+    inputs = result_inputs(study, name, digest, record.get("data_fingerprint"), device, **given)
+    taken, _ = reused_result(source / name, run.run_id, inputs, UNKNOWN_BEFORE_JOB)
+    return None if taken is None else source / name
+
+
+def take_result(study: Study, run: Run, path: Path, inputs: dict[str, Any], out: Path) -> dict[str, Any] | None:
+    """Write ``path``'s result as ``out``, under this study's name with ``reused_from``, when
+    :func:`reused_result` takes it for ``inputs``; else say why on stderr and return None (the
+    verb then makes the result itself)."""
+    from harness.core.io import write_json
+
+    data, why = reused_result(path, run.run_id, inputs)
+    if data is None:
+        print(f"{run.run_id}: not reused: {why}; made here instead", file=sys.stderr)
+        return None
+    taken = data | {"study": study.name, REUSED: {"study": data.get("study"), "file": str(path)}}
+    write_json(out, taken)
+    return taken
 
 
 def reusable_sources(study: Study, runs: list[Run], results: Path) -> dict[str, Path]:

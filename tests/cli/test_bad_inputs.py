@@ -292,7 +292,7 @@ CASES = [
         "checkpoint-damaged-resume",
         truncate(f"{RUNDIR}/checkpoint.pt", 0.3),
         TRAIN,
-        ["checkpoint.pt", "--from-previous", "--restart"],
+        ["checkpoint.pt", "--restart"],
     ),
     Case("metrics-damaged-line", garble_line(f"{RUNDIR}/metrics.jsonl", 2), TRAIN, ["metrics.jsonl", "line 3"]),
     Case(
@@ -356,9 +356,14 @@ def test_bad_input_is_one_clear_error(case: Case, study: Path, monkeypatch):
 
 
 def test_a_damaged_checkpoint_resumes_from_the_previous_one(study: Path, monkeypatch):
+    """A run in training keeps its previous checkpoint (a finished one keeps its weights alone):
+    stopped after 25 steps, its checkpoint of step 20 damaged, it resumes from step 10's."""
     monkeypatch.chdir(study)
     run_dir = study / RUNDIR
     final = json.loads((run_dir / "record.json").read_text())["final_val_loss"]
+    code, err = _cli(*TRAIN, "--restart", "--stop-after", "25", "--results", "results")
+    assert code == 3, err
+    assert (run_dir / "checkpoint.prev.pt").is_file()
     truncate(f"{RUNDIR}/checkpoint.pt", 0.3)(study)
     code, err = _cli(*TRAIN, "--from-previous", "--results", "results")
     assert code == 0, err
@@ -369,7 +374,6 @@ def test_a_damaged_checkpoint_resumes_from_the_previous_one(study: Path, monkeyp
 def test_restart_discards_a_damaged_checkpoint(study: Path, monkeypatch):
     monkeypatch.chdir(study)
     scramble(f"{RUNDIR}/checkpoint.pt")(study)
-    scramble(f"{RUNDIR}/checkpoint.prev.pt")(study)
     code, err = _cli(*TRAIN, "--restart", "--results", "results")
     assert code == 0, err
     assert checkpoint.problem(study / RUNDIR / "checkpoint.pt") is None

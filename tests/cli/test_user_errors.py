@@ -55,7 +55,7 @@ def measured(content: bytes) -> Callable[[Path], None]:
 
 def no_previous(root: Path) -> None:
     for name in ("checkpoint.prev.pt", "checkpoint.prev.pt.sha256"):
-        (root / RUNDIR / name).unlink()
+        (root / RUNDIR / name).unlink(missing_ok=True)  # a finished run keeps none
 
 
 # --- failures injected where the tests cannot cause them --------------------------------------

@@ -4,10 +4,11 @@ import sys
 
 from pathlib import Path
 
+from harness.analysis.contrast import print_contrast_warning
 from harness.data.corpus import sync_corpus
 from harness.workflow.disk import CHECK_KEY, guard_disk
 from harness.train.parallel import check_workflow
-from harness.workflow.reuse import finished_elsewhere, our_data
+from harness.workflow.reuse import finished_elsewhere, our_data, result_elsewhere
 from harness.study.pool import pool_files
 from harness.study.runs import analysed, plan
 from harness.study.spec import load_study
@@ -118,10 +119,23 @@ def reusable(run_id):
     return str(source / "record.json") if source else f"{RESULTS}/runs/{run_id}/.no-finished-run-to-reuse"
 
 
+def reusable_result(run_id, name, **given):
+    """The eval.json or routing.json a reused run's study made of the same checkpoint, data and
+    settings on this device (harness.workflow.reuse.result_elsewhere); where there is none, the
+    reuse_eval or reuse_routing job lacks an input and the plain rule makes it."""
+    device = "cuda" if USE_GPU else "cpu"
+    source = result_elsewhere(STUDY, RUNS[run_id], Path(RESULTS), OUR_DATA, name, device, **given)
+    return str(source) if source else f"{RESULTS}/runs/{run_id}/.no-{name}-to-reuse"
+
+
 onstart:
     with refusals():
         guard_retraining(workflow, STUDY, list(RUNS.values()), Path(RESULTS), RETRAIN)
-        # The checkpoints and shards the study still has to write must fit on the disk of RESULTS
-        # (harness.workflow.disk); `--config disk_check=off` starts it anyway.
+        # The checkpoints and shards the study still has to write must fit on the disk of RESULTS,
+        # with as many runs in training at once as the cores or GPUs allow (harness.workflow.disk);
+        # `--config disk_check=off` starts it anyway.
         if not getattr(workflow, "touch", False):
-            guard_disk(STUDY, list(RUNS.values()), Path(RESULTS), config.get(CHECK_KEY))
+            at_once = max(1, GPUS // WORLD) if USE_GPU else max(1, workflow.cores // TRAIN_THREADS)
+            guard_disk(STUDY, list(RUNS.values()), Path(RESULTS), config.get(CHECK_KEY), at_once)
+    # Where the study's models moved its primary contrast since the last report (harness.analysis.contrast).
+    print_contrast_warning(STUDY, Path(RESULTS).parent, "moe-harness: warning")
