@@ -111,11 +111,14 @@ def primary_verdict(test: dict[str, Any] | None, c: PrimaryContrast) -> str:
     return NOT_SUPPORTED if test["upper"] < c.delta_min else INCONCLUSIVE
 
 
-def _contrast_text(c: PrimaryContrast, registered: bool) -> str:
+def _contrast_text(c: PrimaryContrast, chosen: str) -> str:
+    """How ``c`` was chosen: registered, pinned (the study's ``contrast``) or the stated default."""
     what = f"{c.moe} vs {c.dense} at {budget_label(c.budget)} FLOPs"
     rule = f"alpha {c.alpha:g}, smallest gain of interest {c.delta_min:g} nats"
-    if registered:
+    if chosen == "registered":
         return f"registered primary contrast: {what} ({rule})"
+    if chosen == "pinned":
+        return f"no registered contrast; the study pins its contrast (`contrast:`): {what} ({rule})"
     return f"no registered contrast; stated default, {DEFAULT_RULE}: {what} ({rule})"
 
 
@@ -145,16 +148,20 @@ def _other_arms(seed_rows: list[dict[str, Any]], c: PrimaryContrast) -> str:
 
 
 def iso_flop_gain(
-    records: list[dict[str, Any]], seed_rows: list[dict[str, Any]], primary: PrimaryContrast | None = None
+    records: list[dict[str, Any]],
+    seed_rows: list[dict[str, Any]],
+    primary: PrimaryContrast | None = None,
+    pinned: PrimaryContrast | None = None,
 ) -> Claim:
+    """R1 on the registered ``primary`` contrast, else the ``pinned`` one, else the stated default."""
     claim = "At equal training FLOPs and active parameters, MoE reaches lower loss than dense"
     source = "R1: Shazeer 2017, Fedus 2022 (Switch), Dai 2024 (DeepSeekMoE)"
-    c = primary or default_contrast(seed_rows)
+    c = primary or pinned or default_contrast(seed_rows)
     if c is None:
         return Claim(
             "R1", claim, source, NO_DATA, "no sparse (E > k) MoE run has a dense peer at the same budget and seed"
         )
-    evidence = _contrast_text(c, primary is not None)
+    evidence = _contrast_text(c, "registered" if primary else "pinned" if pinned else "default")
     g = contrast_gains(records, c)
     if not all(g["arms"]):
         missing = " and ".join(m for m, ran in zip((c.moe, c.dense), g["arms"], strict=True) if not ran)
@@ -385,11 +392,13 @@ def evaluate_claims(
     health: dict[str, list[dict[str, Any]]],
     routing: dict[str, dict[str, Any]],
     registration: Registration | None = None,
+    pinned: PrimaryContrast | None = None,
 ) -> list[Claim]:
-    """Every claim's verdict; R1 on ``registration.primary`` when the study registers one."""
+    """Every claim's verdict; R1 on ``registration.primary`` when the study registers one, else on
+    the study's ``contrast`` where it pins one, else on the stated default."""
     primary = registration.primary if registration is not None else None
     return [
-        iso_flop_gain(records, seed_rows, primary),
+        iso_flop_gain(records, seed_rows, primary, pinned),
         gain_grows_with_experts(seed_rows, records),
         collapses_without_balancing(records, health),
         balanced_does_not_collapse(records, health),

@@ -30,14 +30,18 @@ from models.config import ConfigError
 
 FILE = "contrast.json"
 """The contrast the last report tested, in the study's results folder."""
-REGISTERED, DEFAULT = "registered", "default"
+REGISTERED, PINNED, DEFAULT = "registered", "pinned", "default"
 
 
 def report_contrast(study: Study, seed_rows: list[dict[str, Any]]) -> tuple[PrimaryContrast | None, str]:
     """The contrast R1 tests (``harness.analysis.claims.iso_flop_gain``) and how it was chosen:
     the study's registered one, else the stated default over the report's ``seed_rows``."""
     primary = study.registration.primary if study.registration else None
-    return (primary, REGISTERED) if primary else (default_contrast(seed_rows), DEFAULT)
+    if primary:
+        return primary, REGISTERED
+    if study.contrast is not None:
+        return study.contrast, PINNED
+    return default_contrast(seed_rows), DEFAULT
 
 
 def planned_contrast(study: Study) -> PrimaryContrast | None:
@@ -108,20 +112,18 @@ def same(old: dict[str, Any] | None, new: PrimaryContrast | None) -> bool:
 
 
 def _pin(c: PrimaryContrast, study: Study) -> str:
-    """How to keep ``c`` whatever models the study holds: its registration, which needs seeds."""
+    """How to keep ``c`` whatever models the study holds: pin it with the study's ``contrast`` (or, for
+    a confirmatory study, register it: that needs two shared seeds and a registration made before
+    the runs)."""
     runs = plan(study)
     gone = [name for name in c.pair if not any(r.model.name == name and r.budget == c.budget for r in runs)]
     if gone:
         named = " and ".join(f"`{g}`" for g in gone)
         return f"to keep it, put {named} back in the study at {budget_label(c.budget)} FLOPs"
-    seeds = [{r.seed for r in runs if r.model.name == name and r.budget == c.budget} for name in c.pair]
-    shared = len(seeds[0] & seeds[1])
-    block = f"registration: {{primary: {{moe: {c.moe}, dense: {c.dense}, budget: {budget_label(c.budget)}}}}}"
-    if shared >= 2:
-        return f"to keep it, pin it in {study.path or 'the study file'}: `{block}`"
+    block = f"contrast: {{moe: {c.moe}, dense: {c.dense}, budget: {budget_label(c.budget)}}}"
     return (
-        f"to keep it, pin it in {study.path or 'the study file'} with `{block}` once both arms share two or more "
-        f"seeds (they share {shared}; a registration needs two), or remove the model that moved it"
+        f"to keep it, pin it in {study.path or 'the study file'}: `{block}` (or remove the model that moved it; "
+        "to take the new one, run the report again)"
     )
 
 
@@ -129,7 +131,7 @@ def contrast_warning(study: Study, results: Path) -> str | None:
     """One line when the primary contrast the study's models give now differs from the one the last
     report of ``results`` tested, naming both and how to pin one; None when it is the same, when no
     report recorded one, or when the study registers its contrast (nothing can move it)."""
-    if study.registration is not None and study.registration.primary is not None:
+    if study.contrast is not None or (study.registration is not None and study.registration.primary is not None):
         return None
     record = recorded_contrast(results)
     if record is None or record["contrast"] is None:
@@ -138,13 +140,17 @@ def contrast_warning(study: Study, results: Path) -> str | None:
     if same(record["contrast"], new):
         return None
     old = describe(record["contrast"])
-    how = "registered" if record["rule"] == REGISTERED else "the stated default"
+    how = {REGISTERED: "registered", PINNED: "pinned by the study's `contrast`"}.get(
+        record["rule"], "the stated default"
+    )
     now = (
         f"with the models the study holds now, the stated default, {DEFAULT_RULE}, is {describe(new)}"
         if new is not None
         else "the study holds no sparse MoE arm with a dense peer now: R1 would have no contrast"
     )
     keep = _pin(PrimaryContrast(*_fields(record["contrast"])), study) if record["rule"] == DEFAULT else ""
+    if record["rule"] == PINNED:
+        keep = f"to keep it, restore its `contrast` in {study.path or 'the study file'}"
     keep = keep or f"to keep it, restore its `registration.primary` in {study.path or 'the study file'}"
     return (
         f"the primary contrast (R1) of study '{study.name}' would change: the last report "

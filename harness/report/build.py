@@ -164,7 +164,9 @@ def _read(study: Study, results: Path, microbench: Path | None) -> StudyReport:
     for refusal in refusals:
         print(f"harness report: {refusal}", file=sys.stderr)
     analysis = scaling.analyse(records + pooled, refusals=refusals)
-    claims = evaluate_claims(records, measures, seed_rows, health, routing, registration=study.registration)
+    claims = evaluate_claims(
+        records, measures, seed_rows, health, routing, registration=study.registration, pinned=study.contrast
+    )
     # This study's name: every record names it (harness.study.records), a reused one too.
     ours = summary(records, measures, evals) | {"study": study.name}
     repro = reproduction(results, ours)

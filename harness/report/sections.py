@@ -236,12 +236,14 @@ def _glance(r: StudyReport) -> list[str]:
 def _contrast_sentence(r: StudyReport) -> str:
     """Which contrast R1 tests and the rule that chose it; and the one the last report of this folder
     tested, where the study's models or registration have moved it since."""
-    from harness.analysis.contrast import REGISTERED, describe, same
+    from harness.analysis.contrast import PINNED, REGISTERED, describe, same
     from harness.analysis.stats import DEFAULT_ALPHA, DEFAULT_DELTA_MIN, DEFAULT_RULE
 
     c, before = r.contrast, r.previous_contrast
     if r.contrast_rule == REGISTERED:
         text = f"the study's registered primary contrast, {describe(c)}"
+    elif r.contrast_rule == PINNED:
+        text = f"no contrast is registered; the study pins its contrast (`contrast:` in the study file), {describe(c)}"
     elif c is None:
         text = f"no contrast is registered, and the stated default, {DEFAULT_RULE}, finds none"
     else:
@@ -253,7 +255,7 @@ def _contrast_sentence(r: StudyReport) -> str:
         text += (
             f" (**changed**: the last report of this folder tested {describe(before['contrast'])}"
             + (", registered" if before["rule"] == REGISTERED else "")
-            + "; the study's models or its registration moved it; `registration.primary` in the study file pins one)"
+            + "; the study's models or its registration moved it; `contrast:` in the study file pins one)"
         )
     return text
 

@@ -27,8 +27,12 @@ from models.config import ConfigError, ModelConfig
 
 
 def _check_registration(study: Study, runs: list[Run]) -> None:
-    """The registered primary contrast names models the study trains, at a budget both train."""
+    """The registered (or, without a registration, pinned) primary contrast names models the study
+    trains, at a budget both train, with the seeds it asks for."""
     primary = study.registration.primary if study.registration else None
+    where = "registration.primary"
+    if primary is None and study.contrast is not None:
+        primary, where = study.contrast, "contrast"
     if primary is None:
         return
     arms = {(r.model.name, r.model.moe is not None) for r in runs}
@@ -36,7 +40,7 @@ def _check_registration(study: Study, runs: list[Run]) -> None:
         models = sorted(m for m, is_moe in arms if is_moe == moe)
         if (name, moe) not in arms:
             raise ConfigError(
-                f"registration.primary.{field_name}",
+                f"{where}.{field_name}",
                 f"{name!r} is not a{'n MoE' if moe else ' dense'} model of this study ({', '.join(models)})",
                 study.path,
             )
@@ -44,18 +48,19 @@ def _check_registration(study: Study, runs: list[Run]) -> None:
         if primary.budget not in budgets:
             shown = ", ".join(budget_label(b) for b in sorted(budgets))
             raise ConfigError(
-                "registration.primary.budget",
+                f"{where}.budget",
                 f"{name} is not trained at {budget_label(primary.budget)} FLOPs (its budgets: {shown})",
                 study.path,
             )
     seeds = [{r.seed for r in runs if r.model.name == name and r.budget == primary.budget} for name in primary.pair]
     shared = seeds[0] & seeds[1]
     if len(shared) < primary.seeds:
+        asker = "the registration" if where.startswith("registration") else "the pinned contrast"
         raise ConfigError(
-            "registration.primary.seeds",
+            f"{where}.seeds",
             f"the arms share {len(shared)} seed(s) at {budget_label(primary.budget)} FLOPs "
             f"({', '.join(map(str, sorted(shared))) or 'none'}; {primary.dense}: {_seeds(seeds[1])}, "
-            f"{primary.moe}: {_seeds(seeds[0])}), fewer than the {primary.seeds} the registration asks for: "
+            f"{primary.moe}: {_seeds(seeds[0])}), fewer than the {primary.seeds} {asker} asks for: "
             "give both arms the same seeds (their entries' seeds or seeds_per_budget)",
             study.path,
         )

@@ -327,6 +327,11 @@ class Study:
     parallel: Parallel = field(default_factory=Parallel)
     registration: Registration | None = None
     """A confirmatory study's registered design (None: exploratory; R1 then uses a stated default)."""
+    contrast: PrimaryContrast | None = None
+    """The contrast R1 tests in a study without a registration (its headline, pinned so that adding
+    or removing a model cannot move it; unlike a registration it claims nothing was decided before
+    the runs, and one shared seed is enough). Without it, R1 uses the stated default; a study that
+    registers its primary contrast gives it there instead."""
     pool: list[PoolSource] = field(default_factory=list)
     """Other studies' runs that join the joint law and the dense frontier (never a registered
     contrast): same data and tokenizer, same recipe but for the fields each source names."""
@@ -407,6 +412,16 @@ def load_study(name_or_path: str | Path) -> Study:
     except ValueError:
         shown = path
     study = Study(**{**study.__dict__, "path": str(shown), "registration_sha256": registration_hash(data)})
+    if study.contrast is not None:
+        if study.registration is not None and study.registration.primary is not None:
+            raise ConfigError(
+                "contrast",
+                "is given beside registration.primary: a registered study's contrast is its registration's; "
+                "remove one of them",
+                str(path),
+            )
+        if "seeds" not in data["contrast"]:  # a pinned headline needs one shared seed, a registration two
+            study = Study(**{**study.__dict__, "contrast": dataclasses.replace(study.contrast, seeds=1)})
     _check_data_source(data.get("data") or {}, study.data.source, str(path))
     for i, spec in enumerate(study.models):
         if (spec.config is None) == (spec.base is None):
