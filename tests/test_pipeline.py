@@ -362,6 +362,7 @@ def test_run_energy_adds_up_over_resumed_segments(prepared, monkeypatch):
     assert record["gpu_energy_j_per_token"] == pytest.approx(record["gpu_energy_j"] / record["tokens"])
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_final_numbers(prepared):
     root, study, data_dir, _ = prepared
     run = find_run(study, "dense-pico_6e9_s0")

@@ -28,6 +28,7 @@ def test_the_law_returns_the_true_parameters():
     assert fit.estimates["beta"] == pytest.approx(0.3, abs=0.03)
 
 
+@pytest.mark.slow
 def test_theta_interval_covers_the_truth_near_nominally():
     covered = 0
     for i in range(24):
@@ -180,6 +181,7 @@ def test_ablations_routed_otherwise_stay_out_of_the_law():
     assert "Left out of the law: moe-e8k2-nobalance" in text
 
 
+@pytest.mark.slow
 def test_a_parameter_whose_draws_reach_a_bound_is_printed_one_sided():
     """theta near its upper bound (1.5) with few, noisy runs: draws pile at the bound, so the
     table says 'theta >= lo' with the share at the bound, never a bracket ending at 1.5."""
@@ -197,6 +199,7 @@ def test_a_parameter_whose_draws_reach_a_bound_is_printed_one_sided():
     assert "[" in rho[1] and "(Monte Carlo)" in rho[2]
 
 
+@pytest.mark.slow
 def test_the_numbers_do_not_depend_on_the_order_of_the_records_and_ends_are_stable():
     recs = study(np.random.default_rng(4))
     a, _ = fit_law(recs, bootstrap=1000, seed=0)

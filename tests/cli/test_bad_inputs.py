@@ -355,6 +355,7 @@ def test_bad_input_is_one_clear_error(case: Case, study: Path, monkeypatch):
     assert after - before <= case.created, sorted(after - before)
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_resumes_from_the_previous_one(study: Path, monkeypatch):
     """A run in training keeps its previous checkpoint (a finished one keeps its weights alone):
     stopped after 25 steps, its checkpoint of step 20 damaged, it resumes from step 10's."""
@@ -371,6 +372,7 @@ def test_a_damaged_checkpoint_resumes_from_the_previous_one(study: Path, monkeyp
     assert json.loads((run_dir / "record.json").read_text())["final_val_loss"] == pytest.approx(final, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_restart_discards_a_damaged_checkpoint(study: Path, monkeypatch):
     monkeypatch.chdir(study)
     scramble(f"{RUNDIR}/checkpoint.pt")(study)

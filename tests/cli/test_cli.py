@@ -52,6 +52,7 @@ def test_bad_config_exits_2_with_one_message(tmp_path):
     assert str(bad) in r.stderr and "'dropout'" in r.stderr and "allowed keys" in r.stderr
 
 
+@pytest.mark.slow
 def test_match_writes_a_loadable_config_named_after_its_file(tmp_path):
     out = tmp_path / "moe-s-e16k4.yaml"
     r = harness("match", str(CONFIGS / "dense-s.yaml"), "--experts", "16", "--top-k", "4", "--out", str(out))

@@ -22,6 +22,8 @@ import pytest
 from pico_study import RUN, RUNDIR, STUDY, cli
 from verb_subprocess import assert_one_line, assert_unchanged, run_verb, snapshot
 
+pytestmark = pytest.mark.slow  # each case runs a verb as a subprocess on a trained study
+
 RESULTS = ["--results", "results"]
 RECORD, METRICS = f"{RUNDIR}/record.json", f"{RUNDIR}/metrics.jsonl"
 DATA, CORPUS, REPORT = "results/pico/data/data.json", "results/pico/data/corpus.json", "results/pico/report.md"

@@ -32,6 +32,8 @@ from harness.evaluate.export import export
 from harness.study.spec import DataConfig, DataSource
 from models.transformer import Transformer
 
+pytestmark = pytest.mark.slow  # each case runs a verb as a subprocess on a trained study
+
 R = ["--results", "results"]
 EXPORT = ["harness", "export", STUDY, "--run", RUN, *R]
 DATA = ["harness", "data", STUDY, *R]

@@ -21,6 +21,8 @@ from verb_subprocess import assert_one_line, assert_unchanged, run_verb, snapsho
 
 from harness.cli import build_parser
 
+pytestmark = pytest.mark.slow  # each case runs harness sample as a subprocess
+
 SAMPLE = ["harness", "sample", STUDY, "--results", "results", "--run", RUN]
 PREFIX = "harness sample: error: "
 VOCAB = PICO_MODEL["vocab_size"]

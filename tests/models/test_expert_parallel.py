@@ -295,6 +295,7 @@ def test_collapsed_router_leaves_owners_idle():
     assert counts[2:].sum() == 0 and counts[:2].sum() > 0
 
 
+@pytest.mark.slow
 def test_errors_and_record(job):
     rank0 = job(4)[0]
     assert "moe.experts (6) must be divisible by the expert-parallel group size (4)" in rank0["errors"]["experts"]

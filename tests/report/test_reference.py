@@ -142,6 +142,7 @@ def test_a_reference_is_rebuilt_from_its_small_records_alone(finished, tmp_path)
     assert "This is the committed reference for `pico` on `cpu`" in section and "compared with nothing" in section
 
 
+@pytest.mark.slow
 def test_an_unfinished_study_is_refused_naming_its_runs(finished, tmp_path):
     results = finished / "results" / "pico"
     with pytest.raises(HarnessError, match=r"1 of 5 runs have not finished .*dense-pico_2e9_s9"):

@@ -20,6 +20,8 @@ from conftest import ROOT
 from pico_study import RUN, STUDY
 from verb_subprocess import assert_one_line, assert_unchanged, run_verb, snapshot
 
+pytestmark = pytest.mark.slow  # each case runs reuse, training or snakemake as a subprocess
+
 COPY = "copy.yaml"
 SOURCE = f"results/pico/runs/{RUN}"
 OURS = f"results/pico2/runs/{RUN}"

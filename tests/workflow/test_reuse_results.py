@@ -24,6 +24,8 @@ from harness.study.spec import load_study
 from harness.train import checkpoint
 from harness.workflow.reuse import REUSED, result_inputs, reused_result
 
+pytestmark = pytest.mark.slow  # trains, evaluates and reuses a study through the verbs
+
 COPY, NEW, MOE = "copy.yaml", "dense-pico-b_6e9_s0", "moe-pico-e4k2_6e9_s0"
 R = ("--results", "results")
 
