@@ -32,7 +32,7 @@ WHEELS ?=
 PIP_FROM := $(if $(WHEELS),--no-index --find-links $(abspath $(WHEELS)))
 TORCH_REQ = $(if $(WHEELS),torch,"$(TORCH_SPEC)" $(TORCH_INDEX))
 
-.PHONY: install wheelhouse check-offline test test-slow test-all bench lint study report-check test-cluster gpu-wheelhouse gpu-check gpu-check-rehearsal clean
+.PHONY: install wheelhouse check-offline test test-slow test-all clock-check bench lint study report-check test-cluster gpu-wheelhouse gpu-check gpu-check-rehearsal clean
 
 $(STAMP): pyproject.toml
 	$(if $(WHEELS),cd $(WHEELS) && sha256sum --check --quiet SHA256SUMS)
@@ -102,6 +102,12 @@ test-slow: install
 
 test-all: lint
 	$(BIN)/python -m pytest
+
+# harness plan against the clock on the tiny study (tests/workflow/test_plan_clock.py): planned,
+# then run here in results/tiny, each stage within 2x of its estimate where the host was quiet.
+# CI runs it just before `make study STUDY=tiny`, which then finds the study done.
+clock-check: install
+	MOE_HARNESS_CLOCK_IN=$(CURDIR) $(BIN)/python -m pytest tests/workflow/test_plan_clock.py -k tiny -m slow -rxs
 
 # Micro-benchmarks (pytest-benchmark), kept out of `make test`.
 bench: install

@@ -1,7 +1,7 @@
 """``harness plan STUDY``: the run matrix of a study, what is done, how long the rest takes and the
 disk it needs (the planning itself: ``harness.workflow.plan``).
 
-    harness plan tiny [--json] [--device cpu|cuda] [--gpus N] [--mfu F]
+    harness plan tiny [--json] [--device cpu|cuda] [--gpus N] [--mfu F] [--reprobe | --probes FILE]
 """
 
 from __future__ import annotations
@@ -26,8 +26,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="GPUs the runs share, parallel.data of them per run (default: one run's, parallel.data)",
     )
     p.add_argument("--mfu", type=fraction, default=0.4, help="assumed model FLOP utilisation on a GPU (default 0.4)")
+    probes = p.add_mutually_exclusive_group()
+    probes.add_argument(
+        "--reprobe", action="store_true", help="probe every model on this CPU again, whatever the cache holds"
+    )
+    probes.add_argument(
+        "--probes",
+        metavar="FILE",
+        help="another host's probe cache, read as it is, nothing probed "
+        "(results/reference/cpu/probes.json: the reference host's, which the README's times are)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """The plan is worked out and printed in harness.workflow.plan, beside its estimates and disk."""
-    return cmd_plan(args)
+    """The plan is worked out and printed in harness.workflow.plan, beside its estimates and disk;
+    then a warning where the study's models moved its primary contrast (harness.analysis.contrast)."""
+    from harness.analysis.contrast import print_contrast_warning
+
+    code = cmd_plan(args)
+    print_contrast_warning(args.study, args.results)
+    return code

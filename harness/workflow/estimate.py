@@ -11,14 +11,18 @@
   GPU visible, of the GPU named with ``--gpu``.
 
 A run's time adds its validation passes (a forward pass, a third of a training step, per
-batch), its compilation and a process start-up; a run in progress counts only its steps left.
+batch; the batches are as many as the validation split holds, up to ``eval_batches``:
+:func:`evaluation_steps`), its compilation and a process start-up; a run in progress counts only
+its steps left.
 The study's training time is a list schedule (:func:`makespan`) of the runs left over the runs
 that train at once (CPU: cores / (``train_threads`` x world size); CUDA: ``--gpus`` / world
-size, the world size being the study's ``parallel.data``).
+size, the world size being the study's ``parallel.data``). The cores are this host's, or, with
+``harness plan --probes FILE``, those of the host that took the probes.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from dataclasses import dataclass
@@ -78,11 +82,22 @@ def cpu_step_seconds(run: Run, threads: int, prober: Prober) -> tuple[float, str
     return seconds, basis
 
 
-def evaluation_steps(run: Run) -> float:
-    """Validation passes of a run, in training-step equivalents."""
+def validation_batches(run: Run, validation_tokens: float | None) -> float:
+    """Batches of one validation pass: ``eval_batches``, or fewer where the validation split holds
+    fewer windows of ``seq_len`` (``TokenShard.eval_indices`` takes each window at most once)."""
+    r: Recipe = run.recipe
+    if validation_tokens is None:
+        return r.eval_batches
+    windows = max(1.0, (validation_tokens - 1) // r.seq_len)
+    return min(r.eval_batches, math.ceil(windows / r.batch_size))
+
+
+def evaluation_steps(run: Run, validation_tokens: float | None = None) -> float:
+    """Validation passes of a run, in training-step equivalents; ``validation_tokens``: what the
+    validation split holds (None: not known, ``eval_batches`` are counted)."""
     r: Recipe = run.recipe
     passes = run.steps // r.eval_every + (run.steps % r.eval_every != 0)
-    return passes * r.eval_batches / 3
+    return passes * validation_batches(run, validation_tokens) / 3
 
 
 def checkpoint_bytes(run: Run) -> int:
@@ -97,30 +112,35 @@ def estimate_run(
     gpu_flops: float | None = None,
     compile_s: float | None = None,
     done_steps: int = 0,
+    validation_tokens: float | None = None,
 ) -> RunEstimate:
     """One run's wall time on ``device`` ('cpu' or 'cuda'): ``measured_tokens_per_s`` from a
     finished run of the same model, else the probe (CPU) or ``gpu_flops`` (CUDA: peak x MFU).
-    ``done_steps``: steps a run in progress has behind it; only the rest is counted."""
+    ``done_steps``: steps a run in progress has behind it; only the rest is counted.
+    ``validation_tokens``: the validation split's tokens, which bound its passes."""
     if measured_tokens_per_s:
         step_s, basis = run.tokens_per_step / measured_tokens_per_s, "a finished run's rate"
     elif device == "cuda":
         step_s, basis = step_flops(run) / gpu_flops, "FLOPs at the assumed MFU of the GPU's peak"
     else:
-        threads = run.recipe.train_threads or os.cpu_count() or 1
-        step_s, basis = cpu_step_seconds(run, threads, prober or Prober.start())
+        prober = prober or Prober.start()
+        threads = run.recipe.train_threads or prober.cores
+        step_s, basis = cpu_step_seconds(run, threads, prober)
     compiled = run.recipe.compile
     compiling = (compile_s if compile_s is not None else COMPILE_SECONDS[device]) if compiled else 0.0
     # Validation runs the eager model: on a CPU, at the uncompiled rate.
     eager_step_s = step_s * CPU_COMPILE_SPEEDUP if compiled and device == "cpu" else step_s
     left = 1 - min(done_steps, run.steps) / run.steps
-    work = left * (run.steps * step_s + evaluation_steps(run) * eager_step_s)
+    work = left * (run.steps * step_s + evaluation_steps(run, validation_tokens) * eager_step_s)
     return RunEstimate(work + compiling + STARTUP_SECONDS, basis, checkpoint_bytes(run), eager_step_s)
 
 
 def estimate_runs(runs: list[Run], device: str, done_steps: list[int], **how) -> list[RunEstimate]:
     """:func:`estimate_run` of every run; on a CPU the models are probed smallest step first, so
-    that each probe's time bound uses the rate of the largest model probed before it."""
-    prober = Prober.start() if device == "cpu" else None
+    that each probe's time bound uses the rate of the largest model probed before it (with
+    ``prober``, the plan's; else this host's cache)."""
+    prober = how.pop("prober", None)
+    prober = (prober or Prober.start()) if device == "cpu" else None
     order = sorted(range(len(runs)), key=lambda i: step_flops(runs[i]))
     out: dict[int, RunEstimate] = {}
     rates = how.pop("rates", {})
@@ -141,13 +161,13 @@ def makespan(seconds: list[float], slots: int) -> float:
     return max(loads)
 
 
-def concurrent_runs(recipe: Recipe, device: str, gpus: int, world: int = 1) -> int:
+def concurrent_runs(recipe: Recipe, device: str, gpus: int, world: int = 1, cores: int | None = None) -> int:
     """How many runs train at once, each over ``world`` processes (parallel.data): the GPUs
-    over the GPUs a run takes, or the CPU cores over a run's threads (train_threads per process;
-    without it, a run takes every core)."""
+    over the GPUs a run takes, or the CPU cores (``cores``, else this host's) over a run's threads
+    (train_threads per process; without it, a run takes every core)."""
     if device == "cuda":
         return max(1, gpus // world)
-    cores = os.cpu_count() or 1
+    cores = cores or os.cpu_count() or 1
     return max(1, cores // (recipe.train_threads * world if recipe.train_threads else cores))
 
 

@@ -4,9 +4,12 @@ needs, answered in seconds and without training anything that may not fit.
 Each run's training time is recorded (``train`` job's benchmark, else its record) once done, and
 estimated before (``harness.workflow.estimate``; on a CPU a bounded probe, ``harness.workflow.probe``). When no
 model of a study could be probed on this CPU and the study may use a GPU (``device: auto``),
-the times are those of the GPU, with a warning saying why the CPU was not probed. The stages
-after training are estimated from their settings (``harness.workflow.stages``); the total is the sum of
-the stage rows shown. The disk is ``harness.workflow.disk``'s.
+the times are those of the GPU, with a warning saying why the CPU was not probed. The plan lists
+the probes it used, each with its age and the load it was taken under; ``--reprobe`` takes them
+again, ``--probes FILE`` reads another host's (``harness.workflow.probe``). The stages after
+training are estimated from their settings, bounded by what the study's data holds
+(``harness.workflow.stages``); the total is the sum of the stage rows shown. The disk is
+``harness.workflow.disk``'s.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import replace
+import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tabulate import tabulate
@@ -31,8 +35,21 @@ from harness.workflow.estimate import (
     read_record,
     step_flops,
 )
+from harness.workflow.probe import Prober
 from harness.workflow.reuse import REUSED, reusable_sources, reuse_lines
-from harness.workflow.stages import BYTES_PER_TOKEN, Setting, Stage, corpus_bytes, megabytes, pipeline, recorded_seconds
+from harness.workflow.stages import (
+    BYTES_PER_TOKEN,
+    Heldout,
+    Setting,
+    Stage,
+    corpus_bytes,
+    current_tasks,
+    heldout_before_data,
+    heldout_of_data,
+    megabytes,
+    pipeline,
+    recorded_seconds,
+)
 from models.config import ConfigError
 
 
@@ -119,13 +136,38 @@ def gpu_flops(args: argparse.Namespace) -> float:
     return peak * args.mfu
 
 
-def run_estimates(runs, states, finished: tuple, device: str, args: argparse.Namespace) -> list:
-    """Each run's training estimate; ``finished``: ``finished_rates`` of the study's results."""
+@dataclass(frozen=True)
+class DataState:
+    """What the plan knows of the study's data: the corpus the data step will read (None: prepared
+    and current, or a remote dataset), how the prepared data differs from the study's, and the
+    held-out split the later stages read (None: not known)."""
+
+    corpus: int | None
+    changed: list[str]
+    heldout: Heldout | None
+
+
+def data_state(study, results: Path, meta: dict | None) -> DataState:
+    """The study's data as the plan counts it: prepared and current (data.json, and tasks.json where
+    it was built from it), else the corpus the data step will read."""
+    from harness.workflow.snakefile import data_changes
+
+    changed = data_changes(study, results)
+    if meta is not None and not changed:
+        tasks = current_tasks(study, meta, results / "data" / "tasks" / "tasks.json")
+        return DataState(None, changed, heldout_of_data(study, meta, tasks))
+    corpus = corpus_bytes(study)
+    return DataState(corpus, changed, None if corpus is None else heldout_before_data(study, corpus))
+
+
+def run_estimates(runs, states, finished: tuple, device: str, args: argparse.Namespace, **how) -> list:
+    """Each run's training estimate; ``finished``: ``finished_rates`` of the study's results;
+    ``how``: ``prober`` and ``validation_tokens`` (:func:`harness.workflow.estimate.estimate_run`)."""
     rates, compile_s = finished
     flops = gpu_flops(args) if device == "cuda" else None
     done_steps = [s.step or 0 if s.state == "in progress" else 0 for s in states]
     measured = rates if device == "cpu" or flops is None else {}
-    return estimate_runs(runs, device, done_steps, rates=measured, gpu_flops=flops, compile_s=compile_s)
+    return estimate_runs(runs, device, done_steps, rates=measured, gpu_flops=flops, compile_s=compile_s, **how)
 
 
 def recorded_train(results: Path, run) -> float | None:
@@ -160,7 +202,29 @@ def check_records(study, runs, results: Path) -> None:
             study_record(study, path)
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+@dataclass
+class Plan:
+    """What ``harness plan`` worked out, before it prints it."""
+
+    study: object
+    runs: list
+    rows: list[dict]
+    states: list
+    estimates: list
+    device: str
+    warnings: list[str]
+    results: Path
+    compiled: float | None
+    """The median compile seconds of the study's finished runs (None: none recorded)."""
+    data: DataState
+    prober: Prober | None
+    """The CPU probes the estimates used (None: the estimates are the GPU's)."""
+    sources: dict[str, Path]
+    """Runs another study finished the same (harness.workflow.reuse)."""
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """The plan of ``args.study``: runs, states, estimates and what the data holds."""
     from harness.study.records import read_data_meta
     from harness.workflow.snakefile import run_states
 
@@ -178,7 +242,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # A run another study finished the same is brought in, not trained (harness.workflow.reuse).
     states = [replace(s, state="reuse") if s.state == "to run" and s.run_id in sources else s for s in states]
     finished = finished_rates(results, runs)
-    estimates = run_estimates(runs, states, finished, device, args)
+    data = data_state(study, results, meta)
+    validation = None if data.heldout is None else data.heldout.validation_tokens
+    prober = Prober.start(getattr(args, "reprobe", False), getattr(args, "probes", None)) if device == "cpu" else None
+    estimates = run_estimates(runs, states, finished, device, args, prober=prober, validation_tokens=validation)
     why = cpu_not_probed(runs, estimates) if device == "cpu" else None
     if why and study.device == "auto" and args.device is None:
         # The runs would train on this CPU, but no model here could be probed: the GPU's times.
@@ -186,26 +253,41 @@ def cmd_plan(args: argparse.Namespace) -> int:
         device, _ = plan_device(study, runs, args)
         gpu = f"the times assume {args.gpus} x {args.gpu} at {args.mfu:.0%} MFU (as `--device cuda`)"
         warnings = [
-            f"no GPU is visible and the CPU was not probed ({why}): {gpu}; on this CPU it would take far longer"
+            *prober.warnings,  # a damaged cache, still
+            f"no GPU is visible and the CPU was not probed ({why}): {gpu}; on this CPU it would take far longer",
         ]
-        estimates = run_estimates(runs, states, finished, device, args)
+        prober = None
+        estimates = run_estimates(runs, states, finished, device, args, validation_tokens=validation)
     came = [reused_from(results, r, s.state, sources) for r, s in zip(runs, states, strict=True)]
     # A reused run trained in the other study: no training time of this one.
     recorded = [
         recorded_train(results, r) if s.state == "done" and c is None else None
         for r, s, c in zip(runs, states, came, strict=True)
     ]
+    probes = {} if prober is None else prober.used
     rows = [
         row
         | {"state": s.state, "changes": list(s.changes), "est_seconds": None if rec is not None else e.seconds}
         | {"recorded_seconds": rec, "est_basis": e.basis, "reused_from": c}
-        for row, s, e, rec, c in zip(plan_rows(runs, train_tokens), states, estimates, recorded, came, strict=True)
+        | {"probe": probes[r.model.name].probe.to_json() if r.model.name in probes else None}
+        for row, r, s, e, rec, c in zip(
+            plan_rows(runs, train_tokens), runs, states, estimates, recorded, came, strict=True
+        )
     ]
+    if prober is not None:
+        warnings = prober.warnings_now + warnings
+    return Plan(study, runs, rows, states, estimates, device, warnings, results, finished[1], data, prober, sources)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    p = make_plan(args)
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(p.rows, indent=2))
+        for w in p.warnings:
+            print(f"warning: {w}", file=sys.stderr)
         return 0
-    print_plan(study, runs, rows, states, estimates, device, warnings, args, results, finished[1])
-    for line in reuse_lines(study, sources):
+    print_plan(p, args)
+    for line in reuse_lines(p.study, p.sources):
         print(line)
     return 0
 
@@ -218,17 +300,31 @@ def run_time(row: dict) -> str:
     return "-" if row["est_seconds"] is None else f"{duration(row['est_seconds'])} est."
 
 
-def train_stage(study, runs, rows, estimates, device: str, args: argparse.Namespace) -> tuple[Stage, int]:
+def train_stage(p: Plan, args: argparse.Namespace) -> tuple[Stage, int]:
     """The training stage: the runs left at the concurrency the plan says (a list schedule of
-    their rows), and the runs that train at once."""
-    todo = [i for i, r in enumerate(rows) if r["state"] not in ("done", "reuse")]
-    world = study.parallel.data
-    at_once = max(1, min(concurrent_runs(study.recipe, device, args.gpus, world), len(todo) or 1))
-    left = makespan([estimates[i].seconds for i in todo], at_once)
-    done = sum(r["recorded_seconds"] or 0.0 for r in rows)
-    each = f"{world} GPU(s) per run of {args.gpus}" if device == "cuda" else f"{world} process(es) per run"
-    bases = "; ".join(sorted({estimates[i].basis for i in todo})) or "recorded"
-    return Stage("train", len(todo), len(runs), left, done, f"{at_once} at once, {each}; {bases}"), at_once
+    their rows), and the runs that train at once (on a CPU, over the cores the probes stand for)."""
+    todo = [i for i, r in enumerate(p.rows) if r["state"] not in ("done", "reuse")]
+    world = p.study.parallel.data
+    cores = p.prober.cores if p.prober is not None else None
+    at_once = concurrent_runs(p.study.recipe, p.device, args.gpus, world, cores)
+    at_once = max(1, min(at_once, len(todo) or 1))
+    left = makespan([p.estimates[i].seconds for i in todo], at_once)
+    done = sum(r["recorded_seconds"] or 0.0 for r in p.rows)
+    each = f"{world} GPU(s) per run of {args.gpus}" if p.device == "cuda" else f"{world} process(es) per run"
+    bases = "; ".join(sorted({p.estimates[i].basis for i in todo})) or "recorded"
+    jobs = tuple((p.runs[i].run_id, p.estimates[i].seconds) for i in todo)
+    stage = Stage("train", len(todo), len(p.runs), left, done, f"{at_once} at once, {each}; {bases}", jobs)
+    return stage, at_once
+
+
+def plan_stages(p: Plan, args: argparse.Namespace) -> list[Stage]:
+    """Every stage of the plan, in pipeline order (``harness.workflow.stages.pipeline``)."""
+    train, _ = train_stage(p, args)
+    slots = max(1, args.gpus) if p.device == "cuda" else 1
+    compile_s = p.compiled or COMPILE_SECONDS[p.device]
+    d = p.data
+    at = Setting(p.study, p.results, p.device, slots, compile_s, d.corpus, bool(d.changed), d.heldout)
+    return pipeline(p.runs, analysed(p.study, p.runs), p.estimates, train, at)
 
 
 def stage_table(stages: list[Stage]) -> tuple[str, float]:
@@ -245,9 +341,8 @@ def stage_table(stages: list[Stage]) -> tuple[str, float]:
     return tabulate(table, headers=headers, disable_numparse=True), left
 
 
-def print_plan(study, runs, rows, states, estimates, device, warnings, args, results: Path, compiled) -> None:
-    from harness.workflow.snakefile import data_changes
-
+def print_plan(p: Plan, args: argparse.Namespace) -> None:
+    study, runs, rows = p.study, p.runs, p.rows
     table = [
         [
             r["run_id"],
@@ -262,23 +357,18 @@ def print_plan(study, runs, rows, states, estimates, device, warnings, args, res
             r["state"] if s.step is None else f"{r['state']} (step {s.step})",
             run_time(r),
         ]
-        for r, s in zip(rows, states, strict=True)
+        for r, s in zip(rows, p.states, strict=True)
     ]
     headers = ["run", "arm", "total", "active", "FLOPs/token", "budget", "tokens", "steps", "epochs", "state", "train"]
     convention = study.recipe.flop_convention
-    print(f"study {study.name} ({study.path}): {plural(len(runs), 'run')} on {device}, FLOP convention {convention}")
+    print(f"study {study.name} ({study.path}): {plural(len(runs), 'run')} on {p.device}, FLOP convention {convention}")
     print(tabulate(table, headers=headers, disable_numparse=True))
-    train, _ = train_stage(study, runs, rows, estimates, device, args)
-    slots = max(1, args.gpus) if device == "cuda" else 1
-    compile_s = compiled or COMPILE_SECONDS[device]
-    changed = data_changes(study, results)
-    prepared = (results / "data" / "data.json").is_file() and not changed
-    corpus = None if prepared else corpus_bytes(study)
-    at = Setting(study, results, device, slots, compile_s, corpus, bool(changed))
-    stages = pipeline(runs, analysed(study, runs), estimates, train, at)
+    stages = plan_stages(p, args)
     text, left = stage_table(stages)
     print("\n" + text)
-    todo = [i for i, s in enumerate(states) if s.state not in ("done", "reuse")]
+    if p.prober is not None and (lines := p.prober.lines()):
+        print("\n" + "\n".join(lines))
+    todo = [i for i, s in enumerate(p.states) if s.state not in ("done", "reuse")]
     reused = sum(r["reused_from"] is not None for r in rows)
     trained = len(runs) - len(todo) - reused
     print(
@@ -289,10 +379,12 @@ def print_plan(study, runs, rows, states, estimates, device, warnings, args, res
         f"{'time not estimated' if left != left else f'about {duration(left)} in all'} "
         "(the total above: stages one after another; Snakemake may overlap some)."
     )
-    need = study_disk(study, runs, results, corpus)
-    print(describe(need, results) + (f" ({SHORT})" if need.more > need.free else ""))
-    warnings += repetition_warnings(study, runs, corpus if rows and rows[0]["epochs"] is None else None)
-    notes(study, rows, states, changed, train.todo_seconds, device, warnings)
+    corpus = p.data.corpus
+    need = study_disk(study, runs, p.results, corpus)
+    print(describe(need, p.results) + (f" ({SHORT})" if need.more > need.free else ""))
+    warnings = p.warnings + repetition_warnings(study, runs, corpus if rows and rows[0]["epochs"] is None else None)
+    train = next(s for s in stages if s.name == "train")
+    notes(study, rows, p.states, p.data.changed, train.todo_seconds, p.device, warnings)
 
 
 EPOCH_MARGIN = 0.9
