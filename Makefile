@@ -86,7 +86,7 @@ check-offline:
 	$(MAKE) --no-print-directory gpu-wheelhouse GPU_WHEELS=$(OFFLINE)/gpu-wheels
 	rm -rf $(OFFLINE)
 
-# The README's test command: lint, then every test not marked `slow` (about 3 minutes on two quiet
+# The README's test command: lint, then every test not marked `slow` (about 2 minutes on two quiet
 # cores). `make test-slow` runs the slow tier (end to end through snakemake, torchrun, lm-eval, a
 # browser; long simulations); `make test-all` runs both. CI runs `make test` then `make test-slow`.
 lint: install
