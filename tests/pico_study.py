@@ -49,15 +49,18 @@ def study_dict(root: Path) -> dict:
     }
 
 
-def write_corpus(root: Path) -> None:
+def write_corpus(root: Path, names: int = 300, files: int = 80, lines: int = 30, longest: int = 7) -> None:
+    """``files`` code-like files of ``lines`` lines in ``root``/corpus, each line 3 to ``longest`` - 1
+    words drawn from keywords and ``names`` made-up identifiers (seed 0: the same bytes every time)."""
     rng = np.random.default_rng(0)
     letters = list("abcdefghijklmnopqrstuvwxyz_")
-    names = ["".join(rng.choice(letters, size=rng.integers(2, 9))) for _ in range(300)]
-    words = ["def", "return", "self", "(", ")", ":", "=", "if", "else", "for", "in", *names]
+    made_up = ["".join(rng.choice(letters, size=rng.integers(2, 9))) for _ in range(names)]
+    words = ["def", "return", "self", "(", ")", ":", "=", "if", "else", "for", "in", *made_up]
     (root / "corpus").mkdir(parents=True)
-    for i in range(80):
-        lines = [" ".join(rng.choice(words, size=rng.integers(3, 7))) for _ in range(30)]
-        (root / "corpus" / f"m{i:02d}.py").write_text("\n".join(lines) + "\n")
+    width = len(str(files - 1))
+    for i in range(files):
+        text = [" ".join(rng.choice(words, size=rng.integers(3, longest))) for _ in range(lines)]
+        (root / "corpus" / f"m{i:0{width}d}.py").write_text("\n".join(text) + "\n")
 
 
 def cli(*argv: str) -> tuple[int, str]:
@@ -96,3 +99,14 @@ def copy_study(pristine: Path, dest: Path) -> Path:
     text = (dest / STUDY).read_text().replace(str(pristine), str(dest))
     (dest / STUDY).write_text(text)
     return dest
+
+
+def extended_copy(root: Path, change=None, copy: str = "copy.yaml") -> None:
+    """The pico study copied under the name pico2 into ``copy``, with one more dense model (and ``change``)."""
+    data = yaml.safe_load((root / STUDY).read_text()) | {"name": "pico2"}
+    model = yaml.safe_load((root / "model.yaml").read_text()) | {"name": "dense-pico-b"}
+    (root / "b.yaml").write_text(yaml.safe_dump(model))
+    data["models"].append({"config": str(root / "b.yaml")})
+    if change:
+        change(data)
+    (root / copy).write_text(yaml.safe_dump(data))

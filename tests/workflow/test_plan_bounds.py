@@ -10,10 +10,9 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from pico_study import STUDY, cli_output
+from pico_study import STUDY, cli_output, write_corpus
 
 from harness.study.runs import plan
 from harness.study.spec import load_study
@@ -27,14 +26,7 @@ def small_study(root: Path) -> Path:
     """Two runs (a dense model and its E4 k2 twin) at 1e12 FLOPs on about 200 KB of code-like
     text, the evaluation's settings left at their defaults (2 MB held out, 500 questions): each run
     repeats its data, as a user's small study does."""
-    rng = np.random.default_rng(0)
-    letters = list("abcdefghijklmnopqrstuvwxyz_")
-    names = ["".join(rng.choice(letters, size=rng.integers(2, 9))) for _ in range(400)]
-    words = ["def", "return", "self", "(", ")", ":", "=", "if", "else", "for", "in", *names]
-    (root / "corpus").mkdir(parents=True)
-    for i in range(120):
-        lines = [" ".join(rng.choice(words, size=rng.integers(3, 9))) for _ in range(50)]
-        (root / "corpus" / f"m{i:03d}.py").write_text("\n".join(lines) + "\n")
+    write_corpus(root, names=400, files=120, lines=50, longest=9)
     model = {"name": "dense-mini", "vocab_size": 512, "d_model": 64, "n_layers": 2, "n_heads": 2, "d_ff": 128}
     model |= {"max_seq_len": 64, "tie_embeddings": True}
     (root / "model.yaml").write_text(yaml.safe_dump(model))

@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import ROOT
-from pico_study import RUN, STUDY, cli_output
+from pico_study import RUN, cli_output, extended_copy
 
 from harness.study.runs import plan
 from harness.study.spec import load_study
@@ -22,17 +21,6 @@ from harness.train import checkpoint
 from harness.workflow.reuse import REUSED, finished_elsewhere, our_data, reuse
 
 COPY, NEW = "copy.yaml", "dense-pico-b_6e9_s0"
-
-
-def _extended_copy(root: Path, change=None) -> None:
-    """The pico study copied under the name pico2, with one more model (and ``change``)."""
-    data = yaml.safe_load((root / STUDY).read_text()) | {"name": "pico2"}
-    model = yaml.safe_load((root / "model.yaml").read_text()) | {"name": "dense-pico-b"}
-    (root / "b.yaml").write_text(yaml.safe_dump(model))
-    data["models"].append({"config": str(root / "b.yaml")})
-    if change:
-        change(data)
-    (root / COPY).write_text(yaml.safe_dump(data))
 
 
 def _source(root: Path) -> Path | None:
@@ -48,7 +36,7 @@ def _corpus(study, results):
 
 
 def test_a_run_finished_the_same_in_another_study_is_found(study):
-    _extended_copy(study)
+    extended_copy(study)
     assert _source(study) == study / "results" / "pico" / "runs" / RUN
     (run,) = [r for r in plan(load_study(study / COPY)) if r.run_id == NEW]
     assert finished_elsewhere(run, study / "results" / "pico2", ("any", None)) is None
@@ -64,13 +52,13 @@ def test_a_run_finished_the_same_in_another_study_is_found(study):
     ids=["identity", "split", "vocabulary"],
 )
 def test_a_run_of_other_identity_or_tokens_is_not_reused(study, change):
-    _extended_copy(study, change)
+    extended_copy(study, change)
     assert _source(study) is None
 
 
 def test_plan_names_the_finished_run_and_the_command(study, monkeypatch):
     monkeypatch.chdir(study)
-    _extended_copy(study)
+    extended_copy(study)
     code, out, err = cli_output("plan", COPY, "--results", "results")
     assert code == 0, err
     assert f"reuse: {RUN} is finished with the same identity and data in results/pico/runs/{RUN}" in out
@@ -91,7 +79,7 @@ def test_a_reused_run_counts_no_training_time_in_the_plan(study, monkeypatch):
     """Once brought in, the run is done here but trained elsewhere: the plan's recorded training
     time is this study's own, not the other study's."""
     monkeypatch.chdir(study)
-    _extended_copy(study)
+    extended_copy(study)
     assert cli_output("data", COPY, "--results", "results")[0] == 0
     s = load_study(COPY)
     reuse(s, plan(s)[0], Path("results/pico2"), Path("results/pico/runs") / RUN)
@@ -109,7 +97,7 @@ def test_a_run_trained_in_this_study_is_never_replaced(study, monkeypatch):
     from harness.core.errors import HarnessError
 
     monkeypatch.chdir(study)
-    _extended_copy(study, lambda d: d.update(name="pico"))  # the study itself, under another file
+    extended_copy(study, lambda d: d.update(name="pico"))  # the study itself, under another file
     s = load_study(COPY)
     with pytest.raises(HarnessError, match="was trained in this study; it is not replaced"):
         reuse(s, plan(s)[0], Path("results/pico"), Path("results/pico/runs") / RUN)
@@ -126,7 +114,7 @@ def _jobs(stdout: str) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_an_extended_copy_trains_only_its_new_model(study):
-    _extended_copy(study)
+    extended_copy(study)
     runs = f"results/pico2/runs/{RUN}", f"results/pico2/runs/{NEW}"
     cmd = [sys.executable, "-m", "snakemake", *(f"{r}/record.json" for r in runs), "-s", str(ROOT / "Snakefile")]
     cmd += ["--directory", str(study), "--cores", "1", "--config", f"study={study / COPY}"]
@@ -153,7 +141,7 @@ def test_a_damaged_checkpoint_is_not_reused(study, monkeypatch):
     from harness.core.errors import HarnessError
 
     monkeypatch.chdir(study)
-    _extended_copy(study)
+    extended_copy(study)
     code, _, err = cli_output("data", COPY, "--results", "results")
     assert code == 0, err
     source = Path("results/pico/runs") / RUN

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT
-from pico_study import RUN, STUDY, cli_output
+from pico_study import RUN, STUDY, cli_output, extended_copy
 
 from harness.study.runs import find_run
 from harness.study.spec import load_study
@@ -35,17 +35,6 @@ def _add_moe(root: Path) -> None:
     data = yaml.safe_load((root / STUDY).read_text())
     data["models"].append({"base": str(root / "model.yaml"), "experts": 4, "top_k": 2, "name": "moe-pico-e4k2"})
     (root / STUDY).write_text(yaml.safe_dump(data))
-
-
-def _extended_copy(root: Path, change=None) -> None:
-    """The study copied under the name pico2, with one more dense model (and ``change``)."""
-    data = yaml.safe_load((root / STUDY).read_text()) | {"name": "pico2"}
-    model = yaml.safe_load((root / "model.yaml").read_text()) | {"name": "dense-pico-b"}
-    (root / "b.yaml").write_text(yaml.safe_dump(model))
-    data["models"].append({"config": str(root / "b.yaml")})
-    if change:
-        change(data)
-    (root / COPY).write_text(yaml.safe_dump(data))
 
 
 def _targets(study: str, runs) -> list[str]:
@@ -83,7 +72,7 @@ def test_an_extension_evaluates_and_analyses_only_its_new_run(study):
     _add_moe(study)
     first = [RUN, MOE]
     _snakemake(study, STUDY, _targets("pico", first), dry=False)
-    _extended_copy(study)
+    extended_copy(study)
     runs = [RUN, MOE, NEW]
 
     jobs = _jobs(_snakemake(study, COPY, _targets("pico2", runs), dry=True).stdout)
@@ -118,7 +107,7 @@ def test_an_extension_evaluates_and_analyses_only_its_new_run(study):
     assert "Nothing to be done" in _snakemake(study, COPY, _targets("pico2", runs), dry=True).stdout
 
     # Another eval setting in the extended study: its evaluations run again, reused runs' included.
-    _extended_copy(study, lambda d: d["eval"].update(batch_size=4))
+    extended_copy(study, lambda d: d["eval"].update(batch_size=4))
     jobs = _jobs(_snakemake(study, COPY, _targets("pico2", runs), dry=True).stdout)
     assert jobs.get("evaluate") == sorted(runs) and "reuse_eval" not in jobs, jobs
     assert "routing" not in jobs and "reuse_routing" not in jobs and "train" not in jobs, jobs
@@ -139,7 +128,7 @@ def prepared(pristine, tmp_path_factory) -> Path:
     _copy(pristine, root)
     study, copy = str(root / STUDY), str(root / COPY)
     argv = [("evaluate", study, "--run", RUN), ("routing", study, "--run", RUN), ("data", copy), ("tasks", copy)]
-    _extended_copy(root)
+    extended_copy(root)
     for args in argv:
         code, _, err = cli_output(*args, "--results", str(root / "results"))
         assert code == 0, err
