@@ -29,8 +29,9 @@ expert gradients by 1 / data-parallel size for the same reason).
 
 Host syncs: one per layer forward, ``.tolist()`` of the split sizes that ``all_to_all_single``
 needs on the host (with the capacity and the sequence lengths in the same copy). Routing
-counts, capacity positions and losses stay on the device. (The float32 expert loop of
-``Experts.forward_sorted`` syncs too, on one rank as on one process; bf16 uses grouped GEMMs.)
+counts, capacity positions and losses stay on the device. (The expert loop of
+``Experts.forward_sorted``, float32 on CUDA, syncs too, on one rank as on one process; CPU and
+bf16 on CUDA use grouped GEMMs.)
 
 Tests: ``pytest tests/models/test_expert_parallel.py`` (gloo, 2 and 4 processes on CPU); benchmark:
 ``tests/benchmarks/test_expert_parallel_dispatch.py`` (``make bench``).
