@@ -11,7 +11,8 @@ twice) goes to exactly one part, decided by the operator and the ones that calle
   MoE layer's experts; the expert loop, float32 on CUDA only, counts as other GEMMs);
 - ``other GEMMs``: every other matmul (attention projections, dense FFN, output layer);
 - ``attention``: the scaled-dot-product attention kernels;
-- ``routing and dispatch``: top-k, sorting, gathers, scatters, index adds and counts;
+- ``top-k, sort, gather, scatter``: the routing and dispatch operators (top-k, sorts, gathers,
+  scatters, index adds, counts), wherever they run (an embedding's lookup is one too);
 - ``fused elementwise``: the kernels torch.compile generates (norms, activations, casts, losses);
 - ``optimizer and clipping``: whatever runs under the ``optimizer`` phase the step marks;
 - ``other``: the rest (allocation, dispatch, Python-side launch overhead).
@@ -32,7 +33,7 @@ PARTS = (
     "expert GEMMs",
     "other GEMMs",
     "attention",
-    "routing and dispatch",
+    "top-k, sort, gather, scatter",
     "fused elementwise",
     "optimizer and clipping",
     "other",
@@ -80,7 +81,7 @@ def part_of(event: FunctionEvent) -> str:
     if "scaled_dot_product" in name:
         return "attention"
     if name.rstrip("_").startswith(_ROUTING):
-        return "routing and dispatch"
+        return "top-k, sort, gather, scatter"
     if name.startswith(("## Call CompiledFxGraph", "graph_")):
         return "fused elementwise"
     return "other"
