@@ -65,7 +65,9 @@ def upload_step() -> dict:
 def test_workflow_runs_the_make_targets_of_ci_run_in_the_same_order():
     local = make_commands(CI_RUN.read_text())
     github = [cmd for step in steps() if "run" in step for cmd in make_commands(step["run"])]
-    assert local[:2] == ["test", "test-slow"] and "study STUDY=tiny" in local and "test-cluster" in local, local
+    assert local[:2] == ["test", "test-slow"], local
+    assert "study STUDY=tiny" in local and "test-cluster" in local, local
+    assert local.index("bench-smoke") == local.index("study STUDY=tiny") + 1, local
     assert github == local
 
 

@@ -1,18 +1,25 @@
-"""GPU energy (NVML): joules from the driver's energy counter, plus a sampled power trace.
+"""GPU energy (NVML): joules from the driver's energy counter; a sampled power trace where the
+counter is missing or a trace is asked for.
 
 This is GPU board energy as NVML reports it, not energy at the wall socket (MLPerf Power
 measures there). Joules come from the difference of ``nvmlDeviceGetTotalEnergyConsumption``
 (millijoules, Volta and newer) across a synchronised window; the counter updates every
-10-100 ms, so windows shorter than ``MIN_WINDOW_S`` are flagged. A sampling thread records
-power (``NVML_FI_DEV_POWER_INSTANT`` where the driver offers it, else
-``nvmlDeviceGetPowerUsage``, which on A100/H100 is a one-second average covering only part of
-the time: Yang et al. 2024, "Part-time power measurements"), temperature, SM clock and
-clock-event (throttle) reasons: use the trace for shape, the counter for joules.
+10-100 ms, so windows shorter than ``MIN_WINDOW_S`` are flagged.
+
+Where the device has the counter a window is counter-only: two readings, at ``start()`` and
+``stop()``, each with the temperature, SM clock and clock-event (throttle) reasons; nothing runs
+during the window, so metering costs the measured work next to nothing (the counter path of
+tests/benchmarks/test_meter_overhead.py). Where it has none (boards older than Volta), or with
+``trace=True``, a sampling thread records power (``NVML_FI_DEV_POWER_INSTANT`` where the driver
+offers it, else ``nvmlDeviceGetPowerUsage``, which on A100/H100 is a one-second average covering
+only part of the time: Yang et al. 2024, "Part-time power measurements"), temperature, SM clock
+and reasons every ``interval_s``, and the trace's integral stands in for the joules
+(``trace_energy_j``). Use a trace for shape, the counter for joules.
 
 Where NVML is missing (no library, no driver) the meter is a :class:`NullMeter` that says why;
 a query the device does not support is recorded as absent with its reason, never as zero.
 
-    meter = open_meter(torch.device("cuda"))
+    meter = open_meter(torch.device("cuda"))               # trace=True: a power trace as well
     meter.start(); ...work...; torch.cuda.synchronize(); window = meter.stop()
 """
 
@@ -87,13 +94,22 @@ class NullMeter:
         return EnergyWindow(seconds=time.perf_counter() - self._t0, absent=absent)
 
 
+COUNTER_ONLY = (
+    "counter-only window: the energy counter gives the joules and no power trace was sampled "
+    "(open_meter(..., trace=True) samples one)"
+)
+"""Why a counter-only window has no trace figures (``trace_energy_j``, ``max_power_w``)."""
+
+
 class NvmlMeter:
-    """Energy counter and power trace of one GPU, found by UUID."""
+    """Energy counter of one GPU, found by UUID; a power trace where the counter is missing or
+    ``trace`` asks for one."""
 
     available = True
 
-    def __init__(self, nvml: Any, handle: Any, name: str, interval_s: float = 0.05):
+    def __init__(self, nvml: Any, handle: Any, name: str, interval_s: float = 0.05, trace: bool = False):
         self.nvml, self.handle, self.name, self.interval_s = nvml, handle, name, interval_s
+        self.trace = trace
         self._samples: list[tuple[float, float | None, float | None, float | None, int | None]] = []
         self._absent: dict[str, str] = {}
         self._stop = threading.Event()
@@ -138,12 +154,12 @@ class NvmlMeter:
         )
         return self._query("clock_event_reasons", fn)
 
-    def _sample(self) -> None:
+    def _sample(self, power: bool = True) -> None:
         nvml = self.nvml
         self._samples.append(
             (
                 time.perf_counter(),
-                self._power_w(),
+                self._power_w() if power else None,
                 self._query("temperature_c", nvml.nvmlDeviceGetTemperature, nvml.NVML_TEMPERATURE_GPU),
                 self._query("sm_clock_mhz", nvml.nvmlDeviceGetClockInfo, nvml.NVML_CLOCK_SM),
                 self._reasons(),
@@ -164,22 +180,31 @@ class NvmlMeter:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
+    @property
+    def sampling(self) -> bool:
+        """Whether the current window runs the sampling thread (no counter, or a trace asked for)."""
+        return self._thread is not None
+
     def start(self) -> None:
         self._samples, self._absent, self._power_source = [], {}, None
         self._stop.clear()
+        self._thread = None
         self._energy0 = self._energy_mj()
         self._t0 = time.perf_counter()
-        self._sample()
-        self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
-        self._thread.start()
+        tracing = self.trace or self._energy0 is None
+        self._sample(power=tracing)
+        if tracing:
+            self._thread = threading.Thread(target=self._loop, name="nvml-sampler", daemon=True)
+            self._thread.start()
 
     def stop(self) -> EnergyWindow:
         energy1 = self._energy_mj()
         t1 = time.perf_counter()
-        self._stop.set()
-        if self._thread is not None:
+        tracing = self.sampling
+        if tracing:
+            self._stop.set()
             self._thread.join()
-        self._sample()
+        self._sample(power=tracing)
         seconds = t1 - self._t0
         w = EnergyWindow(seconds=seconds, device=self.name, samples=len(self._samples))
         if self._energy0 is not None and energy1 is not None:
@@ -189,17 +214,12 @@ class NvmlMeter:
                     "energy_j_accuracy",
                     f"window of {seconds:.2f} s is shorter than {MIN_WINDOW_S} s; the counter updates every 10-100 ms",
                 )
-        power = [(t, p) for t, p, *_ in self._samples if p is not None]
-        if len(power) >= 2:
-            # Trapezoid rule over the sampled trace.
-            w.trace_energy_j = sum((tb - ta) * (pa + pb) / 2 for (ta, pa), (tb, pb) in itertools.pairwise(power))
-            w.mean_power_w = w.trace_energy_j / (power[-1][0] - power[0][0])
-            w.max_power_w = max(p for _, p in power)
-            w.power_source = (
-                "nvmlDeviceGetFieldValues(NVML_FI_DEV_POWER_INSTANT)"
-                if self._power_source == "instant"
-                else "nvmlDeviceGetPowerUsage (driver-averaged)"
-            )
+        if tracing:
+            self._trace(w)
+        else:
+            w.mean_power_w = None if w.energy_j is None or seconds <= 0 else w.energy_j / seconds
+            w.power_source = "nvmlDeviceGetTotalEnergyConsumption (mean over the window)"
+            self._absent.setdefault("power_trace", COUNTER_ONLY)
         temps = [s[2] for s in self._samples if s[2] is not None]
         clocks = [s[3] for s in self._samples if s[3] is not None]
         masks = [s[4] for s in self._samples if s[4] is not None]
@@ -207,7 +227,22 @@ class NvmlMeter:
         w.mean_sm_clock_mhz = sum(clocks) / len(clocks) if clocks else None
         w.clock_event_reasons = sorted({r for m in masks for r in decode_reasons(m)})
         w.absent = dict(self._absent)
+        self._thread = None
         return w
+
+    def _trace(self, w: EnergyWindow) -> None:
+        """The sampled power trace's figures: its integral (trapezoid rule), mean and maximum."""
+        power = [(t, p) for t, p, *_ in self._samples if p is not None]
+        if len(power) < 2:
+            return
+        w.trace_energy_j = sum((tb - ta) * (pa + pb) / 2 for (ta, pa), (tb, pb) in itertools.pairwise(power))
+        w.mean_power_w = w.trace_energy_j / (power[-1][0] - power[0][0])
+        w.max_power_w = max(p for _, p in power)
+        w.power_source = (
+            "nvmlDeviceGetFieldValues(NVML_FI_DEV_POWER_INSTANT)"
+            if self._power_source == "instant"
+            else "nvmlDeviceGetPowerUsage (driver-averaged)"
+        )
 
 
 def _nvml_uuid(device_index: int) -> str:
@@ -217,11 +252,13 @@ def _nvml_uuid(device_index: int) -> str:
     return "GPU-" + str(torch.cuda.get_device_properties(device_index).uuid)
 
 
-def open_meter(device: Any, nvml: Any = None, uuid: str | None = None, interval_s: float = 0.05):
+def open_meter(device: Any, nvml: Any = None, uuid: str | None = None, interval_s: float = 0.05, trace: bool = False):
     """A meter for ``device`` (a torch.device); a NullMeter with the reason where none can work.
 
     ``nvml`` defaults to the pynvml module (package nvidia-ml-py); tests pass a stand-in with
-    the same interface. ``uuid`` overrides the device's NVML UUID lookup.
+    the same interface. ``uuid`` overrides the device's NVML UUID lookup. Windows are
+    counter-only where the device has the energy counter; ``trace`` also samples a power trace
+    every ``interval_s`` (to check the counter against it, or to see the power's shape).
     """
     if getattr(device, "type", str(device)) != "cuda":
         return NullMeter("no GPU: the run is on the CPU")
@@ -244,7 +281,7 @@ def open_meter(device: Any, nvml: Any = None, uuid: str | None = None, interval_
             f"no NVML device with UUID {uuid} (CUDA_VISIBLE_DEVICES="
             f"{os.environ.get('CUDA_VISIBLE_DEVICES')}): {type(e).__name__}: {e}"
         )
-    return NvmlMeter(nvml, handle, name.decode() if isinstance(name, bytes) else str(name), interval_s)
+    return NvmlMeter(nvml, handle, name.decode() if isinstance(name, bytes) else str(name), interval_s, trace)
 
 
 def _current_device() -> int:

@@ -5,9 +5,10 @@ Forward + backward of each implementation at one shape, interleaved round by rou
 machine drifts), and the median of the per-round ratios. Run with ``make bench``; the
 JSON keeps shapes, dtype, device, per-implementation medians and ratios in ``extra_info``.
 
-Targets (CPU, fp32, T=4096, d=256, E=8, k=2, F=512, dense hidden 1024): MoE <= 1.10 x dense
-(asserted) and <= 0.8 x the Mixtral block (recorded with whether it was met). On CUDA the
-cases run in bf16 and report ratios only.
+Goals (CPU, fp32, T=4096, d=256, E=8, k=2, F=512, dense hidden 1024): MoE <= 1.10 x dense and
+<= 0.8 x the Mixtral block, both asserted by ``make bench`` and recorded with whether they were
+met by ``make bench-smoke`` and the pipeline's microbench rule (tests/benchmarks/conftest.py).
+On CUDA the cases run in bf16 and report ratios only.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def _step(module: torch.nn.Module, x: torch.Tensor, autocast: bool) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_moe_ffn_against_dense_and_mixtral(benchmark, report_row, request, case: Case):
+def test_moe_ffn_against_dense_and_mixtral(benchmark, report_row, goals, case: Case):
     if case.device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     torch.manual_seed(0)
@@ -124,9 +125,10 @@ def test_moe_ffn_against_dense_and_mixtral(benchmark, report_row, request, case:
             module.zero_grad(set_to_none=True)
             x.grad = None
 
-    benchmark.pedantic(one_round, rounds=case.rounds, iterations=1, warmup_rounds=2)
+    warmup = 1 if goals.smoke else 2
+    benchmark.pedantic(one_round, rounds=goals.rounds(case.rounds), iterations=1, warmup_rounds=warmup)
     for name in times:  # drop the warm-up rounds
-        times[name] = times[name][2:]
+        times[name] = times[name][warmup:]
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(ta / tb for ta, tb in zip(times[a], times[b], strict=True))
@@ -158,11 +160,4 @@ def test_moe_ffn_against_dense_and_mixtral(benchmark, report_row, request, case:
         if target is not None:
             info[f"target_moe_to_{peer}"] = target
             info[f"meets_target_moe_to_{peer}"] = info[f"ratio_moe_to_{peer}"] <= target
-    benchmark.extra_info.update(info)
-    report_row(info)
-
-    # The dense target is a property of our dispatch alone and is enforced. The Mixtral target
-    # also depends on how fast the peer runs on this machine; it is measured and recorded
-    # (meets_target_moe_to_mixtral) rather than failing the suite.
-    if case.target_vs_dense is not None and not request.config.getoption("--no-targets"):
-        assert info["ratio_moe_to_dense"] <= case.target_vs_dense
+    goals.finish(benchmark, report_row, info)

@@ -93,6 +93,14 @@ def test_energy_counter_and_trace_agree_within_five_percent(trace, status):
     assert "prefill" in checks[0].name and "train" in checks[1].name
 
 
+@pytest.mark.parametrize(("counter", "status"), [(250.0, "pass"), (0.0, "fail")])
+def test_a_counter_only_window_passes_when_the_counter_counted(counter, status):
+    m = _measured(counter, trace=None)
+    checks = gc.energy_checks("r", m, rehearse=False)
+    assert [c.status for c in checks] == [status, status]
+    assert "counter only" in checks[0].value
+
+
 def test_absent_energy_fails_on_a_gpu_and_is_skipped_in_rehearsal():
     m = _measured()
     m["energy_train"] = {"energy_j": None, "trace_energy_j": None, "absent": {"energy_j": "no GPU"}}

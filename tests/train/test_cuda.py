@@ -87,10 +87,11 @@ def test_compiled_model_matches_eager():
 
 def test_nvml_meter_reads_this_device():
     """The meter finds the process's GPU by UUID; under load the counter's joules and the power
-    trace's integral are both positive and agree within 5% over a window of some seconds."""
+    trace's integral (a trace asked for: windows are counter-only otherwise) are both positive and
+    agree within 5% over a window of some seconds."""
     from harness.train.energy import MIN_WINDOW_S, open_meter
 
-    meter = open_meter(torch.device("cuda"))
+    meter = open_meter(torch.device("cuda"), trace=True)
     assert meter.available, meter
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     torch.cuda.synchronize()

@@ -1,4 +1,6 @@
-"""The NVML energy meter's arithmetic and fallbacks, against a stand-in NVML module."""
+"""The NVML energy meter's arithmetic and fallbacks, against a stand-in NVML module: counter-only
+windows where the device has the energy counter, a sampled power trace where it has none or one
+is asked for."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch.multiprocessing as mp
 from fake_nvml import FakeNvml
 
 from harness.train.energy import (
+    COUNTER_ONLY,
     EnergyWindow,
     NullMeter,
     NvmlMeter,
@@ -23,12 +26,51 @@ from harness.train.energy import (
 CUDA0 = torch.device("cuda", 0)
 
 
-def _measure(nvml: FakeNvml, seconds: float = 0.4) -> EnergyWindow:
-    meter = open_meter(CUDA0, nvml=nvml, uuid=nvml.uuid, interval_s=0.01)
+def _measure(nvml: FakeNvml, seconds: float = 0.4, trace: bool = True) -> EnergyWindow:
+    meter = open_meter(CUDA0, nvml=nvml, uuid=nvml.uuid, interval_s=0.01, trace=trace)
     assert isinstance(meter, NvmlMeter) and meter.available
     meter.start()
     time.sleep(seconds)
     return meter.stop()
+
+
+def test_a_window_is_counter_only_where_the_device_has_the_counter():
+    """Two counter readings and the endpoint readings of temperature, clock and reasons; no thread
+    runs during the window and no power query is made; the mean power is the counter's."""
+    nvml = FakeNvml(power_w=250.0)
+    meter = open_meter(CUDA0, nvml=nvml, uuid=nvml.uuid, interval_s=0.01)
+    meter.start()
+    assert not meter.sampling
+    calls = nvml.calls
+    time.sleep(0.2)
+    assert nvml.calls == calls  # nothing queried NVML during the window
+    w = meter.stop()
+    assert nvml.calls == calls + 1  # the closing counter reading
+    assert w.energy_j == pytest.approx(250.0 * w.seconds, rel=0.02)
+    assert w.mean_power_w == pytest.approx(250.0, rel=0.02)
+    assert w.samples == 2 and w.trace_energy_j is None and w.max_power_w is None
+    assert w.absent["power_trace"] == COUNTER_ONLY
+    assert "TotalEnergyConsumption" in w.power_source
+    assert w.max_temperature_c == 61 and w.mean_sm_clock_mhz == 1980 and w.clock_event_reasons == ["sw_power_cap"]
+    assert "energy_j_accuracy" in w.absent  # 0.2 s is below the 5 s the counter needs
+
+
+def test_the_sampler_is_the_fallback_where_the_counter_is_missing():
+    """No counter: the sampling thread runs and its trace gives the joules (``trace_energy_j``);
+    the next window of the same meter on a device that has it again is counter-only."""
+    nvml = FakeNvml(power_w=120.0, energy_supported=False)
+    meter = open_meter(CUDA0, nvml=nvml, uuid=nvml.uuid, interval_s=0.01)
+    meter.start()
+    assert meter.sampling
+    time.sleep(0.2)
+    w = meter.stop()
+    assert w.energy_j is None and "NotSupported" in w.absent["energy_j"]
+    assert w.trace_energy_j == pytest.approx(120.0 * w.seconds, rel=0.15)
+    assert w.samples >= 5 and "power_trace" not in w.absent
+    nvml.energy_supported = True
+    meter.start()
+    assert not meter.sampling
+    assert meter.stop().energy_j is not None
 
 
 def test_counter_joules_and_trace_agree_with_the_power_drawn():
@@ -53,7 +95,7 @@ def test_falls_back_to_averaged_power_where_instant_is_not_offered():
 
 
 def test_unsupported_counter_is_absent_with_reason_not_zero():
-    w = _measure(FakeNvml(energy_supported=False), seconds=0.2)
+    w = _measure(FakeNvml(energy_supported=False), seconds=0.2, trace=False)
     assert w.energy_j is None
     assert "NotSupported" in w.absent["energy_j"]
     assert w.trace_energy_j is not None  # the trace still works
