@@ -212,8 +212,11 @@ class Experts(nn.Module):
         the last group (block padding) are ignored and come back unspecified."""
         dtype = self.compute_dtype(x_RD)
         grouped = self.use_grouped_mm
-        if grouped is None:  # torch's CUDA grouped GEMM takes bf16 only; its CPU one any dtype
-            grouped = dtype == torch.bfloat16 or x_RD.device.type == "cpu"
+        if grouped is None:
+            # torch's grouped GEMM takes bf16 on CUDA and under torch.compile (its shape function
+            # refuses other dtypes); eager on a CPU, any dtype.
+            eager_cpu = x_RD.device.type == "cpu" and not torch.compiler.is_compiling()
+            grouped = dtype == torch.bfloat16 or eager_cpu
         if grouped:
             # One call for all experts, offsets stay on the device: no host sync, no Python loop.
             offs_E = rows_per_expert_E.cumsum(0).to(torch.int32)

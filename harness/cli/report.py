@@ -1,7 +1,13 @@
 """``harness report STUDY``: write the study report from its run records; ``--reference`` keeps the
 finished study's small records as its reference and builds the report from that copy.
 
-    harness report tiny [--print] [--reference] [--microbench FILE]
+    harness report tiny [--print] [--reference] [--microbench FILE] [--bench DIR]
+
+The micro-benchmark section shows the pipeline's MoE FFN benchmark (``--microbench``, which the
+report rule passes) and, beside it, ``make bench``'s CPU training-step benchmark where one has
+run and covers the study (``--bench``: RESULTS/benchmarks/cpu_training_step.json). The latter
+compiles two models and is too slow for the pipeline's microbench stage; it is not an input of
+the report rule either, so a newer one shows once the report is written again.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import sys
 from pathlib import Path
 
 from harness.cli.common import study_results
+from harness.core.errors import HarnessError
 from harness.study.runs import plan
 from harness.study.spec import load_study
 
@@ -31,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--microbench",
         help="pytest-benchmark JSON to include (default: the study's results/<study>/microbench/moe_ffn.json, if any)",
     )
+    p.add_argument(
+        "--bench",
+        help="`make bench`'s results folder, whose training-step benchmark (cpu_training_step.json) is shown where "
+        "it covers the study (default: RESULTS/benchmarks, if it holds one; 'none' leaves it out)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,12 +54,24 @@ def run(args: argparse.Namespace) -> int:
         results = _keep_reference(args, study, results)
     # The pipeline's micro-benchmark, as the report rule passes it, unless another is named.
     microbench = Path(args.microbench) if args.microbench else results / "microbench" / "moe_ffn.json"
-    path = write_report(study, results, microbench if microbench.is_file() else None)
+    path = write_report(study, results, microbench if microbench.is_file() else None, _step_bench(args))
     if args.print:
         print(path.read_text())
     else:
         print(path)
     return 0
+
+
+def _step_bench(args: argparse.Namespace) -> Path | None:
+    """``make bench``'s training-step benchmark JSON, where there is one (``--bench``)."""
+    from harness.report.tables import STEP_BENCH
+
+    if args.bench == "none":
+        return None
+    path = Path(args.bench or Path(args.results) / "benchmarks") / STEP_BENCH
+    if args.bench and not path.is_file():
+        raise HarnessError(f"--bench {args.bench}: no {STEP_BENCH} there (`make bench` writes it)")
+    return path if path.is_file() else None
 
 
 def _keep_reference(args: argparse.Namespace, study, results: Path) -> Path:

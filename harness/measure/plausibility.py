@@ -31,6 +31,23 @@ numbers) and ``values`` (the numbers and the threshold). The rules:
   median above its number of cores (:data:`LOAD_LIMIT`): threads queued for a core, so other work
   shared the cores (``harness.core.host_load``).
 - ``cpu_steal``: more than :data:`STEAL_LIMIT` of the CPU time went to other virtual machines.
+- ``training_disagrees``: the measured training tokens/s differs from the training run's own over
+  the whole run (record.json ``tokens_per_s``, per process) by more than :data:`AGREEMENT_LIMIT`.
+  ``harness measure`` times the run's own training step with its settings, so the two agree up to
+  noise; the flag's sentence says why they do not: the settings that differ (threads, dtype,
+  compile, batch, sequence length, processes), or, where none does, a different load on the host.
+- ``speed_not_monotone`` (across runs, :func:`check_measures`): a larger dense model (more
+  training FLOPs per token) measured faster than a smaller one at equal settings (device, dtype,
+  compile, threads, batch size and sequence length) by more than the noise. A measurement's noise
+  is the interquartile range of its window rates: the larger model is flagged when its lower
+  quartile lies above the smaller one's upper quartile, so that at least three quarters of its
+  windows ran faster than three quarters of the smaller model's. More work per token at the same
+  settings cannot take less time, unless the larger model's shapes suit the kernels better (on a
+  CPU, a width a multiple of 16) or the smaller one was disturbed. Where the two training runs
+  (record.json, equal settings) ran in the same order and the measured ratio of the two speeds is
+  at most :data:`AGREEMENT_LIMIT` above theirs, it is the former, and nothing is flagged;
+  otherwise the order is not to be read as the models' cost, and the larger model's figure, the
+  one that breaks it, carries the flag.
 
 The training runs' own time (``train_seconds``, their tokens/s) is judged by the same rules
 (:func:`check_training`): ``window_spread`` over :data:`TRAINING_WINDOWS` stretches of the run,
@@ -41,6 +58,8 @@ read from its metrics.jsonl (steps and training seconds of each logged row), and
 from __future__ import annotations
 
 import itertools
+import statistics
+from collections import defaultdict
 from typing import Any
 
 MARK = "†"
@@ -74,6 +93,14 @@ on its share of the cores, stays at or below 1 per core; above it, threads waite
 
 STEAL_LIMIT = 0.05
 """Fraction of CPU time stolen by the hypervisor above which a timed figure is disturbed."""
+
+AGREEMENT_LIMIT = 0.15
+"""Relative difference between ``harness measure``'s training tokens/s (median window) and the
+training run's own over the whole run above which the two disagree. The run's own includes its
+warm-up (the tiny reference's dense-d64 ran its first tenth 27% slower than the rest) and whatever
+else ran on the host over minutes; the measurement's windows take seconds. On a 2-core host whose
+other load stayed under a core the two agreed within 10% (tests/measure/test_training_speed.py);
+beyond 15% they measured different things, or under different loads."""
 
 TRAINING_WINDOWS = 10
 """Stretches of equal steps a training run is cut into for ``window_spread`` (as many as
@@ -119,6 +146,8 @@ RULES = (
     "negative_overhead",
     "host_busy",
     "cpu_steal",
+    "training_disagrees",
+    "speed_not_monotone",
 )
 
 
@@ -161,14 +190,17 @@ def _ceiling(value: float | None, limit: float, rule: str, figure: str, what: st
     return [_flag(rule, figure, reason, value=value, limit=limit)]
 
 
-def check_measure(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Every rule on one measure.json result: figure -> its own flags (empty lists omitted)."""
+def check_measure(result: dict[str, Any], trained: dict[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Every rule on one measure.json result: figure -> its own flags (empty lists omitted).
+    ``trained``: the training run's figures (:func:`training_run`), where the result does not hold
+    them (``training_run``, written by ``harness measure`` since it compares the two)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for figure in TIMED:
         if isinstance(result.get(figure), dict):
             out[figure] = window_spread(result[figure], figure)
     if isinstance(result.get("train"), dict):  # the host's load at the start and the end of the measurement
         out["train"] += host_flags(result.get("host_load"), "train")
+        out["train"] += training_disagrees(result, result.get("training_run") or trained)
     for name in CHECKED_CONVENTIONS:
         row = (result.get("mfu") or {}).get("conventions", {}).get(name)
         if row is None:
@@ -202,6 +234,148 @@ def check_measure(result: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
             reason = f"impossible: {energy:.3g} J over a window of work: the energy counter did not advance"
             out[figure] = [_flag("nonpositive_energy", figure, reason, energy_j=energy)]
     return {k: v for k, v in out.items() if v}
+
+
+def training_run(record: dict[str, Any]) -> dict[str, Any]:
+    """A training run's own speed over the whole run (record.json) and the settings it trained
+    with: what ``training_disagrees`` compares a measurement with."""
+    precision, recipe = record.get("precision") or {}, record.get("recipe") or {}
+    return {
+        "run_id": record.get("run_id"),
+        "tokens_per_s": record.get("tokens_per_s"),
+        "dtype": precision.get("dtype"),
+        "compile": precision.get("compile"),
+        "threads": precision.get("threads"),
+        "batch_size": recipe.get("batch_size"),
+        "seq_len": recipe.get("seq_len"),
+        "world_size": (record.get("parallel") or {}).get("world_size", 1),
+    }
+
+
+def _measured_settings(result: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a measure.json's training figure, named as :func:`training_run` names them."""
+    precision, settings = result.get("precision") or {}, result.get("settings") or {}
+    return {
+        "dtype": precision.get("dtype", str(result.get("dtype", "")).removeprefix("torch.") or None),
+        "compile": precision.get("compile"),
+        "threads": precision.get("threads"),
+        "batch_size": settings.get("batch_size"),
+        "seq_len": settings.get("seq_len"),
+        "world_size": 1,
+    }
+
+
+def training_disagrees(result: dict[str, Any], trained: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """``training_disagrees`` on a measure.json result against its training run's figures."""
+    measured = (result.get("train") or {}).get("tokens_per_s_median")
+    if not trained or not trained.get("tokens_per_s") or not measured:
+        return []
+    per_process = trained["tokens_per_s"] / (trained.get("world_size") or 1)
+    ratio = measured / per_process
+    if abs(ratio - 1) <= AGREEMENT_LIMIT:
+        return []
+    mine = _measured_settings(result)
+    differs = [
+        f"{name.replace('_', ' ')} {mine[name]} (the run: {trained[name]})"
+        for name in ("threads", "dtype", "compile", "batch_size", "seq_len", "world_size")
+        if mine[name] is not None and trained.get(name) is not None and mine[name] != trained[name]
+    ]
+    why = (
+        f"it was measured with {', '.join(differs)}"
+        if differs
+        else "both ran the run's settings, so the host's load differed: other jobs shared the cores while the run "
+        "trained or while it was measured"
+    )
+    reason = (
+        f"not as trained: {_number(measured)} tokens/s measured against {_number(per_process)} over the training "
+        f"run (x{ratio:.2f}; at most {AGREEMENT_LIMIT:.0%} apart expected): {why}"
+    )
+    values = {"measured": measured, "training": per_process, "ratio": ratio, "limit": AGREEMENT_LIMIT}
+    return [_flag("training_disagrees", "train", reason, **values, differs=differs)]
+
+
+def _quartiles(rates: list[float]) -> tuple[float, float]:
+    q1, _, q3 = statistics.quantiles(rates, n=4)
+    return q1, q3
+
+
+def _dense(result: dict[str, Any]) -> bool:
+    """A measure.json of a dense model (written before ``arm`` was: one without forced-balanced routing)."""
+    return result.get("arm", "moe" if "train_forced_balanced" in result else "dense") == "dense"
+
+
+def _training_ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> float | None:
+    """Training run ``a``'s tokens/s over ``b``'s (:func:`training_run`) where both trained at the
+    same settings, else None."""
+    if not a or not b or not a.get("tokens_per_s") or not b.get("tokens_per_s"):
+        return None
+    same = all(a[k] == b[k] for k in a if k not in ("run_id", "tokens_per_s"))
+    return a["tokens_per_s"] / b["tokens_per_s"] if same else None
+
+
+def _explained(measured: float, trained: float | None) -> bool:
+    """A measured speed ratio (larger model over smaller) that the two training runs show too: the
+    larger one trained faster as well, by as much within :data:`AGREEMENT_LIMIT`."""
+    return trained is not None and trained > 1 and measured <= trained * (1 + AGREEMENT_LIMIT)
+
+
+def speed_not_monotone(
+    measures: dict[str, dict[str, Any]], trained: dict[str, dict[str, Any]] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """``speed_not_monotone`` across the dense runs of ``measures`` (run id -> measure.json): run id ->
+    its flag on ``train``, naming every smaller model it outran (the rule's noise: the module docstring).
+    ``trained``: run id -> its training run's figures (:func:`training_run`); an order the two
+    training runs show too, by as much (:func:`_explained`), is the models' (their shapes on this
+    device's kernels), not the measurement's, and is not flagged."""
+    trained = trained or {}
+    groups: dict[tuple, list[tuple[float, str, list[float]]]] = defaultdict(list)
+    for run, m in measures.items():
+        rates = [r for r in (m.get("train") or {}).get("tokens_per_s_windows", []) if r]
+        fpt = (((m.get("mfu") or {}).get("conventions") or {}).get("detailed") or {}).get("flops_per_token")
+        if _dense(m) and len(rates) >= 2 and fpt:
+            key = (m.get("device_name"), *_measured_settings(m).values())
+            groups[key].append((fpt, run, rates))
+    out: dict[str, list[dict[str, Any]]] = {}
+    for members in groups.values():
+        for fpt, run, rates in members:
+            low, median = _quartiles(rates)[0], statistics.median(rates)
+            beaten = sorted(
+                (other_fpt, other, _quartiles(other_rates)[1])
+                for other_fpt, other, other_rates in members
+                if other_fpt < fpt
+                and low > _quartiles(other_rates)[1]
+                and not _explained(
+                    median / statistics.median(other_rates), _training_ratio(trained.get(run), trained.get(other))
+                )
+            )
+            if not beaten:
+                continue
+            names = " and ".join(f"`{other}`'s ({_number(q3)})" for _, other, q3 in beaten)
+            reason = (
+                f"implausible: a larger dense model (x{fpt / beaten[-1][0]:.2f} the FLOPs per token or more) trained "
+                f"faster at the same settings: the lower quartile of its windows, {_number(low)} tokens/s, lies above "
+                f"the upper quartile of {names}; more work per token does not take less time unless its shapes suit "
+                "the kernels better (its training run would then be as much faster) or the smaller models were "
+                "disturbed"
+            )
+            values = {"lower_quartile": low, "flops_per_token": fpt, "smaller": [other for _, other, _ in beaten]}
+            out[run] = [_flag("speed_not_monotone", "train", reason, **values)]
+    return out
+
+
+def check_measures(
+    measures: dict[str, dict[str, Any]], records: list[dict[str, Any]] | tuple = ()
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Every rule on a study's measure.json results (run id -> result): run id -> figure -> flags.
+    :func:`check_measure` on each (against its training run's figures from ``records`` where the
+    result does not hold them and the record states its precision), and ``speed_not_monotone``
+    across them (an order the training runs show too is not flagged)."""
+    # A record that does not state the settings it trained with cannot say why the two would differ.
+    trained = {r["run_id"]: training_run(r) for r in records if r.get("precision")}
+    out = {run: check_measure(m, trained.get(run)) for run, m in measures.items()}
+    for run, flags in speed_not_monotone(measures, trained).items():
+        out[run].setdefault("train", []).extend(flags)
+    return out
 
 
 def flags_for(flags: dict[str, list[dict[str, Any]]], figure: str) -> list[dict[str, Any]]:

@@ -5,12 +5,26 @@
 
 Protocol: warm-up steps excluded; every window synchronised at both ends on
 CUDA; the median, spread and every window's rate (ten windows by default, so a ratio of two
-throughputs can be given a confidence interval from the windows); training step = forward +
-backward + optimizer; prefill and decode (KV cache, batch 1 and a large batch) separately;
+throughputs can be given a confidence interval from the windows); prefill and decode (KV cache,
+batch 1 and a large batch) separately;
 learned against forced-balanced routing to separate the cost of imbalance from the cost of
 dispatch. MFU uses the named FLOP conventions side by side, including the naive
 total-parameter count, against the device's peak from :data:`PEAK_FLOPS` and against a large
 matmul measured here.
+
+The training step is the run's own (:func:`train_step`): the step of
+``harness.train.loop.Trainer.train_step`` in one process, with the run's dtype, torch.compile,
+batch size, sequence length and CPU threads (``harness measure`` sets the threads the run trained
+with), a new batch each step (the run's own training batches where its data is prepared), the
+gradients clipped and the aux-loss-free routers' bias updated. Its tokens/s is then the training
+run's own (record.json ``tokens_per_s``, over the whole run) up to noise; the plausibility rule
+``training_disagrees`` says where they differ and why. The training steps come first, as in a
+training process (inference run before them leaves the heap grown and the steps faster than a
+training run's, see :func:`measure`). Compilation is left out of the windows:
+the warm-up goes on until :data:`STABLE_STEPS` steps in a row compiled nothing
+(:func:`warm_up`), and ``compilations_in_windows`` counts any that still fell in a window (a bf16
+MoE on a CPU keeps static shapes: it compiles in its first step, and again in the first step
+after forced-balanced routing is switched on).
 
 Memory (``result["memory"]``). ``param_bytes``, ``gradient_bytes``, ``optimizer_state_bytes``
 and ``kv_cache_bytes_per_token`` are computed from tensor sizes, so they follow parameter
@@ -43,6 +57,7 @@ above the large matmul measured here; the flag names the rule and carries the nu
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import multiprocessing
 import os
@@ -51,7 +66,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +76,7 @@ from harness.core.provenance import provenance
 from harness.measure.plausibility import annotate
 from harness.study.spec import Recipe
 from harness.train.energy import MIN_WINDOW_S, open_meter
+from harness.train.layouts import SINGLE
 from harness.train.loop import make_optimizer
 from harness.train.precision import Precision, resolve
 from models.accounting import count_params, forward_flops, training_flops_per_token
@@ -86,7 +101,7 @@ def peak_flops(device_name: str) -> tuple[float | None, str]:
     return None, f"no peak listed for '{device_name}' in harness.measure.throughput.PEAK_FLOPS"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class MeasureSettings:
     batch_size: int = 8
     seq_len: int = 128
@@ -95,6 +110,47 @@ class MeasureSettings:
     warmup_steps: int = 2
     decode_tokens: int = 16
     decode_batch: int = 32
+
+
+STABLE_STEPS = 3
+"""Training steps in a row that compiled nothing, after the warm-up steps, before the windows."""
+
+MAX_WARMUP_STEPS = 50
+"""At most this many warm-up steps wait for compilation to settle (``compilations_in_windows`` then
+says it did not)."""
+
+Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+"""Step number -> (inputs, targets) of one training batch, on the host, as the run's data loader gives them."""
+
+
+def random_batches(cfg: ModelConfig, batch_size: int, seq_len: int, seed: int = 0) -> Batches:
+    """A new batch of uniformly random tokens each step (for a model measured without data)."""
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        xy = torch.randint(0, cfg.vocab_size, (2, batch_size, seq_len), generator=g)
+        return xy[0], xy[1]
+
+    return batch
+
+
+def compilations() -> int:
+    """Frames torch.compile has compiled in this process so far, recompilations included."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"]
+
+
+def warm_up(fn: Callable[[], Any], settings: MeasureSettings) -> int:
+    """Run ``fn`` ``settings.warmup_steps`` times, then on until :data:`STABLE_STEPS` calls in a row
+    compiled nothing (at most :data:`MAX_WARMUP_STEPS` calls in all); returns the calls made."""
+    calls, quiet = 0, 0
+    while calls < settings.warmup_steps or (quiet < STABLE_STEPS and calls < MAX_WARMUP_STEPS):
+        before = compilations()
+        fn()
+        calls += 1
+        quiet = quiet + 1 if compilations() == before else 0
+    return calls
 
 
 def _sync(device: torch.device) -> None:
@@ -150,12 +206,21 @@ def matmul_flops(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def _train_step(model, opt, x, y, precision: Precision, device: torch.device) -> None:
+def train_step(
+    model, step_model, opt, x, y, precision: Precision, device: torch.device, grad_clip: float = Recipe.grad_clip
+) -> None:
+    """One training step as ``harness.train.loop.Trainer.train_step`` takes it in one process:
+    the batch moved to the device, forward and backward of ``step_model`` (``model`` compiled, or
+    itself) under the run's autocast, the gradients clipped, AdamW, and the aux-loss-free routers'
+    bias updated from the step's load. Only the learning-rate assignment and logging are left out."""
     with precision.autocast(device):
-        out = model(x, y)
+        out = step_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
     (out.loss + out.aux_loss).backward()
+    SINGLE.reduce_and_clip(model, grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    SINGLE.sum_router_loads(model)
+    model.update_router_biases()
 
 
 PROC_SELF = Path("/proc/self")
@@ -329,11 +394,11 @@ def _training_peak(
     opt = make_optimizer(model, Recipe())
     cpu = torch.device("cpu")
     for _ in range(2):  # the optimizer state exists from the first step on
-        _train_step(model, opt, x, y, precision, cpu)
+        train_step(model, model, opt, x, y, precision, cpu)
     release_freed_memory()
     was_reset = reset_rss_peak()
     for _ in range(steps):
-        _train_step(model, opt, x, y, precision, cpu)
+        train_step(model, model, opt, x, y, precision, cpu)
     peak, source = rss_peak_bytes(was_reset)
     return {
         "baseline_rss_bytes": baseline,
@@ -351,9 +416,19 @@ def measure(
     state_dict: dict[str, torch.Tensor] | None = None,
     seed: int = 0,
     precision: Precision | None = None,
+    recipe: Recipe | None = None,
+    batches: Batches | None = None,
+    batches_from: str = "given by the caller",
+    trained: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``precision``: the run's (default: the recipe default on ``device``); inference runs eager."""
-    precision = precision or resolve(Recipe(), device)
+    """``precision``: the run's (default: ``recipe``'s on ``device``); inference runs eager.
+    ``recipe``: the run's (optimizer and gradient clipping; default ``Recipe()``). ``batches``: the
+    training batches (default: random tokens, a new batch each step), ``batches_from`` what they
+    are. ``trained``: the training run's own speed and settings
+    (``harness.measure.plausibility.training_run``), which the plausibility rules compare with the
+    measured one. The CPU threads are the caller's (``torch.set_num_threads``)."""
+    recipe = recipe or Recipe()
+    precision = precision or resolve(recipe, device)
     compute_dtype = precision.dtype
     torch.manual_seed(seed)
     model = Transformer(cfg).to(device)
@@ -364,50 +439,43 @@ def measure(
     y = torch.randint(0, cfg.vocab_size, (B, S), device=device)
     meter = open_meter(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result: dict[str, Any] = {"model": cfg.name, "device_name": name, "dtype": str(compute_dtype)}
+    result: dict[str, Any] = {"model": cfg.name, "arm": "dense" if cfg.moe is None else "moe", "device_name": name}
+    result["dtype"] = str(compute_dtype)
     result["precision"] = precision.describe(device)
     result["settings"] = settings.__dict__ | {"seq_len": S}
+    result["batches"] = "random tokens, a new batch each step" if batches is None else batches_from
+    if trained is not None:
+        result["training_run"] = trained
     load_samples = [host_load.sample()]  # how busy the host was, at the start and the end (plausibility)
 
-    # Inference first, on the weights as given: prefill of the whole context, then decode with
-    # a KV cache. Training steps below change the weights.
-    model.eval()
-    with torch.no_grad(), precision.autocast(device):
-        prefill = lambda: model(x)  # noqa: E731
-        result["prefill"] = summarise(time_windows(prefill, settings, device, 1), B * S, "tokens_per_s")
-        result["energy_prefill"] = _energy_window(meter, prefill, device, B * S)
-        prompt = max(1, S - settings.decode_tokens)
-        for label, batch in (("decode_batch1", 1), ("decode_large_batch", settings.decode_batch)):
-            tokens = torch.randint(0, cfg.vocab_size, (batch, S), device=device)
-
-            def decode(tokens=tokens, batch=batch) -> None:
-                cache = KVCache(cfg, batch, S, device=device, dtype=compute_dtype)
-                model(tokens[:, :prompt], cache=cache)
-                for t in range(prompt, S):
-                    model(tokens[:, t : t + 1], cache=cache)
-
-            seconds = time_windows(decode, settings, device, 1)
-            result[label] = summarise(seconds, batch * (S - prompt), "tokens_per_s") | {"batch": batch}
-
-    # Training step, learned routing, then forced-balanced routing.
+    # Training steps as the run takes them (train_step), learned routing, then forced-balanced
+    # routing. First, as in a training process, where nothing ran before them: after inference,
+    # glibc's heap has grown, and on a CPU a training step then takes no page faults where a training
+    # process takes 4,000-6,500 a step (dense-d64, bf16; about a tenth of its CPU time is the kernel's).
+    given = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}  # training changes them
     model.train()
-    opt = make_optimizer(model, Recipe())
+    opt = make_optimizer(model, recipe)
     step_model = torch.compile(model) if precision.compile else model
-    step = lambda: _train_step(step_model, opt, x, y, precision, device)  # noqa: E731
-    for _ in range(settings.warmup_steps):  # peaks are read after warm-up (and compilation)
-        step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    train_s = time_windows(step, settings, device, settings.steps_per_window)
-    result["train"] = summarise(train_s, B * S, "tokens_per_s")
+    batches = batches or random_batches(cfg, B, S, seed)
+    steps = iter(range(1 << 62))
+
+    def step() -> None:
+        train_step(model, step_model, opt, *batches(next(steps)), precision, device, recipe.grad_clip)
+
+    result["train"] = _timed_training(step, settings, device, B * S)
     result["memory"] = _memory(model, opt, cfg, device, compute_dtype, meter)
     result["energy_train"] = _energy_window(meter, step, device, B * S)
     if cfg.moe is not None:
-        model.set_force_balanced(True)
-        balanced_s = time_windows(step, settings, device, settings.steps_per_window)
+        model.set_force_balanced(True)  # a switch the compiled graph is guarded on: warm_up recompiles
+        result["train_forced_balanced"] = _timed_training(step, settings, device, B * S)
         model.set_force_balanced(False)
-        result["train_forced_balanced"] = summarise(balanced_s, B * S, "tokens_per_s")
-        result["imbalance_cost"] = statistics.median(train_s) / statistics.median(balanced_s)
+        learned, balanced = result["train"], result["train_forced_balanced"]
+        result["imbalance_cost"] = learned["seconds_per_call_median"] / balanced["seconds_per_call_median"]
+
+    # Inference, on the weights as given.
+    model.load_state_dict(given)
+    del given
+    result |= _inference(model, cfg, x, settings, device, precision, meter)
 
     result["matmul"] = matmul_flops(device, compute_dtype)
     result["mfu"] = mfu_table(cfg, result["train"]["tokens_per_s_median"], name, result["matmul"], S)
@@ -417,6 +485,44 @@ def measure(
     result["host_load"] = host_load.summary(load_samples, os.cpu_count())
     result["provenance"] = provenance(device, time_utc=host_load.utc_now())
     return annotate(result)  # a figure that cannot be right carries a flag (harness.measure.plausibility)
+
+
+def _inference(model, cfg: ModelConfig, x, settings: MeasureSettings, device, precision: Precision, meter) -> dict:
+    """Prefill of the whole context (and its GPU energy), then decode with a KV cache at batch 1 and
+    a large batch; eager, in eval mode."""
+    out: dict[str, Any] = {}
+    B, S = x.shape
+    model.eval()
+    with torch.no_grad(), precision.autocast(device):
+        prefill = lambda: model(x)  # noqa: E731
+        out["prefill"] = summarise(time_windows(prefill, settings, device, 1), B * S, "tokens_per_s")
+        out["energy_prefill"] = _energy_window(meter, prefill, device, B * S)
+        prompt = max(1, S - settings.decode_tokens)
+        for label, batch in (("decode_batch1", 1), ("decode_large_batch", settings.decode_batch)):
+            tokens = torch.randint(0, cfg.vocab_size, (batch, S), device=device)
+
+            def decode(tokens=tokens, batch=batch) -> None:
+                cache = KVCache(cfg, batch, S, device=device, dtype=precision.dtype)
+                model(tokens[:, :prompt], cache=cache)
+                for t in range(prompt, S):
+                    model(tokens[:, t : t + 1], cache=cache)
+
+            seconds = time_windows(decode, settings, device, 1)
+            out[label] = summarise(seconds, batch * (S - prompt), "tokens_per_s") | {"batch": batch}
+    return out
+
+
+def _timed_training(step: Callable[[], None], settings: MeasureSettings, device: torch.device, tokens: int) -> dict:
+    """Warm-up past compilation (:func:`warm_up`; memory peaks are reset after it), then the windows."""
+    warmup = warm_up(step, settings)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before = compilations()
+    seconds = time_windows(step, dataclasses.replace(settings, warmup_steps=0), device, settings.steps_per_window)
+    return summarise(seconds, tokens, "tokens_per_s") | {
+        "warmup_steps": warmup,
+        "compilations_in_windows": compilations() - before,
+    }
 
 
 def mfu_table(cfg: ModelConfig, tokens_per_s: float, device_name: str, matmul: dict, seq_len: int) -> dict[str, Any]:

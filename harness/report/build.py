@@ -45,6 +45,7 @@ from harness.report.tables import (
     run_table,
     seed_table,
     specialisation_table,
+    step_bench_table,
 )
 from harness.study.pool import pooled_records
 from harness.study.records import read_data_meta, read_metrics, study_record
@@ -195,7 +196,9 @@ def _read(study: Study, results: Path, microbench: Path | None) -> StudyReport:
     )
 
 
-def _tables(r: StudyReport, microbench: Path | None) -> tuple[dict[str, tuple[list[str], list]], dict[str, str]]:
+def _tables(
+    r: StudyReport, microbench: Path | None, step_bench: Path | None = None
+) -> tuple[dict[str, tuple[list[str], list]], dict[str, str]]:
     """The report's tables by name, each ``(headers, rows)``, and the lm-eval tasks not run (task -> why)."""
     from harness.analysis import scaling_report
     from harness.analysis.law_report import forms_table, law_table
@@ -222,6 +225,7 @@ def _tables(r: StudyReport, microbench: Path | None) -> tuple[dict[str, tuple[li
         "claims": claims_table(r.claims, claim_flags(r.records, r.measures, r.trained)),
         "reproduction": reproduction_table(r.repro),
         "microbench": microbench_table(microbench),
+        "microbench_step": step_bench_table(step_bench, r.study.name),
     }
     return tables, not_run
 
@@ -259,13 +263,15 @@ def _draw_figures(r: StudyReport) -> None:
     figures.downstream_figure(r.records, r.evals, eval_tasks(r.evals), fig["downstream_vs_loss"])
 
 
-def write_report(study: Study, results: Path, microbench: Path | None = None) -> Path:
+def write_report(study: Study, results: Path, microbench: Path | None = None, step_bench: Path | None = None) -> Path:
     """Read every run's record.json (and measure.json, eval.json, routing.json where present) and
-    write report.md, summary.json, tables/ (CSV and HTML), figures/ (PNG) and report.html."""
+    write report.md, summary.json, tables/ (CSV and HTML), figures/ (PNG) and report.html.
+    ``microbench``: the pipeline's FFN micro-benchmark JSON; ``step_bench``: ``make bench``'s
+    training-step benchmark JSON (``harness.report.tables.step_bench_table``); each None without one."""
     from harness.analysis import scaling
 
     report = _read(study, results, microbench)
-    report.tables, report.not_run = _tables(report, microbench)
+    report.tables, report.not_run = _tables(report, microbench, step_bench)
     _write_tables(results, report.tables)
     report.na = not_applicable(report.tables, report.records, report.analysis, scaling.isoflop_curves(report.analysis))
     _draw_figures(report)

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from harness.analysis.stats import state_bytes, training_memory
-from harness.measure.plausibility import MARK, check_measure
+from harness.measure.plausibility import MARK, check_measures
 from harness.report.figure_style import legend, model_styles, not_enough, save, set_axis, subplots
 
 FLAGGED_STYLE = {"markerfacecolor": "white"}
@@ -135,9 +135,10 @@ def draw_cost_scaling(records: list[dict[str, Any]], measures: dict[str, dict[st
     xs: list[list[float]] = [[], []]
     ys: list[list[float]] = [[], []]
     any_flagged = False
+    judged = check_measures(measures, records)
     for r in measured:
         m = measures[r["run_id"]]
-        flags = check_measure(m)
+        flags = judged[r["run_id"]]
         style = dict(styles[r["model"]])
         mem = (training_memory(m) if peaks else state_bytes(m)) / 2**20
         train = m["train"]

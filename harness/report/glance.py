@@ -145,7 +145,7 @@ def glance(
     flops = {(r["model"], r["budget_flops"]): r for r in analysis.multiplier_flops}
     secs = {(r["model"], r["budget_flops"]): r for r in analysis.multiplier_seconds}
     rates = training_rate_ratios(records)
-    flags = measure_flags(measures)
+    flags = measure_flags(measures, records)
     withheld: list[Withheld] = []
 
     def measured(pairs: list[tuple[dict, dict]], figure: str) -> list[tuple[str, dict[str, Any]]]:

@@ -106,7 +106,9 @@ def remeasure_lines(
     if is_reference:
         return [
             f"{MARK} The flagged figures can be taken again only where the runs' checkpoints are: a reference "
-            "keeps none. Run the study, then the commands its report prints.",
+            "keeps none. Run the study, then the commands its report prints. A measurement alone can be taken "
+            "again with random weights (`harness measure STUDY --run RUN --random-weights --force`): a dense "
+            "model's speed as its checkpoint's, an MoE's with its initial routing, not its trained one.",
             "",
         ]
     root = results.parent

@@ -145,13 +145,15 @@ def loss_curve_lines(records: list[dict[str, Any]], image: str) -> list[str]:
     return [image, "", text, ""]
 
 
-def _remeasure(study: Study, results: Path, measures, trained, repro: dict[str, Any], apart=()) -> list[str]:
+def _remeasure(
+    study: Study, results: Path, measures, trained, repro: dict[str, Any], apart=(), records=()
+) -> list[str]:
     """The commands that take the flagged figures again: the flagged measurements of ``measures``
-    (with both runs of each MoE and dense pair ``measured_apart`` found: ``apart``) and
-    the flagged training times of ``trained``."""
+    (judged against their training runs in ``records``; with both runs of each MoE and dense pair
+    ``measured_apart`` found: ``apart``) and the flagged training times of ``trained``."""
     from harness.report.tables import measure_flags
 
-    flagged = {run for run, flags in measure_flags(measures).items() if flags}
+    flagged = {run for run, flags in measure_flags(measures, records).items() if flags}
     measured = sorted(flagged | {run for pair in apart for run in pair[:2]})
     retrain = sorted(run for run, flags in trained.items() if flags)
     return remeasure_lines(study_argument(study), results, measured, retrain, repro["is_reference"], bool(apart))
@@ -377,7 +379,7 @@ def _cost(r: StudyReport) -> list[str]:
         "",
         *_flag_section(flag_notes(r.records, r.measures)),
         *apart_notes(apart := measured_apart(r.records, r.measures)),
-        *_remeasure(r.study, r.results, r.measures, {}, r.repro, apart),
+        *_remeasure(r.study, r.results, r.measures, {}, r.repro, apart, r.records),
         r.image("cost_scaling", "memory against total parameters, throughput against active parameters"),
         "",
     ]
@@ -389,17 +391,32 @@ def _overhead(r: StudyReport) -> list[str]:
 
 
 def _microbench(r: StudyReport) -> list[str]:
-    """The MoE FFN micro-benchmark, where it ran."""
-    if not r.tables["microbench"][1]:
+    """The micro-benchmarks, where they ran: the MoE FFN (the pipeline's microbench rule) and the
+    CPU training step of the study's own models and recipe (``make bench``)."""
+    ffn, step = r.tables["microbench"][1], r.tables.get("microbench_step", ([], []))[1]
+    if not ffn and not step:
         return []
-    return [
-        "## MoE FFN micro-benchmark",
-        "",
-        "Forward + backward, same weights, implementations interleaved round by round; medians of per-round ratios.",
-        "",
-        r.table("microbench"),
-        "",
-    ]
+    lines = ["## Micro-benchmarks" if step else "## MoE FFN micro-benchmark", ""]
+    if ffn:
+        lines += [
+            ("MoE FFN: f" if step else "F")
+            + "orward + backward, same weights, implementations interleaved round by round; medians of per-round "
+            "ratios.",
+            "",
+            r.table("microbench"),
+            "",
+        ]
+    if step:
+        lines += [
+            "CPU training step (`make bench`, results/benchmarks/cpu_training_step.json): the study's dense "
+            "model and sparse MoE, one step each (forward, backward, clipping, AdamW) on the study's path "
+            "against eager float32 at the study's threads and batch, interleaved round by round; medians of "
+            "per-round ratios. Run on the machine and date named, not by the pipeline.",
+            "",
+            r.table("microbench_step"),
+            "",
+        ]
+    return lines
 
 
 def _routing(r: StudyReport) -> list[str]:

@@ -23,7 +23,7 @@ from harness.analysis.stats import (
 )
 from harness.core.host_load import taken_at
 from harness.core.io import read_json
-from harness.measure.plausibility import LABELS, MARK, check_measure, flags_for, mark
+from harness.measure.plausibility import LABELS, MARK, check_measures, flags_for, mark
 from harness.study.spec import budget_label
 
 
@@ -35,7 +35,9 @@ TRAIN_SECONDS = "train s (training run, wall clock)"
 TRAINING_TOKENS_PER_S = "train tokens/s (training run, over the whole run)"
 MEASURED_TOKENS_PER_S = "train tokens/s (harness measure, median window)"
 """Training speed from two sources, each header naming its own: the training run (every step, on
-the host's load then) and ``harness measure``'s median window (warm, later, on another load)."""
+the host's load then) and ``harness measure``'s median window (the run's own training step and
+settings, warm, later, on another load). The two agree within 15% or the measurement is flagged
+``training_disagrees`` with the reason (``harness.measure.plausibility``)."""
 
 PRIMARY_METRICS = ("bits_per_byte", "acc_norm", "acc", "exact_match", "f1", "mcc", "word_perplexity")
 """The metric a task is plotted and tabulated by: the first of these it reports."""
@@ -178,14 +180,17 @@ def _fmt(value: float | None, spec: str, absent: str = "absent") -> str:
     return absent if value is None else format(value, spec)
 
 
-def measure_flags(measures: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """run id -> figure -> flags, the rules of ``harness.measure.plausibility`` applied to each measure.json."""
-    return {run: check_measure(m) for run, m in measures.items()}
+def measure_flags(
+    measures: dict[str, dict[str, Any]], records: list[dict[str, Any]] | tuple = ()
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """run id -> figure -> flags, the rules of ``harness.measure.plausibility`` applied to each measure.json
+    (against its training run in ``records``) and across them (``check_measures``)."""
+    return check_measures(measures, records)
 
 
 def flag_notes(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]]) -> list[str]:
     """One Markdown bullet per flagged figure of a measured run: run, figure and why."""
-    flags = measure_flags(measures)
+    flags = measure_flags(measures, records)
     notes = []
     for r in sorted(records, key=lambda r: (r["budget_flops"], r["run_id"])):
         for figure, fs in flags.get(r["run_id"], {}).items():
@@ -214,7 +219,7 @@ def cost_table(records: list[dict[str, Any]], measures: dict[str, dict[str, Any]
         "vs dense: total params, training memory, train tokens/s (harness measure)",
         "measured (UTC)",
     ]
-    flags = measure_flags(measures)
+    flags = measure_flags(measures, records)
     rows = []
     for r in sorted(records, key=lambda r: (r["budget_flops"], r["run_id"])):
         m = measures.get(r["run_id"])
@@ -299,6 +304,70 @@ def microbench_table(path: Path | None) -> tuple[list[str], list[list[Any]]]:
             ]
         )
     return headers, rows
+
+
+STEP_BENCH = "cpu_training_step.json"
+"""``make bench``'s training-step benchmark (tests/benchmarks/test_cpu_training_step.py), in its
+results folder (results/benchmarks/)."""
+
+
+def step_bench_table(path: Path | None, study: str) -> tuple[list[str], list[list[Any]]]:
+    """The training-step benchmark's cases that cover ``study`` (each case names the studies whose
+    dense model, sparse MoE and recipe it times): the study's path (dtype, compile, threads) over
+    eager float32, and MoE over dense, with the goals and whether each was met."""
+    headers = [
+        "studies: dense / MoE",
+        "study path",
+        "dense speed-up",
+        "MoE speed-up",
+        "MoE / dense step",
+        "where the MoE's extra time goes (torch.profiler)",
+        "goals",
+        "CPU, run at",
+    ]
+    if path is None or not path.exists():
+        return headers, []
+    data = read_json(path)
+    cpu = (data.get("machine_info") or {}).get("cpu", {}).get("brand_raw") or "cpu"
+    rows = []
+    for bench in data["benchmarks"]:
+        i = bench["extra_info"]
+        if i.get("kind") != "cpu_training_step" or study not in i.get("studies", []):
+            continue
+        chosen = i["chosen"]
+        path_label = chosen["dtype"] + (" + compile" if chosen["compile"] else "") + f", {i['threads']} thread(s)"
+        goals = (
+            f"speed-ups >= {i['goal_speedup']}: {'met' if i['meets_goal_speedup'] else 'not met'}; "
+            f"MoE / dense <= {i['goal_moe_over_dense']}: {'met' if i['meets_goal_moe_over_dense'] else 'not met'}"
+        )
+        if i.get("smoke"):
+            goals += " (smoke run: a few rounds)"
+        rows.append(
+            [
+                i["case"],
+                path_label,
+                f"{i['speedup_dense']:.2f}",
+                f"{i['speedup_moe']:.2f}",
+                f"{i['moe_over_dense_chosen']:.2f}",
+                extra_time(i.get("profile_ms")),
+                goals,
+                f"{cpu}, {str(data.get('datetime', '?'))[:10]}",
+            ]
+        )
+    return headers, rows
+
+
+def extra_time(profile_ms: dict[str, dict[str, float]] | None, parts: int = 3) -> str:
+    """The parts of a step where the MoE spends the most time beyond its dense twin, each with
+    its milliseconds and share of the gap (harness/measure/step_profile.py)."""
+    if not profile_ms:
+        return "not profiled"
+    dense, moe = profile_ms["dense"], profile_ms["moe"]
+    gap = sum(moe.values()) - sum(dense.values())
+    if gap <= 0:
+        return f"none: the MoE step is {-gap:.1f} ms shorter"
+    extra = sorted(((moe[p] - dense.get(p, 0.0), p) for p in moe), reverse=True)[:parts]
+    return ", ".join(f"{p} +{ms:.1f} ms ({ms / gap:.0%})" for ms, p in extra) + f" of +{gap:.1f} ms"
 
 
 def seed_table(seed_rows: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
@@ -432,7 +501,7 @@ def claim_flags(
 ) -> dict[str, list[str]]:
     """Claim key -> the flagged measurements its verdict rests on ('run figure (rule)'). ``training``:
     run id -> the flags of its training time; R10's training FLOP/s rest on those of every pair."""
-    flags = measure_flags(measures)
+    flags = measure_flags(measures, records)
     out: dict[str, list[str]] = {}
     for (key, figure), runs in _claim_runs(records, measures).items():
         hits = [f"{run} {LABELS[figure]} ({f['rule']})" for run in sorted(runs) for f in flags[run].get(figure, [])]

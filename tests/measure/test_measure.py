@@ -201,3 +201,54 @@ def test_every_measured_figure_carries_its_plausibility_flags(moe_result):
     ]
     assert sorted(map(str, moe_result["flags"])) == sorted(map(str, nested))
     assert all(f["rule"] and f["reason"] and f["figure"] for f in moe_result["flags"])
+
+
+# --- the training step as the run takes it ------------------------------------------------------
+
+
+def test_warm_up_lasts_until_compilation_has_settled(monkeypatch):
+    """Steps that compile (the first, and a recompilation two steps later) are warm-up; the windows
+    begin after STABLE_STEPS steps in a row that compiled nothing."""
+    compiled = iter([1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2])  # the counter after each call, from 0
+    count = {"now": 0}
+
+    def step() -> None:
+        count["now"] = next(compiled)
+
+    monkeypatch.setattr(measure, "compilations", lambda: count["now"])
+    settings = MeasureSettings(warmup_steps=2)
+    assert measure.warm_up(step, settings) == 4 + measure.STABLE_STEPS  # the 4th call compiled
+    count["now"], compiled = 0, iter(range(1, 100))  # compiling at every step: bounded
+    assert measure.warm_up(step, settings) == measure.MAX_WARMUP_STEPS
+
+
+def test_the_training_windows_say_how_long_the_warm_up_was_and_that_nothing_compiled_in_them(moe_result):
+    for section in ("train", "train_forced_balanced"):
+        assert moe_result[section]["warmup_steps"] >= FAST.warmup_steps
+        assert moe_result[section]["compilations_in_windows"] == 0  # eager here: nothing compiles
+    assert moe_result["arm"] == "moe" and moe_result["batches"] == "random tokens, a new batch each step"
+
+
+def test_the_measured_step_is_the_training_runs(monkeypatch):
+    """Clipping at the recipe's norm and the aux-loss-free bias update, as Trainer.train_step does;
+    and a new batch each step."""
+    from harness.study.spec import Recipe
+    from harness.train.layouts import SINGLE
+    from harness.train.loop import make_optimizer
+    from harness.train.precision import resolve
+    from models.config import Routing
+    from models.transformer import Transformer
+
+    cfg = tiny_config(moe={"routing": Routing.SIGMOID_BIAS, "load_balance_coef": 0.0, "bias_update_rate": 0.01})
+    model = Transformer(cfg)
+    clipped = []
+    monkeypatch.setattr(SINGLE, "reduce_and_clip", lambda m, norm: clipped.append(norm))
+    batches = measure.random_batches(cfg, 2, 16)
+    x, y = batches(0)
+    assert x.shape == (2, 16) and not torch.equal(x, batches(1)[0]) and torch.equal(x, batches(0)[0])
+    opt = make_optimizer(model, Recipe())
+    cpu = torch.device("cpu")
+    measure.train_step(model, model, opt, x, y, resolve(Recipe(), cpu), cpu, grad_clip=0.5)
+    assert clipped == [0.5]
+    for layer in model.moe_layers:
+        assert layer.router.bias.abs().sum() > 0 and layer.router.load_accum.sum() == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from synthetic_records import CLEAN, DISTURBED, _measure, tiny_records
+from synthetic_records import CLEAN, DISTURBED, _measure, _rec, tiny_records
 
 from harness.analysis import scaling
 from harness.analysis.claims import evaluate_claims
@@ -16,8 +16,10 @@ from harness.measure.plausibility import (
     SPREAD_LIMIT,
     annotate,
     check_measure,
+    check_measures,
     flags_for,
     overhead_flags,
+    training_run,
 )
 from harness.report.glance import glance_table
 from harness.report.sections import _flag_section, overhead_lines
@@ -147,3 +149,146 @@ def test_flags_leave_the_measure_result_otherwise_unchanged():
     for row in m["mfu"]["conventions"].values():
         row.pop("flags")
     assert m == before
+
+
+# --- the training figure against the training run, and the order of dense models' speeds --------
+
+
+def _trained_as(rec: dict, tokens_per_s: float, threads: int = 1) -> dict:
+    """``rec`` as record.json states its speed and the settings it trained with."""
+    return rec | {
+        "tokens_per_s": tokens_per_s,
+        "precision": {"dtype": "bfloat16", "compile": True, "threads": threads},
+        "recipe": {"batch_size": 16, "seq_len": 128},
+        "parallel": {"world_size": 1},
+    }
+
+
+def _as_measured(m: dict, threads: int = 1) -> dict:
+    return m | {
+        "precision": {"dtype": "bfloat16", "compile": True, "threads": threads},
+        "settings": {"batch_size": 16, "seq_len": 128},
+    }
+
+
+def test_a_measured_speed_far_from_the_training_runs_says_which_setting_differs():
+    """The committed cpu reference's dense-d64: 41,408 tokens/s measured on 2 threads, 19,638 over a
+    training run on 1."""
+    dense = tiny_records()[0]
+    m = _as_measured(_measure(dense, train=[41_408.0] * 10), threads=2)
+    (flag,) = check_measures({dense["run_id"]: m}, [_trained_as(dense, 19_638.0)])[dense["run_id"]]["train"]
+    assert flag["rule"] == "training_disagrees" and flag["values"]["ratio"] == pytest.approx(41_408 / 19_638)
+    assert "41,408 tokens/s measured against 19,638 over the training run (x2.11" in flag["reason"]
+    assert flag["reason"].endswith("it was measured with threads 2 (the run: 1)")
+    # within 15% it agrees; at equal settings a larger gap is put down to the host's load
+    assert check_measures({dense["run_id"]: m}, [_trained_as(dense, 37_000.0, threads=2)]) == {dense["run_id"]: {}}
+    (flag,) = check_measures({dense["run_id"]: m}, [_trained_as(dense, 30_000.0, threads=2)])[dense["run_id"]]["train"]
+    assert "both ran the run's settings, so the host's load differed" in flag["reason"]
+    # the flag is in the cost table's notes, and the measured figure is marked
+    records = [_trained_as(dense, 19_638.0)]
+    (note,) = flag_notes(records, {dense["run_id"]: m})
+    assert note.startswith(f"- {MARK} `{dense['run_id']}` train tokens/s (harness measure): not as trained")
+    headers, (row,) = cost_table(records, {dense["run_id"]: m})
+    assert row[headers.index("train tokens/s (harness measure, median window)")] == f"41,408 {MARK}"
+
+
+def test_harness_measure_writes_the_training_runs_figures_and_judges_them_itself():
+    dense = tiny_records()[0]
+    m = _as_measured(_measure(dense, train=[41_408.0] * 10), threads=2)
+    m["training_run"] = training_run(_trained_as(dense, 19_638.0))
+    assert [f["rule"] for f in annotate(m)["train"]["flags"]] == ["training_disagrees"]
+    assert m["training_run"]["threads"] == 1 and m["training_run"]["tokens_per_s"] == 19_638.0
+
+
+def _dense_measure(name: str, flops_per_token: float, windows: list[float], threads: int = 1) -> dict:
+    m = _as_measured(_measure(tiny_records()[0], train=windows), threads=threads) | {"arm": "dense", "model": name}
+    m["mfu"]["conventions"]["detailed"]["flops_per_token"] = flops_per_token
+    return m
+
+
+def _spread(median: float, gap: float) -> list[float]:
+    """Ten windows around ``median``; their quartiles (statistics.quantiles) are 0.55 ``gap`` either side."""
+    return [median + gap * d for d in (-1.0, -0.7, -0.5, -0.2, -0.1, 0.1, 0.2, 0.5, 0.7, 1.0)]
+
+
+def test_a_larger_dense_model_faster_than_a_smaller_one_beyond_their_spread_is_flagged():
+    """As in the committed cpu reference: dense-d64 at 41,408 tokens/s, dense-d56 (fewer FLOPs per
+    token) at 28,690 and dense-d48 at 33,000. dense-d64's lower quartile (38,108) lies above dense-d56's
+    upper one (30,340), but not above dense-d48's, whose windows spread wider (38,500)."""
+    measures = {
+        "dense-d48_7e12_s0": _dense_measure("dense-d48", 1.714e6, _spread(33_000.0, 10_000.0)),
+        "dense-d56_7e12_s0": _dense_measure("dense-d56", 2.161e6, _spread(28_690.0, 3_000.0)),
+        "dense-d64_7e12_s0": _dense_measure("dense-d64", 2.654e6, _spread(41_408.0, 6_000.0)),
+    }
+    flags = check_measures(measures)
+    assert list(flags) == list(measures) and not flags["dense-d48_7e12_s0"] and not flags["dense-d56_7e12_s0"]
+    (flag,) = flags["dense-d64_7e12_s0"]["train"]
+    assert flag["rule"] == "speed_not_monotone" and flag["values"]["smaller"] == ["dense-d56_7e12_s0"]
+    assert flag["values"]["lower_quartile"] == pytest.approx(38_108.0)
+    assert "(x1.23 the FLOPs per token" in flag["reason"]
+    assert "the upper quartile of `dense-d56_7e12_s0`'s (30,340)" in flag["reason"]
+    # the smaller model's windows spread as wide as the gap: the order is within the noise
+    wide = measures | {"dense-d56_7e12_s0": _dense_measure("dense-d56", 2.161e6, _spread(28_690.0, 18_000.0))}
+    assert check_measures(wide)["dense-d64_7e12_s0"] == {}
+    # the flag marks the larger model's figure in the cost table
+    records = [_rec(name.split("_")[0], "dense", 7e12, 2e5, 2e5, 3.4) for name in measures]
+    headers, rows = cost_table(records, measures)
+    marked = {row[1]: row[headers.index("train tokens/s (harness measure, median window)")] for row in rows}
+    assert marked == {
+        "dense-d48_7e12_s0": "33,000",
+        "dense-d56_7e12_s0": "28,690",
+        "dense-d64_7e12_s0": f"41,408 {MARK}",
+    }
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"threads": 2},  # another setting: not compared
+        {"arm": "moe"},  # an MoE: routing, not size, sets its speed
+        {"flops_per_token": 1.5e6},  # the smaller model of the two: the order holds
+    ],
+    ids=["other-threads", "moe", "smaller"],
+)
+def test_the_speed_order_is_judged_only_among_dense_models_at_equal_settings(change):
+    fpt = change.get("flops_per_token", 2.654e6)
+    fast = _dense_measure("dense-d64", fpt, _spread(41_408.0, 1_000.0), threads=change.get("threads", 1))
+    fast["arm"] = change.get("arm", "dense")
+    measures = {"dense-d56_7e12_s0": _dense_measure("dense-d56", 2.161e6, _spread(28_690.0, 1_000.0)), "x": fast}
+    assert check_measures(measures) == {"dense-d56_7e12_s0": {}, "x": {}}
+
+
+def test_an_older_measurement_without_an_arm_is_dense_unless_it_timed_forced_balanced_routing():
+    old = _dense_measure("dense-d64", 2.654e6, _spread(41_408.0, 1_000.0))
+    del old["arm"]
+    small = _dense_measure("dense-d56", 2.161e6, _spread(28_690.0, 1_000.0))
+    assert check_measures({"a": small, "b": old})["b"]["train"][0]["rule"] == "speed_not_monotone"
+    old["train_forced_balanced"] = old["train"]
+    assert check_measures({"a": small, "b": old})["b"] == {}
+
+
+def test_an_order_the_training_runs_show_as_well_is_the_models_and_is_not_flagged():
+    """A width that suits the kernels (64 on a CPU's bf16 units) can train faster than a narrower one
+    (40): where the two training runs show the larger faster too, by as much within 15%, the
+    measurement is believed; where they do not (the cpu reference's dense-d64 at x1.44 dense-d56
+    measured but x1.03 trained), it is flagged."""
+    small = _dense_measure("dense-d40", 1.313e6, _spread(22_700.0, 1_000.0))
+    large = _dense_measure("dense-d64", 2.654e6, _spread(27_700.0, 1_000.0))
+    measures = {"dense-d40_7e12_s0": small, "dense-d64_7e12_s0": large}
+
+    def records(small_tps: float, large_tps: float, large_threads: int = 1) -> list[dict]:
+        recs = [_rec("dense-d40", "dense", 7e12, 1e5, 1e5, 3.5), _rec("dense-d64", "dense", 7e12, 2e5, 2e5, 3.4)]
+        return [_trained_as(recs[0], small_tps), _trained_as(recs[1], large_tps, threads=large_threads)]
+
+    # x1.22 measured, x1.12 trained (the cpu reference's training runs): the models' order
+    both = check_measures(measures, records(17_479.0, 19_638.0))
+    assert not any(f["rule"] == "speed_not_monotone" for fs in both.values() for f in fs.get("train", []))
+
+    def order_flags(recs: list[dict]) -> list[str]:
+        return [f["rule"] for f in check_measures(measures, recs)["dense-d64_7e12_s0"].get("train", [])]
+
+    assert "speed_not_monotone" in order_flags(records(19_000.0, 19_638.0))  # trained x1.03: not as much
+    assert "speed_not_monotone" in order_flags(records(19_638.0, 17_479.0))  # trained the other way round
+    # training runs at other settings than each other say nothing about the order
+    assert "speed_not_monotone" in order_flags(records(17_479.0, 19_638.0, large_threads=2))
+    assert "speed_not_monotone" in order_flags([])
