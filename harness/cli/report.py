@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--bench",
-        help="`make bench`'s results folder, whose training-step benchmark (cpu_training_step.json) is shown where "
+        help="make bench's results folder, whose training-step benchmark (cpu_training_step.json) is shown where "
         "it covers the study (default: RESULTS/benchmarks, if it holds one; 'none' leaves it out)",
     )
 

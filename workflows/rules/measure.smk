@@ -8,7 +8,7 @@ rule measure:
         measure=f"{RESULTS}/runs/{{run}}/measure.json",
     params:
         # On a GPU host torch's CPU threads as training's; on a CPU none given: the run's own.
-        threads=f"--threads {GPU_THREADS}" if USE_GPU else "",
+        threads=["--threads", str(GPU_THREADS)] if USE_GPU else [],
     # Every core of a CPU host, though torch uses the run's threads: no other job shares the host
     # while it is timed.
     threads: GPU_THREADS if USE_GPU else workflow.cores
@@ -20,7 +20,7 @@ rule measure:
         f"{RESULTS}/benchmarks/measure/{{run}}.tsv"
     shell:
         "MOE_HARNESS_GPUS={resources.gpu} {PY:q} -m harness measure {STUDY_FILE:q} --run {wildcards.run:q}"
-        " {params.threads} > {log:q} 2>&1"
+        " {params.threads:q} > {log:q} 2>&1"
 
 
 rule microbench:
