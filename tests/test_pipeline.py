@@ -331,6 +331,7 @@ def test_train_reaches_the_budget_and_records_provenance(prepared):
         "packages"
     ]["torch"].startswith(torch.__version__.split("+")[0])
     assert record["data_fingerprint"] == read_json(data_dir / "data.json")["fingerprint"]
+    assert record["provenance"]["host"]["cpu_heap"].startswith("freed memory kept")  # harness.core.cpu_heap
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == run.steps and "val_loss" in rows[-1]
     assert len(rows[-1]["routing"]) == 2 and sum(rows[-1]["routing"][0]["tokens_per_expert"]) == 4 * 32 * 2

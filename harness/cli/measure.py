@@ -68,6 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from harness.core.cpu_heap import keep_freed_memory
     from harness.core.io import read_json, write_json
     from harness.data.prepare import TokenShard
     from harness.measure.plausibility import training_run
@@ -120,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
         if args.threads is None and device.type == "cpu":
             args.threads = record.get("precision", {}).get("threads") or run.recipe.train_threads
     set_threads(args.threads)
+    if device.type == "cpu":  # the heap as a training process keeps it (harness.core.cpu_heap)
+        keep_freed_memory()
     from harness.train.resources import check_memory
 
     check_memory(cfg, settings.batch_size, settings.seq_len, device, "harness measure")

@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.core import cpu_heap
+
 if TYPE_CHECKING:  # torch is imported where it is used: `harness --version` stays quick
     import torch
 
@@ -72,7 +74,7 @@ def device_info(device: torch.device) -> dict[str, Any]:
             driver=_nvidia_driver(),
         )
     else:
-        info.update(gpu=None, driver=None, cuda=None)
+        info.update(gpu=None, driver=None, cuda=None, cpu_heap=cpu_heap.describe())
     return info
 
 

@@ -35,7 +35,8 @@ numbers) and ``values`` (the numbers and the threshold). The rules:
   the whole run (record.json ``tokens_per_s``, per process) by more than :data:`AGREEMENT_LIMIT`.
   ``harness measure`` times the run's own training step with its settings, so the two agree up to
   noise; the flag's sentence says why they do not: the settings that differ (threads, dtype,
-  compile, batch, sequence length, processes), or, where none does, a different load on the host.
+  compile, batch, sequence length, processes, what the heap does with freed memory), or, where none
+  does, a different load on the host.
 - ``speed_not_monotone`` (across runs, :func:`check_measures`): a larger dense model (more
   training FLOPs per token) measured faster than a smaller one at equal settings (device, dtype,
   compile, threads, batch size and sequence length) by more than the noise. A measurement's noise
@@ -249,6 +250,7 @@ def training_run(record: dict[str, Any]) -> dict[str, Any]:
         "batch_size": recipe.get("batch_size"),
         "seq_len": recipe.get("seq_len"),
         "world_size": (record.get("parallel") or {}).get("world_size", 1),
+        "heap": _heap(record),
     }
 
 
@@ -262,7 +264,13 @@ def _measured_settings(result: dict[str, Any]) -> dict[str, Any]:
         "batch_size": settings.get("batch_size"),
         "seq_len": settings.get("seq_len"),
         "world_size": 1,
+        "heap": _heap(result),
     }
+
+
+def _heap(result: dict[str, Any]) -> str | None:
+    """What the process's heap did with freed memory (harness.core.cpu_heap), where it says."""
+    return ((result.get("provenance") or {}).get("host") or {}).get("cpu_heap")
 
 
 def training_disagrees(result: dict[str, Any], trained: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -277,7 +285,7 @@ def training_disagrees(result: dict[str, Any], trained: dict[str, Any] | None) -
     mine = _measured_settings(result)
     differs = [
         f"{name.replace('_', ' ')} {mine[name]} (the run: {trained[name]})"
-        for name in ("threads", "dtype", "compile", "batch_size", "seq_len", "world_size")
+        for name in ("threads", "dtype", "compile", "batch_size", "seq_len", "world_size", "heap")
         if mine[name] is not None and trained.get(name) is not None and mine[name] != trained[name]
     ]
     why = (

@@ -19,12 +19,11 @@ with), a new batch each step (the run's own training batches where its data is p
 gradients clipped and the aux-loss-free routers' bias updated. Its tokens/s is then the training
 run's own (record.json ``tokens_per_s``, over the whole run) up to noise; the plausibility rule
 ``training_disagrees`` says where they differ and why. The training steps come first, as in a
-training process (inference run before them leaves the heap grown and the steps faster than a
-training run's, see :func:`measure`). Compilation is left out of the windows:
-the warm-up goes on until :data:`STABLE_STEPS` steps in a row compiled nothing
-(:func:`warm_up`), and ``compilations_in_windows`` counts any that still fell in a window (a bf16
-MoE on a CPU keeps static shapes: it compiles in its first step, and again in the first step
-after forced-balanced routing is switched on).
+training process (inference run before them would leave the heap grown, see :func:`measure`).
+Compilation is left out of the windows: the warm-up goes on until :data:`STABLE_STEPS` steps in
+a row compiled nothing (:func:`warm_up`), and ``compilations_in_windows`` counts any that still
+fell in a window (a bf16 MoE on a CPU keeps static shapes: it compiles in its first step, and
+again in the first step after forced-balanced routing is switched on).
 
 Memory (``result["memory"]``). ``param_bytes``, ``gradient_bytes``, ``optimizer_state_bytes``
 and ``kv_cache_bytes_per_token`` are computed from tensor sizes, so they follow parameter
@@ -449,9 +448,10 @@ def measure(
     load_samples = [host_load.sample()]  # how busy the host was, at the start and the end (plausibility)
 
     # Training steps as the run takes them (train_step), learned routing, then forced-balanced
-    # routing. First, as in a training process, where nothing ran before them: after inference,
-    # glibc's heap has grown, and on a CPU a training step then takes no page faults where a training
-    # process takes 4,000-6,500 a step (dense-d64, bf16; about a tenth of its CPU time is the kernel's).
+    # routing. First, as in a training process, where nothing ran before them: the heap then grows
+    # to a step's size as a training run's does (on a CPU the verb keeps freed memory as
+    # `harness train` does, harness.core.cpu_heap; under glibc's default, a heap grown by inference
+    # first would spare the steps the page faults a training process takes).
     given = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}  # training changes them
     model.train()
     opt = make_optimizer(model, recipe)

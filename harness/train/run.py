@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from harness.core.cpu_heap import keep_freed_memory
 from harness.core.errors import HarnessError
 from harness.core.io import read_json, write_json
 from harness.core.remedy import run_file
@@ -93,7 +94,10 @@ def _check_finished(run: Run, study: Study, data_dir: Path, out_dir: Path, resum
 def _train(run, study, data_dir, out_dir, threads, stop_after, progress, resume, layout) -> dict[str, Any]:
     if threads:
         torch.set_num_threads(threads)
-    with parallel.process_group(layout, pick_device(study)) as device:
+    device = pick_device(study)
+    if device.type == "cpu":  # a step's freed activations serve the next step (harness.core.cpu_heap)
+        keep_freed_memory()
+    with parallel.process_group(layout, device) as device:
         trainer = Trainer(run, study, data_dir, out_dir, progress, resume, layout, device)
         trainer.fit(stop_after)
         record = trainer.record()
