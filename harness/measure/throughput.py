@@ -76,7 +76,7 @@ from harness.measure.plausibility import annotate
 from harness.study.spec import Recipe
 from harness.train.energy import MIN_WINDOW_S, open_meter
 from harness.train.layouts import SINGLE
-from harness.train.loop import make_optimizer
+from harness.train.loop import make_optimizer, step_on_batch
 from harness.train.precision import Precision, resolve
 from models.accounting import count_params, forward_flops, training_flops_per_token
 from models.config import ModelConfig
@@ -208,18 +208,9 @@ def matmul_flops(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
 def train_step(
     model, step_model, opt, x, y, precision: Precision, device: torch.device, grad_clip: float = Recipe.grad_clip
 ) -> None:
-    """One training step as ``harness.train.loop.Trainer.train_step`` takes it in one process:
-    the batch moved to the device, forward and backward of ``step_model`` (``model`` compiled, or
-    itself) under the run's autocast, the gradients clipped, AdamW, and the aux-loss-free routers'
-    bias updated from the step's load. Only the learning-rate assignment and logging are left out."""
-    with precision.autocast(device):
-        out = step_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-    (out.loss + out.aux_loss).backward()
-    SINGLE.reduce_and_clip(model, grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    SINGLE.sum_router_loads(model)
-    model.update_router_biases()
+    """One training step as ``harness.train.loop.Trainer.train_step`` takes it, in one process
+    (``harness.train.loop.step_on_batch``): only the learning-rate assignment and logging are left out."""
+    step_on_batch(model, step_model, opt, x, y, precision, device, SINGLE, grad_clip)
 
 
 PROC_SELF = Path("/proc/self")

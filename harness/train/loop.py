@@ -85,6 +85,23 @@ def pick_device(study: Study) -> torch.device:
     return torch.device("cpu")
 
 
+def step_on_batch(model, step_model, opt, x, y, precision, device: torch.device, layout, grad_clip: float):
+    """One optimizer step on this rank's batch (x, y on the host): forward and backward of
+    ``step_model`` (``model`` compiled, or itself) under ``precision``'s autocast, the gradients
+    reduced over ``layout``'s ranks and clipped, AdamW, and the aux-loss-free routers' bias updated
+    from the step's load. Returns the model's output and the gradient norm. The training loop and
+    ``harness measure`` both take their steps here."""
+    with precision.autocast(device):
+        out = step_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+    (out.loss + out.aux_loss).backward()
+    grad_norm = layout.reduce_and_clip(model, grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    layout.sum_router_loads(model)
+    model.update_router_biases()
+    return out, grad_norm
+
+
 def make_optimizer(model: torch.nn.Module, r: Recipe) -> torch.optim.AdamW:
     """AdamW; matrices decay, vectors (norm weights) do not (nanoGPT's grouping).
 
@@ -376,14 +393,9 @@ class Trainer:
         x, y = self.train_shard.train_batch(self.step, self.r.batch_size, self.run.seed)
         rows = self.layout.rows(self.r.batch_size)  # this rank's slice of the batch
         x, y = x[rows], y[rows]
-        with self.precision.autocast(self.device):
-            out = self.step_model(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
-        (out.loss + out.aux_loss).backward()
-        grad_norm = self.layout.reduce_and_clip(self.model, self.r.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.layout.sum_router_loads(self.model)
-        self.model.update_router_biases()
+        out, grad_norm = step_on_batch(
+            self.model, self.step_model, self.opt, x, y, self.precision, self.device, self.layout, self.r.grad_clip
+        )
         self.step += 1
         return out, lr, grad_norm
 
